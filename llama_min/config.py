@@ -1,0 +1,121 @@
+"""Model configuration: the numbers that define a LLaMA, named as in Meta's ``params.json``.
+
+Every size the model uses is derived here, once, from these fields (STYLE habit 4: no number hides
+in a class default). The presets carry the published hyper-parameters of LLaMA (Touvron et al. 2023,
+Table 2) and Llama 2 (Touvron et al. 2023b, Table 1 and the released ``params.json`` files).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+
+@dataclass
+class ModelConfig:
+    dim: int = 4096  # width of the residual stream
+    n_layers: int = 32  # transformer blocks
+    n_heads: int = 32  # query heads
+    n_kv_heads: int | None = None  # key/value heads (grouped-query attention); None means n_heads
+    vocab_size: int = 32000
+    multiple_of: int = 256  # SwiGLU hidden size is rounded up to a multiple of this
+    ffn_dim_multiplier: float | None = None  # optional factor on the SwiGLU hidden size (Llama 2 70B: 1.3)
+    norm_eps: float = 1e-5  # RMSNorm epsilon: 1e-6 in LLaMA-1, 1e-5 in Llama 2
+    rope_theta: float = 10000.0  # RoPE base (Su et al. 2021, eq. 15)
+    max_seq_len: int = 2048  # longest sequence the rotary tables and the KV cache cover
+    tie_embeddings: bool = False  # share the token embedding with the output head
+    hidden_dim: int | None = None  # explicit SwiGLU hidden size, overriding the rule below
+    attn_impl: str = "sdpa"  # "sdpa" (fused kernel) or "plain" (scores, mask, softmax written out)
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        problems = []
+        if self.dim % self.n_heads:
+            problems.append(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        elif self.head_dim % 2:
+            problems.append(f"head_dim {self.head_dim} must be even for rotary embeddings")
+        if self.n_heads % self.n_kv_heads:
+            problems.append(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
+        if self.attn_impl not in ("sdpa", "plain"):
+            problems.append(f"attn_impl must be 'sdpa' or 'plain', got {self.attn_impl!r}")
+        if problems:
+            raise ValueError("invalid ModelConfig: " + "; ".join(problems))
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        """SwiGLU hidden size (Shazeer 2020; LLaMA paper section 2.2).
+
+        Two thirds of the usual 4·dim keeps the parameter count of a plain MLP, since SwiGLU has three
+        matrices instead of two; then the optional multiplier, then round up to ``multiple_of``.
+        4096 gives 11008 for LLaMA-7B.
+        """
+        if self.hidden_dim is not None:
+            return self.hidden_dim
+        hidden = int(2 * 4 * self.dim / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * math.ceil(hidden / self.multiple_of)
+
+    # ---- construction and serialisation -------------------------------------------------------
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "ModelConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        return replace(PRESETS[name], **overrides)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields {unknown}; known fields: {sorted(known)}")
+        return cls(**d)
+
+    @classmethod
+    def from_params_json(cls, path: str | Path, **overrides) -> "ModelConfig":
+        """Read Meta's ``params.json``. Its ``vocab_size`` is -1 in LLaMA-1 releases (the tokenizer
+        decides); pass ``vocab_size=`` then. Keys this model does not use are rejected by name."""
+        params = json.loads(Path(path).read_text())
+        params.update(overrides)
+        if params.get("vocab_size", 0) <= 0:
+            raise ValueError(f"{path} has no vocab_size (it is {params.get('vocab_size')}); "
+                             "pass vocab_size= from the tokenizer")
+        params.setdefault("max_seq_len", 2048)
+        return cls.from_dict(params)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+_LLAMA1 = dict(vocab_size=32000, multiple_of=256, norm_eps=1e-6, max_seq_len=2048)
+_LLAMA2 = dict(vocab_size=32000, multiple_of=256, norm_eps=1e-5, max_seq_len=4096)
+
+PRESETS: dict[str, ModelConfig] = {
+    # A CPU-lab size: a few minutes of training on a 2-core laptop CPU learns Shakespeare's spelling
+    # and rhythm. Small vocabulary to match a tokenizer trained on ~4 MB of text.
+    "tiny": ModelConfig(dim=256, n_layers=6, n_heads=8, n_kv_heads=4, vocab_size=2048, multiple_of=32,
+                        norm_eps=1e-5, max_seq_len=256),
+    "llama-7b": ModelConfig(dim=4096, n_layers=32, n_heads=32, **_LLAMA1),
+    "llama-13b": ModelConfig(dim=5120, n_layers=40, n_heads=40, **_LLAMA1),
+    "llama-30b": ModelConfig(dim=6656, n_layers=60, n_heads=52, **_LLAMA1),
+    "llama-65b": ModelConfig(dim=8192, n_layers=80, n_heads=64, **_LLAMA1),
+    "llama2-7b": ModelConfig(dim=4096, n_layers=32, n_heads=32, **_LLAMA2),
+    "llama2-13b": ModelConfig(dim=5120, n_layers=40, n_heads=40, **_LLAMA2),
+    "llama2-70b": ModelConfig(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim_multiplier=1.3,
+                              **{**_LLAMA2, "multiple_of": 4096}),
+}

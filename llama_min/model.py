@@ -1,0 +1,127 @@
+"""The LLaMA decoder (Touvron et al. 2023, "LLaMA: Open and Efficient Foundation Language Models", section 2.2).
+
+    tokens -> embedding -> n_layers x Block -> RMSNorm -> output head -> logits
+
+A GPT-style decoder-only transformer with three changes, each in its own file: pre-normalisation with
+RMSNorm (rmsnorm.py), the SwiGLU feed-forward (feedforward.py) and rotary position embeddings
+(rope.py); grouped-query attention (attention.py) arrived with Llama 2. Parameter names are Meta's
+state-dict keys, so Meta checkpoints load as they are.
+
+This file knows nothing about files, devices or training: the caller chooses device and dtype
+(``with torch.device(...)``, ``.to(...)``), and checkpoint files are handled by checkpoint.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import attention_mask
+from .block import Block
+from .config import ModelConfig
+from .kv_cache import KVCache
+from .rmsnorm import RMSNorm
+from .rope import RotaryEmbedding
+
+IGNORE_INDEX = -100  # target value whose position does not count in the loss (padding, prompt tokens)
+
+
+class Llama(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.rope = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialisation for training from scratch (GPT-2 section 2.3, as in nanoGPT and llama2.c).
+
+        Every matrix ~ N(0, 0.02²); norm gains 1. The two projections that write into the residual
+        stream, attention.wo and feed_forward.w2, get std 0.02 / sqrt(2·n_layers): each block adds two
+        such outputs, so the residual stream's variance stays independent of depth.
+        """
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layers)
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p)
+            elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+                nn.init.normal_(p, mean=0.0, std=residual_std)
+            else:
+                nn.init.normal_(p, mean=0.0, std=0.02)
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *, start_pos: int = 0,
+                pad_lens: torch.Tensor | None = None, last_only: bool = False):
+        """Run the model.
+
+        tokens: (B, T) int64 token ids.
+        targets: (B, T) next-token ids, IGNORE_INDEX where a position does not count; optional.
+        start_pos: cache slot of tokens[:, 0]; non-zero only with a KV cache (see setup_cache).
+        pad_lens: (B,) number of left-padding tokens per row, for batches of prompts of different
+            lengths; row b's first real token gets rotary position 0 and padding is never attended to.
+        last_only: compute logits for the last position only (all generation needs).
+        Returns (logits, loss): logits float32 (B, T, vocab_size), or (B, 1, vocab_size) with last_only;
+        loss the mean cross-entropy over counted positions, or None without targets.
+        """
+        B, T = tokens.shape
+        if start_pos + T > self.config.max_seq_len:
+            raise ValueError(f"sequence of {start_pos + T} positions exceeds max_seq_len "
+                             f"{self.config.max_seq_len} of this model")
+        if start_pos and self.layers[0].attention.cache is None:
+            raise ValueError("start_pos > 0 needs a KV cache holding the earlier positions: call setup_cache first")
+
+        slots = torch.arange(start_pos, start_pos + T, device=tokens.device)  # (T,)
+        positions = slots if pad_lens is None else (slots[None] - pad_lens[:, None]).clamp(min=0)  # (T,)|(B, T)
+        cos, sin = self.rope(positions)
+        # Square causal attention needs no explicit mask (the kernels have a fast causal path).
+        mask = None if start_pos == 0 and pad_lens is None else attention_mask(start_pos, T, pad_lens, tokens.device)
+
+        h = self.tok_embeddings(tokens)  # (B, T, dim)
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask, start_pos)
+        if last_only:
+            h = h[:, -1:]  # (B, 1, dim): skip the output head's work for positions nobody reads
+        logits = self.output(self.norm(h)).float()  # (B, T, vocab_size)
+
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        return logits, loss
+
+    # ---- KV cache for generation ------------------------------------------------------------------
+
+    def setup_cache(self, batch_size: int, max_seq_len: int | None = None) -> None:
+        """Allocate one KV cache per layer, in the dtype and on the device of the weights."""
+        max_seq_len = max_seq_len or self.config.max_seq_len
+        if max_seq_len > self.config.max_seq_len:
+            raise ValueError(f"cache length {max_seq_len} exceeds the model's max_seq_len {self.config.max_seq_len}")
+        weight = self.tok_embeddings.weight
+        for layer in self.layers:
+            layer.attention.cache = KVCache(batch_size, self.config.n_kv_heads, max_seq_len,
+                                            self.config.head_dim, weight.dtype, weight.device)
+
+    def drop_cache(self) -> None:
+        for layer in self.layers:
+            layer.attention.cache = None
+
+    # ---- checkpoints (the file format lives in checkpoint.py) -----------------------------------
+
+    @classmethod
+    def from_checkpoint(cls, directory, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> "Llama":
+        from .checkpoint import load_checkpoint
+
+        return load_checkpoint(directory, device=device, dtype=dtype)
+
+    def save_checkpoint(self, directory, tokenizer_path=None) -> None:
+        from .checkpoint import save_checkpoint
+
+        save_checkpoint(self, directory, tokenizer_path=tokenizer_path)
