@@ -6,11 +6,12 @@ uniform, so a wrong mask, position or head mapping moves the logits by much more
 """
 
 import math
+import random
 
 import pytest
 import torch
 
-from llama_min import Llama, ModelConfig
+from llama_min import Llama, ModelConfig, Tokenizer
 
 
 def tiny_config(**overrides) -> ModelConfig:
@@ -46,6 +47,27 @@ def random_tokens(config: ModelConfig, batch: int, length: int, seed: int = 1) -
 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
+
+
+def write_training_text(path) -> None:
+    """A small deterministic corpus: 400 lines of common words, with recurring numbers (so that a
+    trainer that did not split digits would learn pieces like "2023") and a few accented letters."""
+    words = ("the quick brown fox jumps over lazy dog while seven wizards quietly hex jovial bakers and "
+             "every river runs to the sea yet the sea is never full café naïve").split()
+    rng = random.Random(0)
+    lines = []
+    for _ in range(400):
+        line = " ".join(rng.choice(words) for _ in range(rng.randint(4, 14)))
+        lines.append(f"{line} in {rng.choice(['1999', '2023', '42', '31415'])} and {rng.randint(0, 99999)}")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def trained_tokenizer(tmp_path_factory) -> Tokenizer:
+    """A 400-piece LLaMA-style tokenizer trained once per test session (takes well under a second)."""
+    directory = tmp_path_factory.mktemp("tokenizer")
+    write_training_text(directory / "corpus.txt")
+    return Tokenizer.train([directory / "corpus.txt"], directory / "tokenizer.model", vocab_size=400)
 
 
 @pytest.fixture(autouse=True)

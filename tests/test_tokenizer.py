@@ -1,0 +1,94 @@
+"""The tokenizer: a small LLaMA-style sentencepiece model trained on text written by the tests
+(conftest.write_training_text), checked for the properties LLaMA's tokenizer has (section 2.1):
+lossless round trips, digits split, byte fallback for unseen characters, LLaMA's special ids."""
+
+import re
+
+import pytest
+
+from llama_min import Tokenizer
+
+BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
+
+ROUND_TRIP_TEXTS = {
+    "words": "the quick brown fox jumps over the lazy dog",
+    "digits": "in 2023 and 31415926 and 007",
+    "unseen unicode (byte fallback)": "Ж и 😀 ∑ 中文 — ü",
+    "whitespace runs": "a  b   c\t\td\n\ne    ",
+    "leading spaces": "   indented",
+    "empty": "",
+    "punctuation": "Hello, World! (x=1; y=[2]) {'k': \"v\"}",
+}
+
+
+def test_special_ids_are_llamas(trained_tokenizer):
+    tok = trained_tokenizer
+    got = (tok.bos_id, tok.eos_id, tok.pad_id, tok.id_to_piece(0), tok.id_to_piece(1), tok.id_to_piece(2))
+    expected = (1, 2, -1, "<unk>", "<s>", "</s>")
+    assert got == expected, f"(bos, eos, pad, piece 0, piece 1, piece 2) = {got}, LLaMA uses {expected}"
+    assert tok.vocab_size == 400, f"trained with vocab_size=400, loaded tokenizer has {tok.vocab_size}"
+
+
+@pytest.mark.parametrize("bos, eos", [(True, False), (False, False), (True, True), (False, True)])
+def test_bos_and_eos_are_added_on_request(trained_tokenizer, bos, eos):
+    tok = trained_tokenizer
+    plain = tok.encode("the sea", bos=False, eos=False)
+    ids = tok.encode("the sea", bos=bos, eos=eos)
+    expected = [tok.bos_id] * bos + plain + [tok.eos_id] * eos
+    assert ids == expected, f"encode(bos={bos}, eos={eos}) gave {ids}, expected {expected}"
+    assert tok.bos_id not in plain and tok.eos_id not in plain, "bos/eos added although not requested"
+
+
+def test_default_encode_adds_bos_only(trained_tokenizer):
+    ids = trained_tokenizer.encode("the sea")
+    assert ids[0] == trained_tokenizer.bos_id and ids[-1] != trained_tokenizer.eos_id, \
+        f"encode(text) should start with bos and not end with eos: {ids}"
+
+
+@pytest.mark.parametrize("name", list(ROUND_TRIP_TEXTS))
+def test_round_trip(trained_tokenizer, name):
+    text = ROUND_TRIP_TEXTS[name]
+    ids = trained_tokenizer.encode(text, bos=True, eos=True)
+    decoded = trained_tokenizer.decode(ids)
+    assert decoded == text, f"{name}: decode(encode({text!r})) = {decoded!r}"
+    assert all(0 <= i < trained_tokenizer.vocab_size for i in ids), f"{name}: id out of range in {ids}"
+
+
+def test_unseen_characters_fall_back_to_bytes(trained_tokenizer):
+    tok = trained_tokenizer
+    ids = tok.encode("😀", bos=False)
+    pieces = [tok.id_to_piece(i) for i in ids]
+    assert 0 not in ids, f"an unseen character became <unk>: {pieces}"
+    byte_pieces = [p for p in pieces if BYTE_PIECE.fullmatch(p)]
+    assert byte_pieces == ["<0xF0>", "<0x9F>", "<0x98>", "<0x80>"], \
+        f"'😀' is UTF-8 F0 9F 98 80 and should become those four byte pieces; got {pieces}"
+
+
+def test_digits_are_split(trained_tokenizer):
+    tok = trained_tokenizer
+    pieces = [tok.id_to_piece(i) for i in tok.encode("2023 31415", bos=False)]
+    digit_pieces = [p for p in pieces if any(c.isdigit() for c in p)]
+    assert all(len(p.lstrip("▁")) == 1 for p in digit_pieces), f"numbers should be split into single digits: {pieces}"
+    # The corpus repeats "2023" and "31415" hundreds of times; a trainer that merged digits would have
+    # learned multi-digit pieces. None may exist.
+    merged = [p for p in map(tok.id_to_piece, range(tok.vocab_size))
+              if not BYTE_PIECE.fullmatch(p) and sum(c.isdigit() for c in p) > 1]
+    assert not merged, f"the vocabulary contains multi-digit pieces: {merged[:10]}"
+
+
+def test_training_learned_merges(trained_tokenizer):
+    """BPE, not characters: frequent words of the corpus are single pieces."""
+    tok = trained_tokenizer
+    pieces = [tok.id_to_piece(i) for i in tok.encode("the sea", bos=False)]
+    assert pieces == ["▁the", "▁sea"], f"'the sea' should be two learned pieces, got {pieces}"
+
+
+def test_reloading_gives_the_same_tokenizer(trained_tokenizer):
+    again = Tokenizer(trained_tokenizer.path)
+    text = ROUND_TRIP_TEXTS["punctuation"]
+    assert again.encode(text) == trained_tokenizer.encode(text), "the saved tokenizer file encodes differently"
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does_not_exist.model"):
+        Tokenizer(tmp_path / "does_not_exist.model")
