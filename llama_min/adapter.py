@@ -1,0 +1,84 @@
+"""LLaMA-Adapter (Zhang et al. 2023, "LLaMA-Adapter: Efficient Fine-tuning of Language Models with
+Zero-init Attention", section 3).
+
+The top L layers each get K learnable *adaptation prompts* P (K, dim) (section 3.1). In those layers the
+tokens' queries attend to the prompts as extra keys/values, made by the layer's own frozen wk and wv
+(no rotary embedding: the prompts have no position), but with a softmax of their own, scaled by a
+learnable gate g that starts at zero (section 3.2, "zero-init attention", eq. 6-8):
+
+    S_p = softmax(q P_kᵀ / sqrt(d))            (B, H, T, K)   scores over the prompts
+    out = attention over the tokens  +  g · S_p P_v
+
+          q ─┬─► causal attention over tokens (unchanged) ──────────┐
+             │                                                      (+) ──► heads' output
+             └─► softmax(q · wk(P)ᵀ / sqrt(d)) · wv(P) ─► × gate ───┘
+
+One gate per head, shape (1, n_heads, 1, 1). Because it starts at zero the adapted model is *exactly*
+the base model before training, and the first step's gradient reaches only the gates (the prompts'
+gradient is multiplied by g = 0); the prompts start learning once the gates open.
+
+The paper's equation multiplies by g itself; the official training code multiplies by tanh(g), which
+bounds every head's prompt contribution to (-1, 1). Both are here: ``gate_tanh=False`` (the default,
+the paper's eq. 8) and ``gate_tanh=True`` (the official code). tanh'(0) = 1, so the two start alike.
+
+Grouped-query attention: the prompt keys/values come out of wk/wv with n_kv_heads heads and are repeated
+to n_heads, exactly like the tokens' keys/values (query head h reads kv head h // (n_heads / n_kv_heads)).
+
+Layers below the adapted ones build no autograd graph: apply_peft freezes every base tensor, and autograd
+records an operation only when one of its inputs requires a gradient. Below the first adapted layer no
+input does (the embedding is frozen), so nothing there is recorded and no activation is kept for the
+backward pass; tests/test_peft.py proves it by watching what autograd saves.
+
+During generation the prompt keys and values would be the same for every token: they are computed once
+and reused while no gradient is being recorded and neither P nor wk/wv has changed (a tensor's version
+counter moves on every in-place update: an optimiser step, load_state_dict, a LoRA merge). With gradients
+on (training) they are recomputed on every call, since the graph must reach P.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class AdapterPrompt(nn.Module):
+    def __init__(self, adapter_len: int, dim: int, n_heads: int, n_kv_heads: int, gate_tanh: bool,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, dim // n_heads
+        self.gate_tanh = gate_tanh
+        # N(0, 1): wk/wv of a pre-norm block normally see RMS-normalised inputs, whose entries have
+        # unit scale; prompts of the same scale give keys and values of the usual size.
+        self.prompt = nn.Parameter(torch.randn(adapter_len, dim, device=device, dtype=dtype))  # P (K, dim)
+        self.gate = nn.Parameter(torch.zeros(1, n_heads, 1, 1, device=device, dtype=dtype))  # g, one per head
+        self._cached_kv: tuple | None = None  # (version key, prompt k, prompt v) for inference
+
+    def prompt_kv(self, wk: nn.Module, wv: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompts through the frozen projections, heads repeated for GQA: two (1, H, K, d)."""
+        key = None
+        if not torch.is_grad_enabled():
+            key = tuple((p.data_ptr(), p._version) for p in (self.prompt, *wk.parameters(), *wv.parameters()))
+            if self._cached_kv is not None and self._cached_kv[0] == key:
+                return self._cached_kv[1], self._cached_kv[2]
+        K, groups = self.prompt.shape[0], self.n_heads // self.n_kv_heads
+        k = wk(self.prompt).view(K, self.n_kv_heads, self.head_dim).transpose(0, 1)  # (H_kv, K, d), no rotary
+        v = wv(self.prompt).view(K, self.n_kv_heads, self.head_dim).transpose(0, 1)
+        k = k.repeat_interleave(groups, dim=0)[None]  # (1, H, K, d)
+        v = v.repeat_interleave(groups, dim=0)[None]
+        self._cached_kv = None if key is None else (key, k, v)
+        return k, v
+
+    def forward(self, q: torch.Tensor, wk: nn.Module, wv: nn.Module) -> torch.Tensor:
+        """q: (B, H, T, d) the layer's queries after rotary; wk, wv: the layer's frozen projections.
+        Returns the gated prompt attention (B, H, T, d), to be added to the heads' output."""
+        k, v = self.prompt_kv(wk, wv)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, H, T, K)
+        weights = F.softmax(scores.float(), dim=-1).type_as(q)  # its own softmax, over the prompts only
+        gate = torch.tanh(self.gate) if self.gate_tanh else self.gate
+        return gate * (weights @ v)  # (B, H, T, d)
+
+    def extra_repr(self) -> str:
+        return f"adapter_len={self.prompt.shape[0]}, dim={self.prompt.shape[1]}, gate_tanh={self.gate_tanh}"
