@@ -1,0 +1,123 @@
+"""Checkpoint conversion: Meta, Hugging Face, GGUF and llama_min checkpoints in; llama_min or Hugging
+Face out. ``weights_convert.py`` is the command line; this package does the work.
+
+    source = open_source(SRC)          # meta.py | hf.py | gguf.py | native.py: config + tensors by name
+    convert(source, DST, to="hf")      # checked against the config, then streamed tensor by tensor
+
+Everything about the set of tensors is checked before anything is written (``check_state_dict``, the
+same strict check the checkpoint loader uses), the output goes to a temporary directory that replaces
+DST only when complete (``atomic_directory``), and the weights file is written one tensor at a time
+(safetensors_stream.py), so memory holds about one tensor plus whatever the source maps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import CONFIG_FILE, WEIGHTS_FILE, atomic_directory, check_state_dict, stored_state_dict
+from ..hf_format import tensor_to_hf
+from ..model import Llama
+from .gguf import GGUFSource, is_gguf_file
+from .hf import HFSource, hf_config_json, is_hf_dir
+from .meta import MetaSource, is_meta_dir
+from .native import LlamaMinSource, is_llama_min_dir
+from .safetensors_stream import SafetensorsStream
+from .source import ConversionError, Source, one_line
+
+__all__ = ["ConversionError", "Source", "open_source", "convert", "DTYPES", "TARGETS"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TARGETS = ("llama_min", "hf")
+
+
+def open_source(path: str | Path) -> Source:
+    """Detect SRC's format from what it contains and open it (headers and memory maps only)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConversionError(f"{path}: does not exist")
+    if is_gguf_file(path):
+        return GGUFSource(path)
+    if path.is_dir():
+        if is_meta_dir(path):
+            return MetaSource(path)
+        if is_hf_dir(path):
+            return HFSource(path)
+        if is_llama_min_dir(path):
+            return LlamaMinSource(path)
+    raise ConversionError(
+        f"{path}: unknown checkpoint format; expected a Meta directory (params.json + consolidated.NN.pth), "
+        "a Hugging Face directory (config.json + model*.safetensors or pytorch_model*.bin), "
+        "a llama_min checkpoint (config.json + model.safetensors) or a .gguf file")
+
+
+@dataclass
+class Converted:
+    """What a conversion wrote, for the report."""
+    path: Path
+    to: str
+    dtype: torch.dtype
+    n_tensors: int
+    n_bytes: int
+    note: str | None
+
+
+def expected_shapes(source: Source) -> dict[str, tuple[int, ...]]:
+    """Our tensor names and shapes for the source's config (a model built on the meta device: no memory)."""
+    with torch.device("meta"):
+        model = Llama(source.config)
+    return {name: tuple(t.shape) for name, t in stored_state_dict(model).items()}
+
+
+def check_source(source: Source) -> dict[str, tuple[int, ...]]:
+    """Every tensor present, none unexpected, every shape as the config says; else one error naming them."""
+    expected = expected_shapes(source)
+    found = {name: torch.empty(shape, device="meta") for name, shape in source.shapes.items()}
+    try:
+        check_state_dict(expected, found, str(source.weights_file))
+    except ValueError as e:
+        raise ConversionError(one_line(e)) from e
+    return expected
+
+
+def convert(source: Source, dst: str | Path, to: str = "llama_min", dtype: torch.dtype | None = None,
+            force: bool = False) -> Converted:
+    """Write ``source`` to directory ``dst`` as a llama_min checkpoint or a Hugging Face model."""
+    if to not in TARGETS:
+        raise ConversionError(f"unknown target {to!r}; choose one of {TARGETS}")
+    dst = Path(dst)
+    if dst.exists() and not force:
+        raise ConversionError(f"{dst}: already exists; choose another destination or pass --force to replace it")
+    if dst.resolve() == Path(source.path).resolve():
+        raise ConversionError(f"{dst}: is the source itself; write the conversion somewhere else")
+    dtype = dtype or source.dtype
+    shapes = check_source(source)
+    config = source.config
+
+    def out(name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor]:
+        return (name, tensor) if to == "llama_min" else tensor_to_hf(name, tensor, config)
+
+    layout = {out(name, torch.empty(shape, device="meta"))[0]: (shape, dtype) for name, shape in shapes.items()}
+    with atomic_directory(dst) as tmp:
+        stream = SafetensorsStream(tmp / WEIGHTS_FILE, layout, metadata={"format": "pt"})
+        with stream.file:  # closed on an error too, before atomic_directory removes tmp
+            for name in shapes:  # one tensor in memory at a time
+                try:
+                    tensor = source.read(name)
+                except ConversionError:
+                    raise
+                except Exception as e:  # a damaged file that passed the header checks
+                    raise ConversionError(f"{source.weights_file}: tensor {name} cannot be read: {one_line(e)}") from e
+                stream.write(*out(name, tensor.to(dtype)))
+        stream.close()
+        if to == "llama_min":
+            config.save(tmp / CONFIG_FILE)
+        else:
+            (tmp / CONFIG_FILE).write_text(json.dumps(hf_config_json(source, dtype), indent=2) + "\n")
+        note = source.write_tokenizer(tmp)
+    n_bytes = sum(math.prod(shape) * dtype.itemsize for shape in shapes.values())
+    return Converted(dst, to, dtype, len(shapes), n_bytes, note)

@@ -1,0 +1,49 @@
+"""Reading our own checkpoint directory (checkpoint.py's format) as a conversion source, for export
+to Hugging Face (``llama_min -> hf``) or to change its dtype."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import CONFIG_FILE, TOKENIZER_FILES, WEIGHTS_FILE, tokenizer_file
+from ..config import ModelConfig
+from .source import ConversionError, Source, one_line, open_safetensors, safetensors_dtype, tokenizer_ids
+
+
+def is_llama_min_dir(directory: Path) -> bool:
+    config = directory / CONFIG_FILE
+    return config.is_file() and "n_layers" in json.loads(config.read_text())
+
+
+class LlamaMinSource(Source):
+    format_name = "llama_min"
+
+    def __init__(self, directory: Path):
+        self.path = directory
+        try:
+            self.config = ModelConfig.load(directory / CONFIG_FILE)
+        except (ValueError, TypeError) as e:
+            raise ConversionError(f"{directory / CONFIG_FILE}: {one_line(e)}") from e
+        self.file = directory / WEIGHTS_FILE
+        if not self.file.is_file():
+            raise ConversionError(f"{self.file}: missing; a llama_min checkpoint holds {CONFIG_FILE} and {WEIGHTS_FILE}")
+        self.handle = open_safetensors(self.file)
+        self.shapes = {n: tuple(self.handle.get_slice(n).get_shape()) for n in self.handle.keys()}
+        embed = "tok_embeddings.weight"
+        # (a missing embedding is reported with the other missing tensors by the converter)
+        self.dtype = safetensors_dtype(self.handle, embed, self.file) if embed in self.shapes else torch.float32
+        self.bos_id, self.eos_id = tokenizer_ids(tokenizer_file(directory))
+
+    @property
+    def weights_file(self) -> Path:
+        return self.file
+
+    def read(self, name: str):
+        return self.handle.get_tensor(name)
+
+    def tokenizer_files(self) -> list[Path]:
+        names = TOKENIZER_FILES + ("tokenizer_config.json",)
+        return [self.path / n for n in names if (self.path / n).is_file()]

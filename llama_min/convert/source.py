@@ -1,0 +1,110 @@
+"""What every input format gives the converter: a config, and tensors under our names, one at a time.
+
+A ``Source`` knows the names and shapes of all its tensors before reading any data (from file headers
+and memory maps), so a conversion can be checked completely before a single byte is written, and
+then streamed tensor by tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import torch
+
+from ..config import ModelConfig
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+class ConversionError(Exception):
+    """Bad input: the message is one line naming the file (and the tensor) and what was expected."""
+
+
+class Source:
+    """Base of the four readers (meta.py, hf.py, gguf.py, and LlamaMinSource below)."""
+
+    format_name: str  # for messages: "Meta", "Hugging Face", ...
+    path: Path  # SRC as given
+    config: ModelConfig
+    shapes: dict[str, tuple[int, ...]]  # our tensor name -> shape, for every tensor the source holds
+    dtype: torch.dtype  # the source's own floating dtype, the default output dtype
+    bos_id: int = 1
+    eos_id: int | list[int] = 2
+
+    @property
+    def weights_file(self) -> Path:
+        """The file that lists the tensors, for error messages about the set of tensors."""
+        raise NotImplementedError
+
+    def read(self, name: str) -> torch.Tensor:
+        """The tensor ``name`` (our name, our layout), in memory."""
+        raise NotImplementedError
+
+    def tokenizer_files(self) -> list[Path]:
+        """Tokenizer files to copy beside the converted weights."""
+        return []
+
+    def write_tokenizer(self, directory: Path) -> str | None:
+        """Put the tokenizer files into ``directory``; return a note for the user when there is one."""
+        for f in self.tokenizer_files():
+            shutil.copyfile(f, directory / f.name)
+        return None if self.tokenizer_files() else "no tokenizer file in the source; none written"
+
+
+def tokenizer_ids(path: Path | None, default: tuple[int, int] = (1, 2)) -> tuple[int, int]:
+    """bos and eos ids of a tokenizer file, or ``default`` when there is none."""
+    if path is None:
+        return default
+    from ..tokenizer import Tokenizer
+
+    tok = Tokenizer(path)
+    return tok.bos_id, tok.eos_id
+
+
+def one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+def open_safetensors(path: Path):
+    """``safe_open`` a file (memory-mapped: tensors are read only when asked for), after checking that
+    it is as long as its header says, so a truncated download is named with the first tensor it cuts."""
+    from safetensors import safe_open
+
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        size = path.stat().st_size
+        for name, info in sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
+                                 key=lambda kv: kv[1]["data_offsets"][1]):
+            if 8 + n + info["data_offsets"][1] > size:
+                raise ConversionError(f"{path}: truncated: tensor {name} ends at byte "
+                                      f"{8 + n + info['data_offsets'][1]} but the file has {size} bytes; copy it again")
+        return safe_open(path, framework="pt")
+    except ConversionError:
+        raise
+    except Exception as e:  # struct, JSON or safetensors' own error: not a readable safetensors file
+        raise ConversionError(f"{path}: not a readable safetensors file ({one_line(e)})") from e
+
+
+def safetensors_dtype(handle, name: str, path: Path) -> torch.dtype:
+    code = handle.get_slice(name).get_dtype()
+    if code not in SAFETENSORS_DTYPES:
+        raise ConversionError(f"{path}: tensor {name} has dtype {code}; expected one of {sorted(SAFETENSORS_DTYPES)}")
+    return SAFETENSORS_DTYPES[code]
+
+
+def load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    """A PyTorch ``.pth``/``.bin`` state dict, memory-mapped and unpickled with ``weights_only=True``
+    (a pickle can run arbitrary code; this mode only rebuilds tensors and plain containers)."""
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:
+        raise ConversionError(f"{path}: cannot load it as a PyTorch state dict with weights_only=True "
+                              f"(truncated, corrupt, or not a plain tensor dict: {one_line(e)})") from e
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConversionError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
+    return state

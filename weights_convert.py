@@ -1,0 +1,67 @@
+"""Convert LLaMA checkpoints: Meta, Hugging Face, GGUF or llama_min in; llama_min or Hugging Face out.
+
+    python weights_convert.py SRC DST [--to llama_min|hf] [--dtype float32|bfloat16|float16] [--verify] [--force]
+
+SRC's format is detected from what it contains (see llama_min/convert/). DST is written atomically: it
+appears complete or not at all. With --verify, the result is compared by logits with Hugging Face
+transformers (see llama_min/convert/verify.py) and the exit status is non-zero above the tolerance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+
+from llama_min.convert import DTYPES, TARGETS, ConversionError, convert, open_source
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("src", metavar="SRC", help="Meta directory, Hugging Face directory, .gguf file, or llama_min checkpoint")
+    p.add_argument("dst", metavar="DST", help="output directory (must not exist, unless --force)")
+    p.add_argument("--to", choices=TARGETS, default="llama_min",
+                   help="llama_min: our checkpoint directory; hf: a directory transformers loads (default: llama_min)")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None,
+                   help="dtype of the written weights (default: the source's; float32 for quantised GGUF)")
+    p.add_argument("--verify", action="store_true",
+                   help="compare logits with Hugging Face transformers; exit 1 above a dtype-dependent tolerance")
+    p.add_argument("--force", action="store_true", help="replace DST if it exists")
+    return p.parse_args(argv)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    try:
+        source = open_source(args.src)
+        c = source.config
+        print(f"source: {source.format_name} checkpoint {source.path} ({c.n_layers} layers, dim {c.dim}, "
+              f"{c.n_heads} heads / {c.n_kv_heads} kv heads, vocab {c.vocab_size}, {str(source.dtype)[6:]})")
+        done = convert(source, args.dst, to=args.to, dtype=DTYPES.get(args.dtype), force=args.force)
+        print(f"wrote {done.path} ({done.to}, {str(done.dtype)[6:]}, {done.n_tensors} tensors, "
+              f"{done.n_bytes / 2**30:.2f} GiB) in {time.perf_counter() - start:.1f} s; peak RSS {peak_rss_mb():.0f} MB")
+        if done.note:
+            print(f"note: {done.note}")
+        if args.verify:
+            from llama_min.convert.verify import verify
+
+            v = verify(source, done.path, args.to, done.dtype)
+            verdict = "OK" if v.ok else "FAILED: the conversion does not reproduce the reference"
+            print(f"verify: max |Δlogit| = {v.max_diff:.3g} over {v.n_tokens} tokens against transformers "
+                  f"loading {v.reference} (tolerance {v.tolerance:.3g} for {str(done.dtype)[6:]}): {verdict}")
+            if not v.ok:
+                return 1
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
