@@ -6,7 +6,8 @@ feedforward, block, model; then tokenizer, checkpoint (the directory format) and
 """
 
 from .config import ModelConfig
+from .generation import generate
 from .model import IGNORE_INDEX, Llama
 from .tokenizer import Tokenizer
 
-__all__ = ["IGNORE_INDEX", "Llama", "ModelConfig", "Tokenizer"]
+__all__ = ["IGNORE_INDEX", "Llama", "ModelConfig", "Tokenizer", "generate"]

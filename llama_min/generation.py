@@ -1,0 +1,229 @@
+"""Autoregressive generation with the KV cache: prefill once, then decode one token at a time.
+
+    prompt ids ──prefill (one pass, fused causal attention)──> logits of the last position
+    repeat:  pick a token (greedy or sampled) ──> one-token forward through the cache ──> logits
+
+The model computes the keys and values of the whole prompt in one pass and stores them in its
+preallocated cache (kv_cache.py); every later step feeds only the newest token, reads the earlier keys
+and values from the cache and sends only that one position through the output head. Nothing is
+allocated per token except that token's activations.
+
+Batches of prompts of different lengths are *left*-padded so that every row's next token sits in the
+same cache slot; ``pad_lens`` tells the model how much padding each row has, so that row b's first real
+token gets rotary position 0 and no row ever attends to padding (model.py, attention.py). Greedy output
+of a prompt is therefore the same whether it is generated alone or in a batch.
+
+Choosing the next token from the logits z (one row of the vocabulary):
+  greedy       argmax z                                  (temperature 0)
+  temperature  sample from softmax(z / T)                (Ackley et al. 1985; T → 0 approaches greedy)
+  top-k        keep the k largest z, then sample         (Fan et al. 2018, "Hierarchical Neural Story
+                                                          Generation", section 5.4)
+  top-p        keep the smallest set of tokens whose probability adds up to at least p, then sample
+               (Holtzman et al. 2020, "The Curious Case of Neural Text Degeneration", section 3.1)
+
+This file works on token ids only. Stop *strings* need text, so they live in ``TextStream`` at the end of
+this file, which turns a row's ids into text for a tokenizer (generate.py uses it).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+
+from .model import Llama
+
+
+# ---- choosing the next token ------------------------------------------------------------------------
+
+def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """logits (B, V) -> the same with everything below the k-th largest value of each row set to -inf."""
+    kth = torch.topk(logits, min(k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """logits (B, V) -> the same with every token outside the nucleus set to -inf.
+
+    The nucleus is the smallest set of most probable tokens whose total probability is at least p:
+    walking down the sorted probabilities, a token is kept while the mass *before* it is still below p,
+    so the most probable token is always kept.
+    """
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = torch.cumsum(probs, dim=-1) - probs
+    drop_sorted = mass_before >= p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # back to vocabulary order
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def choose_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """logits: float32 (B, V) for the last position -> next token ids (B,)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        logits = filter_top_k(logits, top_k)
+    if top_p is not None and top_p < 1.0:
+        logits = filter_top_p(logits, top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+# ---- checking the request ---------------------------------------------------------------------------
+
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be a positive number of tokens (or None for no limit), got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (or None for no limit), got {top_p}")
+
+
+def fit_context(prompts: Sequence[Sequence[int]], max_new_tokens: int, max_seq_len: int,
+                truncate: bool = False) -> list[list[int]]:
+    """Check that every prompt plus max_new_tokens fits in the model's max_seq_len.
+
+    With ``truncate`` a prompt that is too long keeps only its last tokens (the most recent context,
+    which matters most for the continuation); without it, it is an error naming the numbers.
+    """
+    if max_new_tokens >= max_seq_len:
+        raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in this model's "
+                         f"context of max_seq_len {max_seq_len}; ask for fewer new tokens")
+    room = max_seq_len - max_new_tokens
+    fitted = []
+    for i, prompt in enumerate(prompts):
+        if len(prompt) > room:
+            if not truncate:
+                raise ValueError(f"prompt {i} has {len(prompt)} tokens; with max_new_tokens {max_new_tokens} "
+                                 f"that is {len(prompt) + max_new_tokens} positions, more than the model's "
+                                 f"max_seq_len {max_seq_len}: shorten the prompt, ask for fewer new tokens, "
+                                 "or allow truncation of the prompt's start")
+            prompt = prompt[len(prompt) - room:]
+        fitted.append(list(prompt))
+    return fitted
+
+
+def left_pad(prompts: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token lists of different lengths -> tokens (B, T) padded on the left, and pad_lens (B,), or None
+    when all prompts have the same length (then the model can use its plain causal path). The padding
+    id is irrelevant: padded slots are masked out of attention and their outputs are never read."""
+    longest = max(len(p) for p in prompts)
+    tokens = torch.tensor([[0] * (longest - len(p)) + p for p in prompts], dtype=torch.long, device=device)
+    pad_lens = torch.tensor([longest - len(p) for p in prompts], device=device)
+    return tokens, (pad_lens if pad_lens.any() else None)
+
+
+# ---- the decode loop ----------------------------------------------------------------------------------
+
+@torch.inference_mode()
+def generate_stream(model: Llama, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                    temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                    stop_ids: Sequence[int] = (), seed: int | None = None,
+                    truncate: bool = False) -> Iterator[list[int | None]]:
+    """Generate for a batch of prompts, yielding after every step.
+
+    prompts: B lists of token ids. Each step yields a list of B entries: the new token of each prompt,
+    or None for a prompt that has already stopped. A prompt stops at any of ``stop_ids`` (the stop id
+    itself is not yielded: it ends the text, it is not part of it) or after max_new_tokens tokens.
+    seed makes sampling repeatable (greedy needs none). truncate: see ``fit_context``.
+    The iterator may be abandoned early (``break``); the model's cache is released either way.
+    """
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (start it with the tokenizer's BOS id)")
+    vocab = model.config.vocab_size
+    bad = sorted({t for p in prompts for t in p if not 0 <= t < vocab})
+    if bad:
+        raise ValueError(f"prompt token ids {bad[:10]} are outside the model's vocabulary of {vocab}; "
+                         "was the prompt encoded with this checkpoint's tokenizer?")
+    prompts = fit_context(prompts, max_new_tokens, model.config.max_seq_len, truncate)
+
+    device = model.tok_embeddings.weight.device
+    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+    tokens, pad_lens = left_pad(prompts, device)
+    batch, prompt_len = tokens.shape
+    stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+
+    model.setup_cache(batch, prompt_len + max_new_tokens)  # once, at the length this call needs
+    try:
+        logits, _ = model(tokens, pad_lens=pad_lens, last_only=True)  # prefill: (B, 1, V)
+        for step in range(max_new_tokens):
+            next_ids = choose_next(logits[:, -1], temperature, top_k, top_p, generator)  # (B,)
+            finished |= torch.isin(next_ids, stops)
+            # a stop id is reported as None, like any step after it
+            yield [None if done else t for t, done in zip(next_ids.tolist(), finished.tolist())]
+            if finished.all() or step == max_new_tokens - 1:
+                return
+            # Rows that have stopped keep decoding (their outputs are ignored): the batch keeps one
+            # shape, and their stop token costs nothing extra.
+            logits, _ = model(next_ids[:, None], start_pos=prompt_len + step, pad_lens=pad_lens, last_only=True)
+    finally:
+        model.drop_cache()
+
+
+def generate(model: Llama, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, stop_ids: Sequence[int] = (),
+             seed: int | None = None, truncate: bool = False) -> list[list[int]]:
+    """The new token ids of each prompt (without the stop id that ended it). Same arguments as
+    ``generate_stream``; this collects its steps."""
+    new: list[list[int]] = [[] for _ in prompts]
+    for step in generate_stream(model, prompts, max_new_tokens, temperature, top_k, top_p, stop_ids, seed, truncate):
+        for row, token in zip(new, step):
+            if token is not None:
+                row.append(token)
+    return new
+
+
+# ---- text: incremental decoding and stop strings -----------------------------------------------------
+
+class TextStream:
+    """Turns one prompt's new token ids into text as they arrive, and ends it at a stop string.
+
+    ``push(id)`` returns the text that has become final; it holds back two kinds of text that may
+    still change: an incomplete UTF-8 character (byte-fallback tokens produce one byte at a time, shown
+    as U+FFFD until the character is complete) and a tail that could be the start of a stop string.
+    When a stop string appears, the text ends just before it and ``stopped`` becomes True. ``finish()``
+    returns whatever was held back once generation is over.
+
+    Sentencepiece drops the leading space of the first piece it decodes, so the ids are decoded after
+    an *anchor*, the prompt's last token, and the anchor's own text is cut off again.
+    """
+
+    def __init__(self, tokenizer, stop_strings: Sequence[str] = (), anchor: int | None = None):
+        self.tokenizer, self.stop_strings = tokenizer, [s for s in stop_strings if s]
+        self.anchor = [] if anchor is None else [anchor]
+        self.anchor_text = tokenizer.decode(self.anchor)
+        self.ids: list[int] = []
+        self.text = ""  # the text handed out so far
+        self.stopped = False
+
+    def _decoded(self) -> str:
+        full = self.tokenizer.decode(self.anchor + self.ids)
+        return full[len(self.anchor_text):] if full.startswith(self.anchor_text) else self.tokenizer.decode(self.ids)
+
+    def _emit(self, upto: str) -> str:
+        new, self.text = upto[len(self.text):], upto
+        return new
+
+    def push(self, token_id: int) -> str:
+        if self.stopped:
+            return ""
+        self.ids.append(token_id)
+        decoded = self._decoded()
+        hits = [i for i in (decoded.find(s, len(self.text)) for s in self.stop_strings) if i >= 0]
+        if hits:
+            self.stopped = True
+            return self._emit(decoded[:min(hits)])
+        final = len(decoded.rstrip("\ufffd"))
+        final -= max((n for s in self.stop_strings for n in range(1, min(len(s), final + 1))
+                      if decoded[final - n:final] == s[:n]), default=0)  # a tail a stop string starts with
+        return self._emit(decoded[:max(final, len(self.text))])
+
+    def finish(self) -> str:
+        return "" if self.stopped else self._emit(self._decoded())
