@@ -1,0 +1,75 @@
+"""LoRA exported in the Hugging Face PEFT layout, loaded by ``peft`` itself onto the Hugging Face export of
+the base: the two models must give the same logits. The independent reference is peft's own LoRA code."""
+
+import json
+
+import pytest
+import torch
+
+from llama_min.hf_format import config_to_hf, state_dict_to_hf
+from llama_min.lora import LoRALinear
+from llama_min.lora_hf import HF_ADAPTER_CONFIG, export_lora_to_hf
+from llama_min.peft import PeftConfig, apply_peft
+
+from conftest import max_abs_diff, random_model, random_tokens, tiny_config
+
+TOL = 1e-4  # float32, same as the base model's Hugging Face parity
+
+
+def hf_base(transformers, model):
+    hf_config = transformers.LlamaConfig(**config_to_hf(model.config), attn_implementation="eager")
+    hf = transformers.LlamaForCausalLM(hf_config).float()
+    base_state = {k: v for k, v in model.state_dict().items() if "lora_" not in k}
+    hf.load_state_dict(state_dict_to_hf(base_state, model.config), strict=True)
+    return hf
+
+
+@pytest.mark.parametrize("targets", [["wq", "wv"], ["wq", "wk", "wv", "wo", "w1", "w2", "w3", "output"]])
+def test_peft_loads_our_lora_and_gives_our_logits(tmp_path, targets):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    model = apply_peft(random_model(tiny_config()), PeftConfig(method="lora", lora_rank=4, lora_alpha=12,
+                                                               lora_targets=targets)).eval()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # B = 0 would make any layout pass: give B values (as if trained)
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_b.copy_(0.3 * torch.randn(m.lora_b.shape, generator=g))
+    export_lora_to_hf(model, tmp_path / "lora")
+    hf = peft.PeftModel.from_pretrained(hf_base(transformers, model), tmp_path / "lora").eval()
+    tokens = random_tokens(model.config, 2, 12)
+    with torch.no_grad():
+        ours, theirs = model(tokens)[0], hf(input_ids=tokens).logits.float()
+        with hf.disable_adapter():
+            without = hf(input_ids=tokens).logits.float()
+    assert max_abs_diff(ours, without) > 100 * TOL, "the LoRA update is too small for this test to see a mistake"
+    assert max_abs_diff(ours, theirs) <= TOL, f"max |Δlogit| vs peft = {max_abs_diff(ours, theirs):.3g}"
+    written = json.loads((tmp_path / "lora" / HF_ADAPTER_CONFIG).read_text())
+    assert written["r"] == 4 and written["lora_alpha"] == 12
+
+
+def test_export_without_q_permutation_would_fail(tmp_path, monkeypatch):
+    """The comparison above is sensitive to the q/k row permutation of B: skip it and it fails."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    import llama_min.lora_hf as lora_hf
+
+    model = apply_peft(random_model(tiny_config()), PeftConfig(method="lora", lora_rank=4, lora_targets=["wq"])).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_b.normal_(0, 0.3)
+    real = lora_hf.tensor_to_hf
+    monkeypatch.setattr(lora_hf, "tensor_to_hf", lambda name, t, config: (real(name, t, config)[0], t))
+    export_lora_to_hf(model, tmp_path / "lora")
+    hf = peft.PeftModel.from_pretrained(hf_base(transformers, model), tmp_path / "lora").eval()
+    tokens = random_tokens(model.config, 2, 12)
+    with torch.no_grad():
+        diff = max_abs_diff(model(tokens)[0], hf(input_ids=tokens).logits.float())
+    assert diff > 100 * TOL, f"an unpermuted B should not match peft, but the difference is only {diff:.3g}"
+
+
+def test_export_refuses_a_model_without_lora(tmp_path):
+    model = apply_peft(random_model(tiny_config()), PeftConfig(method="adapter"))
+    with pytest.raises(ValueError, match="needs a model with LoRA applied"):
+        export_lora_to_hf(model, tmp_path / "x")
