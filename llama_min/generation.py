@@ -102,7 +102,7 @@ def fit_context(prompts: Sequence[Sequence[int]], max_new_tokens: int, max_seq_l
                 raise ValueError(f"prompt {i} has {len(prompt)} tokens; with max_new_tokens {max_new_tokens} "
                                  f"that is {len(prompt) + max_new_tokens} positions, more than the model's "
                                  f"max_seq_len {max_seq_len}: shorten the prompt, ask for fewer new tokens, "
-                                 "or allow truncation of the prompt's start")
+                                 "or allow truncation of the prompt's start (truncate=True; generate.py --truncate)")
             prompt = prompt[len(prompt) - room:]
         fitted.append(list(prompt))
     return fitted

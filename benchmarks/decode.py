@@ -1,0 +1,183 @@
+"""Decode speed of llama_min's generate() against Hugging Face transformers and the memory-bandwidth limit.
+
+The model has the shape of a real small LLaMA-family model (dim 576, 30 layers, 9 query heads, 3 kv
+heads, hidden 1536, vocabulary 49152, tied embeddings, rope_theta 100000: 135M parameters) with random
+weights. Decoding one token reads every weight once, so on a CPU its speed is bounded by memory
+bandwidth: ceiling tokens/s = measured read bandwidth / weight bytes per token.
+
+When transformers is installed the same weights are exported in this process (hf_format) into a
+LlamaForCausalLM, whose generate() runs on the same prompt; runs alternate between the two so that load
+from other processes hits both alike, and the median of the repeats is reported.
+
+    python benchmarks/decode.py                 # the full report
+    python benchmarks/decode.py --repeats 1     # quicker, noisier
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from llama_min import Llama, ModelConfig
+from llama_min.generation import generate_stream
+from llama_min.hf_format import config_to_hf, state_dict_to_hf
+
+SMALL_LLAMA = ModelConfig(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536, vocab_size=49152,
+                          tie_embeddings=True, rope_theta=100000.0, norm_eps=1e-5, max_seq_len=2048)
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of distinct parameter storage (a tied head counts once). The embedding table is read once
+    per token as the output head; its lookup reads one row only, which this ignores."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def read_bandwidth(megabytes: int = 1024, repeats: int = 5) -> float:
+    """Memory-read bandwidth in bytes/s: the best of a few sums over a buffer far larger than the caches."""
+    x = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best
+
+
+def time_ours(model: Llama, prompts: list[list[int]], new_tokens: int) -> tuple[float, float, list[int]]:
+    """(time to first token in s, decode tokens/s per row after it, the tokens of row 0)."""
+    start = time.perf_counter()
+    first = None
+    out = []
+    for step in generate_stream(model, prompts, new_tokens):
+        first = first or time.perf_counter()
+        out.append(step[0])
+    end = time.perf_counter()
+    return first - start, (new_tokens - 1) / (end - first), out
+
+
+class _Clock:
+    """A transformers streamer that only notes when each batch of tokens arrives (the first put() is the prompt)."""
+
+    def __init__(self):
+        self.times = []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+def time_hf(hf_model, prompts: list[list[int]], new_tokens: int) -> tuple[float, float, list[int]]:
+    clock = _Clock()
+    ids = torch.tensor(prompts)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                min_new_tokens=new_tokens, do_sample=False, streamer=clock if len(prompts) == 1 else None,
+                                pad_token_id=0)
+    end = time.perf_counter()
+    if len(prompts) > 1:
+        return float("nan"), new_tokens / (end - start), out[0, ids.shape[1]:].tolist()
+    first = clock.times[1]
+    return first - start, (new_tokens - 1) / (end - first), out[0, ids.shape[1]:].tolist()
+
+
+def hf_twin(model: Llama):
+    """The same weights as a transformers LlamaForCausalLM, or None when transformers is not installed."""
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError:
+        print("transformers is not installed: skipping the comparison (pip install transformers)")
+        return None
+    hf = LlamaForCausalLM(LlamaConfig(**config_to_hf(model.config)))
+    state = state_dict_to_hf(model.state_dict(), model.config)
+    if model.config.tie_embeddings:
+        del state["lm_head.weight"]
+    hf.load_state_dict(state, strict=False)
+    hf.tie_weights()
+    return hf.eval()
+
+
+def median_runs(fns: dict, repeats: int) -> dict:
+    """Run each function `repeats` times, interleaved; per name, the median of each returned figure."""
+    results = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            results[name].append(fn())
+    return {name: (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs), runs[-1][2])
+            for name, runs in results.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--prompt_len", type=int, default=32)
+    parser.add_argument("--new_tokens", type=int, default=128)
+    parser.add_argument("--prefill_len", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=8)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    model = Llama(SMALL_LLAMA).eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    gen = torch.Generator().manual_seed(1)
+    prompt = torch.randint(3, SMALL_LLAMA.vocab_size, (args.prompt_len,), generator=gen).tolist()
+    long_prompt = torch.randint(3, SMALL_LLAMA.vocab_size, (args.prefill_len,), generator=gen).tolist()
+    batch = [torch.randint(3, SMALL_LLAMA.vocab_size, (args.prompt_len,), generator=gen).tolist() for _ in range(args.batch)]
+    hf = hf_twin(model)
+
+    bandwidth = read_bandwidth()
+    bytes_fp32 = weight_bytes(model)
+    ceiling = bandwidth / bytes_fp32
+    print(f"model: {n_params / 1e6:.1f}M parameters, {bytes_fp32 / 2**20:.0f} MiB of float32 weights; "
+          f"{args.threads} threads")
+    print(f"memory-read bandwidth {bandwidth / 1e9:.1f} GB/s -> float32 decode ceiling {ceiling:.1f} tokens/s")
+
+    runs = {"ours": lambda: time_ours(model, [prompt], args.new_tokens)}
+    if hf is not None:
+        runs["hf"] = lambda: time_hf(hf, [prompt], args.new_tokens)
+    decode = median_runs(runs, args.repeats)
+    ours_tps = decode["ours"][1]
+    print(f"\ndecode, batch 1, {args.prompt_len}-token prompt, {args.new_tokens} new tokens, greedy, float32:")
+    print(f"  llama_min     {ours_tps:7.1f} tokens/s  ({ours_tps / ceiling:.0%} of the bandwidth ceiling)")
+    if hf is not None:
+        hf_tps = decode["hf"][1]
+        same = sum(a == b for a, b in zip(decode["ours"][2], decode["hf"][2]))
+        print(f"  transformers  {hf_tps:7.1f} tokens/s  ({hf_tps / ceiling:.0%} of the ceiling)")
+        print(f"  ratio llama_min / transformers: {ours_tps / hf_tps:.2f}x   "
+              f"(greedy tokens identical: {same}/{args.new_tokens})")
+
+    runs = {"ours": lambda: time_ours(model, [long_prompt], 1)[:1] + (0.0, None)}
+    if hf is not None:
+        runs["hf"] = lambda: time_hf(hf, [long_prompt], 1)[:1] + (0.0, None)
+    prefill = median_runs(runs, args.repeats)
+    print(f"\nprefill of a {args.prefill_len}-token prompt (time to first token):")
+    print(f"  llama_min     {prefill['ours'][0] * 1e3:7.0f} ms  ({args.prefill_len / prefill['ours'][0]:.0f} tokens/s)")
+    if hf is not None:
+        print(f"  transformers  {prefill['hf'][0] * 1e3:7.0f} ms  ({args.prefill_len / prefill['hf'][0]:.0f} tokens/s)"
+              f"   ratio {prefill['hf'][0] / prefill['ours'][0]:.2f}x")
+
+    runs = {"ours": lambda: time_ours(model, batch, args.new_tokens)}
+    if hf is not None:
+        runs["hf"] = lambda: time_hf(hf, batch, args.new_tokens)
+    batched = median_runs(runs, args.repeats)
+    print(f"\nbatch {args.batch}, aggregate decode tokens/s:")
+    print(f"  llama_min     {batched['ours'][1] * args.batch:7.1f} tokens/s")
+    if hf is not None:
+        print(f"  transformers  {batched['hf'][1] * args.batch:7.1f} tokens/s (whole generate() call, prefill included)")
+
+    del hf
+    model = model.to(torch.bfloat16)
+    bf16 = median_runs({"ours": lambda: time_ours(model, [prompt], args.new_tokens)}, args.repeats)
+    print(f"\nbfloat16 weights, batch 1: {bf16['ours'][1]:.1f} tokens/s = {bf16['ours'][1] / ceiling:.0%} of the "
+          f"float32 ceiling ({bf16['ours'][1] / (2 * ceiling):.0%} of the bfloat16 ceiling of {2 * ceiling:.1f})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""Generate text from a llama_min checkpoint, streamed to the terminal as it is produced.
+
+    python generate.py --checkpoint out/ckpt --prompt "ROMEO:"                # sample a continuation
+    python generate.py --checkpoint out/ckpt --prompt "To be" --prompt "KING:" --temperature 0
+    python generate.py --checkpoint DIR --template alpaca --prompt "Reverse the word: stone"
+    python generate.py --checkpoint DIR --template chatml --interactive      # a chat that remembers
+
+Reading order: the configuration (a dataclass, every field a flag), loading the model, generating one
+answer with its timing, the chat loop, the command line. Generation itself is
+``llama_min.generation``; prompt formats are ``llama_min.templates``. The generated text goes to
+standard output; the figures (prompt tokens, new tokens, time to first token, tokens/s) go to standard
+error, so that the text can be piped on its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import TextIO
+
+import torch
+
+from llama_min import Llama, Tokenizer
+from llama_min.checkpoint import load_checkpoint, tokenizer_file
+from llama_min.generation import TextStream, fit_context, generate_stream
+from llama_min.templates import TEMPLATES, Message, Template, get_template, template_for_checkpoint
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _flag(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class GenerateConfig:
+    checkpoint: str = _flag("", "checkpoint directory (config.json, model.safetensors, tokenizer), e.g. out/ckpt")
+    prompt: list[str] = field(default_factory=list, metadata={"help": "a prompt; repeat the flag for several"})
+    prompt_file: str = _flag("", "a file with one prompt per line (blank lines skipped); - reads standard input")
+    template: str = _flag("", f"prompt format: {', '.join(TEMPLATES)} (default: the one the checkpoint "
+                              "records, else raw)")
+    system: str = _flag("", "system message for the chat templates")
+    stop: list[str] = field(default_factory=list, metadata={"help": "a stop string: the answer ends before it "
+                                                                   "(repeatable; the template adds its own)"})
+    max_new_tokens: int = _flag(200, "new tokens at most per answer")
+    temperature: float = _flag(0.8, "sampling temperature; 0 is greedy")
+    top_k: int = _flag(0, "sample only among the k most likely tokens (0: no limit)")
+    top_p: float = _flag(1.0, "sample only within the nucleus of this probability mass (1: no limit)")
+    seed: int = _flag(-1, "seed for sampling (-1: a different sample every run)")
+    device: str = _flag("auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
+    dtype: str = _flag("float32", f"weight dtype: {', '.join(DTYPES)} (float16 on CUDA only)")
+    interactive: bool = _flag(False, "chat: each answer stays in the context of the next question")
+    truncate: bool = _flag(False, "drop the start of a prompt that is too long for the context "
+                                  "(default: stop with an error)")
+    compile: bool = _flag(False, "torch.compile the model's forward pass (slow to start; may help long runs)")
+
+
+class UsageError(ValueError):
+    """A bad flag or input: printed as one line, without a traceback."""
+
+
+# ---- loading ------------------------------------------------------------------------------------------
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available here; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+
+
+def load(cfg: GenerateConfig) -> tuple[Llama, Tokenizer, Template]:
+    """The model (on the chosen device, in the chosen dtype), its tokenizer and the prompt template."""
+    if not cfg.checkpoint:
+        raise UsageError("--checkpoint DIR is required (a directory written by train.py or weights_convert.py)")
+    if cfg.dtype not in DTYPES:
+        raise UsageError(f"--dtype {cfg.dtype!r}: expected one of {', '.join(DTYPES)}")
+    device = pick_device(cfg.device)
+    if cfg.dtype == "float16" and device.type != "cuda":
+        raise UsageError("--dtype float16 is for CUDA; on a CPU use bfloat16 (same size, float32's range)")
+    tokenizer_path = tokenizer_file(cfg.checkpoint)
+    if tokenizer_path is None:
+        raise UsageError(f"{cfg.checkpoint} holds no tokenizer.model or tokenizer.json; generation needs the "
+                         "tokenizer the model was trained with (copy it into the checkpoint directory)")
+    tokenizer = Tokenizer(tokenizer_path)
+    model = load_checkpoint(cfg.checkpoint, device=device, dtype=DTYPES[cfg.dtype]).eval()
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise UsageError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                         f"{model.config.vocab_size}: they do not belong together")
+    template = get_template(cfg.template or template_for_checkpoint(cfg.checkpoint) or "raw")
+    if cfg.compile:
+        # dynamic=True: one graph serves every prompt length and cache position
+        model.forward = torch.compile(model.forward, dynamic=True)
+    return model, tokenizer, template
+
+
+def read_prompts(cfg: GenerateConfig) -> list[str]:
+    prompts = list(cfg.prompt)
+    if cfg.prompt_file:
+        if cfg.prompt_file == "-":
+            text = sys.stdin.read()
+        elif not Path(cfg.prompt_file).is_file():
+            raise UsageError(f"--prompt_file {cfg.prompt_file} does not exist")
+        else:
+            text = Path(cfg.prompt_file).read_text()
+        prompts += [line for line in text.splitlines() if line.strip()]
+    return prompts
+
+
+# ---- one answer -------------------------------------------------------------------------------------
+
+@dataclass
+class Answer:
+    text: str
+    prompt_tokens: int
+    new_tokens: int
+    first_token_s: float  # from the call to the first new token: prefill plus one sampling step
+    total_s: float
+
+    def figures(self) -> str:
+        decode = (f"{(self.new_tokens - 1) / (self.total_s - self.first_token_s):.1f} tokens/s"
+                  if self.new_tokens > 1 else "n/a tokens/s")
+        return (f"[{self.prompt_tokens} prompt tokens, {self.new_tokens} new tokens, time to first token "
+                f"{self.first_token_s * 1e3:.0f} ms, {decode}]")
+
+
+def answer(model: Llama, tokenizer: Tokenizer, template: Template, ids: list[int], cfg: GenerateConfig,
+           out: TextIO) -> Answer:
+    """Generate the answer to prompt ``ids``, writing its text to ``out`` as it is produced. It ends at
+    EOS, at a stop string (the template's or --stop) or after --max_new_tokens tokens."""
+    stream = TextStream(tokenizer, template.stop_strings + tuple(cfg.stop), anchor=ids[-1])
+    steps = generate_stream(model, [ids], cfg.max_new_tokens, temperature=cfg.temperature,
+                            top_k=cfg.top_k or None, top_p=cfg.top_p, stop_ids=[tokenizer.eos_id],
+                            seed=None if cfg.seed < 0 else cfg.seed)
+    start, first, new_tokens = time.perf_counter(), None, 0
+    for step in steps:
+        first = first or time.perf_counter()
+        if step[0] is None:  # EOS: the end of the text, never printed
+            break
+        new_tokens += 1
+        out.write(stream.push(step[0]))
+        out.flush()
+        if stream.stopped:
+            break
+    steps.close()  # releases the KV cache at once when we stopped early
+    out.write(stream.finish())
+    out.flush()
+    return Answer(stream.text, len(ids), new_tokens, first - start, time.perf_counter() - start)
+
+
+def fit(ids: list[int], model: Llama, cfg: GenerateConfig) -> list[int]:
+    """The prompt, shortened from the start when --truncate allows; otherwise the clear overflow error."""
+    fitted = fit_context([ids], cfg.max_new_tokens, model.config.max_seq_len, cfg.truncate)[0]
+    if len(fitted) < len(ids):
+        print(f"(prompt truncated: kept its last {len(fitted)} of {len(ids)} tokens)", file=sys.stderr)
+    return fitted
+
+
+# ---- the chat loop -------------------------------------------------------------------------------------
+
+def chat(model: Llama, tokenizer: Tokenizer, template: Template, cfg: GenerateConfig) -> None:
+    """Read a message per line; the whole conversation is the prompt of each answer. When it would no
+    longer fit in the context, the oldest exchanges are forgotten, and the user is told."""
+    system: list[Message] = [("system", cfg.system)] if cfg.system else []
+    turns: list[Message] = []
+    room = model.config.max_seq_len - cfg.max_new_tokens
+    print(f"chat with {cfg.checkpoint} ({template.name} template, {model.config.max_seq_len}-token context); "
+          "/reset forgets, /exit or Ctrl-D ends", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if line.strip() in ("/exit", "/quit"):
+            break
+        if line.strip() == "/reset":
+            turns = []
+            continue
+        if not line.strip():
+            continue
+        turns.append(("user", line))
+        ids = template.encode(tokenizer, system + turns)
+        forgotten = 0
+        while len(ids) > room and len(turns) > 1:
+            turns, forgotten = turns[2:], forgotten + 1  # the oldest question and its answer
+            ids = template.encode(tokenizer, system + turns)
+        if forgotten:
+            print(f"(the conversation no longer fits in the {model.config.max_seq_len}-token context with "
+                  f"{cfg.max_new_tokens} new tokens: forgot the oldest {forgotten} exchange(s))", file=sys.stderr)
+        if len(ids) > room and not cfg.truncate:
+            print(f"(that message is {len(ids)} tokens: too long for the context of {room} prompt tokens; "
+                  "write a shorter one or ask for fewer --max_new_tokens)", file=sys.stderr)
+            turns.pop()
+            continue
+        result = answer(model, tokenizer, template, fit(ids, model, cfg), cfg, sys.stdout)
+        print()
+        print(result.figures(), file=sys.stderr)
+        turns.append(("assistant", result.text))
+
+
+# ---- the command line ------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="generate.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(GenerateConfig):
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        if f.type in ("bool", bool):
+            parser.add_argument(f"--{f.name}", action="store_true", help=f.metadata["help"])
+        elif isinstance(default, list):
+            parser.add_argument(f"--{f.name}", action="append", default=[], metavar=f.name.upper(),
+                                help=f.metadata["help"])
+        else:
+            parser.add_argument(f"--{f.name}", type=type(default), default=default, metavar=f.name.upper(),
+                                help=f"{f.metadata['help']} (default: {default})")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = GenerateConfig(**vars(build_parser().parse_args(argv)))
+    try:
+        prompts = read_prompts(cfg)
+        if not prompts and not cfg.interactive:
+            raise UsageError("nothing to do: give --prompt TEXT (repeatable), --prompt_file FILE or --interactive")
+        model, tokenizer, template = load(cfg)
+        system: list[Message] = [("system", cfg.system)] if cfg.system else []
+        for i, prompt in enumerate(prompts):
+            ids = fit(template.encode(tokenizer, system + [("user", prompt)]), model, cfg)
+            print(prompt, end="" if template.name == "raw" else "\n", flush=True)
+            result = answer(model, tokenizer, template, ids, cfg, sys.stdout)
+            print("\n" if i < len(prompts) - 1 else "")
+            print(result.figures(), file=sys.stderr)
+        if cfg.interactive:
+            chat(model, tokenizer, template, cfg)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"generate.py: error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()
