@@ -1,0 +1,194 @@
+"""The pretraining data pipeline: text files in, random windows of token ids out.
+
+    documents (.txt or JSONL "text")  ->  tokenizer (trained once on the training split)
+        ->  one flat array of token ids per split, cached on disk as a np.memmap
+        ->  random windows of seq_len + 1 tokens: inputs are the first seq_len, targets the last seq_len
+
+Every document is wrapped as <s> text </s> and the documents are concatenated, as in LLaMA's
+pretraining (section 2.1: documents are packed into fixed-length sequences). The token files are
+written once per (text, tokenizer) pair and then read through the page cache, so a 5 MB corpus costs
+seconds the first time and nothing afterwards. Nothing here knows about models or devices.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .tokenizer import Tokenizer
+
+TEXT_SUFFIXES = (".txt", ".jsonl")
+
+
+class DataError(ValueError):
+    """A problem with the user's data: the message says what is wrong and what to do."""
+
+
+# ---- reading documents ----------------------------------------------------------------------------
+
+
+def read_documents(path: str | Path) -> list[str]:
+    """A .txt file is one document; a .jsonl file holds one {"text": ...} record per line."""
+    path = Path(path)
+    if path.suffix not in TEXT_SUFFIXES:
+        raise DataError(f"{path}: expected a .txt file or a .jsonl file with a \"text\" field per line")
+    raw = path.read_text(encoding="utf-8")
+    if path.suffix == ".txt":
+        return [raw] if raw.strip() else []
+    docs = []
+    for n, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: not valid JSON ({e.msg}); expected one {{\"text\": ...}} object per line") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise DataError(f"{path}:{n}: expected an object with a string \"text\" field")
+        if record["text"].strip():
+            docs.append(record["text"])
+    return docs
+
+
+def split_documents(data: str | Path, val_fraction: float) -> tuple[list[str], list[str]]:
+    """The training and held-out documents of ``data``.
+
+    A directory holds train.txt|train.jsonl and val.txt|val.jsonl: the split is the user's (the shipped
+    Shakespeare holds out whole plays). A single file is split here: the last ``val_fraction`` of its
+    documents, or for a single .txt document the last ``val_fraction`` of its lines, is held out.
+    """
+    data = Path(data)
+    if not data.exists():
+        raise DataError(f"data path {data} does not exist; pass --data with a .txt/.jsonl file or a "
+                        "directory holding train.txt and val.txt")
+    if data.is_dir():
+        found = {}
+        for split in ("train", "val"):
+            files = [data / f"{split}{s}" for s in TEXT_SUFFIXES if (data / f"{split}{s}").exists()]
+            if len(files) != 1:
+                raise DataError(f"data directory {data} must hold exactly one of {split}.txt, {split}.jsonl "
+                                f"(found {len(files)})")
+            found[split] = read_documents(files[0])
+        train, val = found["train"], found["val"]
+    else:
+        docs = read_documents(data)
+        if len(docs) == 1:  # one long text: hold out its last lines
+            lines = docs[0].splitlines(keepends=True)
+            cut = len(lines) - max(1, round(len(lines) * val_fraction))
+            docs = ["".join(lines[:cut]), "".join(lines[cut:])]
+            cut = 1
+        else:
+            cut = len(docs) - max(1, round(len(docs) * val_fraction))
+        train, val = docs[:cut], docs[cut:]
+    for name, docs in (("training", train), ("held-out", val)):
+        if not any(d.strip() for d in docs):
+            raise DataError(f"the {name} split of {data} is empty; give it some text")
+    return train, val
+
+
+# ---- tokenizer and token cache -------------------------------------------------------------------
+
+
+def text_digest(docs: list[str]) -> str:
+    h = hashlib.sha256()
+    for d in docs:
+        h.update(d.encode("utf-8"))
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def train_tokenizer(train_docs: list[str], cache_dir: Path, vocab_size: int) -> Tokenizer:
+    """Train a LLaMA-style sentencepiece tokenizer on the training documents, once per (text, vocab)."""
+    # The file keeps the name the checkpoint format expects, as it is copied into every checkpoint.
+    path = cache_dir / f"tokenizer-{text_digest(train_docs)}-v{vocab_size}" / "tokenizer.model"
+    if path.exists():
+        return Tokenizer(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    corpus = path.with_suffix(f".{os.getpid()}.txt")
+    tmp = path.with_suffix(f".{os.getpid()}.model")
+    corpus.write_text("\n".join(train_docs), encoding="utf-8")
+    try:
+        Tokenizer.train([corpus], tmp, vocab_size)
+    except RuntimeError as e:  # sentencepiece says why (usually: too little text for this vocabulary)
+        raise DataError(f"training a {vocab_size}-token tokenizer failed: {str(e).strip().splitlines()[-1]}; "
+                        "give more text or a smaller --vocab_size") from None
+    finally:
+        corpus.unlink(missing_ok=True)
+    tmp.replace(path)  # atomic: a half-written tokenizer is never picked up
+    return Tokenizer(path)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def tokenize_to_memmap(docs: list[str], tokenizer: Tokenizer, cache_dir: Path, split: str) -> np.memmap:
+    """Token ids of ``<s> doc </s>`` for every document, concatenated; (N,) uint16/uint32, read-only."""
+    digest = hashlib.sha256(tokenizer.path.read_bytes()).hexdigest()[:16]
+    dtype = token_dtype(tokenizer.vocab_size)
+    path = cache_dir / f"{split}-{text_digest(docs)}-{digest}.{dtype.name}.bin"
+    if not path.exists():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        ids = [tokenizer.encode(d, bos=True, eos=True) for d in docs]
+        flat = np.fromiter((i for doc in ids for i in doc), dtype=dtype, count=sum(map(len, ids)))
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        flat.tofile(tmp)
+        tmp.replace(path)
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
+    """(vocab_size,) int64: how many UTF-8 bytes of text each token stands for.
+
+    Summed over the predicted tokens this is the length of the evaluated text, the denominator of
+    bits per byte: a tokenizer-independent measure, since a model with a coarser vocabulary predicts
+    fewer, longer tokens. A byte-fallback token is one byte; <s>, </s> and <unk> are no text.
+    """
+    sp = tokenizer.sp
+    lengths = np.zeros(tokenizer.vocab_size, dtype=np.int64)
+    for i in range(tokenizer.vocab_size):
+        if sp.is_byte(i):
+            lengths[i] = 1
+        elif not (sp.is_control(i) or sp.is_unknown(i)):
+            lengths[i] = len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+    return lengths
+
+
+# ---- batches -------------------------------------------------------------------------------------
+
+
+class WindowSampler:
+    """Random window starts for every step, reproducible and resumable.
+
+    Every process draws the same *global* batch of starts from the same seeded generator and keeps
+    its own rows, so ranks see different windows, and N processes with batch B see exactly the
+    batches one process with batch N·B sees. ``state_dict`` captures the generator for --resume.
+    """
+
+    def __init__(self, n_tokens: int, seq_len: int, seed: int):
+        if n_tokens < seq_len + 1:
+            raise DataError(f"the training split has {n_tokens} tokens, fewer than seq_len + 1 = {seq_len + 1}; "
+                            "give more text or a smaller --seq_len")
+        self.n_windows = n_tokens - seq_len  # window i covers tokens i .. i+seq_len
+        self.rng = np.random.Generator(np.random.PCG64(seed))
+
+    def starts(self, batch_size: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
+        """(batch_size,) window starts for this rank."""
+        global_starts = self.rng.integers(0, self.n_windows, size=batch_size * world_size)
+        return global_starts[rank * batch_size:(rank + 1) * batch_size]
+
+    def state_dict(self) -> dict:
+        return self.rng.bit_generator.state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state
+
+
+def windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs and next-token targets, each (len(starts), seq_len) int64."""
+    rows = np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int64)
+    return rows[:, :-1], rows[:, 1:]

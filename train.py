@@ -1,0 +1,675 @@
+"""Train a LLaMA: the whole loop in one file, top to bottom.
+
+    python train.py                                     # tiny model on the shipped Shakespeare, CPU, ~5 min
+    python train.py --device cuda --model tiny --dim 512 --n_layers 8 --max_steps 5000
+    torchrun --nproc_per_node=4 train.py ...           # DistributedDataParallel, one process per GPU
+    python train.py --resume                            # continue out/ckpt exactly where it stopped
+
+Reading order: the configuration (a dataclass, every field a flag), the learning-rate schedule, the
+building blocks the loop calls (data, model, trainable parameters, optimiser, evaluation, checkpoints),
+then ``train`` itself, then the command line. The model comes from ``llama_min``; this file is the
+only place that knows about devices, processes, files and the clock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from llama_min import Llama, ModelConfig, Tokenizer
+from llama_min.checkpoint import atomic_directory, load_checkpoint, resolve_checkpoint_dir, tokenizer_file, write_model_files
+from llama_min.config import PRESETS
+from llama_min.data import (DataError, WindowSampler, split_documents, token_byte_lengths, tokenize_to_memmap,
+                            train_tokenizer, windows)
+
+REPO = Path(__file__).resolve().parent
+STATE_FILE = "train_state.pt"  # next to config.json + model.safetensors in the checkpoint directory
+METHODS = ("full",)  # what --method may choose; parameter-efficient methods join here
+
+
+def _flag(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str = _flag(str(REPO / "data" / "shakespeare"), "a .txt file, a .jsonl file with a \"text\" field per line, "
+                      "or a directory holding train.txt|.jsonl and val.txt|.jsonl")
+    val_fraction: float = _flag(0.05, "share of a single data file held out for validation (its last lines or records)")
+    tokenizer: str = _flag("", "a sentencepiece tokenizer.model; empty: train one on the training split (cached)")
+    cache_dir: str = _flag(str(REPO / "data" / "cache"), "where the trained tokenizer and token files are cached")
+    # model
+    model: str = _flag("tiny", f"model preset: {', '.join(PRESETS)}; the model flags below override its fields")
+    init_from: str = _flag("", "start from this checkpoint directory instead of random weights (fine-tuning)")
+    method: str = _flag("full", f"which parameters train: {' | '.join(METHODS)}")
+    model_overrides: dict = field(default_factory=dict, metadata={"help": None})  # filled by the model flags
+    # optimisation
+    max_steps: int = _flag(1200, "optimiser steps to run")
+    batch_size: int = _flag(16, "sequences per micro-batch per process")
+    grad_accum: int = _flag(1, "micro-batches accumulated per optimiser step")
+    seq_len: int = _flag(256, "tokens per training sequence (at most the model's max_seq_len)")
+    lr: float = _flag(2e-3, "peak learning rate")
+    min_lr_ratio: float = _flag(0.1, "the cosine decays to this fraction of the peak learning rate")
+    warmup_steps: int = _flag(50, "linear warm-up steps")
+    decay_steps: int = _flag(0, "steps over which the cosine decays (0: max_steps)")
+    weight_decay: float = _flag(0.1, "AdamW weight decay, applied to matrices only")
+    beta1: float = _flag(0.9, "AdamW beta1")
+    beta2: float = _flag(0.95, "AdamW beta2")
+    grad_clip: float = _flag(1.0, "clip the global gradient norm to this (0: no clipping)")
+    # evaluation, logging, checkpoints
+    eval_every: int = _flag(200, "evaluate on the held-out split (and save a checkpoint) every N steps")
+    eval_tokens: int = _flag(131072, "evaluate on at most this many held-out tokens (the Shakespeare split has ~80k)")
+    log_every: int = _flag(20, "print a progress line and write metrics.jsonl every N steps")
+    sample_tokens: int = _flag(120, "length of the samples printed at the end (0: none)")
+    sample_prompt: str = _flag("", "text the end-of-training samples continue")
+    out_dir: str = _flag("out", "output directory: ckpt/ (the checkpoint), metrics.jsonl, loss.png")
+    resume: bool = _flag(False, "continue from OUT_DIR/ckpt: weights, optimiser, step, RNG and data order; "
+                         "flags given again override the saved ones")
+    # hardware
+    device: str = _flag("auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
+    dtype: str = _flag("auto", "autocast dtype: auto (bfloat16 on CUDA, or float16 without bf16 support; "
+                       "float32 on CPU), float32, bfloat16, float16 (CUDA only)")
+    compile: bool = _flag(False, "torch.compile the model")
+    peak_flops: float = _flag(0.0, "peak FLOP/s for the MFU estimate (0: the GPU's bf16 peak on CUDA, "
+                              "a matmul measured at start on CPU)")
+    seed: int = _flag(1337, "seed for weights, data order and samples")
+
+
+class UsageError(ValueError):
+    """A bad flag or input: printed as one line, without a traceback."""
+
+
+# ---- learning-rate schedule ----------------------------------------------------------------------
+
+
+def get_lr(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to the peak, then cosine decay to min_lr_ratio·peak (as in the LLaMA paper,
+    section 2.3: 2000 warm-up steps, final rate 10% of the peak), constant after the decay ends."""
+    decay_steps = cfg.decay_steps or cfg.max_steps
+    min_lr = cfg.lr * cfg.min_lr_ratio
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if step >= decay_steps:
+        return min_lr
+    progress = (step - cfg.warmup_steps) / max(1, decay_steps - cfg.warmup_steps)  # 0 -> 1
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - min_lr)
+
+
+# ---- processes and devices -----------------------------------------------------------------------
+
+
+@dataclass
+class Runtime:
+    """Where this process runs: its device, its rank among the processes, and its numeric mode."""
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    autocast_dtype: torch.dtype | None = None  # None: plain float32
+    use_grad_scaler: bool = False  # float16 needs loss scaling; bfloat16 has float32's range
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+
+def setup_runtime(cfg: TrainConfig) -> Runtime:
+    """Pick the device and dtype; join the process group when started by torchrun."""
+    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    wants_cuda = cfg.device == "auto" and torch.cuda.is_available() or cfg.device.startswith("cuda")
+    if wants_cuda and not torch.cuda.is_available():
+        raise UsageError(f"--device {cfg.device}: CUDA is not available here; use --device cpu")
+    if distributed:
+        dist.init_process_group(backend="nccl" if wants_cuda else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    if wants_cuda:
+        index = int(os.environ.get("LOCAL_RANK", 0)) if distributed else torch.device(cfg.device if cfg.device != "auto" else "cuda").index
+        device = torch.device("cuda", index or 0)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for any float32 matmul left
+        torch.backends.cudnn.allow_tf32 = True
+    elif cfg.device in ("auto", "cpu"):
+        device = torch.device("cpu")
+    else:
+        raise UsageError(f"--device {cfg.device!r}: expected auto, cpu, cuda or cuda:N")
+
+    dtype = cfg.dtype
+    if dtype == "auto":
+        dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device.type == "cuda" else "float32"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise UsageError(f"--dtype {cfg.dtype!r}: expected auto, float32, bfloat16 or float16")
+    if dtype == "float16" and device.type != "cuda":
+        raise UsageError("--dtype float16 needs CUDA (it trains with a gradient scaler); use bfloat16 on CPU")
+    if dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UsageError("--dtype bfloat16: this GPU does not support it; use float16")
+    autocast_dtype = None if dtype == "float32" else getattr(torch, dtype)
+    return Runtime(device, rank, world, autocast_dtype, use_grad_scaler=dtype == "float16")
+
+
+# ---- data ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Data:
+    tokenizer: Tokenizer
+    train: np.ndarray  # (N_train,) token ids
+    val: np.ndarray  # (N_val,) token ids
+    byte_lengths: np.ndarray  # (vocab_size,) UTF-8 bytes per token, for bits per byte
+
+
+def prepare_data(cfg: TrainConfig, rt: Runtime, vocab_size: int, tokenizer_path: Path | None) -> Data:
+    """Tokenizer and token files, built once by rank 0 while the others wait, then opened by all."""
+    train_docs, val_docs = split_documents(cfg.data, cfg.val_fraction)
+    cache = Path(cfg.cache_dir)
+    if rt.master:
+        tokenizer = Tokenizer(tokenizer_path) if tokenizer_path else train_tokenizer(train_docs, cache, vocab_size)
+        tokenize_to_memmap(train_docs, tokenizer, cache, "train")
+        tokenize_to_memmap(val_docs, tokenizer, cache, "val")
+    if rt.world_size > 1:
+        dist.barrier()
+    tokenizer = Tokenizer(tokenizer_path) if tokenizer_path else train_tokenizer(train_docs, cache, vocab_size)
+    return Data(tokenizer, tokenize_to_memmap(train_docs, tokenizer, cache, "train"),
+                tokenize_to_memmap(val_docs, tokenizer, cache, "val"), token_byte_lengths(tokenizer))
+
+
+def get_batch(data: np.ndarray, sampler: WindowSampler, cfg: TrainConfig, rt: Runtime):
+    """(batch_size, seq_len) inputs and targets for this rank, on its device."""
+    x, y = windows(data, sampler.starts(cfg.batch_size, rt.rank, rt.world_size), cfg.seq_len)
+    x, y = torch.from_numpy(x), torch.from_numpy(y)
+    if rt.device.type == "cuda":  # pinned memory lets the copy overlap with compute
+        return x.pin_memory().to(rt.device, non_blocking=True), y.pin_memory().to(rt.device, non_blocking=True)
+    return x, y
+
+
+# ---- the model and what trains -------------------------------------------------------------------
+
+
+def build_model(cfg: TrainConfig, rt: Runtime, resume_from: Path | None = None) -> tuple[Llama, Path | None]:
+    """The model to train, on rt.device in float32, and the tokenizer that goes with it (or None:
+    train one). Resuming: the run's own last checkpoint. --init_from: that checkpoint's weights and
+    tokenizer. Otherwise random weights of the preset with the model flags applied."""
+    source = resume_from or cfg.init_from
+    if source:
+        if cfg.init_from and not resume_from and cfg.model_overrides:
+            raise UsageError(f"--init_from takes the model from the checkpoint; drop the model flags "
+                             f"{' '.join(sorted('--' + k for k in cfg.model_overrides))}")
+        try:
+            model = load_checkpoint(source, device=rt.device, dtype=torch.float32)
+            tokenizer_path = tokenizer_file(source)
+        except (FileNotFoundError, ValueError) as e:
+            raise UsageError(f"{'--resume' if resume_from else '--init_from'}: {e}") from None
+        return model, (Path(cfg.tokenizer) if cfg.tokenizer and not resume_from else tokenizer_path)
+    overrides = dict(cfg.model_overrides)
+    if cfg.tokenizer:
+        overrides["vocab_size"] = Tokenizer(cfg.tokenizer).vocab_size  # the model's vocabulary is the tokenizer's
+    try:
+        model_config = ModelConfig.from_preset(cfg.model, **overrides)
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e)) from None
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank and every run
+    with torch.device(rt.device):
+        model = Llama(model_config)
+    return model, Path(cfg.tokenizer) if cfg.tokenizer else None
+
+
+def choose_trainable(model: Llama, cfg: TrainConfig) -> None:
+    """Set requires_grad on exactly the parameters that train. "full": all of them. This is the one
+    place a fine-tuning method decides what learns; everything after it follows requires_grad."""
+    if cfg.method not in METHODS:
+        raise UsageError(f"--method {cfg.method!r}: expected one of {', '.join(METHODS)}")
+    for p in model.parameters():
+        p.requires_grad_(True)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, rt: Runtime) -> torch.optim.AdamW:
+    """AdamW (Loshchilov & Hutter 2019) with LLaMA's betas (section 2.3). Weight decay pulls matrices
+    toward zero; on the RMSNorm gains (vectors) it would only fight the normalisation, so they get
+    none. Frozen parameters never reach the optimiser, so they cost no optimiser state."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for _, p in trainable if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for _, p in trainable if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             fused=rt.device.type == "cuda")  # one kernel for all tensors on GPU
+
+
+# ---- measurement: evaluation, FLOPs, samples -----------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model: Llama, data: Data, cfg: TrainConfig, rt: Runtime) -> tuple[float, float]:
+    """Mean loss per token (nats) and bits per byte over consecutive windows of the held-out split.
+
+    bits per byte = total nats / ln 2 / total UTF-8 bytes of the predicted text. Windows are shared
+    out across ranks and the sums added up, so every process count gives the same figure.
+    """
+    n_windows = min(len(data.val) - 1, cfg.eval_tokens) // cfg.seq_len
+    if n_windows == 0:
+        raise DataError(f"the held-out split has {len(data.val)} tokens, fewer than seq_len + 1 = {cfg.seq_len + 1}; "
+                        "give more held-out text or a smaller --seq_len")
+    model.eval()
+    nats = torch.zeros((), dtype=torch.float64, device=rt.device)
+    n_tokens = torch.zeros((), dtype=torch.float64, device=rt.device)
+    n_bytes = 0
+    mine = np.arange(rt.rank, n_windows, rt.world_size) * cfg.seq_len
+    for i in range(0, len(mine), cfg.batch_size):
+        x, y = windows(data.val, mine[i:i + cfg.batch_size], cfg.seq_len)
+        n_bytes += int(data.byte_lengths[y].sum())
+        x, y = torch.from_numpy(x).to(rt.device), torch.from_numpy(y).to(rt.device)
+        with rt.autocast():
+            logits, _ = model(x)
+        nats += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").double()
+        n_tokens += y.numel()
+    totals = torch.stack([nats, n_tokens, torch.tensor(float(n_bytes), dtype=torch.float64, device=rt.device)])
+    if rt.world_size > 1:
+        dist.all_reduce(totals)
+    model.train()
+    nats, n_tokens, n_bytes = totals.tolist()
+    return nats / n_tokens, nats / math.log(2) / n_bytes
+
+
+def flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 per weight (forward 2, backward 4) for every matrix a token goes
+    through (not the embedding lookup), plus attention's scores and weighted sum, 6·2·L·T·dim
+    (Chowdhery et al. 2022, PaLM, appendix B; T/2 on average under the causal mask, as kernels skip
+    nothing here we keep PaLM's count)."""
+    d, L, h = config.dim, config.n_layers, config.ffn_hidden_dim
+    kv = config.n_kv_heads * config.head_dim
+    per_layer = d * d * 2 + d * kv * 2 + 3 * d * h
+    matmul_weights = L * per_layer + d * config.vocab_size
+    return 6 * matmul_weights + 12 * L * seq_len * d
+
+
+# Dense bf16 tensor-core peaks from the vendors' datasheets, FLOP/s.
+GPU_BF16_PEAK = {"H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
+                 "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
+
+
+def peak_flops(cfg: TrainConfig, rt: Runtime) -> float:
+    """The FLOP/s MFU is measured against: --peak_flops, else the GPU's datasheet bf16 peak, else (CPU
+    or an unknown GPU) the best of a few large matmuls in the training dtype, timed now."""
+    if cfg.peak_flops > 0:
+        return cfg.peak_flops
+    if rt.device.type == "cuda":
+        name = torch.cuda.get_device_name(rt.device)
+        for key, flops in GPU_BF16_PEAK.items():
+            if key in name:
+                return flops
+    n = 1024
+    dtype = rt.autocast_dtype or torch.float32
+    a, b = torch.randn(n, n, device=rt.device, dtype=dtype), torch.randn(n, n, device=rt.device, dtype=dtype)
+    best = float("inf")
+    for _ in range(5):
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        a @ b
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+@torch.no_grad()
+def sample(model: Llama, tokenizer: Tokenizer, prompt: str, n_tokens: int, temperature: float,
+           generator: torch.Generator, device: torch.device) -> str:
+    """Continue ``prompt`` by n_tokens tokens through the KV cache: greedy at temperature 0."""
+    model.eval()
+    ids = tokenizer.encode(prompt, bos=True)[-model.config.max_seq_len // 2:]
+    n_tokens = min(n_tokens, model.config.max_seq_len - len(ids))
+    model.setup_cache(1, len(ids) + n_tokens)
+    tokens, start, new = torch.tensor([ids], device=device), 0, []
+    for _ in range(n_tokens):
+        logits, _ = model(tokens, start_pos=start, last_only=True)  # (1, 1, vocab)
+        start += tokens.shape[1]
+        if temperature == 0:
+            nxt = logits[0, -1].argmax()
+        else:
+            probs = torch.softmax(logits[0, -1] / temperature, dim=-1)
+            nxt = torch.multinomial(probs.cpu(), 1, generator=generator)[0].to(device)
+        if nxt.item() == tokenizer.eos_id:
+            break
+        new.append(nxt.item())
+        tokens = nxt.view(1, 1)
+    model.drop_cache()
+    model.train()
+    return prompt + tokenizer.decode(new)
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------
+
+
+def rng_states() -> dict:
+    """Every random generator the loop touches, in types torch.load(weights_only=True) accepts."""
+    np_state = np.random.get_state(legacy=False)
+    np_state["state"]["key"] = np_state["state"]["key"].tolist()
+    states = {"torch": torch.get_rng_state(), "numpy": np_state, "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    np_state = dict(states["numpy"])
+    np_state["state"] = {**np_state["state"], "key": np.array(np_state["state"]["key"], dtype=np.uint32)}
+    np.random.set_state(np_state)
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(directory: Path, model: Llama, tokenizer: Tokenizer, optimizer, sampler: WindowSampler,
+                    step: int, best_val_loss: float, cfg: TrainConfig) -> None:
+    """The core checkpoint format plus train_state.pt, written to DIR.tmp and swapped in by renames,
+    so an interruption at any instant leaves the previous checkpoint or the new one, never a mix."""
+    with atomic_directory(directory) as tmp:
+        write_model_files(model, tmp, tokenizer.path)
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(),
+                    "rng": rng_states(), "best_val_loss": best_val_loss, "train_config": asdict(cfg)},
+                   tmp / STATE_FILE)
+
+
+def load_train_state(directory: Path) -> dict:
+    try:
+        path = resolve_checkpoint_dir(directory) / STATE_FILE
+    except FileNotFoundError:
+        path = directory / STATE_FILE
+    if not path.exists():
+        raise UsageError(f"--resume: {path} does not exist; train without --resume first")
+    return torch.load(path, weights_only=True)
+
+
+def write_metrics(out_dir: Path, record: dict) -> None:
+    keys = ("step", "train_loss", "val_loss", "val_bpb", "lr", "tokens_per_s", "elapsed_s")
+    with open(out_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({k: record.get(k) for k in keys}) + "\n")
+
+
+def plot_losses(out_dir: Path) -> str | None:
+    """Draw loss.png from metrics.jsonl; returns a note when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "no loss.png: matplotlib is not installed (pip install matplotlib)"
+    records = [json.loads(line) for line in open(out_dir / "metrics.jsonl")]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("train_loss", "train"), ("val_loss", "held-out")):
+        points = [(r["step"], r[key]) for r in records if r[key] is not None]
+        if points:
+            ax.plot(*zip(*points), label=label, marker="o" if key == "val_loss" else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = out_dir / "loss.tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(out_dir / "loss.png")
+    return None
+
+
+# ---- the training loop ---------------------------------------------------------------------------
+
+
+class StopRequest:
+    """SIGINT / SIGTERM ask the loop to stop after the current step; it saves and exits cleanly.
+    A second signal during that save is ignored: the save is atomic anyway, so nothing can tear."""
+
+    def __init__(self):
+        self.requested = None
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        self.requested = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run the training described by cfg. Returns a summary: step, last train loss, last held-out
+    loss and bits per byte, and the list of train losses (one per step) for tests."""
+    t_start = time.time()
+    out_dir = Path(cfg.out_dir)
+    ckpt_dir = out_dir / "ckpt"
+    rt = setup_runtime(cfg)
+    say = print if rt.master else (lambda *a, **k: None)  # rank 0 alone prints and writes
+
+    state = load_train_state(ckpt_dir) if cfg.resume else None
+    model, tokenizer_path = build_model(cfg, rt, resume_from=ckpt_dir if cfg.resume else None)
+    mc = model.config
+    if cfg.seq_len > mc.max_seq_len:
+        raise UsageError(f"--seq_len {cfg.seq_len} exceeds the model's max_seq_len {mc.max_seq_len}; "
+                         f"lower --seq_len or raise --max_seq_len")
+    data = prepare_data(cfg, rt, mc.vocab_size, tokenizer_path)
+    if data.tokenizer.vocab_size > mc.vocab_size:
+        raise UsageError(f"the tokenizer has {data.tokenizer.vocab_size} tokens but the model only "
+                         f"{mc.vocab_size}; pass --vocab_size {data.tokenizer.vocab_size}")
+    choose_trainable(model, cfg)
+    optimizer = make_optimizer(model, cfg, rt)
+    sampler = WindowSampler(len(data.train), cfg.seq_len, cfg.seed)
+    step, best_val_loss = 0, float("inf")
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        sampler.load_state_dict(state["sampler"])
+        set_rng_states(state["rng"])
+        step, best_val_loss = state["step"], state["best_val_loss"]
+
+    raw_model = model  # unwrapped: for evaluation, sampling and checkpoints
+    if cfg.compile:
+        model = torch.compile(model)
+    if rt.world_size > 1:
+        model = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.use_grad_scaler)
+
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * rt.world_size
+    flops_per_step = flops_per_token(mc, cfg.seq_len) * tokens_per_step
+    peak = peak_flops(cfg, rt) * rt.world_size
+    n_params = sum(p.numel() for p in raw_model.parameters())
+    n_trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+    if rt.master:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    say(f"model: {cfg.model if not cfg.init_from else cfg.init_from}, {n_params / 1e6:.2f}M parameters "
+        f"({n_trainable / 1e6:.2f}M trainable), dim {mc.dim}, {mc.n_layers} layers, vocab {mc.vocab_size}")
+    say(f"data: {len(data.train):,} training tokens, {len(data.val):,} held-out tokens; "
+        f"{tokens_per_step:,} tokens per step on {rt.world_size} x {rt.device} "
+        f"({str(rt.autocast_dtype or torch.float32).removeprefix('torch.')}); MFU against {peak / 1e9:.1f} GFLOP/s")
+
+    def checkpoint(at_step: int):
+        if rt.master:
+            save_checkpoint(ckpt_dir, raw_model, data.tokenizer, optimizer, sampler, at_step, best_val_loss, cfg)
+
+    def run_eval(at_step: int) -> tuple[float, float]:
+        nonlocal best_val_loss
+        val_loss, val_bpb = evaluate(raw_model, data, cfg, rt)
+        best_val_loss = min(best_val_loss, val_loss)
+        say(f"step {at_step}: held-out loss {val_loss:.4f}, {val_bpb:.4f} bits per byte")
+        if rt.master:
+            write_metrics(out_dir, {"step": at_step, "val_loss": val_loss, "val_bpb": val_bpb,
+                                    "elapsed_s": time.time() - t_start})
+        return val_loss, val_bpb
+
+    losses, val_loss, val_bpb, stopped_by = [], None, None, None
+    model.train()
+    t_log, steps_since_log = time.time(), 0
+    with StopRequest() as stop:
+        while step < cfg.max_steps:
+            lr = get_lr(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=rt.device)
+            for micro in range(cfg.grad_accum):
+                x, y = get_batch(data.train, sampler, cfg, rt)
+                # DDP averages gradients across processes at each backward; skip it until the last
+                # micro-batch so an accumulated step costs one all-reduce, not grad_accum of them.
+                sync = rt.world_size == 1 or micro == cfg.grad_accum - 1
+                with (nullcontext() if sync else model.no_sync()), rt.autocast():
+                    _, loss = model(x, y)
+                    loss = loss / cfg.grad_accum  # the accumulated gradient is the mean over micro-batches
+                scaler.scale(loss).backward()
+                loss_sum += loss.detach()
+            if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+
+            if rt.world_size > 1:  # the loss every process agrees on: the global batch's mean
+                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+            loss_value = loss_sum.item()
+            if not math.isfinite(loss_value):
+                raise TrainingDiverged(f"loss is {loss_value} at step {step + 1}; stopping. The last good "
+                                       f"checkpoint is {ckpt_dir}; lower --lr or check the data")
+            losses.append(loss_value)
+            step += 1
+            steps_since_log += 1
+
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                dt = (time.time() - t_log) / steps_since_log
+                tokens_per_s = tokens_per_step / dt
+                eta = (cfg.max_steps - step) * dt
+                say(f"step {step}/{cfg.max_steps} | loss {loss_value:.4f} | lr {lr:.2e} | "
+                    f"{tokens_per_s:,.0f} tok/s | MFU {100 * flops_per_step / dt / peak:.1f}% | "
+                    f"ETA {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
+                if rt.master:
+                    write_metrics(out_dir, {"step": step, "train_loss": loss_value, "lr": lr,
+                                            "tokens_per_s": tokens_per_s, "elapsed_s": time.time() - t_start})
+                t_log, steps_since_log = time.time(), 0
+            if step % cfg.eval_every == 0 or step == cfg.max_steps:
+                val_loss, val_bpb = run_eval(step)
+                checkpoint(step)
+                if rt.master and step < cfg.max_steps:
+                    plot_losses(out_dir)
+                t_log, steps_since_log = time.time(), 0  # evaluation time is not training throughput
+
+            requested = stop.requested
+            if rt.world_size > 1:  # a signal may reach one process only: stop together
+                flag = torch.tensor(float(requested is not None), device=rt.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                requested = requested or ("a signal on another process" if flag.item() else None)
+            if requested and step < cfg.max_steps:
+                stopped_by = requested
+                checkpoint(step)
+                say(f"{requested} at step {step}: checkpoint saved to {ckpt_dir}; continue with --resume")
+                break
+
+    if rt.master:
+        note = plot_losses(out_dir)
+        say(note or f"loss curve: {out_dir / 'loss.png'}")
+    if stopped_by is None and rt.master and cfg.sample_tokens > 0:
+        generator = torch.Generator().manual_seed(cfg.seed)
+        for temperature in (0.0, 0.8):
+            text = sample(raw_model, data.tokenizer, cfg.sample_prompt, cfg.sample_tokens, temperature,
+                          generator, rt.device)
+            say(f"--- sample ({'greedy' if temperature == 0 else f'temperature {temperature}'}) ---\n{text}")
+    say(f"done in {time.time() - t_start:.0f}s: step {step}, held-out loss {val_loss}, bits per byte {val_bpb}; "
+        f"checkpoint {ckpt_dir}")
+    if rt.world_size > 1:
+        dist.destroy_process_group()
+    return {"step": step, "losses": losses, "val_loss": val_loss, "val_bpb": val_bpb, "stopped_by": stopped_by}
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+# ---- command line --------------------------------------------------------------------------------
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every TrainConfig field and every ModelConfig field (as an override of the preset) is a flag.
+    Defaults are suppressed so that the flags actually given can be told apart (for --resume)."""
+    parser = OneLineParser(prog="train.py", description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS)
+    group = parser.add_argument_group("training")
+    for f in fields(TrainConfig):
+        if f.metadata.get("help") is None:
+            continue
+        default = f.default
+        help_text = f"{f.metadata['help']} (default: {default})"
+        if f.type in ("bool", bool):
+            group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            group.add_argument(f"--{f.name}", type={"int": int, "float": float}.get(f.type, str),
+                               metavar=f.name.upper(), help=help_text)
+    group = parser.add_argument_group("model (override fields of the --model preset)")
+    for f in fields(ModelConfig):
+        kind = str(f.type)
+        if "bool" in kind:
+            group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, dest=f"model.{f.name}")
+        else:
+            convert = int if kind.startswith("int") else float if kind.startswith("float") else str
+            group.add_argument(f"--{f.name}", type=convert, metavar=f.name.upper(), dest=f"model.{f.name}",
+                               help=f"(default: the preset's; tiny: {getattr(PRESETS['tiny'], f.name)})")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, set[str]]:
+    """The config the flags describe, and the names of the flags actually given."""
+    given = vars(build_parser().parse_args(argv))
+    overrides = {k.removeprefix("model."): v for k, v in given.items() if k.startswith("model.")}
+    train_flags = {k: v for k, v in given.items() if not k.startswith("model.")}
+    return TrainConfig(**train_flags, model_overrides=overrides), set(train_flags)
+
+
+def resumed_config(cfg: TrainConfig, given: set[str]) -> TrainConfig:
+    """For --resume: the saved run's settings, except the flags given again on this command line."""
+    saved = load_train_state(Path(cfg.out_dir) / "ckpt")["train_config"]
+    changed = sorted(k for k, v in cfg.model_overrides.items() if saved["model_overrides"].get(k) != v)
+    if changed:
+        raise UsageError("--resume continues the saved model; model flags cannot change it "
+                         f"(drop {' '.join('--' + k for k in changed)})")
+    return replace(TrainConfig(**saved), **{k: getattr(cfg, k) for k in given})
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg, given = parse_args(argv)
+    try:
+        if cfg.resume:
+            cfg = resumed_config(cfg, given)
+        return train(cfg)
+    except (UsageError, DataError, TrainingDiverged, FileNotFoundError) as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()
