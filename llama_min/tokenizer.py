@@ -4,10 +4,15 @@ LLaMA's tokenizer is byte-pair encoding run by sentencepiece, with two choices t
 numbers are split into single digits, and unknown UTF-8 characters fall back to bytes (so no text is
 ever out of vocabulary). Ids 0, 1, 2 are <unk>, <s> (bos), </s> (eos); there is no padding token (-1).
 ``Tokenizer.train`` makes a tokenizer with those same choices from text files.
+
+Models that ship only a ``tokenizer.json`` (Hugging Face's format: Llama 3 and many small LLaMA-shaped
+models use byte-level BPE) load through the optional ``tokenizers`` package behind the same interface:
+``Tokenizer(path)`` picks the implementation from the file (``HFTokenizer`` below for ``.json``).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterable
 
@@ -15,6 +20,12 @@ import sentencepiece as spm
 
 
 class Tokenizer:
+    def __new__(cls, path: str | Path):
+        # A tokenizer.json is read by HFTokenizer; callers need not know which file a model ships.
+        if cls is Tokenizer and Path(path).suffix == ".json":
+            cls = HFTokenizer
+        return super().__new__(cls)
+
     def __init__(self, path: str | Path):
         path = Path(path)
         if not path.is_file():
@@ -80,3 +91,57 @@ class Tokenizer:
             written.replace(out_path)
         out_path.with_suffix(".vocab").unlink(missing_ok=True)
         return Tokenizer(out_path)
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face ``tokenizer.json``, run by the optional ``tokenizers`` package.
+
+    bos, eos and pad are named in the ``tokenizer_config.json`` beside it (Hugging Face's convention);
+    without that file they are -1 (none), and encode adds nothing for them.
+    """
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file {path} does not exist")
+        try:
+            from tokenizers import Tokenizer as TokenizersTokenizer
+        except ImportError as e:
+            raise ImportError(f"{path} needs the optional package `tokenizers`: pip install tokenizers") from e
+        self.path = path
+        self.tok = TokenizersTokenizer.from_file(str(path))
+        config_file = path.with_name("tokenizer_config.json")
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        self._bos, self._eos, self._pad = (self._special_id(config.get(k)) for k in ("bos_token", "eos_token", "pad_token"))
+
+    def _special_id(self, token: str | dict | None) -> int:
+        if isinstance(token, dict):  # {"content": "<s>", "lstrip": false, ...}
+            token = token.get("content")
+        i = self.tok.token_to_id(token) if token else None
+        return -1 if i is None else i
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def bos_id(self) -> int:
+        return self._bos
+
+    @property
+    def eos_id(self) -> int:
+        return self._eos
+
+    @property
+    def pad_id(self) -> int:
+        return self._pad
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        ids = self.tok.encode(text, add_special_tokens=False).ids  # bos/eos are added here, as asked
+        return [self.bos_id] * (bos and self.bos_id >= 0) + ids + [self.eos_id] * (eos and self.eos_id >= 0)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=True)  # as sentencepiece drops <s>, </s>
+
+    def id_to_piece(self, i: int) -> str:
+        return self.tok.id_to_token(i)

@@ -86,10 +86,10 @@ class GGUFSource(Source):
         embed = self.tensors.get("tok_embeddings.weight")
         self.dtype = TORCH_TYPES.get(embed.tensor_type.name, torch.float32) if embed is not None else torch.float32
         self.config = self._config()
-        self.bos_id = self._field("tokenizer.ggml.bos_token_id", 1)
-        self.eos_id = self._field("tokenizer.ggml.eos_token_id", 2)
+        self.bos_id = self.field("tokenizer.ggml.bos_token_id", 1)
+        self.eos_id = self.field("tokenizer.ggml.eos_token_id", 2)
 
-    def _field(self, key: str, default=None):
+    def field(self, key: str, default=None):
         field = self.reader.get_field(key)
         if field is None:
             return default
@@ -98,35 +98,35 @@ class GGUFSource(Source):
         return float(str(np.float32(value))) if isinstance(value, float) else value
 
     def _config(self) -> ModelConfig:
-        arch = self._field("general.architecture")
+        arch = self.field("general.architecture")
         if arch != "llama":
             raise ConversionError(f"{self.path}: architecture {arch!r} is not supported; llama_min reads 'llama' GGUF files")
-        if "rope_freqs.weight" in self.tensors or self._field("llama.rope.scaling.type", "none") not in ("none",):
+        if "rope_freqs.weight" in self.tensors or self.field("llama.rope.scaling.type", "none") not in ("none",):
             raise ConversionError(f"{self.path}: tensor rope_freqs.weight / llama.rope.scaling: rotary frequency "
                                   "scaling (Llama 3.1+, long-context variants) is not implemented in llama_min")
-        if self._field("llama.expert_count", 0):
+        if self.field("llama.expert_count", 0):
             raise ConversionError(f"{self.path}: llama.expert_count: mixture-of-experts models are not supported")
         required = {"dim": "llama.embedding_length", "n_layers": "llama.block_count",
                     "n_heads": "llama.attention.head_count", "hidden_dim": "llama.feed_forward_length"}
-        values = {k: self._field(key) for k, key in required.items()}
+        values = {k: self.field(key) for k, key in required.items()}
         missing = [required[k] for k, v in values.items() if v is None]
         if missing:
             raise ConversionError(f"{self.path}: metadata {missing} missing; a llama GGUF file carries them")
         embed_rows = self.shapes.get("tok_embeddings.weight", (0,))[0]
-        vocab = self._field("llama.vocab_size") or embed_rows or len(self._field("tokenizer.ggml.tokens", []))
+        vocab = self.field("llama.vocab_size") or embed_rows or len(self.field("tokenizer.ggml.tokens", []))
         head_dim = values["dim"] // values["n_heads"]
         for key in ("llama.rope.dimension_count", "llama.attention.key_length", "llama.attention.value_length"):
-            if self._field(key, head_dim) != head_dim:
-                raise ConversionError(f"{self.path}: {key} = {self._field(key)} but llama_min needs it equal to "
+            if self.field(key, head_dim) != head_dim:
+                raise ConversionError(f"{self.path}: {key} = {self.field(key)} but llama_min needs it equal to "
                                       f"embedding_length / head_count = {head_dim}")
         try:
             return ModelConfig(
                 **values,
-                n_kv_heads=self._field("llama.attention.head_count_kv") or values["n_heads"],
+                n_kv_heads=self.field("llama.attention.head_count_kv") or values["n_heads"],
                 vocab_size=vocab,
-                norm_eps=self._field("llama.attention.layer_norm_rms_epsilon", 1e-5),
-                rope_theta=self._field("llama.rope.freq_base", 10000.0),
-                max_seq_len=self._field("llama.context_length", 2048),
+                norm_eps=self.field("llama.attention.layer_norm_rms_epsilon", 1e-5),
+                rope_theta=self.field("llama.rope.freq_base", 10000.0),
+                max_seq_len=self.field("llama.context_length", 2048),
                 tie_embeddings="output.weight" not in self.tensors,  # llama.cpp then reuses token_embd
             )
         except ValueError as e:
