@@ -6,8 +6,8 @@ on. Four formats, each a function from a conversation to a list of text segments
 
     raw          BOS, then the texts as they are: plain continuation, for base models
     alpaca       the Stanford Alpaca instruction format (Taori et al. 2023), one
-                 "### Instruction: / ### Response:" block per turn; the format the fine-tuning in this
-                 repository trains on (``alpaca_prompt``)
+                 "### Instruction: / ### Response:" record per turn; the format the fine-tuning in this
+                 repository trains on (instructions.py)
     llama2-chat  Llama 2-Chat (Touvron et al. 2023b, section 3): BOS [INST] user [/INST] answer EOS,
                  the system prompt inside <<SYS>> … <</SYS>> in the first turn
     chatml       ChatML: <|im_start|>role\\n text <|im_end|>\\n for every message
@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Callable, Sequence
+
+from .instructions import InstructionRecord
 
 Message = tuple[str, str]  # (role, text); role is "system", "user" or "assistant"
 METADATA_FILE = "generation.json"
@@ -67,28 +69,15 @@ def raw(messages: Sequence[Message]) -> list[Segment]:
     return [Marker.BOS] + ([system] if system else []) + [text for _, text in turns]
 
 
-ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
-                   "Write a response that appropriately completes the request.")
-ALPACA_PREAMBLE_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that "
-                              "provides further context. Write a response that appropriately completes the request.")
-
-
-def alpaca_prompt(instruction: str, input: str = "", preamble: str | None = None) -> str:
-    """The Alpaca prompt for one record, ending where the response begins. The fine-tuning data path
-    uses this same function, so training and generation cannot drift apart."""
-    if input:
-        return (f"{preamble or ALPACA_PREAMBLE_WITH_INPUT}\n\n### Instruction:\n{instruction}\n\n"
-                f"### Input:\n{input}\n\n### Response:\n")
-    return f"{preamble or ALPACA_PREAMBLE}\n\n### Instruction:\n{instruction}\n\n### Response:\n"
-
-
 def alpaca(messages: Sequence[Message]) -> list[Segment]:
-    """Every turn is a complete Alpaca record, BOS prompt answer EOS, exactly as in fine-tuning; the
-    system message, when given, replaces the preamble."""
+    """Every turn is a complete Alpaca record, BOS prompt answer EOS, laid out by the fine-tuning data
+    code itself (instructions.py), so training and generation cannot drift apart. A system message,
+    when given, comes before the first record."""
     system, turns = split_system(messages)
     segments: list[Segment] = []
-    for user, answer in pairs(turns):
-        segments += [Marker.BOS, alpaca_prompt(user, preamble=system)]
+    for i, (user, answer) in enumerate(pairs(turns)):
+        prompt = InstructionRecord(instruction=user, output="").prompt()
+        segments += [Marker.BOS, f"{system}\n\n{prompt}" if i == 0 and system else prompt]
         if answer is not None:
             segments += [answer, Marker.EOS]
     return segments
