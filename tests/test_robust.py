@@ -154,7 +154,9 @@ def perturbed_copy(model, prefixes=("",), seed=5):
     with torch.no_grad():
         for name, p in tuned.named_parameters():
             if name.startswith(prefixes):
-                p.add_(torch.randn(p.shape, generator=g) * 0.2 * p.abs().mean())
+                # Steps larger than the weights: a mix written as θ₀ + a(θ − θ₀) then rounds away
+                # from θ at a = 1 for many entries (for nearby values the rounding would cancel).
+                p.add_(torch.randn(p.shape, generator=g) * 3 * p.abs().mean())
     return tuned
 
 
@@ -183,9 +185,11 @@ def test_interpolation_full_and_partial(tie, trained):
     # Independent reference for a = 1/2: weights mixed by torch.lerp, loaded into a fresh model.
     reference = copy.deepcopy(base)
     reference.load_state_dict({k: torch.lerp(v, tuned.state_dict()[k], 0.5) for k, v in base.state_dict().items()})
-    assert max_abs_diff(half, logits_of(reference, tokens)) < 1e-4, "a=0.5 does not match the lerp of the weights"
-    mixed = interpolate_model_(copy.deepcopy(tuned), 0.5, base_state).state_dict()
+    torch.testing.assert_close(half, logits_of(reference, tokens), rtol=1e-4, atol=1e-4,
+                               msg=lambda m: f"a=0.5 does not match the lerp of the weights: {m}")
+    mixed = interpolate_model_(copy.deepcopy(tuned), 0.3, base_state).state_dict()
     for k, v in base.state_dict().items():  # partial: tensors that were not trained stay bit-identical
+        # (a = 0.3, not 0.5: 0.5·x + 0.5·x is exactly x, 0.7·x + 0.3·x need not be)
         if not k.startswith(trained) and not (tie and k == "output.weight"):
             assert torch.equal(mixed[k], v), f"frozen tensor {k} changed under interpolation"
 
@@ -309,6 +313,13 @@ def is_subsequence(short: str, long: str) -> bool:
     return all(c in it for c in short)
 
 
+def inserted_inside_a_word(text: str, inserted: str) -> bool:
+    """``inserted`` is ``text`` plus one letter with letters on both sides of it (for a doubled
+    letter any of the equivalent positions will do)."""
+    return any(inserted[:j] + inserted[j + 1:] == text and inserted[j].isalpha()
+               and inserted[j - 1].isalpha() and inserted[j + 1].isalpha() for j in range(1, len(inserted) - 1))
+
+
 def test_each_family_makes_its_own_kind_of_edit():
     text = "Sort the letters of the word alphabetically."
     rng = random.Random(0)
@@ -318,11 +329,10 @@ def test_each_family_makes_its_own_kind_of_edit():
         assert len(swapped) == len(text) and len(diff) == 2 and diff[1] == diff[0] + 1 \
             and sorted(swapped) == sorted(text), f"swap: {swapped!r}"
         dropped = PERTURBATIONS["drop"](text, rng)
-        assert len(dropped) == len(text) - 1 and is_subsequence(dropped, text) and dropped.split().__len__() == 7, \
-            f"drop: {dropped!r}"
+        assert len(dropped) == len(text) - 1 and is_subsequence(dropped, text) and len(dropped.split()) == 7, \
+            f"drop: {dropped!r} (one letter, no word removed)"
         inserted = PERTURBATIONS["insert"](text, rng)
-        assert len(inserted) == len(text) + 1 and is_subsequence(text, inserted) and len(inserted.split()) == 7, \
-            f"insert: {inserted!r} (the new letter must land inside a word)"
+        assert inserted_inside_a_word(text, inserted), f"insert: {inserted!r} (one letter, inside a word)"
         cased = PERTURBATIONS["case"](text, rng)
         assert cased != text and cased.lower() == text.lower(), f"case: {cased!r}"
         spaced = PERTURBATIONS["whitespace"](text, rng)
