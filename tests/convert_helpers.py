@@ -114,19 +114,12 @@ def gguf_name(name: str) -> str:
     return f"{GGUF_TOP[stem]}.weight"
 
 
-def sentencepiece_vocab(n: int) -> tuple[list[str], list[float], list[int]]:
-    """A vocabulary shaped like LLaMA's: <unk>, <s>, </s>, byte pieces, then pieces."""
-    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
-    tokens += [f"▁w{i}" for i in range(n - len(tokens))]
-    return tokens[:n], [0.0] * 3 + [0.0] * 256 + [-float(i) for i in range(n - 259)], [2, 3, 3] + [6] * 256 + [1] * (n - 259)
-
-
 def write_gguf(model: Llama, path: Path, qtype: str = "F32", arch: str = "llama",
-               vocab: tuple[list[str], list[float], list[int]] | None = None, skip: tuple[str, ...] = (),
+               add_vocab=None,
                raw_types: dict[str, str] | None = None) -> None:
     """A llama GGUF file written with the gguf package's own writer, q/k in llama.cpp's order (Meta's:
     adjacent rotary pairs, see llama.cpp's convert_hf_to_gguf.py). Matrices are stored as ``qtype``;
-    norms stay F32, as llama.cpp keeps them. ``raw_types`` forces a type on named tensors."""
+    norms stay F32, as llama.cpp keeps them. ``raw_types`` stores named tensors as zero bytes of a type."""
     import gguf
     import numpy as np
 
@@ -142,33 +135,25 @@ def write_gguf(model: Llama, path: Path, qtype: str = "F32", arch: str = "llama"
     w.add_layer_norm_rms_eps(c.norm_eps)
     w.add_rope_freq_base(c.rope_theta)
     w.add_rope_dimension_count(c.head_dim)
-    if vocab is not None:
-        tokens, scores, types = vocab
-        w.add_tokenizer_model("llama")
-        w.add_token_list(tokens)
-        w.add_token_scores(scores)
-        w.add_token_types(types)
-        w.add_bos_token_id(1)
-        w.add_eos_token_id(2)
+    if add_vocab is not None:
+        add_vocab(w)  # the tokenizer.ggml.* fields
     state = model.state_dict()
     if c.tie_embeddings:
         del state["output.weight"]
     for name, tensor in state.items():
-        if name in skip:
-            continue
-        kind = (raw_types or {}).get(name, "F32" if tensor.dim() == 1 else qtype)
         values = tensor.detach().float().numpy()
-        qt = gguf.GGMLQuantizationType[kind]
-        if kind == "F32":
-            w.add_tensor(gguf_name(name), values)
-        elif kind == "F16":
-            w.add_tensor(gguf_name(name), values.astype(np.float16))
-        elif kind in gguf.quants._type_traits and hasattr(gguf.quants._type_traits[kind], "quantize_blocks"):
-            w.add_tensor(gguf_name(name), gguf.quants.quantize(values, qt), raw_dtype=qt)
-        else:  # a type the gguf package cannot quantise: bytes of the right size are enough to be refused
+        if name in (raw_types or {}):  # zero bytes of the right size: enough for a type to be refused
+            qt = gguf.GGMLQuantizationType[raw_types[name]]
             block, size = gguf.GGML_QUANT_SIZES[qt]
             raw = np.zeros((values.shape[0], values.shape[1] // block * size), dtype=np.uint8)
             w.add_tensor(gguf_name(name), raw, raw_dtype=qt)
+        elif tensor.dim() == 1 or qtype == "F32":
+            w.add_tensor(gguf_name(name), values)
+        elif qtype == "F16":
+            w.add_tensor(gguf_name(name), values.astype(np.float16))
+        else:
+            qt = gguf.GGMLQuantizationType[qtype]
+            w.add_tensor(gguf_name(name), gguf.quants.quantize(values, qt), raw_dtype=qt)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

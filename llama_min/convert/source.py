@@ -8,6 +8,7 @@ then streamed tensor by tensor.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -103,8 +104,12 @@ def load_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:
-        raise ConversionError(f"{path}: cannot load it as a PyTorch state dict with weights_only=True "
-                              f"(truncated, corrupt, or not a plain tensor dict: {one_line(e)})") from e
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if refused:
+            raise ConversionError(f"{path}: refused: the pickle holds {refused.group(1)}, not only tensors, and "
+                                  "loading it would run code (weights_only=True); get the weights as safetensors") from e
+        raise ConversionError(f"{path}: truncated or corrupt: torch.load(weights_only=True) failed: "
+                              f"{one_line(e).split('. ')[0]}") from e
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConversionError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
     return state
