@@ -20,7 +20,8 @@ What is edited, and what never is:
   ``input`` field carries the data the answer is computed from (the word to reverse), so editing it
   would change what the right answer is; the ``output`` field (the expected answer) is never edited,
   whatever ``fields`` says.
-- The records given are never modified: every function returns new dicts.
+- The records given are never modified: every function returns new records (dicts, or
+  ``instructions.InstructionRecord`` dataclasses: both are accepted and returned in kind).
 
 Determinism: each record gets its own ``random.Random`` seeded by the string "stream:seed:index"
 (Python hashes str seeds with SHA-512, so this is the same on every run and machine, whatever
@@ -31,11 +32,13 @@ perturbations are held out from the training ones even when the same integer see
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 import string
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence, TypeVar
 
+Record = TypeVar("Record")  # an Alpaca dict, or an instructions.InstructionRecord: returned as given
 WORD = re.compile(r"[A-Za-z]+")  # the letters-only words that character edits apply to
 
 # Neutral sentences that carry no information about the task: a robust model ignores them.
@@ -149,32 +152,40 @@ def perturb_text(text: str, rng: random.Random, families: Sequence[str] = tuple(
     return text
 
 
-def perturb_record(record: dict, rng: random.Random, families: Sequence[str] = tuple(PERTURBATIONS),
-                   edits: int = 1, fields: Sequence[str] = ("instruction",)) -> dict:
+def _copy_with(record: Record, changes: dict[str, str]) -> Record:
+    """A copy of a dict or a (frozen) dataclass record with some fields replaced."""
+    return {**record, **changes} if isinstance(record, dict) else dataclasses.replace(record, **changes)
+
+
+def perturb_record(record: Record, rng: random.Random, families: Sequence[str] = tuple(PERTURBATIONS),
+                   edits: int = 1, fields: Sequence[str] = ("instruction",)) -> Record:
     """A copy of one Alpaca record with ``fields`` perturbed; ``output`` is never touched."""
     if "output" in fields:
         raise ValueError("the 'output' field is the expected answer and is never perturbed; "
                          "perturb 'instruction' (and 'input' only if the answer does not depend on it)")
-    new = dict(record)
+    changes = {}
     for field in fields:
-        if not isinstance(record.get(field), str):
+        value = record.get(field) if isinstance(record, dict) else getattr(record, field, None)
+        if not isinstance(value, str):
+            have = sorted(record) if isinstance(record, dict) else type(record).__name__
             raise ValueError(f"record has no string field {field!r} to perturb; expected an Alpaca record "
-                             f"{{'instruction', 'input', 'output'}}, got keys {sorted(record)}")
-        if record[field]:  # an empty input stays empty: there is nothing to misspell
-            new[field] = perturb_text(record[field], rng, families, edits)
-    return new
+                             f"{{'instruction', 'input', 'output'}}, got {have}")
+        if value:  # an empty input stays empty: there is nothing to misspell
+            changes[field] = perturb_text(value, rng, families, edits)
+    return _copy_with(record, changes)
 
 
 def _record_rng(stream: str, seed: int, index: int) -> random.Random:
     return random.Random(f"{stream}:{seed}:{index}")
 
 
-def perturb_records(records: Sequence[dict], p: float, seed: int, *, stream: str = "train",
+def perturb_records(records: Sequence[Record], p: float, seed: int, *, stream: str = "train",
                     families: Sequence[str] = tuple(PERTURBATIONS), edits: int = 1,
-                    fields: Sequence[str] = ("instruction",)) -> list[dict]:
+                    fields: Sequence[str] = ("instruction",)) -> list[Record]:
     """New list of records in which round(p · n) of them, chosen at random, are perturbed.
 
-    records: Alpaca dicts {"instruction", "input", "output"}; never modified.
+    records: Alpaca dicts {"instruction", "input", "output"} or ``instructions.InstructionRecord``s;
+        never modified.
     p: the fraction of records to perturb, in [0, 1] (``--perturb p``).
     seed: the run's seed; with ``stream`` it decides which records are chosen and how each is edited.
     Returns copies, in the same order; the ``output`` of every record is the original one.
@@ -184,12 +195,12 @@ def perturb_records(records: Sequence[dict], p: float, seed: int, *, stream: str
     families = _check_families(families)
     n = len(records)
     chosen = set(random.Random(f"{stream}:{seed}:select").sample(range(n), round(p * n)))
-    return [perturb_record(r, _record_rng(stream, seed, i), families, edits, fields) if i in chosen else dict(r)
-            for i, r in enumerate(records)]
+    return [perturb_record(r, _record_rng(stream, seed, i), families, edits, fields) if i in chosen
+            else _copy_with(r, {}) for i, r in enumerate(records)]
 
 
-def perturb_for_eval(records: Sequence[dict], seed: int, *, families: Sequence[str] = tuple(PERTURBATIONS),
-                     edits: int = 1, fields: Sequence[str] = ("instruction",)) -> list[dict]:
+def perturb_for_eval(records: Sequence[Record], seed: int, *, families: Sequence[str] = tuple(PERTURBATIONS),
+                     edits: int = 1, fields: Sequence[str] = ("instruction",)) -> list[Record]:
     """The perturbed copy of a test set: every record edited, from the "eval" stream, so the edits are
     held out from any training perturbation. The clean test set passed in is left as it was; score
     the model on both to measure robustness."""

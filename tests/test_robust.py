@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from llama_min.adapter import AdapterPrompt
 from llama_min.bottleneck import Bottleneck
 from llama_min.early_stopping import EarlyStopping
+from llama_min.instructions import InstructionRecord
 from llama_min.interpolate import interpolate_model_, interpolate_state_dicts
 from llama_min.l2sp import L2SP
 from llama_min.lora import LoRALinear
@@ -374,6 +375,15 @@ def test_eval_perturbations_are_held_out_and_leave_the_clean_test_set_alone():
     assert all(p["output"] == c["output"] and p["input"] == c["input"] for p, c in zip(perturbed, clean))
     assert perturbed != perturb_records(test_set, 1.0, seed=7), "eval edits must differ from training edits of the same seed"
     assert perturbed == perturb_for_eval(test_set, seed=7)
+
+
+def test_perturbations_accept_instruction_records_and_return_them_in_kind():
+    records = [InstructionRecord(r["instruction"], r["output"], r["input"]) for r in lab_records(10)]
+    as_dicts = perturb_records(lab_records(10), 0.6, seed=2)
+    perturbed = perturb_records(records, 0.6, seed=2)
+    assert all(isinstance(r, InstructionRecord) for r in perturbed)
+    assert [(r.instruction, r.input, r.output) for r in perturbed] == \
+        [(d["instruction"], d["input"], d["output"]) for d in as_dicts], "the same seed must edit both kinds alike"
 
 
 def test_perturbation_errors():
