@@ -45,7 +45,7 @@ class GenerateConfig:
     system: str = _flag("", "system message for the chat templates")
     stop: list[str] = field(default_factory=list, metadata={"help": "a stop string: the answer ends before it "
                                                                    "(repeatable; the template adds its own)"})
-    max_new_tokens: int = _flag(200, "new tokens at most per answer")
+    max_new_tokens: int = _flag(128, "new tokens at most per answer")
     temperature: float = _flag(0.8, "sampling temperature; 0 is greedy")
     top_k: int = _flag(0, "sample only among the k most likely tokens (0: no limit)")
     top_p: float = _flag(1.0, "sample only within the nucleus of this probability mass (1: no limit)")

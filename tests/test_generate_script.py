@@ -1,0 +1,175 @@
+"""generate.py end to end, on a checkpoint each test saves: a tiny random model and a tokenizer trained
+on a small text (conftest). The expected text is computed in the test from llama_min.generate and the
+tokenizer, independently of the script's streaming code.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import random_model, tiny_config
+from llama_min import generate
+from llama_min.templates import get_template, record_template
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("generate_script", ROOT / "generate.py")
+generate_script = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = generate_script  # dataclasses look their module up there
+_spec.loader.exec_module(generate_script)
+
+FIGURES = re.compile(r"\[(\d+) prompt tokens, (\d+) new tokens, time to first token \d+ ms, ([\d.]+|n/a) tokens/s\]")
+
+
+def save(model, tokenizer, directory: Path) -> Path:
+    model.save_checkpoint(directory, tokenizer_path=tokenizer.path)
+    return directory
+
+
+@pytest.fixture
+def model(trained_tokenizer):
+    return random_model(tiny_config(vocab_size=trained_tokenizer.vocab_size, max_seq_len=192))
+
+
+@pytest.fixture
+def checkpoint(model, trained_tokenizer, tmp_path):
+    return save(model, trained_tokenizer, tmp_path / "ckpt")
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    """generate.py in this process: (exit status, stdout, stderr)."""
+    try:
+        generate_script.main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def expected_text(model, tokenizer, prompt_ids: list[int], n: int) -> tuple[str, list[int]]:
+    """Greedy continuation as text: decoded together with the prompt, then the prompt's text cut off
+    (decoding the new ids alone would lose sentencepiece's leading space)."""
+    new = generate(model, [prompt_ids], n, stop_ids=[tokenizer.eos_id])[0]
+    return tokenizer.decode(prompt_ids + new)[len(tokenizer.decode(prompt_ids)):], new
+
+
+def test_streams_the_greedy_continuation_and_prints_the_figures(model, trained_tokenizer, checkpoint):
+    prompt = "the quick brown fox"
+    ids = trained_tokenizer.encode(prompt, bos=True)
+    text, new = expected_text(model, trained_tokenizer, ids, 12)
+    result = subprocess.run([sys.executable, "generate.py", "--checkpoint", checkpoint, "--prompt", prompt,
+                             "--temperature", "0", "--max_new_tokens", "12"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == prompt + text + "\n"
+    figures = FIGURES.search(result.stderr)
+    assert figures, f"no figures line in stderr: {result.stderr!r}"
+    assert (int(figures[1]), int(figures[2])) == (len(ids), len(new))
+
+
+def test_several_prompts_from_flags_and_a_file(model, trained_tokenizer, checkpoint, tmp_path, capsys):
+    prompts = ["the sea", "every river runs", "seven wizards"]
+    (tmp_path / "prompts.txt").write_text(f"{prompts[1]}\n\n{prompts[2]}\n")
+    code, out, err = run(capsys, "--checkpoint", checkpoint, "--prompt", prompts[0], "--prompt_file",
+                         tmp_path / "prompts.txt", "--temperature", "0", "--max_new_tokens", "6")
+    assert code == 0, err
+    texts = [p + expected_text(model, trained_tokenizer, trained_tokenizer.encode(p), 6)[0] for p in prompts]
+    assert out == "\n\n".join(texts) + "\n"
+    assert len(FIGURES.findall(err)) == 3
+
+
+def test_eos_ends_the_answer_and_is_not_printed(model, trained_tokenizer, tmp_path, capsys):
+    ids = trained_tokenizer.encode("the lazy dog", bos=True)
+    free = generate(model, [ids], 10)[0]
+    # Swap the output rows of EOS and of the token greedy decoding picks at step 3: the logits of every
+    # other token are unchanged, so the model now says EOS exactly where it said that token.
+    token, eos = free[3], trained_tokenizer.eos_id
+    assert token not in free[:3] and token != eos
+    with torch.no_grad():
+        model.output.weight[[token, eos]] = model.output.weight[[eos, token]]
+    checkpoint = save(model, trained_tokenizer, tmp_path / "eos")
+    code, out, err = run(capsys, "--checkpoint", checkpoint, "--prompt", "the lazy dog", "--temperature", "0",
+                         "--max_new_tokens", "10")
+    assert code == 0, err
+    assert out == "the lazy dog" + trained_tokenizer.decode(ids + free[:3])[len(trained_tokenizer.decode(ids)):] + "\n"
+    assert FIGURES.search(err)[2] == "3", err
+
+
+def test_a_stop_string_ends_the_answer(model, trained_tokenizer, checkpoint, capsys):
+    ids = trained_tokenizer.encode("the sea", bos=True)
+    text, _ = expected_text(model, trained_tokenizer, ids, 30)
+    stop = text[8:11]
+    assert stop and len(text) > 11
+    code, out, err = run(capsys, "--checkpoint", checkpoint, "--prompt", "the sea", "--temperature", "0",
+                         "--max_new_tokens", "30", "--stop", stop)
+    assert code == 0, err
+    assert out == "the sea" + text[:text.index(stop)] + "\n"
+
+
+def test_context_overflow_is_one_clear_line_unless_truncation_is_asked_for(checkpoint, capsys):
+    long_prompt = " ".join(["the quick brown fox"] * 100)
+    code, out, err = run(capsys, "--checkpoint", checkpoint, "--prompt", long_prompt, "--max_new_tokens", "20")
+    assert code == 1
+    assert err.count("\n") == 1 and "max_seq_len 192" in err and "--truncate" in err, err
+    code, out, err = run(capsys, "--checkpoint", checkpoint, "--prompt", long_prompt, "--max_new_tokens", "20",
+                         "--truncate", "--seed", "0")
+    assert code == 0, err
+    assert "prompt truncated: kept its last 172 of" in err
+    assert FIGURES.search(err)[1] == "172"
+
+
+def test_template_comes_from_the_checkpoint_unless_a_flag_names_one(trained_tokenizer, checkpoint, capsys):
+    record_template(checkpoint, "alpaca")
+    prompt = "reverse the word sea"
+    code, out, err = run(capsys, "--checkpoint", checkpoint, "--prompt", prompt, "--max_new_tokens", "4", "--seed", "0")
+    assert code == 0, err
+    alpaca_ids = get_template("alpaca").encode(trained_tokenizer, [("user", prompt)])
+    assert FIGURES.search(err)[1] == str(len(alpaca_ids))
+    code, out, err = run(capsys, "--checkpoint", checkpoint, "--prompt", prompt, "--max_new_tokens", "4",
+                         "--template", "raw", "--seed", "0")
+    assert FIGURES.search(err)[1] == str(len(trained_tokenizer.encode(prompt)))
+
+
+def test_interactive_keeps_the_conversation_until_it_overflows(trained_tokenizer, checkpoint, capsys, monkeypatch):
+    lines = ["the quick brown fox", "jumps over the lazy dog", "every river runs to the sea", "seven wizards",
+             "quietly hex jovial bakers", "the sea is never full", "/exit", "never read"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(lines) + "\n"))
+    code, out, err = run(capsys, "--checkpoint", checkpoint, "--interactive", "--template", "raw",
+                         "--max_new_tokens", "40", "--seed", "0")
+    assert code == 0, err
+    prompt_tokens = [int(m[0]) for m in FIGURES.findall(err)]
+    assert len(prompt_tokens) == 6, f"expected one answer per message before /exit: {err}"
+    assert prompt_tokens[0] == len(trained_tokenizer.encode(lines[0]))
+    assert prompt_tokens[1] >= prompt_tokens[0] + len(trained_tokenizer.encode(lines[1], bos=False)), \
+        "the second prompt must hold the first exchange"
+    assert "forgot the oldest" in err, f"six exchanges of up to 40 tokens cannot fit in 192: {err}"
+    assert max(prompt_tokens) <= 192 - 40, "a prompt was let through that leaves no room for the answer"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--dtype", "float16"], "float16 is for CUDA"),
+    (["--dtype", "int8"], "--dtype 'int8': expected one of float32, bfloat16, float16"),
+    (["--template", "vicuna"], "unknown prompt template 'vicuna'"),
+    (["--top_p", "0", "--max_new_tokens", "8"], r"top_p must be in \(0, 1\]"),
+])
+def test_bad_flags_are_one_clear_line(checkpoint, capsys, flags, message):
+    code, out, err = run(capsys, "--checkpoint", checkpoint, "--prompt", "the", *flags)
+    assert code == 1 and err.count("\n") == 1 and re.search(message, err), err
+
+
+def test_missing_inputs_are_named(model, tmp_path, capsys):
+    code, _, err = run(capsys, "--checkpoint", tmp_path / "nothing", "--prompt", "hi")
+    assert code == 1 and "not a llama_min checkpoint" in err
+    model.save_checkpoint(tmp_path / "no_tokenizer")
+    code, _, err = run(capsys, "--checkpoint", tmp_path / "no_tokenizer", "--prompt", "hi")
+    assert code == 1 and "holds no tokenizer.model or tokenizer.json" in err
+    code, _, err = run(capsys, "--checkpoint", tmp_path / "no_tokenizer")
+    assert code == 1 and "nothing to do" in err
