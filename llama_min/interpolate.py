@@ -82,14 +82,22 @@ def interpolate_model_(model: nn.Module, a: float,
 
     model: the fine-tuned Llama, with its PEFT modules (if any) installed and loaded.
     base_state: the base checkpoint's tensors (as stored in ``model.safetensors``), needed when base
-        tensors were trained (full or partial fine-tuning, trained norms); None for PEFT alone.
+        tensors were trained (full or partial fine-tuning, trained norms); None for PEFT alone. Which
+        base tensors were trained is read from ``requires_grad``, as ``apply_peft`` and the trainer
+        leave it, so a model with trainable base tensors and no base_state is refused.
     The change cannot be undone exactly: reload the fine-tuned weights to go back.
     """
     a = _check_coefficient(a)
+    shapes = base_tensor_shapes(model.config)
+    params = {name: p for name, p in model.named_parameters() if name in shapes}  # a tied head once
     found = False
-    if base_state is not None:
-        shapes = base_tensor_shapes(model.config)
-        params = {name: p for name, p in model.named_parameters() if name in shapes}  # a tied head once
+    if base_state is None:
+        trained = [name for name, p in params.items() if p.requires_grad]
+        if trained:
+            raise ValueError(f"base tensors of this model are trainable ({', '.join(trained[:3])}"
+                             f"{', ...' if len(trained) > 3 else ''}): full or partial fine-tuning, or trained "
+                             "norms, moved them; pass the base checkpoint's tensors as base_state")
+    else:
         check_state_dict({name: p.shape for name, p in params.items()}, base_state, "the base state dict")
         for name, p in params.items():
             p.copy_(interpolate_tensor(base_state[name].to(p.device), p, a))

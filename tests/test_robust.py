@@ -23,6 +23,7 @@ from llama_min.interpolate import interpolate_model_, interpolate_state_dicts
 from llama_min.l2sp import L2SP
 from llama_min.lora import LoRALinear
 from llama_min.neftune import NoisyEmbedding, add_embedding_noise
+from llama_min.peft import PeftConfig, apply_peft
 from llama_min.perturb import (DISTRACTOR_PREFIXES, PERTURBATIONS, perturb_for_eval, perturb_records,
                                perturb_text)
 
@@ -212,6 +213,7 @@ def test_interpolate_state_dicts_endpoints_and_strictness():
 
 def with_lora(model, seed):
     """LoRA on wq and wv of every layer, B set to non-zero values as training would."""
+    model.requires_grad_(False)  # the base is frozen, as apply_peft leaves it
     g = torch.Generator().manual_seed(seed)
     for layer in model.layers:
         for name in ("wq", "wv"):
@@ -224,6 +226,7 @@ def with_lora(model, seed):
 
 def with_adapter(model, seed, gate_tanh):
     """LLaMA-Adapter prompts on the top layer, gates opened at random."""
+    model.requires_grad_(False)
     config, g = model.config, torch.Generator().manual_seed(seed)
     adapter = AdapterPrompt(4, config.dim, config.n_heads, config.n_kv_heads, gate_tanh)
     with torch.no_grad():
@@ -235,6 +238,7 @@ def with_adapter(model, seed, gate_tanh):
 
 def with_bottleneck(model, seed):
     """Bottleneck adapters after attention and feed-forward of every layer, up-projections non-zero."""
+    model.requires_grad_(False)
     g = torch.Generator().manual_seed(seed)
     for layer in model.layers:
         for name in ("attention_adapter", "ffn_adapter"):
@@ -287,10 +291,35 @@ def test_interpolation_scales_each_peft_update_by_a():
     torch.testing.assert_close(adapter(x), x + 0.3 * full_update, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("peft_config", [
+    PeftConfig(method="lora", lora_targets=("wq", "wv", "w2", "output")),
+    PeftConfig(method="adapter", adapter_len=3, adapter_layers=1, gate_tanh=True),
+    PeftConfig(method="bottleneck", bottleneck_dim=4, bottleneck_train_norms=True),
+], ids=["lora", "adapter", "bottleneck+norms"])
+def test_interpolation_of_models_made_by_apply_peft(peft_config):
+    """Through the real front: whatever apply_peft installs is interpolated, and trained norms (a
+    partial fine-tuning combined with PEFT) need the base tensors."""
+    config = tiny_config(tie_embeddings=True)
+    base = random_model(config)
+    tokens = random_tokens(config, batch=2, length=16)
+    base_state = {k: v.clone() for k, v in base.state_dict().items() if k != "output.weight"}
+    tuned = apply_peft(copy.deepcopy(base), peft_config)
+    with torch.no_grad():  # stand-in for training: every trainable tensor moves
+        for p in tuned.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    assert_endpoints_exact(lambda: copy.deepcopy(tuned), logits_of(base, tokens), tokens, base_state)
+    if peft_config.bottleneck_train_norms:
+        with pytest.raises(ValueError, match="pass the base checkpoint's tensors"):
+            interpolate_model_(copy.deepcopy(tuned), 0.5)
+
+
 def test_interpolation_errors():
     config = tiny_config()
     with pytest.raises(ValueError, match="nothing to interpolate"):
-        interpolate_model_(random_model(config), 0.5)
+        interpolate_model_(random_model(config).requires_grad_(False), 0.5)
+    with pytest.raises(ValueError, match="pass the base checkpoint's tensors"):
+        interpolate_model_(random_model(config), 0.5)  # fully trainable: a full fine-tuning
     model = with_lora(random_model(config), seed=0)
     model.layers[0].attention.wq.merge()
     with pytest.raises(ValueError, match="merged LoRA"):
