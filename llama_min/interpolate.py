@@ -1,5 +1,5 @@
-"""Weight-space interpolation between the base and the fine-tuned model (as in WiSE-FT, Wortsman et al.
-2022, "Robust fine-tuning of zero-shot models", section 3, eq. 1):
+"""Weight-space interpolation between the base and the fine-tuned model (the weight-space ensemble of
+WiSE-FT, Wortsman et al. 2022, "Robust fine-tuning of zero-shot models"):
 
     θ(a) = (1 − a) · θ₀ + a · θ        a = 0: the base model;  a = 1: the fine-tuned model
 

@@ -1,7 +1,11 @@
 """L2-SP: pull the fine-tuned weights toward the pretrained ones (Li, Grandvalet & Davoine 2018,
-"Explicit Inductive Bias for Transfer Learning with Convolutional Networks", section 3.2, eq. 3).
+"Explicit Inductive Bias for Transfer Learning with Convolutional Networks", section 3, the L2-SP
+penalty).
 
     Ω(θ) = λ · Σ_tensors ‖θ − θ₀‖²        added to the loss;   ∂Ω/∂θ = 2λ (θ − θ₀)
+
+The paper writes the factor as α/2 (so λ = α/2 here) and adds plain weight decay β/2·‖w‖² on the
+layers that are new for the target task; here the new tensors (PEFT modules) get β = 0, see below.
 
 Plain weight decay pulls the weights toward zero, which for a pretrained model means toward forgetting
 what it knew; L2-SP pulls them toward their starting point θ₀ instead, so the fine-tuned model stays

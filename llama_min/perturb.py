@@ -141,6 +141,8 @@ def perturb_text(text: str, rng: random.Random, families: Sequence[str] = tuple(
     is replaced by another draw among the families that can; whitespace and prefix always can.
     """
     families = _check_families(families)
+    if edits < 1:
+        raise ValueError(f"edits per perturbed record must be >= 1, got {edits}")
     for _ in range(edits):
         candidates = list(families)
         while candidates:
