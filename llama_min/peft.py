@@ -234,10 +234,11 @@ def _lora_modules(model: Llama) -> list[LoRALinear]:
 
 def merge_lora(model: Llama) -> Llama:
     """Fold (alpha / r) B A into every adapted W, for inference at the base model's cost. Idempotent."""
+    modules = _lora_modules(model)
     if model.config.tie_embeddings and "output" in model.peft_config.lora_targets:
         raise ValueError("cannot merge LoRA into a tied output head: the update would change the token "
                          "embedding too; leave it unmerged, or do not target 'output' on tied models")
-    for m in _lora_modules(model):
+    for m in modules:
         m.merge()
     return model
 
@@ -281,11 +282,16 @@ def save_peft(model: Llama, directory: str | Path, base_checkpoint: str | Path |
 
 def read_peft_meta(directory: str | Path) -> dict:
     """peft.json of an adapter checkpoint (method, config, base_checkpoint, base_config)."""
-    path = Path(directory) / PEFT_CONFIG
-    if not path.is_file():
-        raise FileNotFoundError(f"{directory} is not a PEFT checkpoint: no {PEFT_CONFIG} in it "
-                                f"(expected {PEFT_WEIGHTS} + {PEFT_CONFIG}, as written by save_peft)")
-    return json.loads(path.read_text())
+    directory = Path(directory)
+    for name in (PEFT_CONFIG, PEFT_WEIGHTS):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory} is not a PEFT checkpoint: no {name} in it "
+                                    f"(expected {PEFT_WEIGHTS} + {PEFT_CONFIG}, as written by save_peft)")
+    meta = json.loads((directory / PEFT_CONFIG).read_text())
+    missing = [k for k in ("method", "config", "base_checkpoint", "base_config") if k not in meta]
+    if missing:
+        raise ValueError(f"{directory / PEFT_CONFIG} lacks the fields {missing}; was it written by save_peft?")
+    return meta
 
 
 def _check_base(model_config: ModelConfig, meta: dict, directory: Path) -> None:

@@ -343,8 +343,11 @@ def test_load_with_missing_or_extra_tensor_is_clear(tmp_path):
     save_file({**state, "layers.0.attention.wq.lora_a": torch.zeros(2, 64)}, path)
     with pytest.raises(ValueError, match=r"wrong shapes: layers.0.attention.wq.lora_a: expected \(4, 64\)"):
         load_peft(copy.deepcopy(base), tmp_path / "a")
-    with pytest.raises(FileNotFoundError, match="not a PEFT checkpoint"):
+    with pytest.raises(FileNotFoundError, match="not a PEFT checkpoint: no peft.json"):
         load_peft(copy.deepcopy(base), tmp_path)
+    path.unlink()
+    with pytest.raises(FileNotFoundError, match="not a PEFT checkpoint: no peft.safetensors"):
+        load_peft(copy.deepcopy(base), tmp_path / "a")
 
 
 def test_apply_twice_and_bad_config_are_clear():
@@ -359,6 +362,10 @@ def test_apply_twice_and_bad_config_are_clear():
         PeftConfig(lora_targets=["wq", "q_proj"])
     with pytest.raises(ValueError, match=r"unknown PeftConfig fields \['rank'\]"):
         PeftConfig.from_dict({"rank": 4})
+    with pytest.raises(ValueError, match="has no PEFT modules"):
+        merge_lora(random_model(tiny_config()))
+    with pytest.raises(ValueError, match="merging applies to LoRA only; this model has adapter"):
+        fold_lora(adapted(PeftConfig(method="adapter"))[1])
 
 
 def test_config_json_and_flags_round_trip():

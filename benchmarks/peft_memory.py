@@ -1,0 +1,102 @@
+"""Training memory of full fine-tuning versus LLaMA-Adapter, LoRA and bottleneck adapters.
+
+The model has the 135M shape of benchmarks/decode.py (dim 576, 30 layers, 9/3 heads, vocabulary 49152,
+tied embeddings), random weights, float32. Each method runs in a fresh process (so the process peak is
+its own): build, apply the method, then a few AdamW steps on a (batch, seq_len) batch. Reported:
+
+    trainable    parameters the optimiser receives
+    saved        bytes autograd kept for the backward pass (distinct storages, counted by a
+                 saved-tensors hook): the activations, which frozen lower layers do not add to
+    grads+adam   bytes of gradients and AdamW state: 3 x trainable x 4 bytes
+    peak         the process's peak resident memory (CPU) or torch.cuda.max_memory_allocated (CUDA),
+                 weights included
+    step         median seconds per optimiser step
+
+    python benchmarks/peft_memory.py [--batch 4 --seq_len 256 --steps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from decode import SMALL_LLAMA  # benchmarks/ is the script's directory
+from llama_min import Llama
+from llama_min.peft import PeftConfig, apply_peft
+
+METHODS = {
+    "full": None,
+    "adapter": PeftConfig(method="adapter", adapter_len=10, adapter_layers=28),
+    "lora": PeftConfig(method="lora", lora_rank=8, lora_targets=("wq", "wv")),
+    "bottleneck": PeftConfig(method="bottleneck", bottleneck_dim=32),
+}
+
+
+def measure(method: str, batch: int, seq_len: int, steps: int, device: str) -> dict:
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Llama(SMALL_LLAMA)
+    if METHODS[method] is not None:
+        apply_peft(model, METHODS[method])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-4)
+    tokens = torch.randint(0, SMALL_LLAMA.vocab_size, (batch, seq_len + 1), device=device)
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    times = []
+    for step in range(steps):
+        start = time.perf_counter()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            _, loss = model(tokens[:, :-1], tokens[:, 1:])
+        saved = sum(storages.values())
+        storages.clear()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    n_trainable = sum(p.numel() for p in trainable)
+    peak = (torch.cuda.max_memory_allocated() if device.startswith("cuda")
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux reports KiB
+    return {"method": method, "trainable": n_trainable, "saved_MB": saved / 2**20,
+            "grads_adam_MB": 3 * 4 * n_trainable / 2**20, "peak_MB": peak / 2**20,
+            "step_s": statistics.median(times)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq_len", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--one", choices=list(METHODS), help=argparse.SUPPRESS)  # run one method in this process
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(args.one, args.batch, args.seq_len, args.steps, args.device)))
+        return
+    print(f"135M-shape model, float32, {args.device}, batch {args.batch} x {args.seq_len} tokens, "
+          f"{args.steps} steps per method")
+    print(f"{'method':<11} {'trainable':>12} {'saved MB':>9} {'grads+adam MB':>14} {'peak MB':>8} {'step s':>7}")
+    for method in METHODS:
+        out = subprocess.run([sys.executable, __file__, "--one", method, "--batch", str(args.batch),
+                              "--seq_len", str(args.seq_len), "--steps", str(args.steps), "--device", args.device],
+                             check=True, capture_output=True, text=True).stdout
+        r = json.loads(out.strip().splitlines()[-1])
+        print(f"{r['method']:<11} {r['trainable']:>12,} {r['saved_MB']:>9.0f} {r['grads_adam_MB']:>14.1f} "
+              f"{r['peak_MB']:>8.0f} {r['step_s']:>7.2f}")
+
+
+if __name__ == "__main__":
+    main()
