@@ -10,6 +10,7 @@ loop written from its definition."""
 import copy
 import math
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -51,6 +52,23 @@ def test_embedding_noise_has_the_stated_scale_in_training_mode():
         assert abs(inner - 0.5) < 0.03, f"T={T}: {inner:.3f} of the noise in (-s/2, s/2), expected 0.5 (uniform)"
     again = model.tok_embeddings(tokens) - F.embedding(tokens, model.tok_embeddings.weight)
     assert not torch.equal(noise, again), "the noise must be drawn afresh on every forward pass"
+
+
+def test_embedding_noise_matches_the_transformers_neftune_hook():
+    """Hugging Face's NEFTune (transformers.integrations.neftune) as an independent reference: both
+    draw one uniform number per entry from torch's global generator, so with one seed they agree."""
+    neftune = pytest.importorskip("transformers.integrations.neftune", reason="transformers is not installed")
+    config = tiny_config()
+    model = add_embedding_noise(random_model(config), alpha=7.0).train()
+    tokens = random_tokens(config, batch=3, length=24)
+    clean = F.embedding(tokens, model.tok_embeddings.weight)
+    torch.manual_seed(3)
+    ours = model.tok_embeddings(tokens)
+    torch.manual_seed(3)
+    theirs = neftune.neftune_post_forward_hook(SimpleNamespace(training=True, neftune_noise_alpha=7.0), (tokens,), clean)
+    assert not torch.equal(theirs, clean), "test setup: the reference added no noise"
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6,
+                               msg=lambda m: f"NEFTune noise differs from transformers' hook: {m}")
 
 
 def test_embedding_noise_is_off_in_eval_mode_and_keeps_weights_keys_and_tie():
