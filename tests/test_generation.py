@@ -10,7 +10,8 @@ import torch
 
 from conftest import random_model, random_tokens, tiny_config
 from llama_min import generate
-from llama_min.generation import TextStream, choose_next, filter_top_k, filter_top_p, generate_stream
+from llama_min.generation import (TextStream, choose_next, filter_top_k, filter_top_p, generate_stream,
+                                  store_weights_column_major)
 from llama_min.instructions import InstructionRecord, encode_record
 from llama_min.templates import get_template, record_template, template_for_checkpoint
 
@@ -48,6 +49,20 @@ def test_greedy_equals_argmax_of_the_full_forward_pass(model):
     assert got == want, f"cached greedy decoding diverged from the uncached argmax:\n got  {got}\n want {want}"
     assert len(set(want)) > 3, "the reference is degenerate (one repeated token): the test would prove little"
     assert all(layer.attention.cache is None for layer in model.layers), "generate() left the KV cache allocated"
+
+
+def test_column_major_weights_compute_the_same_model(model):
+    prompts = prompts_of([5, 9])
+    tokens = random_tokens(model.config, 2, 12)
+    with torch.no_grad():
+        plain_logits, _ = model(tokens)
+    plain = generate(model, prompts, max_new_tokens=16)
+    fast = store_weights_column_major(model)
+    assert not fast.layers[0].attention.wq.weight.is_contiguous(), "the layout did not change"
+    with torch.no_grad():
+        fast_logits, _ = fast(tokens)
+    torch.testing.assert_close(fast_logits, plain_logits, rtol=1e-5, atol=1e-5)
+    assert generate(fast, prompts, max_new_tokens=16) == plain
 
 
 def test_batched_prompts_of_different_lengths_equal_each_alone(model):
