@@ -11,12 +11,13 @@ and calls ``update(step, metric)``:
 A tie is not an improvement, so of equal scores the earliest (cheapest) checkpoint is kept. A NaN
 metric never improves. ``summary(total_steps)`` reports the step whose checkpoint was chosen, the step
 at which training stopped, and the compute saved: the fraction of the planned steps never run,
-(total_steps − stopped_at) / total_steps (zero when the run went to the end).
+(total_steps − stopped_at) / total_steps (zero when the run went to the end). ``state_dict`` and
+``from_state_dict`` carry the state across a resumed run.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 
 @dataclass
@@ -59,6 +60,19 @@ class EarlyStopping:
     @property
     def should_stop(self) -> bool:
         return self.patience is not None and self.evals_since_best >= self.patience
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume (JSON-serialisable): store it with the training state."""
+        return asdict(self)
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "EarlyStopping":
+        settings = {f.name: state[f.name] for f in fields(cls) if f.init}
+        stopper = cls(**settings)
+        for f in fields(cls):
+            if not f.init:
+                setattr(stopper, f.name, state[f.name])
+        return stopper
 
     def summary(self, total_steps: int) -> dict:
         """What was chosen and what it saved, for the run log and the README table."""

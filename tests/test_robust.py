@@ -8,6 +8,7 @@ with ``torch.lerp``, perturbations against properties each edit must have, early
 loop written from its definition."""
 
 import copy
+import json
 import math
 import random
 from types import SimpleNamespace
@@ -489,6 +490,20 @@ def test_early_stopping_without_patience_runs_to_the_end_and_loss_mode():
         if losses.should_stop:
             break
     assert (losses.best_step, losses.last_step) == (2, 4), f"{losses}"
+
+
+def test_early_stopping_resumes_from_its_state_dict():
+    metrics = [0.2, 0.4, 0.3, 0.35, 0.38, 0.1]
+    uninterrupted = EarlyStopping(patience=3, min_delta=0.01)
+    for step, m in enumerate(metrics, start=1):
+        uninterrupted.update(step, m)
+    first = EarlyStopping(patience=3, min_delta=0.01)
+    for step, m in enumerate(metrics[:3], start=1):
+        first.update(step, m)
+    resumed = EarlyStopping.from_state_dict(json.loads(json.dumps(first.state_dict())))  # through JSON, as saved
+    for step, m in enumerate(metrics[3:], start=4):
+        resumed.update(step, m)
+    assert resumed == uninterrupted and resumed.should_stop, f"{resumed} != {uninterrupted}"
 
 
 def test_early_stopping_errors():
