@@ -42,7 +42,7 @@ class NoisyEmbedding(nn.Embedding):
                     scale_grad_by_freq=embedding.scale_grad_by_freq, sparse=embedding.sparse, device="meta")
         noisy.weight = embedding.weight
         noisy.alpha = _checked_alpha(alpha)
-        return noisy
+        return noisy.train(embedding.training)  # keep the mode of the module it replaces
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens: (B, T) int64 -> (B, T, dim) embeddings, noisy in training mode."""

@@ -77,9 +77,10 @@ def test_embedding_noise_is_off_in_eval_mode_and_keeps_weights_keys_and_tie():
     base = random_model(config)
     tokens = random_tokens(config, batch=2, length=12)
     expected_logits, _ = base(tokens)
-    model = copy.deepcopy(base)
+    model = copy.deepcopy(base)  # in eval mode, as random_model leaves it
     weight = model.tok_embeddings.weight
     add_embedding_noise(model, alpha=10.0)
+    assert not model.tok_embeddings.training, "the noisy embedding must keep the model's eval mode"
     assert isinstance(model.tok_embeddings, NoisyEmbedding), "tok_embeddings was not replaced"
     assert model.tok_embeddings.weight is weight, "the noisy embedding must hold the same Parameter, not a copy"
     assert model.output.weight is model.tok_embeddings.weight, "the tied output head lost its tie"
