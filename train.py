@@ -548,7 +548,8 @@ def train(cfg: TrainConfig) -> dict:
             optimizer.zero_grad(set_to_none=True)
 
             if rt.world_size > 1:  # the loss every process agrees on: the global batch's mean
-                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+                dist.all_reduce(loss_sum)  # (gloo has no AVG)
+                loss_sum /= rt.world_size
             loss_value = loss_sum.item()
             if not math.isfinite(loss_value):
                 raise TrainingDiverged(f"loss is {loss_value} at step {step + 1}; stopping. The last good "
