@@ -60,9 +60,10 @@ def plain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """The same function through PyTorch's fused kernel; kv heads are broadcast inside the kernel
-    (``enable_gqa``) rather than copied. ``is_causal`` is only right for a square mask, so it is used
-    only when no explicit mask is given (training, or prefill into an empty cache)."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+    (``enable_gqa``) rather than copied. ``is_causal`` is only right for a square mask (the kernel
+    aligns it top-left), so it is used only when no explicit mask is given and there is more than one
+    query (training, or prefill into an empty cache); one query after the cache sees every key."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
                                           enable_gqa=q.shape[1] != k.shape[1])
 
 

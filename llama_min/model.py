@@ -82,8 +82,10 @@ class Llama(nn.Module):
         slots = torch.arange(start_pos, start_pos + T, device=tokens.device)  # (T,)
         positions = slots if pad_lens is None else (slots[None] - pad_lens[:, None]).clamp(min=0)  # (T,)|(B, T)
         cos, sin = self.rope(positions)
-        # Square causal attention needs no explicit mask (the kernels have a fast causal path).
-        mask = None if start_pos == 0 and pad_lens is None else attention_mask(start_pos, T, pad_lens, tokens.device)
+        # No explicit mask where causality is all there is: square causal attention (the kernels have a
+        # fast causal path), or a single new token, which sees every cached key (each decode step).
+        plain_causal = pad_lens is None and (start_pos == 0 or T == 1)
+        mask = None if plain_causal else attention_mask(start_pos, T, pad_lens, tokens.device)
 
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:
