@@ -84,7 +84,7 @@ def test_attention_matches_reference(attend, case, heads):
     explicit = attention_mask(start, T, pads)
     mask = None if start == 0 and pad_lens is None else explicit
     got = attend(q, k, v, mask)
-    expected = reference_attention(q, k, v, explicit)
+    expected = reference_attention(q, k, v, reference_mask(2, start, T, pad_lens))
     # Padding queries (slot < pad_len) are never read by the model; compare only real query rows.
     real = torch.ones(2, 1, T, 1, dtype=torch.bool)
     if pad_lens is not None:

@@ -126,9 +126,10 @@ def test_training_initialisation():
             continue
         std = residual if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")) else 0.02
         got_std, got_mean = p.std().item(), p.mean().item()
-        # Each matrix has >= 16k entries, so the sample std is within ~1% of the true one.
+        # Each matrix has >= 16k entries: the sample std is within ~1% of the true one, the mean within
+        # 5 standard errors of 0 whatever the seed.
         assert abs(got_std / std - 1) < 0.05, f"{name}: std {got_std:.5f}, expected {std:.5f}"
-        assert abs(got_mean) < 3 * std / math.sqrt(p.numel()) + 1e-6, f"{name}: mean {got_mean:.2g}, expected 0"
+        assert abs(got_mean) < 5 * std / math.sqrt(p.numel()), f"{name}: mean {got_mean:.2g}, expected 0"
 
 
 def test_tied_embeddings_share_one_parameter():

@@ -40,7 +40,12 @@ def test_rmsnorm_uses_its_eps():
 
 
 def test_bfloat16_input_is_normalised_in_float32_then_cast_back():
-    """Meta's order: normalise in float32, cast to the input dtype, then multiply by the (bf16) gain."""
+    """Meta's order: normalise in float32, cast to the input dtype, then multiply by the (bf16) gain.
+
+    The reference normalises in float64 and rounds once to bfloat16. Any float32 implementation of that
+    order agrees with it except where a value sits within float32 rounding of a bfloat16 rounding
+    boundary (a handful of elements at most); doing the arithmetic in bfloat16, or applying the gain
+    before the cast, changes about a quarter of the elements."""
     norm = RMSNorm(4096, eps=1e-6)
     with torch.no_grad():
         norm.weight.uniform_(0.5, 1.5)
@@ -48,13 +53,15 @@ def test_bfloat16_input_is_normalised_in_float32_then_cast_back():
     # Large, varied magnitudes: summing 4096 squares in bfloat16 would lose most of the precision.
     x = (torch.randn(4, 4096) * torch.logspace(-1, 2, 4096)).to(torch.bfloat16)
 
-    y = norm(x)
-    x32 = x.float()
-    expected = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16) * norm.weight
+    def mismatched(y: torch.Tensor) -> float:
+        x64 = x.double()
+        expected = (x64 / torch.sqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16) * norm.weight
+        return (y != expected).double().mean().item()
 
+    y = norm(x)
     assert y.dtype == torch.bfloat16, f"bfloat16 input should give bfloat16 output, got {y.dtype}"
-    assert torch.equal(y, expected), \
-        f"bfloat16 RMSNorm is not the float32 computation cast back: max |diff| = {max_abs_diff(y, expected):.3g}"
-    # The check above can tell the two orders apart: doing the arithmetic in bfloat16 gives other numbers.
+    assert mismatched(y) <= 1e-3, (f"bfloat16 RMSNorm is not the float32 computation cast back: "
+                                   f"{mismatched(y):.1%} of the elements differ from it")
+    # The check above can tell the orders apart: bfloat16 arithmetic differs in many elements.
     naive = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * norm.weight
-    assert not torch.equal(naive, expected), "test input too easy: bf16 arithmetic gives the same result"
+    assert mismatched(naive) > 0.05, "test input too easy: bfloat16 arithmetic gives nearly the same result"
