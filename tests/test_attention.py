@@ -13,6 +13,9 @@ from llama_min.attention import attention_mask, plain_attention, sdpa_attention
 from conftest import max_abs_diff, random_model, random_tokens, tiny_config
 
 IMPLS = ["plain", "sdpa"]
+# max |Δlogit| between two float32 formulations of the same model: with logits up to ~4, rounding
+# alone gives ~2e-6, and any real difference gives more than 1e-2.
+MODEL_TOL = 2e-5
 
 
 def reference_mask(batch: int, start: int, seq_len: int, pad_lens: list[int] | None) -> torch.Tensor:
@@ -116,7 +119,7 @@ def test_plain_equals_sdpa_model_full_forward():
     with torch.no_grad():
         a, _ = plain(tokens)
         b, _ = sdpa(tokens)
-    assert max_abs_diff(a, b) < 1e-4, f"logits, plain vs sdpa, full forward: max |diff| = {max_abs_diff(a, b):.3g}"
+    assert max_abs_diff(a, b) < MODEL_TOL, f"logits, plain vs sdpa, full forward: max |diff| = {max_abs_diff(a, b):.3g}"
 
 
 def test_plain_equals_sdpa_model_with_cache_and_padding():
@@ -134,7 +137,7 @@ def test_plain_equals_sdpa_model_with_cache_and_padding():
         model.drop_cache()
         logits = torch.cat(steps, dim=1)
         outs.append(torch.cat([logits[b, p:] for b, p in enumerate(pad_lens.tolist())]))  # real positions only
-    assert max_abs_diff(*outs) < 1e-4, f"logits, plain vs sdpa, cache + padding: max |diff| = {max_abs_diff(*outs):.3g}"
+    assert max_abs_diff(*outs) < MODEL_TOL, f"logits, plain vs sdpa, cache + padding: max |diff| = {max_abs_diff(*outs):.3g}"
 
 
 @pytest.mark.parametrize("attn_impl", IMPLS)
@@ -155,7 +158,7 @@ def test_gqa_equals_mha_with_repeated_kv_weights(attn_impl):
     with torch.no_grad():
         a, _ = gqa(tokens)
         b, _ = mha(tokens)
-    assert max_abs_diff(a, b) < 1e-4, f"GQA vs MHA with repeated kv weights ({attn_impl}): max |diff| = {max_abs_diff(a, b):.3g}"
+    assert max_abs_diff(a, b) < MODEL_TOL, f"GQA vs MHA with repeated kv weights ({attn_impl}): max |diff| = {max_abs_diff(a, b):.3g}"
 
 
 @pytest.mark.parametrize("attn_impl", IMPLS)

@@ -10,7 +10,7 @@ from llama_min.kv_cache import KVCache
 from conftest import max_abs_diff, random_model, random_tokens, tiny_config
 
 IMPLS = ["plain", "sdpa"]
-TOL = 1e-4  # float32, logits of size ~1-10: far below any real mistake, far above rounding
+TOL = 5e-5  # max |Δlogit|, float32, logits up to ~4: rounding gives ~2e-6, a real mistake > 1e-2
 
 
 def decode_in_steps(model, tokens: torch.Tensor, sizes: list[int], pad_lens=None) -> torch.Tensor:
