@@ -13,6 +13,7 @@ import argparse
 import resource
 import sys
 import time
+from pathlib import Path
 
 from llama_min.convert import DTYPES, TARGETS, ConversionError, convert, open_source
 
@@ -32,7 +33,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    """This process's peak resident memory. Linux's VmHWM belongs to this program alone; ru_maxrss
+    would also count the parent's memory when it was started by fork + exec (a benchmark, a test)."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    scale = 2**20 if sys.platform == "darwin" else 2**10  # macOS reports bytes, Linux KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from ..hf_format import DERIVED_HF_TENSORS, config_from_hf, config_to_hf, tensor_from_hf
-from .source import (ConversionError, Source, SAFETENSORS_DTYPES, load_pickle, one_line, open_safetensors,
-                     safetensors_dtype)
+from .safetensors_stream import SafetensorsReader
+from .source import ConversionError, Source, load_pickle, one_line
 
 HF_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -54,42 +54,37 @@ def weight_files(directory: Path) -> tuple[Path, dict[str, Path] | None]:
                           f"{', '.join(SINGLE_FILES + INDEX_FILES)}")
 
 
-class _File:
-    """One weights file, opened lazily: safetensors memory map, or a memory-mapped pickle."""
+class PickleFile:
+    """A ``.bin`` state dict, memory-mapped, behind SafetensorsReader's interface."""
 
     def __init__(self, path: Path):
-        self.path = path
-        if path.suffix == ".safetensors":
-            self.handle = open_safetensors(path)
-            self.names = list(self.handle.keys())
-        else:
-            self.state = load_pickle(path)
-            self.names = list(self.state)
+        self.path, self.state = path, load_pickle(path)
+        self.names = list(self.state)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        if hasattr(self, "handle"):
-            return tuple(self.handle.get_slice(name).get_shape())
         return tuple(self.state[name].shape)
 
     def dtype(self, name: str) -> torch.dtype:
-        if hasattr(self, "handle"):
-            return safetensors_dtype(self.handle, name, self.path)
         dtype = self.state[name].dtype
-        if dtype not in SAFETENSORS_DTYPES.values():
+        if not dtype.is_floating_point:
             raise ConversionError(f"{self.path}: tensor {name} has dtype {dtype}; expected a float tensor")
         return dtype
 
     def get(self, name: str) -> torch.Tensor:
-        return self.handle.get_tensor(name) if hasattr(self, "handle") else self.state[name]
+        return self.state[name]
 
 
-def open_weight_files(directory: Path) -> tuple[Path, dict[str, _File]]:
-    """(listing file, {name in the files: the _File holding it}) for a directory of weights."""
+def open_file(path: Path) -> SafetensorsReader | PickleFile:
+    return SafetensorsReader(path) if path.suffix == ".safetensors" else PickleFile(path)
+
+
+def open_weight_files(directory: Path) -> tuple[Path, dict[str, SafetensorsReader | PickleFile]]:
+    """(listing file, {name in the files: the file holding it}) for a directory of weights."""
     listing, index = weight_files(directory)
     if index is None:
-        f = _File(listing)
+        f = open_file(listing)
         return listing, {name: f for name in f.names}
-    opened = {p: _File(p) for p in sorted(set(index.values()))}
+    opened = {p: open_file(p) for p in sorted(set(index.values()))}
     by_name = {}
     for name, path in index.items():
         if name not in opened[path].names:
@@ -110,7 +105,7 @@ class HFSource(Source):
             raise ConversionError(f"{directory / 'config.json'}: {one_line(e)}") from e
         self.bos_id, self.eos_id = hf.get("bos_token_id", 1), hf.get("eos_token_id", 2)
         self.listing, files = open_weight_files(directory)
-        self.files: dict[str, tuple[str, _File]] = {}  # our name -> (Hugging Face name, file)
+        self.files: dict[str, tuple[str, SafetensorsReader | PickleFile]] = {}  # our name -> (Hugging Face name, file)
         for hf_name, f in files.items():
             if DERIVED_HF_TENSORS.match(hf_name):
                 continue

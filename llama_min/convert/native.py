@@ -10,7 +10,8 @@ import torch
 
 from ..checkpoint import CONFIG_FILE, TOKENIZER_FILES, WEIGHTS_FILE, tokenizer_file
 from ..config import ModelConfig
-from .source import ConversionError, Source, one_line, open_safetensors, safetensors_dtype, tokenizer_ids
+from .safetensors_stream import SafetensorsReader
+from .source import ConversionError, Source, one_line, tokenizer_ids
 
 
 def is_llama_min_dir(directory: Path) -> bool:
@@ -30,11 +31,11 @@ class LlamaMinSource(Source):
         self.file = directory / WEIGHTS_FILE
         if not self.file.is_file():
             raise ConversionError(f"{self.file}: missing; a llama_min checkpoint holds {CONFIG_FILE} and {WEIGHTS_FILE}")
-        self.handle = open_safetensors(self.file)
-        self.shapes = {n: tuple(self.handle.get_slice(n).get_shape()) for n in self.handle.keys()}
+        self.reader = SafetensorsReader(self.file)
+        self.shapes = {n: self.reader.shape(n) for n in self.reader.names}
         embed = "tok_embeddings.weight"
         # (a missing embedding is reported with the other missing tensors by the converter)
-        self.dtype = safetensors_dtype(self.handle, embed, self.file) if embed in self.shapes else torch.float32
+        self.dtype = self.reader.dtype(embed) if embed in self.shapes else torch.float32
         self.bos_id, self.eos_id = tokenizer_ids(tokenizer_file(directory))
 
     @property
@@ -42,7 +43,7 @@ class LlamaMinSource(Source):
         return self.file
 
     def read(self, name: str):
-        return self.handle.get_tensor(name)
+        return self.reader.get(name)
 
     def tokenizer_files(self) -> list[Path]:
         names = TOKENIZER_FILES + ("tokenizer_config.json",)

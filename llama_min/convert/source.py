@@ -7,17 +7,14 @@ then streamed tensor by tensor.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
-import struct
 from pathlib import Path
 
 import torch
 
 from ..config import ModelConfig
 
-SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 class ConversionError(Exception):
@@ -67,35 +64,6 @@ def tokenizer_ids(path: Path | None, default: tuple[int, int] = (1, 2)) -> tuple
 
 def one_line(error: BaseException) -> str:
     return " ".join(str(error).split())
-
-
-def open_safetensors(path: Path):
-    """``safe_open`` a file (memory-mapped: tensors are read only when asked for), after checking that
-    it is as long as its header says, so a truncated download is named with the first tensor it cuts."""
-    from safetensors import safe_open
-
-    try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-        size = path.stat().st_size
-        for name, info in sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
-                                 key=lambda kv: kv[1]["data_offsets"][1]):
-            if 8 + n + info["data_offsets"][1] > size:
-                raise ConversionError(f"{path}: truncated: tensor {name} ends at byte "
-                                      f"{8 + n + info['data_offsets'][1]} but the file has {size} bytes; copy it again")
-        return safe_open(path, framework="pt")
-    except ConversionError:
-        raise
-    except Exception as e:  # struct, JSON or safetensors' own error: not a readable safetensors file
-        raise ConversionError(f"{path}: not a readable safetensors file ({one_line(e)})") from e
-
-
-def safetensors_dtype(handle, name: str, path: Path) -> torch.dtype:
-    code = handle.get_slice(name).get_dtype()
-    if code not in SAFETENSORS_DTYPES:
-        raise ConversionError(f"{path}: tensor {name} has dtype {code}; expected one of {sorted(SAFETENSORS_DTYPES)}")
-    return SAFETENSORS_DTYPES[code]
 
 
 def load_pickle(path: Path) -> dict[str, torch.Tensor]:
