@@ -59,6 +59,23 @@ def test_config_from_hf_reads_every_setting():
     assert got == expected, f"(dim, n_layers, n_heads, n_kv_heads, vocab, hidden, eps, theta, max_seq_len, tied) = {got}, expected {expected}"
 
 
+def test_config_from_hf_reads_older_transformers_layout():
+    """Most published config.json files predate transformers 5: rope_theta at the top level, no
+    rope_parameters, rope_scaling null. They must give the same ModelConfig."""
+    hf_config, *_ = load_fixture()
+    old_style = {k: v for k, v in hf_config.items() if k != "rope_parameters"}
+    old_style.update(rope_theta=hf_config["rope_parameters"]["rope_theta"], rope_scaling=None)
+    assert config_from_hf(old_style) == config_from_hf(hf_config), \
+        f"v4-style config read as {config_from_hf(old_style)}, v5-style as {config_from_hf(hf_config)}"
+
+
+def test_config_from_hf_refuses_rope_scaling_by_name():
+    hf_config, *_ = load_fixture()
+    scaled = {**hf_config, "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0}}
+    with pytest.raises(ValueError, match="rope"):
+        config_from_hf(scaled)
+
+
 @pytest.mark.parametrize("attn_impl", ["plain", "sdpa"])
 def test_logits_match_hugging_face(attn_impl):
     hf_config, hf_state, input_ids, expected = load_fixture()
