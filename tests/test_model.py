@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from llama_min import IGNORE_INDEX, Llama, ModelConfig
 from llama_min.feedforward import FeedForward
