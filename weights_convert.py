@@ -27,7 +27,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help="dtype of the written weights (default: the source's; float32 for quantised GGUF)")
     p.add_argument("--verify", action="store_true",
-                   help="compare logits with Hugging Face transformers; exit 1 above a dtype-dependent tolerance")
+                   help="compare logits with Hugging Face transformers; exit 1 when they differ")
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
     return p.parse_args(argv)
 
@@ -44,6 +44,10 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
 
+def dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
@@ -51,9 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         source = open_source(args.src)
         c = source.config
         print(f"source: {source.format_name} checkpoint {source.path} ({c.n_layers} layers, dim {c.dim}, "
-              f"{c.n_heads} heads / {c.n_kv_heads} kv heads, vocab {c.vocab_size}, {str(source.dtype)[6:]})")
+              f"{c.n_heads} heads / {c.n_kv_heads} kv heads, vocab {c.vocab_size}, {dtype_name(source.dtype)})")
         done = convert(source, args.dst, to=args.to, dtype=DTYPES.get(args.dtype), force=args.force)
-        print(f"wrote {done.path} ({done.to}, {str(done.dtype)[6:]}, {done.n_tensors} tensors, "
+        print(f"wrote {done.path} ({done.to}, {dtype_name(done.dtype)}, {done.n_tensors} tensors, "
               f"{done.n_bytes / 2**30:.2f} GiB) in {time.perf_counter() - start:.1f} s; peak RSS {peak_rss_mb():.0f} MB")
         if done.note:
             print(f"note: {done.note}")
@@ -63,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
             v = verify(source, done.path, args.to, done.dtype)
             verdict = "OK" if v.ok else "FAILED: the conversion does not reproduce the reference"
             print(f"verify: max |Δlogit| = {v.max_diff:.3g} over {v.n_tokens} tokens against transformers "
-                  f"loading {v.reference} (tolerance {v.tolerance:.3g} for {str(done.dtype)[6:]}): {verdict}")
+                  f"loading {v.reference}, weights rounded to {dtype_name(done.dtype)} on both sides "
+                  f"(tolerance {v.tolerance:.3g}): {verdict}")
             if not v.ok:
                 return 1
     except ConversionError as e:

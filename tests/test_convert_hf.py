@@ -90,19 +90,21 @@ def test_sharded_checkpoint_with_index_converts(tmp_path, capsys, safe_serializa
         assert torch.equal(sharded[name], single[name]), f"{name} differs between sharded and single-file sources"
 
 
-def test_verify_passes_on_a_correct_conversion(tmp_path, capsys):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_verify_passes_on_a_correct_conversion(tmp_path, capsys, dtype):
     pytest.importorskip("transformers")
-    random_hf_model().save_pretrained(tmp_path / "hf")
-    code, out, err = run(capsys, tmp_path / "hf", tmp_path / "out", "--verify")
+    random_hf_model().save_pretrained(tmp_path / "hf")  # float32: bfloat16 rounds every weight
+    code, out, err = run(capsys, tmp_path / "hf", tmp_path / "out", "--verify", "--dtype", dtype)
     assert code == 0 and ": OK" in out, f"--verify rejected a correct conversion:\n{out}\n{err}"
 
 
-def test_verify_fails_on_a_corrupted_conversion(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_verify_fails_on_a_corrupted_conversion(tmp_path, capsys, monkeypatch, dtype):
     """The classic GQA import bug: k's rows permuted with the number of query heads."""
     pytest.importorskip("transformers")
     random_hf_model(n_kv_heads=2).save_pretrained(tmp_path / "hf")
     monkeypatch.setattr(hf_format, "_rope_heads", lambda name, config: config.n_heads
                         if name.endswith(("attention.wq.weight", "attention.wk.weight")) else None)
-    code, out, err = run(capsys, tmp_path / "hf", tmp_path / "out", "--verify")
+    code, out, err = run(capsys, tmp_path / "hf", tmp_path / "out", "--verify", "--dtype", dtype)
     assert code == 1, f"--verify accepted a conversion with k permuted by the wrong head count:\n{out}\n{err}"
     assert "FAILED" in out, f"the failure is not reported:\n{out}"

@@ -12,14 +12,13 @@ the tensors in the files.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from ..hf_format import DERIVED_HF_TENSORS, config_from_hf, config_to_hf, tensor_from_hf
 from .safetensors_stream import SafetensorsReader
-from .source import ConversionError, Source, load_pickle, one_line
+from .source import ConversionError, Source, load_pickle, one_line, read_json
 
 HF_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -28,7 +27,7 @@ SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
 
 def is_hf_dir(directory: Path) -> bool:
     config = directory / "config.json"
-    return config.is_file() and "hidden_size" in json.loads(config.read_text())
+    return config.is_file() and "hidden_size" in read_json(config)
 
 
 def weight_files(directory: Path) -> tuple[Path, dict[str, Path] | None]:
@@ -36,7 +35,9 @@ def weight_files(directory: Path) -> tuple[Path, dict[str, Path] | None]:
     for index_name in INDEX_FILES:
         index = directory / index_name
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ConversionError(f"{index}: no weight_map (tensor name -> shard file) in it")
             files = {name: directory / f for name, f in weight_map.items()}
             for name, f in files.items():
                 if not f.is_file():
@@ -98,7 +99,7 @@ class HFSource(Source):
 
     def __init__(self, directory: Path):
         self.path = directory
-        hf = json.loads((directory / "config.json").read_text())
+        hf = read_json(directory / "config.json")
         try:
             self.config = config_from_hf(hf)
         except (ValueError, KeyError) as e:

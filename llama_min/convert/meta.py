@@ -15,14 +15,13 @@ Merging concatenates the slices along the same dimension. ``rope.freqs`` (a deri
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import torch
 
 from ..config import ModelConfig
-from .source import ConversionError, Source, load_pickle, one_line, tokenizer_ids
+from .source import ConversionError, Source, load_pickle, one_line, read_json, tokenizer_ids
 
 SHARD = re.compile(r"consolidated\.(\d+)\.pth$")
 DERIVED = ("rope.freqs",)
@@ -67,11 +66,13 @@ class MetaSource(Source):
         embed = first.get("tok_embeddings.weight")
         self.dtype = embed.dtype if embed is not None else torch.float32
         params = directory / "params.json"
+        declared = read_json(params)
         try:
-            if json.loads(params.read_text()).get("use_scaled_rope"):
+            if declared.get("use_scaled_rope"):
                 raise ValueError("use_scaled_rope (Llama 3.1 rope frequency scaling) is not implemented in llama_min")
+            # LLaMA-1's params.json says vocab_size -1 (the tokenizer decides): the embedding tells
             vocab = self.shapes.get("tok_embeddings.weight", (0,))[0]
-            overrides = {"vocab_size": vocab} if json.loads(params.read_text()).get("vocab_size", -1) <= 0 else {}
+            overrides = {"vocab_size": vocab} if declared.get("vocab_size", -1) <= 0 else {}
             self.config = ModelConfig.from_params_json(params, **overrides)
         except (ValueError, TypeError) as e:
             raise ConversionError(f"{params}: {one_line(e)}") from e

@@ -3,7 +3,6 @@ to Hugging Face (``llama_min -> hf``) or to change its dtype."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -11,12 +10,12 @@ import torch
 from ..checkpoint import CONFIG_FILE, TOKENIZER_FILES, WEIGHTS_FILE, tokenizer_file
 from ..config import ModelConfig
 from .safetensors_stream import SafetensorsReader
-from .source import ConversionError, Source, one_line, tokenizer_ids
+from .source import ConversionError, Source, one_line, read_json, tokenizer_ids
 
 
 def is_llama_min_dir(directory: Path) -> bool:
     config = directory / CONFIG_FILE
-    return config.is_file() and "n_layers" in json.loads(config.read_text())
+    return config.is_file() and "n_layers" in read_json(config)
 
 
 class LlamaMinSource(Source):

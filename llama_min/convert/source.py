@@ -7,6 +7,7 @@ then streamed tensor by tensor.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -60,6 +61,17 @@ def tokenizer_ids(path: Path | None, default: tuple[int, int] = (1, 2)) -> tuple
 
     tok = Tokenizer(path)
     return tok.bos_id, tok.eos_id
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from a file, or an error naming the file."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConversionError(f"{path}: not readable JSON ({one_line(e)})") from e
+    if not isinstance(value, dict):
+        raise ConversionError(f"{path}: expected a JSON object, found {type(value).__name__}")
+    return value
 
 
 def one_line(error: BaseException) -> str:
