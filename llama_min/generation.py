@@ -143,7 +143,7 @@ def left_pad(prompts: list[list[int]], device: torch.device) -> tuple[torch.Tens
 
 # ---- the decode loop ----------------------------------------------------------------------------------
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: tensors a module caches while generating stay usable in training
 def generate_stream(model: Llama, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                     temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                     stop_ids: Sequence[int] = (), seed: int | None = None,
