@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from llama_min import Llama, ModelConfig, Tokenizer
+from llama_min import Llama, ModelConfig, Tokenizer, generate
 from llama_min.checkpoint import atomic_directory, load_checkpoint, resolve_checkpoint_dir, tokenizer_file, write_model_files
 from llama_min.config import PRESETS
 from llama_min.data import (DataError, WindowSampler, split_documents, token_byte_lengths, tokenize_to_memmap,
@@ -60,11 +60,11 @@ class TrainConfig:
     method: str = _flag("full", f"which parameters train: {' | '.join(METHODS)}")
     model_overrides: dict = field(default_factory=dict, metadata={"help": None})  # filled by the model flags
     # optimisation
-    max_steps: int = _flag(1200, "optimiser steps to run")
-    batch_size: int = _flag(16, "sequences per micro-batch per process")
+    max_steps: int = _flag(1300, "optimiser steps to run")
+    batch_size: int = _flag(8, "sequences per micro-batch per process")
     grad_accum: int = _flag(1, "micro-batches accumulated per optimiser step")
     seq_len: int = _flag(256, "tokens per training sequence (at most the model's max_seq_len)")
-    lr: float = _flag(2e-3, "peak learning rate")
+    lr: float = _flag(3e-3, "peak learning rate")
     min_lr_ratio: float = _flag(0.1, "the cosine decays to this fraction of the peak learning rate")
     warmup_steps: int = _flag(50, "linear warm-up steps")
     decay_steps: int = _flag(0, "steps over which the cosine decays (0: max_steps)")
@@ -73,9 +73,9 @@ class TrainConfig:
     beta2: float = _flag(0.95, "AdamW beta2")
     grad_clip: float = _flag(1.0, "clip the global gradient norm to this (0: no clipping)")
     # evaluation, logging, checkpoints
-    eval_every: int = _flag(200, "evaluate on the held-out split (and save a checkpoint) every N steps")
+    eval_every: int = _flag(250, "evaluate on the held-out split (and save a checkpoint) every N steps")
     eval_tokens: int = _flag(131072, "evaluate on at most this many held-out tokens (the Shakespeare split has ~80k)")
-    log_every: int = _flag(20, "print a progress line and write metrics.jsonl every N steps")
+    log_every: int = _flag(25, "print a progress line and write metrics.jsonl every N steps")
     sample_tokens: int = _flag(120, "length of the samples printed at the end (0: none)")
     sample_prompt: str = _flag("", "text the end-of-training samples continue")
     out_dir: str = _flag("out", "output directory: ckpt/ (the checkpoint), metrics.jsonl, loss.png")
@@ -254,7 +254,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, rt: Runtime) -> tor
                              fused=rt.device.type == "cuda")  # one kernel for all tensors on GPU
 
 
-# ---- measurement: evaluation, FLOPs, samples -----------------------------------------------------
+# ---- measurement: evaluation and FLOPs -----------------------------------------------------
 
 
 @torch.no_grad()
@@ -329,32 +329,6 @@ def peak_flops(cfg: TrainConfig, rt: Runtime) -> float:
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best
-
-
-@torch.no_grad()
-def sample(model: Llama, tokenizer: Tokenizer, prompt: str, n_tokens: int, temperature: float,
-           generator: torch.Generator, device: torch.device) -> str:
-    """Continue ``prompt`` by n_tokens tokens through the KV cache: greedy at temperature 0."""
-    model.eval()
-    ids = tokenizer.encode(prompt, bos=True)[-model.config.max_seq_len // 2:]
-    n_tokens = min(n_tokens, model.config.max_seq_len - len(ids))
-    model.setup_cache(1, len(ids) + n_tokens)
-    tokens, start, new = torch.tensor([ids], device=device), 0, []
-    for _ in range(n_tokens):
-        logits, _ = model(tokens, start_pos=start, last_only=True)  # (1, 1, vocab)
-        start += tokens.shape[1]
-        if temperature == 0:
-            nxt = logits[0, -1].argmax()
-        else:
-            probs = torch.softmax(logits[0, -1] / temperature, dim=-1)
-            nxt = torch.multinomial(probs.cpu(), 1, generator=generator)[0].to(device)
-        if nxt.item() == tokenizer.eos_id:
-            break
-        new.append(nxt.item())
-        tokens = nxt.view(1, 1)
-    model.drop_cache()
-    model.train()
-    return prompt + tokenizer.decode(new)
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------
@@ -591,11 +565,12 @@ def train(cfg: TrainConfig) -> dict:
         note = plot_losses(out_dir)
         say(note or f"loss curve: {out_dir / 'loss.png'}")
     if stopped_by is None and rt.master and cfg.sample_tokens > 0:
-        generator = torch.Generator().manual_seed(cfg.seed)
+        prompt = data.tokenizer.encode(cfg.sample_prompt, bos=True)
         for temperature in (0.0, 0.8):
-            text = sample(raw_model, data.tokenizer, cfg.sample_prompt, cfg.sample_tokens, temperature,
-                          generator, rt.device)
-            say(f"--- sample ({'greedy' if temperature == 0 else f'temperature {temperature}'}) ---\n{text}")
+            new = generate(raw_model, [prompt], cfg.sample_tokens, temperature=temperature,
+                           stop_ids=[data.tokenizer.eos_id], seed=cfg.seed, truncate=True)[0]
+            say(f"--- sample ({'greedy' if temperature == 0 else f'temperature {temperature}'}) ---\n"
+                f"{cfg.sample_prompt}{data.tokenizer.decode(new)}")
     say(f"done in {time.time() - t_start:.0f}s: step {step}, held-out loss {val_loss}, bits per byte {val_bpb}; "
         f"checkpoint {ckpt_dir}")
     if rt.world_size > 1:

@@ -1,0 +1,133 @@
+"""Training throughput: tokens/s and MFU of train.py's step, against Hugging Face on the same shape.
+
+    python benchmarks/train_throughput.py              # tiny preset and the 15M shape, float32 and bf16 autocast
+    python benchmarks/train_throughput.py --steps 10 --threads 2
+
+One training step is what train.py does: forward with the loss, backward, gradient clipping, AdamW
+(the optimiser train.py builds). Hugging Face's ``LlamaForCausalLM`` of the same configuration runs the
+same step on the same batches in the same process, with the same optimiser settings, so the ratio
+compares the models. Rounds alternate between the two and each keeps its fastest step, so a busy
+machine slows both alike rather than whichever ran second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import train  # noqa: E402
+from llama_min import Llama, ModelConfig  # noqa: E402
+
+SHAPES = {
+    # (config, batch, seq_len); tiny as train.py's default run trains it
+    "tiny": (ModelConfig.from_preset("tiny"), train.TrainConfig().batch_size, train.TrainConfig().seq_len),
+    "15M": (ModelConfig(dim=288, n_layers=6, n_heads=6, vocab_size=32000, max_seq_len=256), 8, 256),
+}
+
+
+def hf_model(config: ModelConfig):
+    """Hugging Face's LlamaForCausalLM with the same shape, or None when transformers is missing."""
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError:
+        return None
+    hf_config = LlamaConfig(hidden_size=config.dim, intermediate_size=config.ffn_hidden_dim,
+                            num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
+                            num_key_value_heads=config.n_kv_heads, vocab_size=config.vocab_size,
+                            max_position_embeddings=config.max_seq_len, rms_norm_eps=config.norm_eps,
+                            rope_theta=config.rope_theta, tie_word_embeddings=config.tie_embeddings,
+                            attn_implementation="sdpa")
+    return LlamaForCausalLM(hf_config)
+
+
+def make_step(model: torch.nn.Module, hf: bool, autocast_dtype: torch.dtype | None):
+    """One train.py step for this model: returns a function of (x, y)."""
+    cfg = train.TrainConfig()
+    rt = train.Runtime(torch.device("cpu"), autocast_dtype=autocast_dtype)
+    optimizer = train.make_optimizer(model, cfg, rt)
+
+    def ours(x, y):
+        with rt.autocast():
+            _, loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def theirs(x, y):  # the loss computed as Llama.forward computes it, on the same targets
+        with rt.autocast():
+            logits = model(input_ids=x).logits.float()
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return theirs if hf else ours
+
+
+def fastest_step(step, batches, steps: int) -> float:
+    best = float("inf")
+    for i in range(steps):
+        x, y = batches[i % len(batches)]
+        t = time.perf_counter()
+        step(x, y)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per round (after one warm-up step)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of ours and Hugging Face")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    peak = train.peak_flops(train.TrainConfig(), train.Runtime(torch.device("cpu")))
+    peak_bf16 = train.peak_flops(train.TrainConfig(), train.Runtime(torch.device("cpu"), autocast_dtype=torch.bfloat16))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; measured matmul peak "
+          f"{peak / 1e9:.1f} GFLOP/s float32, {peak_bf16 / 1e9:.1f} GFLOP/s bfloat16")
+    for name in args.shapes:
+        config, batch, seq_len = SHAPES[name]
+        g = torch.Generator().manual_seed(0)
+        batches = []
+        for _ in range(2):
+            rows = torch.randint(0, config.vocab_size, (batch, seq_len + 1), generator=g)
+            batches.append((rows[:, :-1], rows[:, 1:]))
+        tokens = batch * seq_len
+        flops = train.flops_per_token(config, seq_len) * tokens
+        torch.manual_seed(0)
+        ours_model = Llama(config)
+        theirs_model = hf_model(config)
+        n_params = sum(p.numel() for p in ours_model.parameters())
+        print(f"\n{name}: {n_params / 1e6:.1f}M parameters, dim {config.dim}, {config.n_layers} layers, "
+              f"vocab {config.vocab_size}, batch {batch} x seq {seq_len}")
+        for dtype_name, dtype, dtype_peak in (("float32", None, peak), ("bf16 autocast", torch.bfloat16, peak_bf16)):
+            contenders = {"llama_min": make_step(ours_model, False, dtype)}
+            if theirs_model is not None:
+                contenders["transformers"] = make_step(theirs_model, True, dtype)
+            best = {k: float("inf") for k in contenders}
+            for k, step in contenders.items():
+                fastest_step(step, batches, 1)  # warm-up: allocator, optimizer state
+            for _ in range(args.rounds):
+                for k, step in contenders.items():
+                    best[k] = min(best[k], fastest_step(step, batches, args.steps))
+            for k, t in best.items():
+                print(f"  {dtype_name:14s} {k:13s} {tokens / t:9,.0f} tok/s   MFU {100 * flops / t / dtype_peak:5.1f}%"
+                      f"   ({1000 * t:.0f} ms/step)")
+            if "transformers" in best:
+                print(f"  {dtype_name:14s} ratio llama_min / transformers: {best['transformers'] / best['llama_min']:.2f}x")
+        if theirs_model is None:
+            print("  (transformers is not installed: pip install transformers to compare)")
+
+
+if __name__ == "__main__":
+    main()
