@@ -198,8 +198,9 @@ def _unwrap_lora(model: Llama) -> None:
 
 
 def remove_peft(model: Llama) -> Llama:
-    """Take the PEFT modules out again, leaving exactly the base model (a merged LoRA is unmerged
-    first, trained norm gains are restored) with every tensor trainable, as a fresh Llama is."""
+    """Take the PEFT modules out again, leaving the base model (trained norm gains are restored; a
+    merged LoRA is unmerged first, which gives W back up to float rounding) with every tensor
+    trainable, as a fresh Llama is."""
     config = _peft_config(model)
     if config.method == "lora":
         unmerge_lora(model)
