@@ -2,12 +2,14 @@
 
 Writes a random Hugging Face-format LLaMA of TinyLlama-1.1B's shape (dim 2048, 22 layers, 32 query /
 4 kv heads, SwiGLU 5632, vocabulary 32000: 1.1B parameters) in bfloat16, as sharded safetensors with
-an index, into a temporary directory (streamed, so building it needs little memory either). Then runs
-the converter in fresh processes (so each peak is its own) to llama_min and back to Hugging Face, and
-reports wall time and the converter's peak RSS. Everything is deleted at the end.
+an index (streamed, so building it needs little memory either), and the same shape in Meta's layout as
+two model-parallel shards, into a temporary directory. Then runs the converter in fresh processes (so
+each peak is its own) to llama_min and back to Hugging Face, and reports wall time and the converter's
+peak RSS (VmHWM). Everything is deleted at the end.
 
-Peak RSS counts the pages of the memory-mapped source that the process has touched, as well as
-its own allocations; the figure to compare it with is the size of the weights.
+Safetensors sources are read with plain reads; Meta's .pth shards are memory-mapped, and the pages of a
+map the process has touched count in its resident set (the kernel can drop them, as they are clean
+file pages). The figure to compare with is the size of the weights.
 
     python benchmarks/convert_memory.py [--layers 22] [--dir /tmp]
 """
@@ -62,6 +64,29 @@ def write_random_hf(config: ModelConfig, directory: Path, shard_bytes: int = 2**
     return total
 
 
+def write_random_meta(config: ModelConfig, directory: Path, n_shards: int = 2) -> None:
+    """The same shape in Meta's layout: params.json and n_shards model-parallel consolidated.NN.pth,
+    each shard's slices drawn directly (random weights need no unsharded original)."""
+    from llama_min.convert.meta import concat_dim
+
+    with torch.device("meta"):
+        shapes = {n: tuple(t.shape) for n, t in stored_state_dict(Llama(config)).items()}
+    for i in range(n_shards):
+        shard = {}
+        for name, shape in shapes.items():
+            dim = concat_dim(name)
+            piece = list(shape)
+            if dim is not None:
+                piece[dim] //= n_shards
+            shard[name] = torch.randn(piece, dtype=torch.bfloat16)
+        torch.save(shard, directory / f"consolidated.{i:02d}.pth")
+        del shard
+    params = {"dim": config.dim, "n_layers": config.n_layers, "n_heads": config.n_heads,
+              "n_kv_heads": config.n_kv_heads, "vocab_size": config.vocab_size, "multiple_of": 256,
+              "norm_eps": config.norm_eps, "rope_theta": config.rope_theta}
+    (directory / "params.json").write_text(json.dumps(params))
+
+
 def timed_convert(*args: str) -> tuple[float, str]:
     start = time.perf_counter()
     result = subprocess.run([sys.executable, str(ROOT / "weights_convert.py"), *args], capture_output=True, text=True)
@@ -85,9 +110,12 @@ def main() -> None:
         params = nbytes // 2
         print(f"built a random {params / 1e9:.2f}B-parameter model ({nbytes / 2**30:.2f} GiB bfloat16, "
               f"{len(list((tmp / 'hf').glob('*.safetensors')))} shards) in {time.perf_counter() - start:.0f} s")
+        (tmp / "meta").mkdir()
+        write_random_meta(config, tmp / "meta")
         runs = [("hf -> llama_min", (str(tmp / "hf"), str(tmp / "ours"))),
                 ("llama_min -> hf", (str(tmp / "ours"), str(tmp / "hf2"), "--to", "hf")),
-                ("hf -> llama_min float32", (str(tmp / "hf"), str(tmp / "ours32"), "--dtype", "float32"))]
+                ("hf -> llama_min float32", (str(tmp / "hf"), str(tmp / "ours32"), "--dtype", "float32")),
+                ("meta (2 shards) -> llama_min", (str(tmp / "meta"), str(tmp / "from_meta")))]
         for label, run_args in runs:
             seconds, report = timed_convert(*run_args)
             print(f"{label:>24}: {seconds:6.1f} s wall (process included); {report}")

@@ -20,9 +20,10 @@ import sentencepiece as spm
 
 
 class Tokenizer:
-    def __new__(cls, path: str | Path):
+    def __new__(cls, path: str | Path | None = None):
         # A tokenizer.json is read by HFTokenizer; callers need not know which file a model ships.
-        if cls is Tokenizer and Path(path).suffix == ".json":
+        # (path is optional only for copy and pickle, which create the object without arguments.)
+        if cls is Tokenizer and path is not None and Path(path).suffix == ".json":
             cls = HFTokenizer
         return super().__new__(cls)
 

@@ -143,8 +143,9 @@ class GGUFSource(Source):
             values = gguf.quants.dequantize(t.data, t.tensor_type)  # (rows, cols) float32 (F16 stays float16)
         except Exception as e:
             raise ConversionError(f"{self.path}: tensor {t.name} ({t.tensor_type.name}) cannot be dequantised: {one_line(e)}") from e
-        values = torch.from_numpy(np.array(values, copy=True))  # the file is memory-mapped read-only
-        return values.reshape(self.shapes[name])
+        if not values.flags.writeable:  # F32 comes back as a view of the read-only memory map
+            values = values.copy()
+        return torch.from_numpy(values).reshape(self.shapes[name])
 
     def write_tokenizer(self, directory: Path) -> str | None:
         from .gguf_vocab import write_tokenizer_json

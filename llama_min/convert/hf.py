@@ -102,7 +102,9 @@ class HFSource(Source):
         hf = read_json(directory / "config.json")
         try:
             self.config = config_from_hf(hf)
-        except (ValueError, KeyError) as e:
+        except KeyError as e:
+            raise ConversionError(f"{directory / 'config.json'}: key {e} missing; a LlamaConfig has it") from e
+        except ValueError as e:
             raise ConversionError(f"{directory / 'config.json'}: {one_line(e)}") from e
         self.bos_id, self.eos_id = hf.get("bos_token_id", 1), hf.get("eos_token_id", 2)
         self.listing, files = open_weight_files(directory)

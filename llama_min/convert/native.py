@@ -41,7 +41,7 @@ class LlamaMinSource(Source):
     def weights_file(self) -> Path:
         return self.file
 
-    def read(self, name: str):
+    def read(self, name: str) -> torch.Tensor:
         return self.reader.get(name)
 
     def tokenizer_files(self) -> list[Path]:

@@ -17,13 +17,13 @@ import torch
 from ..config import ModelConfig
 
 
-
 class ConversionError(Exception):
     """Bad input: the message is one line naming the file (and the tensor) and what was expected."""
 
 
 class Source:
-    """Base of the four readers (meta.py, hf.py, gguf.py, and LlamaMinSource below)."""
+    """Base of the four readers: MetaSource (meta.py), HFSource (hf.py), GGUFSource (gguf.py) and
+    LlamaMinSource (native.py)."""
 
     format_name: str  # for messages: "Meta", "Hugging Face", ...
     path: Path  # SRC as given
@@ -48,9 +48,10 @@ class Source:
 
     def write_tokenizer(self, directory: Path) -> str | None:
         """Put the tokenizer files into ``directory``; return a note for the user when there is one."""
-        for f in self.tokenizer_files():
+        files = self.tokenizer_files()
+        for f in files:
             shutil.copyfile(f, directory / f.name)
-        return None if self.tokenizer_files() else "no tokenizer file in the source; none written"
+        return None if files else "no tokenizer file in the source; none written"
 
 
 def tokenizer_ids(path: Path | None, default: tuple[int, int] = (1, 2)) -> tuple[int, int]:
