@@ -52,3 +52,13 @@ def test_meta_to_hf_verifies_against_transformers(tmp_path, capsys):
     code, out, err = run(capsys, tmp_path / "meta", tmp_path / "hf", "--to", "hf", "--verify")
     assert code == 0, f"--verify failed on a correct conversion:\n{out}\n{err}"
     assert "verify: max |Δlogit|" in out and ": OK" in out, f"no verification report in:\n{out}"
+
+
+def test_a_tokenizer_model_sentencepiece_cannot_read_is_named_not_copied(tmp_path, capsys):
+    """Llama 3's Meta release ships a tiktoken file (base64 token, rank per line) as tokenizer.model."""
+    write_meta(random_model(tiny_config(vocab_size=96)), tmp_path / "meta", 2, vocab_in_params=True)
+    (tmp_path / "meta" / "tokenizer.model").write_text("IQ== 0\nIg== 1\n")
+    code, out, err = run(capsys, tmp_path / "meta", tmp_path / "out")
+    assert code == 0, f"the weights should still convert: {err}"
+    assert "tokenizer.model is not a sentencepiece model" in out, f"the unreadable tokenizer is not named:\n{out}"
+    assert not (tmp_path / "out" / "tokenizer.model").exists(), "a tokenizer llama_min cannot read was copied"

@@ -78,7 +78,12 @@ class MetaSource(Source):
             raise ConversionError(f"{params}: {one_line(e)}") from e
         self.tokenizer = next((d / "tokenizer.model" for d in (directory, directory.parent)
                                if (d / "tokenizer.model").is_file()), None)
-        self.bos_id, self.eos_id = tokenizer_ids(self.tokenizer)
+        try:
+            self.bos_id, self.eos_id = tokenizer_ids(self.tokenizer)
+        except Exception as e:  # Llama 3's tokenizer.model is a tiktoken file, not sentencepiece
+            self.tokenizer_note = (f"{self.tokenizer} is not a sentencepiece model ({one_line(e)[:80]}); not copied. "
+                                   "Llama 3 ships a tiktoken file: take tokenizer.json from its Hugging Face release")
+            self.tokenizer = None
 
     @staticmethod
     def _expected_shards(first: dict[str, torch.Tensor]) -> int:

@@ -32,6 +32,7 @@ class Source:
     dtype: torch.dtype  # the source's own floating dtype, the default output dtype
     bos_id: int = 1
     eos_id: int | list[int] = 2
+    tokenizer_note: str | None = None  # why a tokenizer the source has is not carried over
 
     @property
     def weights_file(self) -> Path:
@@ -51,7 +52,7 @@ class Source:
         files = self.tokenizer_files()
         for f in files:
             shutil.copyfile(f, directory / f.name)
-        return None if files else "no tokenizer file in the source; none written"
+        return self.tokenizer_note or (None if files else "no tokenizer file in the source; none written")
 
 
 def tokenizer_ids(path: Path | None, default: tuple[int, int] = (1, 2)) -> tuple[int, int]:
