@@ -95,6 +95,18 @@ class UsageError(ValueError):
     """A bad flag or input: printed as one line, without a traceback."""
 
 
+def check_config(cfg: TrainConfig) -> None:
+    positive = ("max_steps", "batch_size", "grad_accum", "seq_len", "eval_every", "eval_tokens", "log_every")
+    bad = [f"--{k} {getattr(cfg, k)}" for k in positive if getattr(cfg, k) < 1]
+    bad += [f"--{k} {getattr(cfg, k)}" for k in ("lr", "weight_decay", "grad_clip", "warmup_steps", "decay_steps",
+                                                 "sample_tokens", "peak_flops") if getattr(cfg, k) < 0]
+    if not 0 < cfg.val_fraction < 1 or not 0 <= cfg.min_lr_ratio <= 1:
+        bad.append(f"--val_fraction {cfg.val_fraction} / --min_lr_ratio {cfg.min_lr_ratio} (fractions)")
+    if bad:
+        raise UsageError(f"out of range: {', '.join(bad)}; counts must be at least 1, rates and sizes not negative, "
+                         "--val_fraction in (0, 1), --min_lr_ratio in [0, 1]")
+
+
 # ---- learning-rate schedule ----------------------------------------------------------------------
 
 
@@ -143,8 +155,11 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
         dist.init_process_group(backend="nccl" if wants_cuda else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     if wants_cuda:
-        index = int(os.environ.get("LOCAL_RANK", 0)) if distributed else torch.device(cfg.device if cfg.device != "auto" else "cuda").index
-        device = torch.device("cuda", index or 0)
+        if distributed:  # one GPU per process
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        else:
+            device = torch.device("cuda" if cfg.device == "auto" else cfg.device)
+            device = torch.device("cuda", device.index or 0)
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for any float32 matmul left
         torch.backends.cudnn.allow_tf32 = True
@@ -436,6 +451,7 @@ def train(cfg: TrainConfig) -> dict:
     """Run the training described by cfg. Returns a summary: step, last train loss, last held-out
     loss and bits per byte, and the list of train losses (one per step) for tests."""
     t_start = time.time()
+    check_config(cfg)
     out_dir = Path(cfg.out_dir)
     ckpt_dir = out_dir / "ckpt"
     rt = setup_runtime(cfg)

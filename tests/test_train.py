@@ -239,6 +239,7 @@ def error_line(capsys, argv) -> str:
 def test_bad_inputs_give_one_line(corpus, tmp_path, capsys):
     assert "unrecognized arguments: --max_stepz" in error_line(capsys, ["--max_stepz", "3"])
     assert "invalid int value" in error_line(capsys, ["--max_steps", "three"])
+    assert "out of range: --batch_size 0" in error_line(capsys, tiny_args(corpus, tmp_path, "--batch_size", "0"))
     missing = tmp_path / "nowhere.txt"
     assert f"data path {missing} does not exist" in error_line(capsys, tiny_args(corpus, tmp_path, "--data", str(missing)))
     empty = tmp_path / "empty"
