@@ -217,6 +217,16 @@ def lora_with_random_b(targets=ALL_TARGETS, **model_overrides):
     return base, model.eval()
 
 
+def test_lora_init_is_like_nn_linear_and_zero():
+    """A ~ U(-1/sqrt(in), 1/sqrt(in)), nn.Linear's default (Kaiming-uniform, a = sqrt(5)); B = 0."""
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(400, 50, bias=False), rank=16, alpha=16.0, dropout=0.0)
+    bound = 1 / 400 ** 0.5
+    assert layer.lora_a.abs().max() <= bound and layer.lora_a.abs().max() > 0.95 * bound
+    assert abs(layer.lora_a.std().item() - bound / 3 ** 0.5) < 0.05 * bound, "A is not uniform on the bound"
+    assert not layer.lora_b.any()
+
+
 def test_lora_linear_matches_one_matrix():
     torch.manual_seed(0)
     layer = LoRALinear(torch.nn.Linear(16, 24, bias=False), rank=3, alpha=6.0, dropout=0.0)
