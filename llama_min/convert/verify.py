@@ -84,13 +84,14 @@ def verify(source: Source, dst: str | Path, to: str, dtype: torch.dtype, n_token
         if to == "llama_min":
             ours_dir = dst
             if isinstance(source, HFSource):
-                ref_path, gguf_file = source.path, None
+                ref_path, gguf_file, described = source.path, None, str(source.path)
             elif isinstance(source, GGUFSource):
-                ref_path, gguf_file = source.path.parent, source.path.name
-            else:
+                ref_path, gguf_file, described = source.path.parent, source.path.name, str(source.path)
+            else:  # Meta or llama_min: transformers cannot read them, but it can read DST exported
                 ref_path, gguf_file = convert(LlamaMinSource(dst), tmp / "hf", to="hf").path, None
+                described = f"{dst} exported to Hugging Face"
         else:
-            ref_path, gguf_file = dst, None
+            ref_path, gguf_file, described = dst, None, str(dst)
             ours_dir = source.path if isinstance(source, LlamaMinSource) else \
                 convert(source, tmp / "llama_min", to="llama_min", dtype=dtype).path
         ours = load_checkpoint(ours_dir, device=device, dtype=dtype).float().eval()
@@ -102,5 +103,4 @@ def verify(source: Source, dst: str | Path, to: str, dtype: torch.dtype, n_token
         ref_logits = reference(input_ids=ids).logits.float()
     max_diff = (ours_logits - ref_logits).abs().max().item()
     scale = max(1.0, ref_logits.abs().max().item())
-    described = f"{ref_path / gguf_file if gguf_file else ref_path}"
     return Verification(max_diff, TOLERANCE * scale, ids.shape[1], described)
