@@ -397,6 +397,13 @@ def write_metrics(out_dir: Path, record: dict) -> None:
         f.write(json.dumps({k: record.get(k) for k in keys}) + "\n")
 
 
+def forget_metrics_after(out_dir: Path, step: int) -> None:
+    path = out_dir / "metrics.jsonl"
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= step]
+        path.write_text("".join(kept))
+
+
 def plot_losses(out_dir: Path) -> str | None:
     """Draw loss.png from metrics.jsonl; returns a note when matplotlib is missing."""
     try:
@@ -405,7 +412,10 @@ def plot_losses(out_dir: Path) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return "no loss.png: matplotlib is not installed (pip install matplotlib)"
-    records = [json.loads(line) for line in open(out_dir / "metrics.jsonl")]
+    path = out_dir / "metrics.jsonl"
+    if not path.exists():  # stopped before the first log step: nothing to draw
+        return None
+    records = [json.loads(line) for line in open(path)]
     fig, ax = plt.subplots(figsize=(7, 4))
     for key, label in (("train_loss", "train"), ("val_loss", "held-out")):
         points = [(r["step"], r[key]) for r in records if r[key] is not None]
@@ -491,6 +501,8 @@ def train(cfg: TrainConfig) -> dict:
     n_trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
     if rt.master:
         out_dir.mkdir(parents=True, exist_ok=True)
+        if state is not None:  # forget what was logged after the checkpoint: those steps run again
+            forget_metrics_after(out_dir, step)
     say(f"model: {cfg.model if not cfg.init_from else cfg.init_from}, {n_params / 1e6:.2f}M parameters "
         f"({n_trainable / 1e6:.2f}M trainable), dim {mc.dim}, {mc.n_layers} layers, vocab {mc.vocab_size}")
     say(f"data: {len(data.train):,} training tokens, {len(data.val):,} held-out tokens; "
@@ -579,7 +591,8 @@ def train(cfg: TrainConfig) -> dict:
 
     if rt.master:
         note = plot_losses(out_dir)
-        say(note or f"loss curve: {out_dir / 'loss.png'}")
+        if note or (out_dir / "loss.png").exists():
+            say(note or f"loss curve: {out_dir / 'loss.png'}")
     if stopped_by is None and rt.master and cfg.sample_tokens > 0:
         prompt = data.tokenizer.encode(cfg.sample_prompt, bos=True)
         for temperature in (0.0, 0.8):

@@ -27,7 +27,8 @@ from llama_min import Llama, ModelConfig  # noqa: E402
 SHAPES = {
     # (config, batch, seq_len); tiny as train.py's default run trains it
     "tiny": (ModelConfig.from_preset("tiny"), train.TrainConfig().batch_size, train.TrainConfig().seq_len),
-    "15M": (ModelConfig(dim=288, n_layers=6, n_heads=6, vocab_size=32000, max_seq_len=256), 8, 256),
+    # llama2.c's "stories15M" shape: 15.2M parameters with the embedding shared by the output head
+    "15M": (ModelConfig(dim=288, n_layers=6, n_heads=6, vocab_size=32000, max_seq_len=256, tie_embeddings=True), 8, 256),
 }
 
 
