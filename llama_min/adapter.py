@@ -4,7 +4,7 @@ Zero-init Attention", section 3).
 The top L layers each get K learnable *adaptation prompts* P (K, dim) (section 3.1). In those layers the
 tokens' queries attend to the prompts as extra keys/values, made by the layer's own frozen wk and wv
 (no rotary embedding: the prompts have no position), but with a softmax of their own, scaled by a
-learnable gate g that starts at zero (section 3.2, "zero-init attention", eq. 6-8):
+learnable gate g that starts at zero (section 3.2, zero-initialised attention):
 
     S_p = softmax(q P_kᵀ / sqrt(d))            (B, H, T, K)   scores over the prompts
     out = attention over the tokens  +  g · S_p P_v
@@ -17,9 +17,9 @@ One gate per head, shape (1, n_heads, 1, 1). Because it starts at zero the adapt
 the base model before training, and the first step's gradient reaches only the gates (the prompts'
 gradient is multiplied by g = 0); the prompts start learning once the gates open.
 
-The paper's equation multiplies by g itself; the official training code multiplies by tanh(g), which
-bounds every head's prompt contribution to (-1, 1). Both are here: ``gate_tanh=False`` (the default,
-the paper's eq. 8) and ``gate_tanh=True`` (the official code). tanh'(0) = 1, so the two start alike.
+The paper (section 3.2) multiplies by g itself; the official training code multiplies by tanh(g),
+which keeps every head's gate factor within (-1, 1). Both are here: ``gate_tanh=False`` (the default,
+the paper) and ``gate_tanh=True`` (the official code). tanh'(0) = 1, so the two start alike.
 
 Grouped-query attention: the prompt keys/values come out of wk/wv with n_kv_heads heads and are repeated
 to n_heads, exactly like the tokens' keys/values (query head h reads kv head h // (n_heads / n_kv_heads)).

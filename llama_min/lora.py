@@ -1,6 +1,6 @@
 """LoRA: low-rank adaptation (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models").
 
-A frozen projection W (out, in) is adapted by a trainable low-rank product (section 4.1, eq. 3):
+A frozen projection W (out, in) is adapted by a trainable low-rank product (section 4.1):
 
     h = W x + (alpha / r) · B A x          A: (r, in), B: (out, r), r << min(in, out)
 

@@ -62,7 +62,7 @@ class PeftConfig:
         "adapter: how many of the top layers get prompts (the paper's L; 30 of 32 at 7B); None = all"))
     gate_tanh: bool = field(default=False, metadata=_help(
         "adapter: scale the prompt attention by tanh(gate) as the official code does, instead of by "
-        "the gate itself as the paper's eq. 8 does"))
+        "the gate itself as the paper's section 3.2 does"))
     lora_rank: int = field(default=8, metadata=_help("lora: rank r of the update B A"))
     lora_alpha: float = field(default=16.0, metadata=_help("lora: the update is scaled by alpha / r"))
     lora_dropout: float = field(default=0.05, metadata=_help(
