@@ -219,8 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(f"--{f.name}", action="append", default=[], metavar=f.name.upper(),
                                 help=f.metadata["help"])
         else:
+            shown = f" (default: {default})" if default != "" else ""
             parser.add_argument(f"--{f.name}", type=type(default), default=default, metavar=f.name.upper(),
-                                help=f"{f.metadata['help']} (default: {default})")
+                                help=f.metadata["help"] + shown)
     return parser
 
 
