@@ -4,6 +4,7 @@
     python generate.py --checkpoint out/ckpt --prompt "To be" --prompt "KING:" --temperature 0
     python generate.py --checkpoint DIR --template alpaca --prompt "Reverse the word: stone"
     python generate.py --checkpoint DIR --template chatml --interactive      # a chat that remembers
+    python generate.py --checkpoint BASE --peft ADAPTER --prompt "..."      # with a fine-tuned adapter
 
 Reading order: the configuration (a dataclass, every field a flag), loading the model, generating one
 answer with its timing, the chat loop, the command line. Generation itself is
@@ -25,6 +26,7 @@ import torch
 
 from llama_min import Llama, Tokenizer
 from llama_min.checkpoint import load_checkpoint, tokenizer_file
+from llama_min.peft import load_peft
 from llama_min.generation import TextStream, fit_context, generate_stream, store_weights_column_major
 from llama_min.templates import TEMPLATES, Message, Template, get_template, template_for_checkpoint
 
@@ -38,6 +40,8 @@ def _flag(default, help: str, **kw):
 @dataclass
 class GenerateConfig:
     checkpoint: str = _flag("", "checkpoint directory (config.json, model.safetensors, tokenizer), e.g. out/ckpt")
+    peft: str = _flag("", "an adapter directory (peft.json + peft.safetensors from train.py --method ...) "
+                          "to apply to the checkpoint's model")
     prompt: list[str] = field(default_factory=list, metadata={"help": "a prompt; repeat the flag for several"})
     prompt_file: str = _flag("", "a file with one prompt per line (blank lines skipped); - reads standard input")
     template: str = _flag("", f"prompt format: {', '.join(TEMPLATES)} (default: the one the checkpoint "
@@ -90,12 +94,15 @@ def load(cfg: GenerateConfig) -> tuple[Llama, Tokenizer, Template]:
                          "tokenizer the model was trained with (copy it into the checkpoint directory)")
     tokenizer = Tokenizer(tokenizer_path)
     model = load_checkpoint(cfg.checkpoint, device=device, dtype=DTYPES[cfg.dtype]).eval()
+    if cfg.peft:
+        load_peft(model, cfg.peft)  # strict: the adapter's tensors, all of them, for this base config
+        model.to(device=device, dtype=DTYPES[cfg.dtype]).eval()  # eval: no LoRA dropout
     if device.type == "cpu":
         store_weights_column_major(model)  # faster one-row products on CPU BLAS (see its docstring)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise UsageError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                          f"{model.config.vocab_size}: they do not belong together")
-    template = get_template(cfg.template or template_for_checkpoint(cfg.checkpoint) or "raw")
+    template = get_template(cfg.template or template_for_checkpoint(cfg.peft or None, cfg.checkpoint) or "raw")
     if cfg.compile:
         # dynamic=True: one graph serves every prompt length and cache position
         model.forward = torch.compile(model.forward, dynamic=True)

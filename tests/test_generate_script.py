@@ -17,6 +17,7 @@ import torch
 
 from conftest import random_model, tiny_config
 from llama_min import generate
+from llama_min.peft import PeftConfig, apply_peft, save_peft
 from llama_min.templates import get_template, record_template
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,6 +153,26 @@ def test_interactive_keeps_the_conversation_until_it_overflows(trained_tokenizer
         "the second prompt must hold the first exchange"
     assert "forgot the oldest" in err, f"six exchanges of up to 40 tokens cannot fit in 192: {err}"
     assert max(prompt_tokens) <= 192 - 40, "a prompt was let through that leaves no room for the answer"
+
+
+def test_an_adapter_checkpoint_is_applied_with_its_template(model, trained_tokenizer, checkpoint, tmp_path, capsys):
+    adapted = apply_peft(random_model(model.config), PeftConfig(method="lora", lora_targets=("wq", "wv", "w2")))
+    with torch.no_grad():  # B starts at zero (the exact base model): give the adapter an effect to see
+        for name, p in adapted.named_parameters():
+            if p.requires_grad:
+                p.normal_(0.0, 0.3)
+    save_peft(adapted, tmp_path / "lora", base_checkpoint=checkpoint)
+    record_template(tmp_path / "lora", "chatml")
+    prompt = "the quick brown fox"
+    ids = get_template("chatml").encode(trained_tokenizer, [("user", prompt)])
+    text, _ = expected_text(adapted.eval(), trained_tokenizer, ids, 10)
+    base_text, _ = expected_text(model, trained_tokenizer, ids, 10)
+    assert text != base_text, "the adapter does not change the output: the test would prove nothing"
+    code, out, err = run(capsys, "--checkpoint", checkpoint, "--peft", tmp_path / "lora", "--prompt", prompt,
+                         "--temperature", "0", "--max_new_tokens", "10", "--stop", "<|im_end|>")
+    assert code == 0, err
+    expected = text[:text.index("<|im_end|>")] if "<|im_end|>" in text else text
+    assert out == f"{prompt}\n{expected}\n"
 
 
 @pytest.mark.parametrize("flags, message", [
