@@ -15,7 +15,8 @@ the rank, so alpha need not be re-tuned when r changes (section 4.1).
 
 Because B A has W's shape, it can be folded into W for inference (section 4.1, "No additional
 inference latency"): ``merge`` adds it, ``unmerge`` subtracts it. Both are explicit and idempotent;
-nothing happens behind ``.train()`` or ``.eval()``.
+nothing happens behind ``.train()`` or ``.eval()``. While merged, the forward skips the low-rank path
+(and its dropout), so A and B receive no gradient: train unmerged.
 
 ``LoRALinear`` *holds* the frozen weight Parameter under the name ``weight``, so in the state dict the
 base tensor keeps its key (``layers.0.attention.wq.weight``) and base checkpoints load unchanged; the
