@@ -10,7 +10,8 @@
     OUT/tokenizer.model             sentencepiece, trained on the sentences and the rendered prompts
     OUT/lab.json                    the settings and the word lists
 
-The tokenizer sees the Alpaca prompts too, so the template costs a few tokens rather than a hundred.
+The tokenizer sees the Alpaca prompts too, so a whole prompt (236 characters) is about 57 tokens; the
+words themselves stay close to one token per letter, which the spelling tasks need.
 Every file is a deterministic function of the flags.
 """
 
