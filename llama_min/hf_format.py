@@ -59,8 +59,8 @@ def permute_rope_rows(w: torch.Tensor, n_heads: int, to_hf: bool) -> torch.Tenso
     rows, cols = w.shape
     d = rows // n_heads
     if to_hf:  # row 2i+j of a head (pair i, member j) moves to row j·d/2 + i
-        return w.view(n_heads, d // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
-    return w.view(n_heads, 2, d // 2, cols).transpose(1, 2).reshape(rows, cols)
+        return w.reshape(n_heads, d // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+    return w.reshape(n_heads, 2, d // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
 def _rope_heads(name: str, config: ModelConfig) -> int | None:
