@@ -4,6 +4,7 @@
     python train.py --device cuda --model tiny --dim 512 --n_layers 8 --max_steps 5000
     torchrun --nproc_per_node=4 train.py ...           # DistributedDataParallel, one process per GPU
     python train.py --resume                            # continue out/ckpt exactly where it stopped
+    python train.py --init_from runs/base/ckpt --method lora --data alpaca.jsonl   # fine-tune: OUT/peft
 
 Reading order: the configuration (a dataclass, every field a flag), the learning-rate schedule, the
 building blocks the loop calls (data, model, trainable parameters, optimiser, evaluation, checkpoints),
@@ -36,10 +37,16 @@ from llama_min.checkpoint import atomic_directory, load_checkpoint, resolve_chec
 from llama_min.config import PRESETS
 from llama_min.data import (DataError, WindowSampler, split_documents, token_byte_lengths, tokenize_to_memmap,
                             train_tokenizer, windows)
+from llama_min.instructions import encode_records, instruction_batch, read_records
+from llama_min.model import IGNORE_INDEX
+from llama_min.peft import (METHODS as PEFT_METHODS, PeftConfig, add_peft_arguments, apply_peft, fold_lora,
+                            load_peft, parameter_table, save_peft)
+from llama_min.templates import record_template
 
 REPO = Path(__file__).resolve().parent
 STATE_FILE = "train_state.pt"  # next to config.json + model.safetensors in the checkpoint directory
-METHODS = ("full",)  # what --method may choose; parameter-efficient methods join here
+METHODS = ("full", *PEFT_METHODS)  # what --method may choose: every parameter, or one PEFT method
+PEFT_FIELDS = tuple(f.name for f in fields(PeftConfig) if f.name != "method")  # --method chooses that one
 
 
 def _flag(default, help: str):
@@ -50,7 +57,8 @@ def _flag(default, help: str):
 class TrainConfig:
     # data
     data: str = _flag(str(REPO / "data" / "shakespeare"), "a .txt file, a .jsonl file with a \"text\" field per line, "
-                      "or a directory holding train.txt|.jsonl and val.txt|.jsonl")
+                      "or a directory holding train.txt|.jsonl and val.txt|.jsonl; or instruction data: a .json/.jsonl "
+                      "file of Alpaca records {\"instruction\", \"input\", \"output\"}")
     val_fraction: float = _flag(0.05, "share of a single data file held out for validation (its last lines or records)")
     tokenizer: str = _flag("", "a sentencepiece tokenizer.model; empty: train one on the training split (cached)")
     cache_dir: str = _flag(str(REPO / "data" / "cache"), "where the trained tokenizer and token files are cached")
@@ -59,6 +67,10 @@ class TrainConfig:
     init_from: str = _flag("", "start from this checkpoint directory instead of random weights (fine-tuning)")
     method: str = _flag("full", f"which parameters train: {' | '.join(METHODS)}")
     model_overrides: dict = field(default_factory=dict, metadata={"help": None})  # filled by the model flags
+    # filled by the PEFT flags (PeftConfig's fields, added by llama_min.peft.add_peft_arguments)
+    peft_overrides: dict = field(default_factory=dict, metadata={"help": None})
+    merge: bool = _flag(False, "--method lora: at the end also write OUT_DIR/merged, a full checkpoint with "
+                        "(alpha/r)·B·A folded into W (no --peft needed to use it)")
     # optimisation
     max_steps: int = _flag(1300, "optimiser steps to run")
     batch_size: int = _flag(8, "sequences per micro-batch per process")
@@ -78,8 +90,10 @@ class TrainConfig:
     log_every: int = _flag(25, "print a progress line and write metrics.jsonl every N steps")
     sample_tokens: int = _flag(120, "length of the samples printed at the end (0: none)")
     sample_prompt: str = _flag("", "text the end-of-training samples continue")
-    out_dir: str = _flag("out", "output directory: ckpt/ (the checkpoint), metrics.jsonl, loss.png")
-    resume: bool = _flag(False, "continue from OUT_DIR/ckpt: weights, optimiser, step, RNG and data order; "
+    out_dir: str = _flag("out", "output directory: ckpt/ (the checkpoint; peft/ for a PEFT method: the adapter "
+                         "only), metrics.jsonl, loss.png")
+    resume: bool = _flag(False, "continue from OUT_DIR/ckpt (or OUT_DIR/peft on the --init_from base): weights, "
+                         "optimiser, step, RNG and data order; "
                          "flags given again override the saved ones")
     # hardware
     device: str = _flag("auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
@@ -105,6 +119,25 @@ def check_config(cfg: TrainConfig) -> None:
     if bad:
         raise UsageError(f"out of range: {', '.join(bad)}; counts must be at least 1, rates and sizes not negative, "
                          "--val_fraction in (0, 1), --min_lr_ratio in [0, 1]")
+    if cfg.method not in METHODS:
+        raise UsageError(f"--method {cfg.method!r}: expected one of {', '.join(METHODS)}")
+    if cfg.method == "full" and cfg.peft_overrides:
+        raise UsageError(f"{' '.join(sorted('--' + k for k in cfg.peft_overrides))} configure a PEFT method, but "
+                         f"--method is full; add --method {' | '.join(PEFT_METHODS)} or drop them")
+    if cfg.method != "full" and not cfg.init_from:
+        raise UsageError(f"--method {cfg.method} adapts a trained base model: pass --init_from BASE_CHECKPOINT_DIR")
+    if cfg.merge and cfg.method != "lora":
+        raise UsageError(f"--merge folds LoRA into the weights; it needs --method lora, not {cfg.method}")
+
+
+def peft_config(cfg: TrainConfig) -> PeftConfig | None:
+    """The PEFT method's configuration (None for full fine-tuning / pretraining)."""
+    if cfg.method == "full":
+        return None
+    try:
+        return PeftConfig(method=cfg.method, **cfg.peft_overrides)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 # ---- learning-rate schedule ----------------------------------------------------------------------
@@ -184,16 +217,62 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
 # ---- data ----------------------------------------------------------------------------------------
 
 
+# Two kinds of data, one loop. Plain text is one long stream of token ids cut into random windows;
+# instruction data is a list of encoded Alpaca records, each a whole sequence with its prompt masked
+# out of the loss (llama_min/instructions.py). Only get_batch, evaluate and the sampler's length differ.
+
+
+def is_instruction_data(path: str | Path) -> bool:
+    """Instruction data is a .json file (a list of records) or a .jsonl file whose first record has an
+    "instruction" field; anything else (.txt, .jsonl of {"text"}, a directory) is plain text."""
+    path = Path(path)
+    if not path.is_file() or path.suffix not in (".json", ".jsonl"):
+        return False
+    if path.suffix == ".json":
+        return True  # plain text never comes as .json
+    with open(path, encoding="utf-8") as f:
+        first = next((line for line in f if line.strip()), "")
+    try:
+        record = json.loads(first)
+    except json.JSONDecodeError:
+        return False  # read_documents will say what is wrong with the file
+    return isinstance(record, dict) and "instruction" in record
+
+
 @dataclass
 class Data:
     tokenizer: Tokenizer
-    train: np.ndarray  # (N_train,) token ids
-    val: np.ndarray  # (N_val,) token ids
-    byte_lengths: np.ndarray  # (vocab_size,) UTF-8 bytes per token, for bits per byte
+    train: np.ndarray | list  # (N_train,) token ids, or instruction examples [(tokens, targets), ...]
+    val: np.ndarray | list  # (N_val,) token ids, or instruction examples
+    byte_lengths: np.ndarray | None  # (vocab_size,) UTF-8 bytes per token, for bits per byte (plain text only)
+
+    @property
+    def instructions(self) -> bool:
+        return self.byte_lengths is None
 
 
-def prepare_data(cfg: TrainConfig, rt: Runtime, vocab_size: int, tokenizer_path: Path | None) -> Data:
+def prepare_instructions(cfg: TrainConfig, tokenizer_path: Path | None, say) -> Data:
+    """Alpaca records, the last val_fraction of them held out, encoded with the base's tokenizer.
+    A record longer than seq_len tokens is dropped whole (instructions.py explains why) and counted."""
+    if tokenizer_path is None:
+        raise UsageError("instruction data needs the tokenizer of the model it fine-tunes: pass --init_from "
+                         "(a checkpoint with its tokenizer.model) or --tokenizer")
+    tokenizer = Tokenizer(tokenizer_path)
+    records = read_records(cfg.data)
+    if len(records) < 2:
+        raise DataError(f"{cfg.data} holds {len(records)} record; at least 2 are needed (one is held out)")
+    cut = len(records) - max(1, round(len(records) * cfg.val_fraction))
+    train_examples, dropped_train = encode_records(records[:cut], tokenizer, cfg.seq_len)
+    val_examples, dropped_val = encode_records(records[cut:], tokenizer, cfg.seq_len)
+    if dropped_train or dropped_val:
+        say(f"dropped {dropped_train} training and {dropped_val} held-out records longer than --seq_len {cfg.seq_len}")
+    return Data(tokenizer, train_examples, val_examples, None)
+
+
+def prepare_data(cfg: TrainConfig, rt: Runtime, vocab_size: int, tokenizer_path: Path | None, say=print) -> Data:
     """Tokenizer and token files, built once by rank 0 while the others wait, then opened by all."""
+    if is_instruction_data(cfg.data):
+        return prepare_instructions(cfg, tokenizer_path, say)
     train_docs, val_docs = split_documents(cfg.data, cfg.val_fraction)
     cache = Path(cfg.cache_dir)
     if rt.master:
@@ -207,10 +286,20 @@ def prepare_data(cfg: TrainConfig, rt: Runtime, vocab_size: int, tokenizer_path:
                 tokenize_to_memmap(val_docs, tokenizer, cache, "val"), token_byte_lengths(tokenizer))
 
 
-def get_batch(data: np.ndarray, sampler: WindowSampler, cfg: TrainConfig, rt: Runtime):
-    """(batch_size, seq_len) inputs and targets for this rank, on its device."""
-    x, y = windows(data, sampler.starts(cfg.batch_size, rt.rank, rt.world_size), cfg.seq_len)
-    x, y = torch.from_numpy(x), torch.from_numpy(y)
+def make_sampler(data: Data, cfg: TrainConfig) -> WindowSampler:
+    """Random window starts in the token stream, or random record indices (windows of length 0)."""
+    return WindowSampler(len(data.train), 0 if data.instructions else cfg.seq_len, cfg.seed)
+
+
+def get_batch(data: np.ndarray | list, sampler: WindowSampler, cfg: TrainConfig, rt: Runtime, pad_id: int = 0):
+    """Inputs and targets for this rank, on its device: (batch_size, seq_len) windows of the token
+    stream, or (batch_size, longest) instruction examples padded on the right (targets IGNORE_INDEX)."""
+    picks = sampler.starts(cfg.batch_size, rt.rank, rt.world_size)
+    if isinstance(data, list):
+        x, y = instruction_batch(data, picks, pad_id)
+    else:
+        x, y = windows(data, picks, cfg.seq_len)
+        x, y = torch.from_numpy(x), torch.from_numpy(y)
     if rt.device.type == "cuda":  # pinned memory lets the copy overlap with compute
         return x.pin_memory().to(rt.device, non_blocking=True), y.pin_memory().to(rt.device, non_blocking=True)
     return x, y
@@ -247,23 +336,47 @@ def build_model(cfg: TrainConfig, rt: Runtime, resume_from: Path | None = None) 
     return model, Path(cfg.tokenizer) if cfg.tokenizer else None
 
 
-def choose_trainable(model: Llama, cfg: TrainConfig) -> None:
-    """Set requires_grad on exactly the parameters that train. "full": all of them. This is the one
-    place a fine-tuning method decides what learns; everything after it follows requires_grad."""
-    if cfg.method not in METHODS:
-        raise UsageError(f"--method {cfg.method!r}: expected one of {', '.join(METHODS)}")
-    for p in model.parameters():
-        p.requires_grad_(True)
+def choose_trainable(model: Llama, cfg: TrainConfig, resume_from: Path | None = None) -> str:
+    """Set requires_grad on exactly the parameters that train, and return the table of trainable versus
+    total parameters per module group. "full": all of them. A PEFT method: apply_peft adds its modules
+    and freezes the rest; resuming, the run's own adapter tensors are loaded (strictly) on top. This is
+    the one place a fine-tuning method decides what learns; everything after it follows requires_grad."""
+    config = peft_config(cfg)
+    if config is None:
+        model.requires_grad_(True)
+    elif resume_from is not None:
+        try:
+            load_peft(model, resume_from)
+        except (FileNotFoundError, ValueError) as e:
+            raise UsageError(f"--resume: {e}") from None
+        if model.peft_config != config:
+            raise UsageError(f"--resume: {resume_from} holds {model.peft_config}, but the flags ask for {config}; "
+                             "PEFT flags cannot change on resume")
+    else:
+        try:
+            apply_peft(model, config)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    return parameter_table(model)
+
+
+def decays(p: torch.Tensor) -> bool:
+    """Whether weight decay applies: to the genuine weight matrices (2-D: projections, embeddings,
+    LoRA's A and B, the adapter prompts) and nothing else. The RMSNorm gains and the bottleneck biases
+    are vectors: decay would only fight the normalisation / shift. LLaMA-Adapter's gate is (1, H, 1, 1),
+    4-D only so that it broadcasts over (B, H, T, d); it is one scalar per head, the amount of prompt
+    attention let in (section 3.2), and decay would pull every head back toward the closed gate the
+    method starts from: a prior against adapting at all, on the very tensor that decides how much."""
+    return p.dim() == 2
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, rt: Runtime) -> torch.optim.AdamW:
-    """AdamW (Loshchilov & Hutter 2019) with LLaMA's betas (section 2.3). Weight decay pulls matrices
-    toward zero; on the RMSNorm gains (vectors) it would only fight the normalisation, so they get
-    none. Frozen parameters never reach the optimiser, so they cost no optimiser state."""
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    """AdamW (Loshchilov & Hutter 2019) with LLaMA's betas (section 2.3), weight decay on matrices
+    only (``decays``). Frozen parameters never reach the optimiser, so they cost no optimiser state."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [
-        {"params": [p for _, p in trainable if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for _, p in trainable if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for p in trainable if decays(p)], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in trainable if not decays(p)], "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                              fused=rt.device.type == "cuda")  # one kernel for all tensors on GPU
@@ -273,12 +386,16 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, rt: Runtime) -> tor
 
 
 @torch.no_grad()
-def evaluate(model: Llama, data: Data, cfg: TrainConfig, rt: Runtime) -> tuple[float, float]:
+def evaluate(model: Llama, data: Data, cfg: TrainConfig, rt: Runtime) -> tuple[float, float | None]:
     """Mean loss per token (nats) and bits per byte over consecutive windows of the held-out split.
 
     bits per byte = total nats / ln 2 / total UTF-8 bytes of the predicted text. Windows are shared
     out across ranks and the sums added up, so every process count gives the same figure.
+    Instruction data: the mean loss over the answer tokens (EOS included) of every held-out record,
+    and None for bits per byte (the answers are a sliver of the text; a per-byte figure means little).
     """
+    if data.instructions:
+        return evaluate_instructions(model, data, cfg, rt), None
     n_windows = min(len(data.val) - 1, cfg.eval_tokens) // cfg.seq_len
     if n_windows == 0:
         raise DataError(f"the held-out split has {len(data.val)} tokens, fewer than seq_len + 1 = {cfg.seq_len + 1}; "
@@ -302,6 +419,26 @@ def evaluate(model: Llama, data: Data, cfg: TrainConfig, rt: Runtime) -> tuple[f
     model.train()
     nats, n_tokens, n_bytes = totals.tolist()
     return nats / n_tokens, nats / math.log(2) / n_bytes
+
+
+@torch.no_grad()
+def evaluate_instructions(model: Llama, data: Data, cfg: TrainConfig, rt: Runtime) -> float:
+    """Mean loss per answer token over the held-out records, shared out across ranks like evaluate."""
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=rt.device)  # nats, answer tokens
+    mine = np.arange(rt.rank, len(data.val), rt.world_size)
+    for i in range(0, len(mine), cfg.batch_size):
+        x, y = instruction_batch(data.val, mine[i:i + cfg.batch_size], data.tokenizer.eos_id)
+        x, y = x.to(rt.device), y.to(rt.device)
+        with rt.autocast():
+            logits, _ = model(x)
+        totals[0] += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE_INDEX,
+                                     reduction="sum").double()
+        totals[1] += (y != IGNORE_INDEX).sum()
+    if rt.world_size > 1:
+        dist.all_reduce(totals)
+    model.train()
+    return (totals[0] / totals[1]).item()
 
 
 def flops_per_token(config: ModelConfig, seq_len: int) -> float:
@@ -371,20 +508,42 @@ def set_rng_states(states: dict) -> None:
 
 
 def save_checkpoint(directory: Path, model: Llama, tokenizer: Tokenizer, optimizer, sampler: WindowSampler,
-                    step: int, best_val_loss: float, cfg: TrainConfig) -> None:
-    """The core checkpoint format plus train_state.pt, written to DIR.tmp and swapped in by renames,
-    so an interruption at any instant leaves the previous checkpoint or the new one, never a mix."""
+                    step: int, best_val_loss: float, cfg: TrainConfig, instructions: bool = False) -> None:
+    """The core checkpoint format (or, for a PEFT method, the adapter-only peft.safetensors + peft.json
+    naming the base --init_from) plus train_state.pt, written to DIR.tmp and swapped in by renames,
+    so an interruption at any instant leaves the previous checkpoint or the new one, never a mix.
+    A model tuned on instruction data records the Alpaca template, which generate.py then uses."""
     with atomic_directory(directory) as tmp:
-        write_model_files(model, tmp, tokenizer.path)
+        if cfg.method == "full":
+            write_model_files(model, tmp, tokenizer.path)
+        else:
+            save_peft(model, tmp, base_checkpoint=cfg.init_from)  # (atomic on its own, inside ours)
+        if instructions:
+            record_template(tmp, "alpaca")
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(),
                     "rng": rng_states(), "best_val_loss": best_val_loss, "train_config": asdict(cfg)},
                    tmp / STATE_FILE)
 
 
+def checkpoint_dir(cfg: TrainConfig) -> Path:
+    """OUT_DIR/ckpt (a full checkpoint) or, for a PEFT method, OUT_DIR/peft (an adapter-only one)."""
+    return Path(cfg.out_dir) / ("ckpt" if cfg.method == "full" else "peft")
+
+
+def write_merged(directory: Path, model: Llama, tokenizer: Tokenizer, instructions: bool) -> None:
+    """--merge: fold (alpha/r)·B·A into W (the adapter is gone from ``model`` afterwards) and write a
+    full checkpoint, atomically; it loads as a plain model, with no --peft."""
+    fold_lora(model)
+    with atomic_directory(directory) as tmp:
+        write_model_files(model, tmp, tokenizer.path)
+        if instructions:
+            record_template(tmp, "alpaca")
+
+
 def load_train_state(directory: Path) -> dict:
     try:
         path = resolve_checkpoint_dir(directory) / STATE_FILE
-    except FileNotFoundError:
+    except FileNotFoundError:  # an adapter directory holds no config.json
         path = directory / STATE_FILE
     if not path.exists():
         raise UsageError(f"--resume: {path} does not exist; train without --resume first")
@@ -463,23 +622,26 @@ def train(cfg: TrainConfig) -> dict:
     t_start = time.time()
     check_config(cfg)
     out_dir = Path(cfg.out_dir)
-    ckpt_dir = out_dir / "ckpt"
+    ckpt_dir = checkpoint_dir(cfg)
     rt = setup_runtime(cfg)
     say = print if rt.master else (lambda *a, **k: None)  # rank 0 alone prints and writes
 
     state = load_train_state(ckpt_dir) if cfg.resume else None
-    model, tokenizer_path = build_model(cfg, rt, resume_from=ckpt_dir if cfg.resume else None)
+    # A full run resumes from its own checkpoint; a PEFT run rebuilds the base from --init_from and
+    # loads its adapter on top (choose_trainable).
+    resume_from = ckpt_dir if cfg.resume else None
+    model, tokenizer_path = build_model(cfg, rt, resume_from=resume_from if cfg.method == "full" else None)
     mc = model.config
     if cfg.seq_len > mc.max_seq_len:
         raise UsageError(f"--seq_len {cfg.seq_len} exceeds the model's max_seq_len {mc.max_seq_len}; "
                          f"lower --seq_len or raise --max_seq_len")
-    data = prepare_data(cfg, rt, mc.vocab_size, tokenizer_path)
+    data = prepare_data(cfg, rt, mc.vocab_size, tokenizer_path, say)
     if data.tokenizer.vocab_size > mc.vocab_size:
         raise UsageError(f"the tokenizer has {data.tokenizer.vocab_size} tokens but the model only "
                          f"{mc.vocab_size}; pass --vocab_size {data.tokenizer.vocab_size}")
-    choose_trainable(model, cfg)
+    say(choose_trainable(model, cfg, resume_from=resume_from if cfg.method != "full" else None))
     optimizer = make_optimizer(model, cfg, rt)
-    sampler = WindowSampler(len(data.train), cfg.seq_len, cfg.seed)
+    sampler = make_sampler(data, cfg)
     step, best_val_loss = 0, float("inf")
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -494,8 +656,8 @@ def train(cfg: TrainConfig) -> dict:
         model = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.use_grad_scaler)
 
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * rt.world_size
-    flops_per_step = flops_per_token(mc, cfg.seq_len) * tokens_per_step
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * rt.world_size  # instructions: at most
+    flops_per_token_ = flops_per_token(mc, cfg.seq_len)
     peak = peak_flops(cfg, rt) * rt.world_size
     n_params = sum(p.numel() for p in raw_model.parameters())
     n_trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
@@ -505,19 +667,21 @@ def train(cfg: TrainConfig) -> dict:
             forget_metrics_after(out_dir, step)
     say(f"model: {cfg.model if not cfg.init_from else cfg.init_from}, {n_params / 1e6:.2f}M parameters "
         f"({n_trainable / 1e6:.2f}M trainable), dim {mc.dim}, {mc.n_layers} layers, vocab {mc.vocab_size}")
-    say(f"data: {len(data.train):,} training tokens, {len(data.val):,} held-out tokens; "
-        f"{tokens_per_step:,} tokens per step on {rt.world_size} x {rt.device} "
+    unit = "instruction records" if data.instructions else "tokens"
+    say(f"data: {len(data.train):,} training {unit}, {len(data.val):,} held-out {unit}; "
+        f"{'up to ' if data.instructions else ''}{tokens_per_step:,} tokens per step on {rt.world_size} x {rt.device} "
         f"({str(rt.autocast_dtype or torch.float32).removeprefix('torch.')}); MFU against {peak / 1e9:.1f} GFLOP/s")
 
     def checkpoint(at_step: int):
         if rt.master:
-            save_checkpoint(ckpt_dir, raw_model, data.tokenizer, optimizer, sampler, at_step, best_val_loss, cfg)
+            save_checkpoint(ckpt_dir, raw_model, data.tokenizer, optimizer, sampler, at_step, best_val_loss, cfg,
+                            data.instructions)
 
     def run_eval(at_step: int) -> tuple[float, float]:
         nonlocal best_val_loss
         val_loss, val_bpb = evaluate(raw_model, data, cfg, rt)
         best_val_loss = min(best_val_loss, val_loss)
-        say(f"step {at_step}: held-out loss {val_loss:.4f}, {val_bpb:.4f} bits per byte")
+        say(f"step {at_step}: held-out loss {val_loss:.4f}" + (f", {val_bpb:.4f} bits per byte" if val_bpb else ""))
         if rt.master:
             write_metrics(out_dir, {"step": at_step, "val_loss": val_loss, "val_bpb": val_bpb,
                                     "elapsed_s": time.time() - t_start})
@@ -525,7 +689,7 @@ def train(cfg: TrainConfig) -> dict:
 
     losses, val_loss, val_bpb, stopped_by = [], None, None, None
     model.train()
-    t_log, steps_since_log = time.time(), 0
+    t_log, steps_since_log, tokens_since_log = time.time(), 0, 0
     with StopRequest() as stop:
         while step < cfg.max_steps:
             lr = get_lr(step, cfg)
@@ -533,7 +697,8 @@ def train(cfg: TrainConfig) -> dict:
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=rt.device)
             for micro in range(cfg.grad_accum):
-                x, y = get_batch(data.train, sampler, cfg, rt)
+                x, y = get_batch(data.train, sampler, cfg, rt, data.tokenizer.eos_id)
+                tokens_since_log += x.numel() * rt.world_size
                 # DDP averages gradients across processes at each backward; skip it until the last
                 # micro-batch so an accumulated step costs one all-reduce, not grad_accum of them.
                 sync = rt.world_size == 1 or micro == cfg.grad_accum - 1
@@ -561,22 +726,23 @@ def train(cfg: TrainConfig) -> dict:
             steps_since_log += 1
 
             if step % cfg.log_every == 0 or step == cfg.max_steps:
-                dt = (time.time() - t_log) / steps_since_log
-                tokens_per_s = tokens_per_step / dt
+                elapsed = time.time() - t_log
+                dt = elapsed / steps_since_log
+                tokens_per_s = tokens_since_log / elapsed
                 eta = (cfg.max_steps - step) * dt
                 say(f"step {step}/{cfg.max_steps} | loss {loss_value:.4f} | lr {lr:.2e} | "
-                    f"{tokens_per_s:,.0f} tok/s | MFU {100 * flops_per_step / dt / peak:.1f}% | "
+                    f"{tokens_per_s:,.0f} tok/s | MFU {100 * flops_per_token_ * tokens_per_s / peak:.1f}% | "
                     f"ETA {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
                 if rt.master:
                     write_metrics(out_dir, {"step": step, "train_loss": loss_value, "lr": lr,
                                             "tokens_per_s": tokens_per_s, "elapsed_s": time.time() - t_start})
-                t_log, steps_since_log = time.time(), 0
+                t_log, steps_since_log, tokens_since_log = time.time(), 0, 0
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
                 val_loss, val_bpb = run_eval(step)
                 checkpoint(step)
                 if rt.master and step < cfg.max_steps:
                     plot_losses(out_dir)
-                t_log, steps_since_log = time.time(), 0  # evaluation time is not training throughput
+                t_log, steps_since_log, tokens_since_log = time.time(), 0, 0  # evaluation is not training throughput
 
             requested = stop.requested
             if rt.world_size > 1:  # a signal may reach one process only: stop together
@@ -595,11 +761,17 @@ def train(cfg: TrainConfig) -> dict:
             say(note or f"loss curve: {out_dir / 'loss.png'}")
     if stopped_by is None and rt.master and cfg.sample_tokens > 0:
         prompt = data.tokenizer.encode(cfg.sample_prompt, bos=True)
+        if data.instructions and not cfg.sample_prompt:  # the first held-out record's prompt
+            tokens, targets = data.val[0]
+            prompt = tokens[:next(i for i, t in enumerate(targets) if t != IGNORE_INDEX) + 1]
         for temperature in (0.0, 0.8):
             new = generate(raw_model, [prompt], cfg.sample_tokens, temperature=temperature,
                            stop_ids=[data.tokenizer.eos_id], seed=cfg.seed, truncate=True)[0]
             say(f"--- sample ({'greedy' if temperature == 0 else f'temperature {temperature}'}) ---\n"
-                f"{cfg.sample_prompt}{data.tokenizer.decode(new)}")
+                f"{data.tokenizer.decode(prompt)}{data.tokenizer.decode(new)}")
+    if stopped_by is None and rt.master and cfg.merge:
+        write_merged(out_dir / "merged", raw_model, data.tokenizer, data.instructions)
+        say(f"merged LoRA into the weights: full checkpoint {out_dir / 'merged'}")
     say(f"done in {time.time() - t_start:.0f}s: step {step}, held-out loss {val_loss}, bits per byte {val_bpb}; "
         f"checkpoint {ckpt_dir}")
     if rt.world_size > 1:
@@ -644,24 +816,31 @@ def build_parser() -> argparse.ArgumentParser:
             convert = int if kind.startswith("int") else float if kind.startswith("float") else str
             group.add_argument(f"--{f.name}", type=convert, metavar=f.name.upper(), dest=f"model.{f.name}",
                                help=f"(default: the preset's; tiny: {getattr(PRESETS['tiny'], f.name)})")
+    add_peft_arguments(parser)  # one flag per PeftConfig field, with its help text (and its default)
     return parser
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, set[str]]:
     """The config the flags describe, and the names of the flags actually given."""
-    given = vars(build_parser().parse_args(argv))
+    # The PEFT flags carry defaults: pre-filling them with a marker keeps argparse from applying those,
+    # so here too only the flags actually given come through.
+    unset = object()
+    namespace = argparse.Namespace(**dict.fromkeys(PEFT_FIELDS, unset))
+    given = {k: v for k, v in vars(build_parser().parse_args(argv, namespace)).items() if v is not unset}
     overrides = {k.removeprefix("model."): v for k, v in given.items() if k.startswith("model.")}
-    train_flags = {k: v for k, v in given.items() if not k.startswith("model.")}
-    return TrainConfig(**train_flags, model_overrides=overrides), set(train_flags)
+    peft = {k: v for k, v in given.items() if k in PEFT_FIELDS}
+    train_flags = {k: v for k, v in given.items() if not k.startswith("model.") and k not in PEFT_FIELDS}
+    return TrainConfig(**train_flags, model_overrides=overrides, peft_overrides=peft), set(train_flags)
 
 
 def resumed_config(cfg: TrainConfig, given: set[str]) -> TrainConfig:
     """For --resume: the saved run's settings, except the flags given again on this command line."""
-    saved = load_train_state(Path(cfg.out_dir) / "ckpt")["train_config"]
+    saved = load_train_state(checkpoint_dir(cfg))["train_config"]
     changed = sorted(k for k, v in cfg.model_overrides.items() if saved["model_overrides"].get(k) != v)
-    if changed:
-        raise UsageError("--resume continues the saved model; model flags cannot change it "
-                         f"(drop {' '.join('--' + k for k in changed)})")
+    changed += sorted(k for k, v in cfg.peft_overrides.items() if saved["peft_overrides"].get(k) != v)
+    if changed or saved["method"] != cfg.method:
+        raise UsageError("--resume continues the saved model and its method; model, --method and PEFT flags cannot "
+                         f"change it (drop {' '.join('--' + k for k in changed or ['method'])})")
     return replace(TrainConfig(**saved), **{k: getattr(cfg, k) for k in given})
 
 

@@ -1,0 +1,155 @@
+"""Run the whole lab: make it, pretrain the lab base, fine-tune it with every method, score, tabulate.
+
+    python -m lab.run_lab --out runs/lab_table --seeds 0 1 2       # the README table (about 15 minutes on 2 cores)
+    python -m lab.run_lab --out /tmp/quick --seeds 0 --pretrain_steps 100 --finetune_steps 20 --methods full
+
+For each seed: ``lab.make_lab`` writes the lab (words, facts and tokenizer depend on the seed), train.py
+pretrains the base on the lab's sentences, and train.py fine-tunes that base on the instruction records
+with each method for the same number of steps at the same batch size. Exact-match accuracy on the
+held-out words' records (``lab.evaluate``) is measured before (the base itself: every method starts as
+exactly the base) and after. Every training run is ``train.py``'s own ``main`` in a child process, so
+that its wall time and peak memory are its own:
+
+    threads       one per child (OMP_NUM_THREADS=1): at this size a second thread gains nothing, and on a
+                  shared, loaded machine two threads ran 10x slower (measured: 980 vs 10,281 tokens/s)
+    wall time     seconds from starting the child to its exit (interpreter start and imports included)
+    peak memory   the child's peak resident set size (ru_maxrss from os.wait4, i.e. the kernel's VmHWM),
+                  also given above the baseline of a child that only imports train.py (Python + torch)
+
+Writes OUT/results.json (every figure of every seed) and OUT/table.md (means over the seeds), and prints
+the table. Each child's output goes to OUT/seed{S}/{base,METHOD}/train.log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from llama_min.checkpoint import load_checkpoint, tokenizer_file
+from llama_min.instructions import read_records
+from llama_min.peft import load_peft
+from llama_min.tokenizer import Tokenizer
+
+from .evaluate import exact_match
+from .make_lab import make_lab
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = ("full", "adapter", "lora", "bottleneck")
+# The lab base: the tiny preset's shape (dim 128, 4 layers, 4 heads sharing 2 kv heads).
+BASE_MODEL = ["--dim", "128", "--n_layers", "4", "--n_heads", "4", "--n_kv_heads", "2", "--multiple_of", "32"]
+
+
+def run_child(argv: list[str], log: Path) -> dict:
+    """Run ``train.main(argv)`` in a child process; its wall time (s) and peak RSS (MB)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    code = "import sys, train; train.main(sys.argv[1:])" if argv else "import train"
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        child = subprocess.Popen([sys.executable, "-c", code, *argv], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
+        _, status, usage = os.wait4(child.pid, 0)  # the rusage of this child alone
+    wall = time.perf_counter() - start
+    child.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so Popen must not wait again
+    if child.returncode != 0:
+        raise RuntimeError(f"train.py {' '.join(argv)} failed with exit code {child.returncode}; see {log}")
+    return {"wall_s": wall, "peak_mb": usage.ru_maxrss / 1024}  # ru_maxrss is in KiB on Linux
+
+
+def accuracy(checkpoint: Path, eval_file: Path, peft: Path | None = None) -> float:
+    model = load_checkpoint(checkpoint)
+    if peft is not None:
+        load_peft(model, peft)
+    tokenizer = Tokenizer(tokenizer_file(checkpoint))
+    return exact_match(model, tokenizer, read_records(eval_file))["accuracy"]
+
+
+def run_seed(out: Path, seed: int, args) -> dict:
+    lab = out / f"seed{seed}"
+    make_lab(lab / "lab", seed=seed)
+    base = lab / "base"
+    run_child([*BASE_MODEL, "--data", str(lab / "lab" / "pretrain"), "--tokenizer", str(lab / "lab" / "tokenizer.model"),
+               "--cache_dir", str(lab / "cache"), "--seq_len", "64", "--batch_size", str(args.batch_size),
+               "--lr", "3e-3", "--warmup_steps", "50", "--max_steps", str(args.pretrain_steps),
+               "--eval_every", str(args.pretrain_steps), "--log_every", "100", "--sample_tokens", "0",
+               "--seed", str(seed), "--out_dir", str(base)], base / "train.log")
+    eval_file = lab / "lab" / "instructions" / "eval.jsonl"
+    before = accuracy(base / "ckpt", eval_file)
+    print(f"seed {seed}: base exact match {before:.3f}", flush=True)
+    results = {}
+    for method in args.methods:
+        run_dir = lab / method
+        lr = args.full_lr if method == "full" else args.peft_lr
+        cost = run_child(["--init_from", str(base / "ckpt"), "--method", method,
+                          "--data", str(lab / "lab" / "instructions" / "train.jsonl"), "--seq_len", "96",
+                          "--batch_size", str(args.batch_size), "--lr", str(lr), "--warmup_steps", "10",
+                          "--max_steps", str(args.finetune_steps), "--eval_every", str(args.finetune_steps),
+                          "--log_every", "25", "--sample_tokens", "0", "--seed", str(seed), "--out_dir", str(run_dir)],
+                         run_dir / "train.log")
+        if method == "full":
+            after = accuracy(run_dir / "ckpt", eval_file)
+        else:
+            after = accuracy(base / "ckpt", eval_file, peft=run_dir / "peft")
+        trainable = trainable_count(base / "ckpt", run_dir, method)
+        results[method] = {"trainable": trainable, "before": before, "after": after, "lr": lr, **cost}
+        print(f"seed {seed}: {method:<10} exact match {before:.3f} -> {after:.3f}, {trainable:,} trainable, "
+              f"{cost['wall_s']:.0f} s, peak {cost['peak_mb']:.0f} MB", flush=True)
+    return results
+
+
+def trainable_count(base_ckpt: Path, run_dir: Path, method: str) -> int:
+    if method == "full":
+        return sum(p.numel() for p in load_checkpoint(base_ckpt).parameters())
+    model = load_peft(load_checkpoint(base_ckpt), run_dir / "peft")
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def table(per_seed: dict[int, dict], baseline_mb: float) -> str:
+    seeds = sorted(per_seed)
+    methods = list(per_seed[seeds[0]])
+    lines = [f"| method | trainable | exact match before | exact match after (seeds {', '.join(map(str, seeds))}) "
+             f"| mean after | wall time | peak RSS (above baseline) |",
+             "|---|---:|---:|---|---:|---:|---:|"]
+    for m in methods:
+        rows = [per_seed[s][m] for s in seeds]
+        mean = lambda k: statistics.mean(r[k] for r in rows)  # noqa: E731
+        lines.append(f"| {m} | {rows[0]['trainable']:,} | {mean('before'):.3f} | "
+                     f"{' / '.join(format(r['after'], '.3f') for r in rows)} | **{mean('after'):.3f}** | "
+                     f"{mean('wall_s'):.0f} s | {mean('peak_mb'):.0f} MB ({mean('peak_mb') - baseline_mb:+.0f} MB) |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="working directory (one subdirectory per seed)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="lab and training seeds")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods to compare")
+    parser.add_argument("--pretrain_steps", type=int, default=800, help="optimiser steps of the lab base")
+    parser.add_argument("--finetune_steps", type=int, default=150, help="optimiser steps of every fine-tuning")
+    parser.add_argument("--batch_size", type=int, default=16, help="sequences per step, pretraining and fine-tuning")
+    parser.add_argument("--full_lr", type=float, default=1e-3, help="peak learning rate of full fine-tuning")
+    parser.add_argument("--peft_lr", type=float, default=1e-2, help="peak learning rate of the PEFT methods")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # the scoring here, like the children (see the docstring)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    baseline_mb = run_child([], out / "baseline.log")["peak_mb"]
+    per_seed = {seed: run_seed(out, seed, args) for seed in args.seeds}
+    text = table(per_seed, baseline_mb)
+    print(text)
+    (out / "table.md").write_text(text + "\n")
+    summary = {"args": vars(args), "baseline_peak_mb": baseline_mb, "torch": torch.__version__,
+               "results": {str(s): r for s, r in per_seed.items()}}
+    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
