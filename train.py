@@ -353,6 +353,7 @@ def choose_trainable(model: Llama, cfg: TrainConfig, resume_from: Path | None = 
             raise UsageError(f"--resume: {resume_from} holds {model.peft_config}, but the flags ask for {config}; "
                              "PEFT flags cannot change on resume")
     else:
+        torch.manual_seed(cfg.seed)  # the same new tensors (LoRA's A, the prompts) on every rank and every run
         try:
             apply_peft(model, config)
         except ValueError as e:
@@ -470,7 +471,8 @@ def peak_flops(cfg: TrainConfig, rt: Runtime) -> float:
                 return flops
     n = 1024
     dtype = rt.autocast_dtype or torch.float32
-    a, b = torch.randn(n, n, device=rt.device, dtype=dtype), torch.randn(n, n, device=rt.device, dtype=dtype)
+    g = torch.Generator(rt.device).manual_seed(0)  # its own: a resumed run's restored RNG must stay untouched
+    a, b = (torch.randn(n, n, device=rt.device, dtype=dtype, generator=g) for _ in range(2))
     best = float("inf")
     for _ in range(10):  # the best of several: other work on the machine only ever slows a run down
         if rt.device.type == "cuda":

@@ -1,0 +1,200 @@
+"""train.py fine-tunes with every method through the one loop: what trains, what is saved, how it resumes,
+what the batches of instruction data hold, and that the whole lab pipeline learns. Every run goes through
+``train.main`` on a tiny model in a temporary directory."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import generate  # noqa: E402
+import train  # noqa: E402
+from lab.evaluate import exact_match  # noqa: E402
+from lab.make_lab import make_lab  # noqa: E402
+from llama_min.checkpoint import load_checkpoint  # noqa: E402
+from llama_min.instructions import read_records  # noqa: E402
+from llama_min.model import IGNORE_INDEX  # noqa: E402
+from llama_min.peft import PeftConfig, apply_peft, load_peft  # noqa: E402
+from llama_min.tokenizer import Tokenizer  # noqa: E402
+
+TINY_MODEL = ["--dim", "32", "--n_layers", "2", "--n_heads", "2", "--n_kv_heads", "1", "--multiple_of", "16",
+              "--max_seq_len", "160"]
+PEFT_METHODS = ("adapter", "lora", "bottleneck")
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """A small lab and a base briefly pretrained on its sentences (train.py, plain-text data)."""
+    root = tmp_path_factory.mktemp("lab")
+    make_lab(root / "lab", n_words=40, n_heldout=10, seed=0, tasks=["first", "upper"], vocab_size=400)
+    train.main([*TINY_MODEL, "--data", str(root / "lab" / "pretrain"), "--tokenizer", str(root / "lab" / "tokenizer.model"),
+                "--cache_dir", str(root / "cache"), "--seq_len", "48", "--batch_size", "4", "--max_steps", "4",
+                "--eval_every", "4", "--sample_tokens", "0", "--out_dir", str(root / "base")])
+    return root
+
+
+def finetune_args(lab, out_dir, method, *extra):
+    return ["--init_from", str(lab / "base" / "ckpt"), "--method", method,
+            "--data", str(lab / "lab" / "instructions" / "train.jsonl"), "--seq_len", "160", "--batch_size", "4",
+            "--max_steps", "4", "--warmup_steps", "1", "--lr", "1e-2", "--log_every", "2", "--eval_every", "2",
+            "--sample_tokens", "0", "--out_dir", str(out_dir), *extra]
+
+
+def expected_peft_keys(lab, method) -> set[str]:
+    """Names of the tensors apply_peft makes trainable on the base, with the default PeftConfig."""
+    model = apply_peft(load_checkpoint(lab / "base" / "ckpt"), PeftConfig(method=method))
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("method", PEFT_METHODS)
+def test_peft_run_saves_only_the_adapter_and_leaves_the_base_untouched(lab, tmp_path, monkeypatch, method):
+    saved_models = []
+    original = train.save_checkpoint
+
+    def keep_a_copy(directory, model, *args, **kwargs):  # the trained model as the loop leaves it
+        saved_models.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        original(directory, model, *args, **kwargs)
+
+    monkeypatch.setattr(train, "save_checkpoint", keep_a_copy)
+    result = train.main(finetune_args(lab, tmp_path, method))
+    assert result["step"] == 4 and result["val_bpb"] is None and result["val_loss"] > 0
+
+    out = tmp_path / "peft"
+    assert sorted(p.name for p in out.iterdir()) == ["generation.json", "peft.json", "peft.safetensors",
+                                                     train.STATE_FILE], "unexpected files in the adapter checkpoint"
+    assert not (tmp_path / "ckpt").exists(), "a PEFT run must not write a full checkpoint"
+    stored = load_file(out / "peft.safetensors")
+    assert set(stored) == expected_peft_keys(lab, method), "the adapter checkpoint must hold the trained tensors only"
+
+    base = load_checkpoint(lab / "base" / "ckpt").state_dict()
+    final = saved_models[-1]
+    for name, value in base.items():  # every frozen tensor bit for bit
+        assert torch.equal(final[name], value), f"{method}: frozen base tensor {name} changed during training"
+    fresh = apply_peft(load_checkpoint(lab / "base" / "ckpt"), PeftConfig(method=method)).state_dict()
+    moved = [k for k in stored if not torch.equal(stored[k], fresh[k])]
+    assert moved, f"{method}: no adapter tensor changed in 4 steps"
+
+    # generate.py --checkpoint BASE --peft DIR loads it strictly and takes the Alpaca template
+    cfg = generate.GenerateConfig(checkpoint=str(lab / "base" / "ckpt"), peft=str(out))
+    model, _, template = generate.load(cfg)
+    assert template.name == "alpaca"
+    params = dict(model.named_parameters())
+    for k, v in stored.items():
+        assert torch.equal(params[k].detach(), v), f"generate.py did not load {k}"
+    with pytest.raises(ValueError, match="unexpected tensors"):  # strict: one extra key is refused
+        extra = tmp_path / "extra"
+        extra.mkdir()
+        (extra / "peft.json").write_text((out / "peft.json").read_text())
+        from safetensors.torch import save_file
+        save_file({**stored, "layers.0.attention.wq.weight": base["layers.0.attention.wq.weight"]},
+                  extra / "peft.safetensors")
+        load_peft(load_checkpoint(lab / "base" / "ckpt"), extra)
+
+
+def test_adapter_gates_get_no_weight_decay(lab):
+    """With zero gradients AdamW's update is the decay alone: the prompts (matrices) shrink by
+    1 - lr·wd, the gates keep their value."""
+    cfg = train.TrainConfig(lr=0.5, weight_decay=0.1, method="adapter", init_from="x")
+    model = apply_peft(load_checkpoint(lab / "base" / "ckpt"), PeftConfig(method="adapter"))
+    rt = train.Runtime(torch.device("cpu"))
+    optimizer = train.make_optimizer(model, cfg, rt)
+    gates = [m.gate for m in model.modules() if hasattr(m, "gate")]
+    prompts = [m.prompt for m in model.modules() if hasattr(m, "prompt")]
+    assert gates and prompts
+    with torch.no_grad():
+        for g in gates:
+            g.fill_(0.7)
+    before = [p.detach().clone() for p in prompts]
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for g in gates:
+        assert torch.equal(g.detach(), torch.full_like(g, 0.7)), "weight decay reached an adapter gate"
+    for p, b in zip(prompts, before):
+        torch.testing.assert_close(p.detach(), b * (1 - 0.5 * 0.1), msg="the adapter prompts should be decayed")
+
+
+def test_peft_run_resumes_exactly(lab, tmp_path):
+    # LoRA with dropout: the resumed run must also restore the random state
+    straight = tmp_path / "straight"
+    train.main(finetune_args(lab, straight, "lora", "--lora_dropout", "0.2", "--decay_steps", "4"))
+    halves = tmp_path / "halves"
+    train.main(finetune_args(lab, halves, "lora", "--lora_dropout", "0.2", "--decay_steps", "4", "--max_steps", "2"))
+    train.main(finetune_args(lab, halves, "lora", "--resume", "--max_steps", "4"))
+    a, b = load_file(straight / "peft" / "peft.safetensors"), load_file(halves / "peft" / "peft.safetensors")
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"resumed LoRA run differs from the straight one at {k}"
+    with pytest.raises(SystemExit):  # the method cannot change on resume
+        train.main(finetune_args(lab, halves, "adapter", "--resume", "--max_steps", "6"))
+
+
+def test_instruction_batches_mask_the_prompt_and_end_with_eos(lab, tmp_path):
+    cfg = train.parse_args(finetune_args(lab, tmp_path, "full"))[0]
+    assert train.is_instruction_data(cfg.data)
+    assert not train.is_instruction_data(lab / "lab" / "pretrain" / "train.jsonl"), "plain text taken for instructions"
+    rt = train.setup_runtime(cfg)
+    tokenizer_path = lab / "base" / "ckpt" / "tokenizer.model"
+    data = train.prepare_data(cfg, rt, 400, tokenizer_path)
+    assert data.instructions
+    tok = Tokenizer(tokenizer_path)
+    records = read_records(cfg.data)
+    sampler = train.make_sampler(data, cfg)
+    picks = train.make_sampler(data, cfg).starts(cfg.batch_size)  # the same seeded draws the loop makes
+    x, y = train.get_batch(data.train, sampler, cfg, rt, tok.eos_id)
+    for row, i in enumerate(picks):
+        prompt = tok.encode(records[i].prompt(), bos=True)
+        answer = tok.encode(records[i].output, bos=False) + [tok.eos_id]
+        n = len(prompt) + len(answer) - 1
+        assert x[row, :n].tolist() == (prompt + answer)[:-1], "inputs are not BOS + prompt + answer"
+        assert y[row, :len(prompt) - 1].eq(IGNORE_INDEX).all(), "a prompt position is in the loss"
+        assert y[row, len(prompt) - 1:n].tolist() == answer, "the answer and its EOS must be the targets"
+        assert y[row, n:].eq(IGNORE_INDEX).all(), "padding is in the loss"
+
+
+def test_lora_merge_writes_a_full_checkpoint_equal_to_base_plus_adapter(lab, tmp_path):
+    train.main(finetune_args(lab, tmp_path, "lora", "--merge"))
+    merged = load_checkpoint(tmp_path / "merged").eval()
+    adapted = load_peft(load_checkpoint(lab / "base" / "ckpt"), tmp_path / "peft").eval()
+    tokens = torch.randint(0, merged.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(tokens)[0], adapted(tokens)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_bad_peft_flags_are_one_line_errors(lab, tmp_path, capsys):
+    cases = [(["--lora_rank", "4"], "--method is full"),
+             (["--method", "lora", "--merge", "--lora_rank", "0"], "lora_rank must be >= 1")]
+    for extra, message in cases:
+        args = finetune_args(lab, tmp_path, "full", *extra)
+        with pytest.raises(SystemExit):
+            train.main(args)
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.main(finetune_args(lab, tmp_path, "adapter", "--merge"))
+    assert "--merge folds LoRA" in capsys.readouterr().err
+
+
+def test_short_lab_run_learns_with_full_fine_tuning(tmp_path):
+    """The lab end to end, shortened: pretrain on the sentences, fine-tune on the instructions, score
+    the held-out words by greedy generation. Before fine-tuning the base answers none exactly."""
+    make_lab(tmp_path / "lab", n_words=60, n_heldout=12, seed=0, tasks=["first", "upper"], vocab_size=400)
+    common = [*TINY_MODEL, "--sample_tokens", "0", "--seed", "0", "--batch_size", "16", "--warmup_steps", "10"]
+    train.main([*common, "--data", str(tmp_path / "lab" / "pretrain"),
+                "--tokenizer", str(tmp_path / "lab" / "tokenizer.model"), "--cache_dir", str(tmp_path / "cache"),
+                "--seq_len", "48", "--max_steps", "150", "--eval_every", "150", "--log_every", "50",
+                "--out_dir", str(tmp_path / "base")])
+    records = read_records(tmp_path / "lab" / "instructions" / "eval.jsonl")
+    tok = Tokenizer(tmp_path / "lab" / "tokenizer.model")
+    before = exact_match(load_checkpoint(tmp_path / "base" / "ckpt"), tok, records)["accuracy"]
+    train.main([*common, "--init_from", str(tmp_path / "base" / "ckpt"), "--method", "full",
+                "--data", str(tmp_path / "lab" / "instructions" / "train.jsonl"), "--seq_len", "160", "--lr", "3e-3",
+                "--max_steps", "80", "--eval_every", "80", "--log_every", "40", "--out_dir", str(tmp_path / "full")])
+    after = exact_match(load_checkpoint(tmp_path / "full" / "ckpt"), tok, records)
+    assert after["accuracy"] > 0 and after["accuracy"] > before, \
+        f"full fine-tuning on the lab should answer some held-out words exactly: {before} -> {after}"
