@@ -92,7 +92,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall: elapsed time; cpu: this process's CPU time, which is what a quiet machine's "
-                             "wall clock shows (with --threads 1, when other jobs share the machine)")
+                             "wall clock shows (with --threads 1, when other jobs share the machine); the matmul peak is "
+                             "still timed by the wall clock, so under load MFU reads high: compare the ratio")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
