@@ -226,6 +226,9 @@ def is_instruction_data(path: str | Path) -> bool:
     """Instruction data is a .json file (a list of records) or a .jsonl file whose first record has an
     "instruction" field; anything else (.txt, .jsonl of {"text"}, a directory) is plain text."""
     path = Path(path)
+    if path.is_dir() and (path / "train.jsonl").is_file() and is_instruction_data(path / "train.jsonl"):
+        raise DataError(f"{path} holds instruction records; pass the file itself (--data {path / 'train.jsonl'}): "
+                        "instruction data is one .json/.jsonl file, its last --val_fraction held out")
     if not path.is_file() or path.suffix not in (".json", ".jsonl"):
         return False
     if path.suffix == ".json":

@@ -178,6 +178,9 @@ def test_bad_peft_flags_are_one_line_errors(lab, tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.main(finetune_args(lab, tmp_path, "adapter", "--merge"))
     assert "--merge folds LoRA" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a directory of instruction records, not the file
+        train.main([*finetune_args(lab, tmp_path, "lora"), "--data", str(lab / "lab" / "instructions")])
+    assert "pass the file itself" in capsys.readouterr().err
 
 
 def test_short_lab_run_learns_with_full_fine_tuning(tmp_path):
