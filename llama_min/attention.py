@@ -22,7 +22,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .kv_cache import KVCache
-from .rope import apply_rotary, apply_rotary_complex
+from .rope import apply_rotary
 
 
 def attention_mask(start: int, seq_len: int, pad_lens: torch.Tensor | None = None,
@@ -76,8 +76,6 @@ class Attention(nn.Module):
         self.wv = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
         self.attend = sdpa_attention if config.attn_impl == "sdpa" else plain_attention
-        # "plain" keeps every step in its written-out form, the rotary embedding included.
-        self.rotate = apply_rotary_complex if config.attn_impl == "sdpa" else apply_rotary
         self.cache: KVCache | None = None  # set by Llama.setup_cache for generation
         # LLaMA-Adapter (llama_min/adapter.py) installs a module here: it adds gated attention over
         # learned prompts to the output of the heads. None in the base model.
@@ -92,7 +90,7 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, d)
         if self.cache is not None:
             k, v = self.cache.update(start, k, v)  # (B, n_kv_heads, start+T, d)

@@ -6,10 +6,9 @@ then depends on m and n only through m - n: attention sees relative positions.
 
 Pairing: Meta's LLaMA rotates *adjacent* features (2i, 2i+1), which is what this file does. Hugging Face
 rotates the two halves of the head instead and compensates by permuting the rows of wq and wk
-(``hf_format.py`` undoes that permutation). ``apply_rotary`` writes the rotation with real cos/sin
-tables, for the reader and for every backend; ``apply_rotary_complex`` writes it as one complex
-multiply, the fast path attention takes. The tables are non-persistent buffers: derived from the
-config, never stored in checkpoints.
+(``hf_format.py`` undoes that permutation). Meta's code writes the rotation with complex numbers;
+here it is written with real cos/sin tables, which every backend supports, and the tables are
+non-persistent buffers: derived from the config, never stored in checkpoints.
 """
 
 import torch
@@ -52,17 +51,3 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     even, odd = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
     return rotated.flatten(-2).type_as(x)
-
-
-def apply_rotary_complex(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The same rotation as ``apply_rotary``, written as RoFormer writes it for two dimensions (section 3.2.1):
-    pair (2i, 2i+1) is the complex number x_2i + i·x_2i+1, and rotating it by m·θ_i multiplies it by
-    cos + i·sin. One complex multiply is a single kernel forward and backward, where the real form
-    above makes about ten tensors; this is the fast path (about five times faster on CPU, which is
-    several percent of a training step). ``tests/test_speed_paths.py`` proves the two agree.
-
-    x: (B, T, H, d); cos, sin: (T, d/2) or (B, T, d/2). Returns (B, T, H, d) in x's dtype.
-    """
-    rotation = torch.complex(cos.float(), sin.float()).unsqueeze(-2)  # (.., T, 1, d/2): broadcast over heads
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, T, H, d/2) complex
-    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
