@@ -13,6 +13,16 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 
+def dataclass_from_dict(cls, d: dict):
+    """Build a config dataclass from a dict (a JSON file), naming any key it does not know rather than
+    failing on it with Python's generic TypeError."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields {unknown}; known fields: {sorted(known)}")
+    return cls(**d)
+
+
 @dataclass
 class ModelConfig:
     dim: int = 4096  # width of the residual stream
@@ -73,11 +83,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown ModelConfig fields {unknown}; known fields: {sorted(known)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d)
 
     @classmethod
     def from_params_json(cls, path: str | Path, **overrides) -> "ModelConfig":

@@ -33,7 +33,7 @@ from torch import nn
 from .adapter import AdapterPrompt
 from .bottleneck import Bottleneck
 from .checkpoint import atomic_directory, check_state_dict
-from .config import ModelConfig
+from .config import ModelConfig, dataclass_from_dict
 from .lora import LoRALinear
 from .model import Llama
 from .rmsnorm import RMSNorm
@@ -99,11 +99,7 @@ class PeftConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PeftConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown PeftConfig fields {unknown}; known fields: {sorted(known)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
