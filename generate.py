@@ -5,6 +5,8 @@
     python generate.py --checkpoint DIR --template alpaca --prompt "Reverse the word: stone"
     python generate.py --checkpoint DIR --template chatml --interactive      # a chat that remembers
     python generate.py --checkpoint BASE --peft ADAPTER --prompt "..."      # with a fine-tuned adapter
+    python generate.py --checkpoint BASE --peft ADAPTER --interpolate 0.5   # half of the adapter's effect
+    python generate.py --checkpoint TUNED --base BASE --interpolate 0.5     # halfway between two checkpoints
 
 Reading order: the configuration (a dataclass, every field a flag), loading the model, generating one
 answer with its timing, the chat loop, the command line. Generation itself is
@@ -26,6 +28,7 @@ import torch
 
 from llama_min import Llama, Tokenizer
 from llama_min.checkpoint import load_checkpoint, tokenizer_file
+from llama_min.interpolate_files import check_interpolation_flags, interpolate_from_files_
 from llama_min.peft import load_peft
 from llama_min.generation import TextStream, fit_context, generate_stream, store_weights_column_major
 from llama_min.templates import TEMPLATES, Message, Template, get_template, template_for_checkpoint
@@ -42,6 +45,9 @@ class GenerateConfig:
     checkpoint: str = _flag("", "checkpoint directory (config.json, model.safetensors, tokenizer), e.g. out/ckpt")
     peft: str = _flag("", "an adapter directory (peft.json + peft.safetensors from train.py --method ...) "
                           "to apply to the checkpoint's model")
+    interpolate: float = _flag(-1.0, "a in [0, 1]: the model at (1 - a)*base + a*fine-tuned (0: the base, "
+                                     "1: the fine-tuned model; needs --peft or --base); -1: off")
+    base: str = _flag("", "with --interpolate: the base checkpoint of a fully or partially fine-tuned --checkpoint")
     prompt: list[str] = field(default_factory=list, metadata={"help": "a prompt; repeat the flag for several"})
     prompt_file: str = _flag("", "a file with one prompt per line (blank lines skipped); - reads standard input")
     template: str = _flag("", f"prompt format: {', '.join(TEMPLATES)} (default: the one the checkpoint "
@@ -85,6 +91,10 @@ def load(cfg: GenerateConfig) -> tuple[Llama, Tokenizer, Template]:
         raise UsageError("--checkpoint DIR is required (a directory written by train.py or weights_convert.py)")
     if cfg.dtype not in DTYPES:
         raise UsageError(f"--dtype {cfg.dtype!r}: expected one of {', '.join(DTYPES)}")
+    if cfg.interpolate != -1.0:
+        check_interpolation_flags(cfg.interpolate, cfg.peft, cfg.base)
+    elif cfg.base:
+        raise UsageError("--base is the base checkpoint for --interpolate a; give --interpolate too")
     device = pick_device(cfg.device)
     if cfg.dtype == "float16" and device.type != "cuda":
         raise UsageError("--dtype float16 is for CUDA; on a CPU use bfloat16 (same size, float32's range)")
@@ -97,6 +107,8 @@ def load(cfg: GenerateConfig) -> tuple[Llama, Tokenizer, Template]:
     if cfg.peft:
         load_peft(model, cfg.peft)  # strict: the adapter's tensors, all of them, for this base config
         model.to(device=device, dtype=DTYPES[cfg.dtype]).eval()  # eval: no LoRA dropout
+    if cfg.interpolate != -1.0:
+        interpolate_from_files_(model, cfg.interpolate, cfg.checkpoint, cfg.peft, cfg.base)
     if device.type == "cpu":
         store_weights_column_major(model)  # faster one-row products on CPU BLAS (see its docstring)
     if tokenizer.vocab_size > model.config.vocab_size:

@@ -194,3 +194,70 @@ def test_missing_inputs_are_named(model, tmp_path, capsys):
     assert code == 1 and "holds no tokenizer.model or tokenizer.json" in err
     code, _, err = run(capsys, "--checkpoint", tmp_path / "no_tokenizer")
     assert code == 1 and "nothing to do" in err
+
+
+# ---- --interpolate a: the endpoints are the two models, exactly, through the script's own load() ------
+
+def logits_of(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids]))[0][0]
+
+
+def loaded_logits(capsys, ids, *argv) -> torch.Tensor:
+    cfg = generate_script.GenerateConfig(**vars(generate_script.build_parser().parse_args([str(a) for a in argv])))
+    model, _, _ = generate_script.load(cfg)
+    return logits_of(model, ids)
+
+
+def test_interpolate_endpoints_are_the_base_and_the_adapted_model(model, trained_tokenizer, checkpoint, tmp_path,
+                                                                  capsys):
+    adapted = apply_peft(random_model(model.config), PeftConfig(method="lora", lora_targets=("wq", "w2")))
+    adapted.load_state_dict(model.state_dict(), strict=False)  # the same base under the adapter
+    with torch.no_grad():
+        for p in adapted.parameters():
+            if p.requires_grad:
+                p.normal_(0.0, 0.3)
+    save_peft(adapted, tmp_path / "lora", base_checkpoint=checkpoint)
+    ids = trained_tokenizer.encode("the quick brown fox", bos=True)
+    # the references, loaded by the same script without --interpolate (its CPU weight layout included)
+    base = loaded_logits(capsys, ids, "--checkpoint", checkpoint)
+    tuned = loaded_logits(capsys, ids, "--checkpoint", checkpoint, "--peft", tmp_path / "lora")
+    torch.testing.assert_close(tuned, logits_of(adapted.eval(), ids), rtol=1e-4, atol=1e-4)
+    assert not torch.equal(base, tuned), "the adapter does not change the logits: the test would prove nothing"
+    flags = ["--checkpoint", checkpoint, "--peft", tmp_path / "lora", "--interpolate"]
+    assert torch.equal(loaded_logits(capsys, ids, *flags, "0"), base), "a = 0 is not exactly the base model"
+    assert torch.equal(loaded_logits(capsys, ids, *flags, "1"), tuned), "a = 1 is not exactly the adapted model"
+    middle = loaded_logits(capsys, ids, *flags, "0.5")
+    assert not torch.equal(middle, base) and not torch.equal(middle, tuned), "a = 0.5 is one of the endpoints"
+    # and the greedy text the script prints at a = 0 is the base model's
+    code, out, err = run(capsys, *flags, "0", "--prompt", "the quick brown fox", "--template", "raw",
+                         "--temperature", "0", "--max_new_tokens", "8")
+    assert code == 0, err
+    assert out == "the quick brown fox" + expected_text(model, trained_tokenizer, ids, 8)[0] + "\n"
+
+
+def test_interpolate_between_two_full_checkpoints(model, trained_tokenizer, checkpoint, tmp_path, capsys):
+    tuned_model = random_model(model.config, seed=1)  # a "fully fine-tuned" model: every tensor moved
+    tuned = save(tuned_model, trained_tokenizer, tmp_path / "tuned")
+    ids = trained_tokenizer.encode("every river runs", bos=True)
+    flags = ["--checkpoint", tuned, "--base", checkpoint, "--interpolate"]
+    base = loaded_logits(capsys, ids, "--checkpoint", checkpoint)
+    assert torch.equal(loaded_logits(capsys, ids, *flags, "0"), base), "a = 0 is not exactly the base"
+    assert torch.equal(loaded_logits(capsys, ids, *flags, "1"), loaded_logits(capsys, ids, "--checkpoint", tuned)), \
+        "a = 1 is not exactly the fine-tuned model"
+    halfway = random_model(model.config)
+    with torch.no_grad():
+        for p, q in zip(halfway.parameters(), tuned_model.parameters()):
+            p.mul_(0.5).add_(0.5 * q)  # the formula written a second way: θ₀ + ½(θ − θ₀)
+    torch.testing.assert_close(loaded_logits(capsys, ids, *flags, "0.5"), logits_of(halfway, ids), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--interpolate", "0.5"], "--interpolate needs the base to move towards: --peft ADAPTER_DIR"),
+    (["--interpolate", "1.5", "--base", "X"], r"--interpolate 1.5: expected a in \[0, 1\]"),
+    (["--base", "X"], "--base is the base checkpoint for --interpolate a; give --interpolate too"),
+    (["--interpolate", "0.5", "--base", "X", "--peft", "Y"], "either --peft ADAPTER .* or --base BASE"),
+])
+def test_bad_interpolation_flags_are_one_clear_line(checkpoint, capsys, flags, message):
+    code, out, err = run(capsys, "--checkpoint", checkpoint, "--prompt", "the", *flags)
+    assert code == 1 and err.count("\n") == 1 and re.search(message, err), err
