@@ -39,13 +39,15 @@ from llama_min.data import (DataError, WindowSampler, split_documents, token_byt
                             train_tokenizer, windows)
 from llama_min.instructions import encode_records, instruction_batch, read_records
 from llama_min.model import IGNORE_INDEX
+from llama_min.rmsnorm import RMSNorm
 from llama_min.peft import (METHODS as PEFT_METHODS, PeftConfig, add_peft_arguments, apply_peft, fold_lora,
                             load_peft, parameter_table, save_peft)
 from llama_min.templates import record_template
 
 REPO = Path(__file__).resolve().parent
 STATE_FILE = "train_state.pt"  # next to config.json + model.safetensors in the checkpoint directory
-METHODS = ("full", *PEFT_METHODS)  # what --method may choose: every parameter, or one PEFT method
+METHODS = ("full", "partial", *PEFT_METHODS)  # every parameter, the named base tensors, or one PEFT method
+FULL_CHECKPOINT_METHODS = ("full", "partial")  # base tensors change: the whole model is saved (OUT_DIR/ckpt)
 PEFT_FIELDS = tuple(f.name for f in fields(PeftConfig) if f.name != "method")  # --method chooses that one
 
 
@@ -65,7 +67,13 @@ class TrainConfig:
     # model
     model: str = _flag("tiny", f"model preset: {', '.join(PRESETS)}; the model flags below override its fields")
     init_from: str = _flag("", "start from this checkpoint directory instead of random weights (fine-tuning)")
-    method: str = _flag("full", f"which parameters train: {' | '.join(METHODS)}")
+    method: str = _flag("full", f"which parameters train: {' | '.join(METHODS)} (partial: only what "
+                        "--train_layers/--train_norms/--train_output name)")
+    train_layers: int = _flag(0, "--method partial: train the top K transformer blocks (all their tensors)")
+    train_norms: bool = _flag(False, "--method partial: train every RMSNorm gain (the bias-free LLaMA's analogue "
+                              "of bias-only tuning)")
+    train_output: bool = _flag(False, "--method partial: train the output head (with --tie_embeddings that is "
+                               "the embedding too: one tensor)")
     model_overrides: dict = field(default_factory=dict, metadata={"help": None})  # filled by the model flags
     # filled by the PEFT flags (PeftConfig's fields, added by llama_min.peft.add_peft_arguments)
     peft_overrides: dict = field(default_factory=dict, metadata={"help": None})
@@ -121,9 +129,19 @@ def check_config(cfg: TrainConfig) -> None:
                          "--val_fraction in (0, 1), --min_lr_ratio in [0, 1]")
     if cfg.method not in METHODS:
         raise UsageError(f"--method {cfg.method!r}: expected one of {', '.join(METHODS)}")
-    if cfg.method == "full" and cfg.peft_overrides:
+    if cfg.method in FULL_CHECKPOINT_METHODS and cfg.peft_overrides:
         raise UsageError(f"{' '.join(sorted('--' + k for k in cfg.peft_overrides))} configure a PEFT method, but "
-                         f"--method is full; add --method {' | '.join(PEFT_METHODS)} or drop them")
+                         f"--method is {cfg.method}; add --method {' | '.join(PEFT_METHODS)} or drop them")
+    partial_flags = [f"--{k}" for k in ("train_layers", "train_norms", "train_output") if getattr(cfg, k)]
+    if cfg.train_layers < 0:
+        raise UsageError(f"--train_layers {cfg.train_layers}: expected a number of top blocks, at least 0")
+    if cfg.method == "partial" and not partial_flags:
+        raise UsageError("--method partial trains only what is named: add --train_layers K, --train_norms "
+                         "and/or --train_output")
+    if cfg.method != "partial" and partial_flags:
+        raise UsageError(f"{' '.join(partial_flags)} choose what --method partial trains, not --method {cfg.method}; "
+                         "use --method partial (a PEFT method with trainable norms: --method bottleneck "
+                         "--bottleneck_train_norms)")
     if cfg.method != "full" and not cfg.init_from:
         raise UsageError(f"--method {cfg.method} adapts a trained base model: pass --init_from BASE_CHECKPOINT_DIR")
     if cfg.merge and cfg.method != "lora":
@@ -131,8 +149,8 @@ def check_config(cfg: TrainConfig) -> None:
 
 
 def peft_config(cfg: TrainConfig) -> PeftConfig | None:
-    """The PEFT method's configuration (None for full fine-tuning / pretraining)."""
-    if cfg.method == "full":
+    """The PEFT method's configuration (None for full or partial fine-tuning / pretraining)."""
+    if cfg.method in FULL_CHECKPOINT_METHODS:
         return None
     try:
         return PeftConfig(method=cfg.method, **cfg.peft_overrides)
@@ -341,12 +359,31 @@ def build_model(cfg: TrainConfig, rt: Runtime, resume_from: Path | None = None) 
 
 def choose_trainable(model: Llama, cfg: TrainConfig, resume_from: Path | None = None) -> str:
     """Set requires_grad on exactly the parameters that train, and return the table of trainable versus
-    total parameters per module group. "full": all of them. A PEFT method: apply_peft adds its modules
+    total parameters per module group. "full": all of them. "partial": only the named base tensors (the
+    top --train_layers blocks, the RMSNorm gains, the output head). A PEFT method: apply_peft adds its modules
     and freezes the rest; resuming, the run's own adapter tensors are loaded (strictly) on top. This is
     the one place a fine-tuning method decides what learns; everything after it follows requires_grad."""
     config = peft_config(cfg)
-    if config is None:
+    if cfg.method == "full":
         model.requires_grad_(True)
+    elif cfg.method == "partial":
+        # Partial fine-tuning: update only some base tensors and keep the rest pretrained. The top blocks
+        # hold the most task-specific features (Yosinski et al. 2014, "How transferable are features in
+        # deep neural networks?", section 4.1); norms alone are the bias-free analogue of BitFit (Ben Zaken
+        # et al. 2022), the gains being the only per-channel vectors LLaMA has.
+        n_layers = len(model.layers)
+        if cfg.train_layers > n_layers:
+            raise UsageError(f"--train_layers {cfg.train_layers} exceeds the model's {n_layers} blocks; "
+                             f"choose at most {n_layers}")
+        model.requires_grad_(False)
+        for layer in model.layers[n_layers - cfg.train_layers:] if cfg.train_layers else []:
+            layer.requires_grad_(True)
+        if cfg.train_norms:
+            for module in model.modules():
+                if isinstance(module, RMSNorm):
+                    module.weight.requires_grad_(True)
+        if cfg.train_output:
+            model.output.weight.requires_grad_(True)
     elif resume_from is not None:
         try:
             load_peft(model, resume_from)
@@ -519,7 +556,7 @@ def save_checkpoint(directory: Path, model: Llama, tokenizer: Tokenizer, optimiz
     so an interruption at any instant leaves the previous checkpoint or the new one, never a mix.
     A model tuned on instruction data records the Alpaca template, which generate.py then uses."""
     with atomic_directory(directory) as tmp:
-        if cfg.method == "full":
+        if cfg.method in FULL_CHECKPOINT_METHODS:
             write_model_files(model, tmp, tokenizer.path)
         else:
             save_peft(model, tmp, base_checkpoint=cfg.init_from)  # (atomic on its own, inside ours)
@@ -531,8 +568,8 @@ def save_checkpoint(directory: Path, model: Llama, tokenizer: Tokenizer, optimiz
 
 
 def checkpoint_dir(cfg: TrainConfig) -> Path:
-    """OUT_DIR/ckpt (a full checkpoint) or, for a PEFT method, OUT_DIR/peft (an adapter-only one)."""
-    return Path(cfg.out_dir) / ("ckpt" if cfg.method == "full" else "peft")
+    """OUT_DIR/ckpt (a full checkpoint: full, partial) or, for a PEFT method, OUT_DIR/peft (an adapter-only one)."""
+    return Path(cfg.out_dir) / ("ckpt" if cfg.method in FULL_CHECKPOINT_METHODS else "peft")
 
 
 def write_merged(directory: Path, model: Llama, tokenizer: Tokenizer, instructions: bool) -> None:
@@ -632,10 +669,11 @@ def train(cfg: TrainConfig) -> dict:
     say = print if rt.master else (lambda *a, **k: None)  # rank 0 alone prints and writes
 
     state = load_train_state(ckpt_dir) if cfg.resume else None
-    # A full run resumes from its own checkpoint; a PEFT run rebuilds the base from --init_from and
+    # A full or partial run resumes from its own checkpoint; a PEFT run rebuilds the base from --init_from and
     # loads its adapter on top (choose_trainable).
     resume_from = ckpt_dir if cfg.resume else None
-    model, tokenizer_path = build_model(cfg, rt, resume_from=resume_from if cfg.method == "full" else None)
+    full_checkpoint = cfg.method in FULL_CHECKPOINT_METHODS
+    model, tokenizer_path = build_model(cfg, rt, resume_from=resume_from if full_checkpoint else None)
     mc = model.config
     if cfg.seq_len > mc.max_seq_len:
         raise UsageError(f"--seq_len {cfg.seq_len} exceeds the model's max_seq_len {mc.max_seq_len}; "
@@ -644,7 +682,7 @@ def train(cfg: TrainConfig) -> dict:
     if data.tokenizer.vocab_size > mc.vocab_size:
         raise UsageError(f"the tokenizer has {data.tokenizer.vocab_size} tokens but the model only "
                          f"{mc.vocab_size}; pass --vocab_size {data.tokenizer.vocab_size}")
-    say(choose_trainable(model, cfg, resume_from=resume_from if cfg.method != "full" else None))
+    say(choose_trainable(model, cfg, resume_from=None if full_checkpoint else resume_from))
     optimizer = make_optimizer(model, cfg, rt)
     sampler = make_sampler(data, cfg)
     step, best_val_loss = 0, float("inf")
@@ -843,8 +881,11 @@ def resumed_config(cfg: TrainConfig, given: set[str]) -> TrainConfig:
     saved = load_train_state(checkpoint_dir(cfg))["train_config"]
     changed = sorted(k for k, v in cfg.model_overrides.items() if saved["model_overrides"].get(k) != v)
     changed += sorted(k for k, v in cfg.peft_overrides.items() if saved["peft_overrides"].get(k) != v)
+    changed += [k for k in ("train_layers", "train_norms", "train_output")  # the optimiser state is theirs
+                if k in given and saved.get(k, getattr(TrainConfig, k)) != getattr(cfg, k)]
     if changed or saved["method"] != cfg.method:
-        raise UsageError("--resume continues the saved model and its method; model, --method and PEFT flags cannot "
+        raise UsageError("--resume continues the saved model and its method; model, --method, PEFT and --train_* "
+                         "flags cannot "
                          f"change it (drop {' '.join('--' + k for k in changed or ['method'])})")
     return replace(TrainConfig(**saved), **{k: getattr(cfg, k) for k in given})
 

@@ -1,0 +1,88 @@
+"""train.py's robust fine-tuning options, each through ``train.main`` on a tiny model: partial
+unfreezing (--method partial), checked against names worked out independently from the model's layout."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import train  # noqa: E402
+from lab.make_lab import make_lab  # noqa: E402
+
+TINY_MODEL = ["--dim", "32", "--n_layers", "2", "--n_heads", "2", "--n_kv_heads", "1", "--multiple_of", "16",
+              "--max_seq_len", "160"]
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """A small instruction lab and a base briefly pretrained on its sentences."""
+    root = tmp_path_factory.mktemp("lab")
+    make_lab(root / "lab", n_words=40, n_heldout=10, seed=0, tasks=["first", "upper"], vocab_size=400)
+    train.main([*TINY_MODEL, "--data", str(root / "lab" / "pretrain"), "--tokenizer", str(root / "lab" / "tokenizer.model"),
+                "--cache_dir", str(root / "cache"), "--seq_len", "48", "--batch_size", "4", "--max_steps", "4",
+                "--eval_every", "4", "--sample_tokens", "0", "--out_dir", str(root / "base")])
+    return root
+
+
+def finetune(lab, out_dir, *extra, steps=4):
+    return train.main(["--init_from", str(lab / "base" / "ckpt"),
+                       "--data", str(lab / "lab" / "instructions" / "train.jsonl"), "--seq_len", "160",
+                       "--batch_size", "4", "--max_steps", str(steps), "--warmup_steps", "1", "--lr", "1e-2",
+                       "--log_every", "2", "--eval_every", str(steps), "--sample_tokens", "0",
+                       "--out_dir", str(out_dir), *extra])
+
+
+def base_weights(lab) -> dict[str, torch.Tensor]:
+    return load_file(lab / "base" / "ckpt" / "model.safetensors")
+
+
+def changed_tensors(before: dict, after: dict) -> set[str]:
+    assert before.keys() == after.keys(), f"checkpoint keys differ: {sorted(before.keys() ^ after.keys())}"
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+@pytest.mark.parametrize("flags, expected", [
+    # expected names written from the layout (2 blocks: the top one is layers.1), not from train.py
+    (["--train_layers", "1"], lambda k: k.startswith("layers.1.")),
+    (["--train_norms"], lambda k: k.endswith("norm.weight")),
+    (["--train_output"], lambda k: k == "output.weight"),
+    (["--train_layers", "1", "--train_norms", "--train_output"],
+     lambda k: k.startswith("layers.1.") or k.endswith("norm.weight") or k == "output.weight"),
+])
+def test_partial_trains_only_the_named_tensors_and_saves_a_full_checkpoint(lab, tmp_path, flags, expected):
+    finetune(lab, tmp_path / "run", "--method", "partial", *flags)
+    assert (tmp_path / "run" / "ckpt" / "model.safetensors").is_file(), "a partial run saves OUT_DIR/ckpt like full"
+    before, after = base_weights(lab), load_file(tmp_path / "run" / "ckpt" / "model.safetensors")
+    want = {k for k in before if expected(k)}
+    got = changed_tensors(before, after)
+    assert got == want, (f"{flags}: tensors that changed {sorted(got)}, expected exactly {sorted(want)}; "
+                         f"unexpectedly changed {sorted(got - want)}, unexpectedly frozen {sorted(want - got)}")
+
+
+def test_partial_resumes_from_its_own_checkpoint(lab, tmp_path, capsys):
+    straight = finetune(lab, tmp_path / "a", "--method", "partial", "--train_layers", "1", steps=4)
+    finetune(lab, tmp_path / "b", "--method", "partial", "--train_layers", "1", steps=2)
+    resumed = train.main(["--resume", "--method", "partial", "--out_dir", str(tmp_path / "b"), "--max_steps", "4"])
+    assert resumed["losses"] == straight["losses"][2:], "resuming a partial run must continue it exactly"
+    with pytest.raises(SystemExit):  # what trains cannot change under the saved optimiser state
+        train.main(["--resume", "--method", "partial", "--out_dir", str(tmp_path / "b"), "--max_steps", "5",
+                    "--train_layers", "2"])
+    assert "drop --train_layers" in capsys.readouterr().err, "changing --train_layers on resume must be refused"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "partial"], "add --train_layers K"),
+    (["--method", "full", "--train_norms"], "not --method full"),
+    (["--method", "lora", "--train_output"], "not --method lora"),
+    (["--method", "partial", "--train_layers", "3"], "exceeds the model's 2 blocks"),
+])
+def test_partial_flags_misused_are_one_line_errors(lab, tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit):
+        finetune(lab, tmp_path / "run", *argv)
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, f"expected a one-line error containing {message!r}, got {err!r}"
