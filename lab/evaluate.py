@@ -1,6 +1,10 @@
 """Exact-match accuracy of a model on lab records, by greedy generation to the end of the answer.
 
     python -m lab.evaluate --checkpoint BASE [--peft ADAPTER_DIR] --records runs/lab/instructions/eval.jsonl
+    python -m lab.evaluate --checkpoint BASE --peft ADAPTER_DIR --interpolate 0.5 --records ...
+    python -m lab.evaluate --checkpoint TUNED --base BASE --interpolate 0.5 --records ...
+
+--interpolate a scores the model θ(a) = (1 − a)·base + a·fine-tuned (``llama_min.interpolate``).
 
 For each record the Alpaca prompt is encoded (with BOS), the model generates greedily until it emits
 EOS (or max_new_tokens), and the decoded answer must equal the record's output exactly (surrounding
@@ -21,8 +25,9 @@ import torch
 
 from llama_min.checkpoint import load_checkpoint, tokenizer_file
 from llama_min.generation import generate
-from llama_min.instructions import InstructionRecord, read_records
-from llama_min.model import Llama
+from llama_min.instructions import InstructionRecord, encode_records, instruction_batch, read_records
+from llama_min.interpolate_files import check_interpolation_flags, interpolate_from_files_
+from llama_min.model import IGNORE_INDEX, Llama
 from llama_min.peft import load_peft
 from llama_min.tokenizer import Tokenizer
 
@@ -61,10 +66,43 @@ def exact_match(model: Llama, tokenizer: Tokenizer, records: Sequence[Instructio
             "per_task": {t: right[t] / total[t] for t in total}, "n": len(records)}
 
 
+@torch.no_grad()
+def answer_loss(model: Llama, tokenizer: Tokenizer, records: Sequence[InstructionRecord], batch_size: int = 64) -> float:
+    """Mean cross-entropy (nats per token) of the records' answers (EOS included) given their prompts,
+    the loss the fine-tuning minimises, measured here on held-out records."""
+    examples, _ = encode_records(records, tokenizer, model.config.max_seq_len)
+    total, count, device = 0.0, 0, next(model.parameters()).device
+    for i in range(0, len(examples), batch_size):
+        tokens, targets = instruction_batch(examples, range(i, min(i + batch_size, len(examples))), tokenizer.eos_id)
+        n = int((targets != IGNORE_INDEX).sum())
+        total += model(tokens.to(device), targets.to(device))[1].item() * n  # the loss is a mean over n
+        count += n
+    return total / count
+
+
+def load_model(checkpoint: str, peft: str = "", base: str = "", interpolate: float | None = None,
+               device: str = "cpu") -> Llama:
+    """The checkpoint, with the adapter ``peft`` applied, moved to θ(interpolate) when given, in eval mode."""
+    if interpolate is not None:
+        check_interpolation_flags(interpolate, peft, base)  # before loading: a mistake costs nothing
+    elif base:
+        raise ValueError("--base is the base checkpoint for --interpolate a; give --interpolate too")
+    model = load_checkpoint(checkpoint, device=device)
+    if peft:
+        load_peft(model, peft)
+    if interpolate is not None:
+        interpolate_from_files_(model, interpolate, checkpoint, peft, base)
+    return model.eval()
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="the base model's checkpoint directory")
     parser.add_argument("--peft", default="", help="an adapter directory (peft.safetensors + peft.json) to apply")
+    parser.add_argument("--base", default="", help="with --interpolate: the base checkpoint of a fully or "
+                        "partially fine-tuned --checkpoint")
+    parser.add_argument("--interpolate", type=float, default=None, metavar="A",
+                        help="score θ(A) = (1 - A)*base + A*fine-tuned, A in [0, 1] (needs --peft or --base)")
     parser.add_argument("--records", required=True, help="Alpaca records (.json or .jsonl) to score")
     parser.add_argument("--tokenizer", default="", help="tokenizer.model (default: the checkpoint's own)")
     parser.add_argument("--limit", type=int, default=0, help="score only the first N records (0: all)")
@@ -72,9 +110,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch_size", type=int, default=64, help="prompts generated together")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    model = load_checkpoint(args.checkpoint, device=args.device)
-    if args.peft:
-        load_peft(model, args.peft)
+    try:
+        model = load_model(args.checkpoint, args.peft, args.base, args.interpolate, args.device)
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
     tok_path = Path(args.tokenizer) if args.tokenizer else tokenizer_file(args.checkpoint)
     if tok_path is None:
         parser.error(f"{args.checkpoint} holds no tokenizer; pass --tokenizer")
