@@ -209,9 +209,14 @@ def loaded_logits(capsys, ids, *argv) -> torch.Tensor:
     return logits_of(model, ids)
 
 
+@pytest.mark.parametrize("peft", [
+    PeftConfig(method="lora", lora_targets=("wq", "w2")),
+    PeftConfig(method="adapter", adapter_len=3),
+    PeftConfig(method="bottleneck", bottleneck_dim=8, bottleneck_train_norms=True),  # base norms trained too
+], ids=["lora", "adapter", "bottleneck+norms"])
 def test_interpolate_endpoints_are_the_base_and_the_adapted_model(model, trained_tokenizer, checkpoint, tmp_path,
-                                                                  capsys):
-    adapted = apply_peft(random_model(model.config), PeftConfig(method="lora", lora_targets=("wq", "w2")))
+                                                                  capsys, peft):
+    adapted = apply_peft(random_model(model.config), peft)
     adapted.load_state_dict(model.state_dict(), strict=False)  # the same base under the adapter
     with torch.no_grad():
         for p in adapted.parameters():
