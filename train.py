@@ -38,8 +38,11 @@ from llama_min.config import PRESETS
 from llama_min.data import (DataError, WindowSampler, split_documents, token_byte_lengths, tokenize_to_memmap,
                             train_tokenizer, windows)
 from llama_min.instructions import encode_records, instruction_batch, read_records
+from llama_min.l2sp import L2SP
 from llama_min.model import IGNORE_INDEX
+from llama_min.neftune import add_embedding_noise
 from llama_min.rmsnorm import RMSNorm
+from llama_min.perturb import perturb_records
 from llama_min.peft import (METHODS as PEFT_METHODS, PeftConfig, add_peft_arguments, apply_peft, fold_lora,
                             load_peft, parameter_table, save_peft)
 from llama_min.templates import record_template
@@ -77,6 +80,13 @@ class TrainConfig:
     model_overrides: dict = field(default_factory=dict, metadata={"help": None})  # filled by the model flags
     # filled by the PEFT flags (PeftConfig's fields, added by llama_min.peft.add_peft_arguments)
     peft_overrides: dict = field(default_factory=dict, metadata={"help": None})
+    # robust fine-tuning (README "Robust, efficient fine-tuning")
+    l2sp: float = _flag(0.0, "L2-SP strength: add l2sp·Σ‖θ − θ₀‖² over the trained base tensors, θ₀ the --init_from "
+                        "weights (Li et al. 2018); consider --weight_decay 0 with it (0: off)")
+    embed_noise: float = _flag(0.0, "NEFTune alpha: uniform noise of ±alpha/sqrt(T·dim) on the input embeddings, "
+                               "training only (Jain et al. 2023 use 5, 10, 15; 0: off)")
+    perturb: float = _flag(0.0, "instruction data: perturb the instruction of this fraction of the training "
+                           "records (typos, case, spaces, a distractor prefix; seeded by --seed; never the held-out ones)")
     merge: bool = _flag(False, "--method lora: at the end also write OUT_DIR/merged, a full checkpoint with "
                         "(alpha/r)·B·A folded into W (no --peft needed to use it)")
     # optimisation
@@ -121,12 +131,14 @@ def check_config(cfg: TrainConfig) -> None:
     positive = ("max_steps", "batch_size", "grad_accum", "seq_len", "eval_every", "eval_tokens", "log_every")
     bad = [f"--{k} {getattr(cfg, k)}" for k in positive if getattr(cfg, k) < 1]
     bad += [f"--{k} {getattr(cfg, k)}" for k in ("lr", "weight_decay", "grad_clip", "warmup_steps", "decay_steps",
-                                                 "sample_tokens", "peak_flops") if getattr(cfg, k) < 0]
-    if not 0 < cfg.val_fraction < 1 or not 0 <= cfg.min_lr_ratio <= 1:
-        bad.append(f"--val_fraction {cfg.val_fraction} / --min_lr_ratio {cfg.min_lr_ratio} (fractions)")
+                                                 "sample_tokens", "peak_flops", "l2sp", "embed_noise")
+            if not getattr(cfg, k) >= 0]
+    if not 0 < cfg.val_fraction < 1 or not 0 <= cfg.min_lr_ratio <= 1 or not 0 <= cfg.perturb <= 1:
+        bad.append(f"--val_fraction {cfg.val_fraction} / --min_lr_ratio {cfg.min_lr_ratio} / --perturb {cfg.perturb} "
+                   "(fractions)")
     if bad:
         raise UsageError(f"out of range: {', '.join(bad)}; counts must be at least 1, rates and sizes not negative, "
-                         "--val_fraction in (0, 1), --min_lr_ratio in [0, 1]")
+                         "--val_fraction in (0, 1), --min_lr_ratio and --perturb in [0, 1]")
     if cfg.method not in METHODS:
         raise UsageError(f"--method {cfg.method!r}: expected one of {', '.join(METHODS)}")
     if cfg.method in FULL_CHECKPOINT_METHODS and cfg.peft_overrides:
@@ -144,6 +156,8 @@ def check_config(cfg: TrainConfig) -> None:
                          "--bottleneck_train_norms)")
     if cfg.method != "full" and not cfg.init_from:
         raise UsageError(f"--method {cfg.method} adapts a trained base model: pass --init_from BASE_CHECKPOINT_DIR")
+    if cfg.l2sp and not cfg.init_from:
+        raise UsageError(f"--l2sp {cfg.l2sp} pulls toward the pretrained weights: pass --init_from BASE_CHECKPOINT_DIR")
     if cfg.merge and cfg.method != "lora":
         raise UsageError(f"--merge folds LoRA into the weights; it needs --method lora, not {cfg.method}")
 
@@ -283,7 +297,10 @@ def prepare_instructions(cfg: TrainConfig, tokenizer_path: Path | None, say) -> 
     if len(records) < 2:
         raise DataError(f"{cfg.data} holds {len(records)} record; at least 2 are needed (one is held out)")
     cut = len(records) - max(1, round(len(records) * cfg.val_fraction))
-    train_examples, dropped_train = encode_records(records[:cut], tokenizer, cfg.seq_len)
+    # --perturb: text-level augmentation of the training prompts only (perturb.py); the held-out records
+    # stay clean, so the held-out loss measures the same thing with and without it.
+    train_records = perturb_records(records[:cut], cfg.perturb, cfg.seed) if cfg.perturb else records[:cut]
+    train_examples, dropped_train = encode_records(train_records, tokenizer, cfg.seq_len)
     val_examples, dropped_val = encode_records(records[cut:], tokenizer, cfg.seq_len)
     if dropped_train or dropped_val:
         say(f"dropped {dropped_train} training and {dropped_val} held-out records longer than --seq_len {cfg.seq_len}")
@@ -294,6 +311,9 @@ def prepare_data(cfg: TrainConfig, rt: Runtime, vocab_size: int, tokenizer_path:
     """Tokenizer and token files, built once by rank 0 while the others wait, then opened by all."""
     if is_instruction_data(cfg.data):
         return prepare_instructions(cfg, tokenizer_path, say)
+    if cfg.perturb:
+        raise UsageError(f"--perturb {cfg.perturb} edits instruction records, but {cfg.data} is plain text; "
+                         "drop --perturb or pass a .json/.jsonl file of instruction records")
     train_docs, val_docs = split_documents(cfg.data, cfg.val_fraction)
     cache = Path(cfg.cache_dir)
     if rt.master:
@@ -399,6 +419,22 @@ def choose_trainable(model: Llama, cfg: TrainConfig, resume_from: Path | None = 
         except ValueError as e:
             raise UsageError(str(e)) from None
     return parameter_table(model)
+
+
+def make_l2sp(model: Llama, cfg: TrainConfig, rt: Runtime, resumed: bool) -> L2SP | None:
+    """--l2sp: the L2-SP penalty over the tensors choose_trainable left trainable (None when off). θ₀ is
+    the --init_from base. A resumed full/partial run has loaded its own, already moved weights, so θ₀ is
+    read again from the base checkpoint (a PEFT run rebuilt the base from --init_from: already θ₀)."""
+    if not cfg.l2sp:
+        return None
+    try:
+        penalty = L2SP(model, cfg.l2sp)
+    except ValueError as e:
+        raise UsageError(f"--l2sp: {e}") from None
+    if resumed:
+        base = dict(load_checkpoint(cfg.init_from, device=rt.device, dtype=torch.float32).named_parameters())
+        penalty.anchors = [base[name].detach() for name in penalty.names]
+    return penalty
 
 
 def decays(p: torch.Tensor) -> bool:
@@ -683,6 +719,11 @@ def train(cfg: TrainConfig) -> dict:
         raise UsageError(f"the tokenizer has {data.tokenizer.vocab_size} tokens but the model only "
                          f"{mc.vocab_size}; pass --vocab_size {data.tokenizer.vocab_size}")
     say(choose_trainable(model, cfg, resume_from=None if full_checkpoint else resume_from))
+    l2sp = make_l2sp(model, cfg, rt, resumed=state is not None and full_checkpoint)
+    if cfg.embed_noise:
+        # NEFTune (Jain et al. 2023, Algorithm 1): noisy input embeddings in training mode only; the
+        # embedding keeps its weight and state-dict key, and model.eval() (evaluation, samples) is noise-free.
+        add_embedding_noise(model, cfg.embed_noise)
     optimizer = make_optimizer(model, cfg, rt)
     sampler = make_sampler(data, cfg)
     step, best_val_loss = 0, float("inf")
@@ -748,7 +789,10 @@ def train(cfg: TrainConfig) -> dict:
                 with (nullcontext() if sync else model.no_sync()), rt.autocast():
                     _, loss = model(x, y)
                     loss = loss / cfg.grad_accum  # the accumulated gradient is the mean over micro-batches
-                scaler.scale(loss).backward()
+                # L2-SP (Li et al. 2018, section 3): + λ·Σ‖θ − θ₀‖², split over the micro-batches so each step
+                # adds it once. Logged losses stay the task loss, comparable across λ.
+                penalty = l2sp() / cfg.grad_accum if l2sp is not None else 0.0
+                scaler.scale(loss + penalty).backward()
                 loss_sum += loss.detach()
             if cfg.grad_clip > 0:
                 scaler.unscale_(optimizer)
@@ -802,6 +846,7 @@ def train(cfg: TrainConfig) -> dict:
         note = plot_losses(out_dir)
         if note or (out_dir / "loss.png").exists():
             say(note or f"loss curve: {out_dir / 'loss.png'}")
+    raw_model.eval()  # samples without training-only noise (NEFTune, LoRA dropout)
     if stopped_by is None and rt.master and cfg.sample_tokens > 0:
         prompt = data.tokenizer.encode(cfg.sample_prompt, bos=True)
         if data.instructions and not cfg.sample_prompt:  # the first held-out record's prompt

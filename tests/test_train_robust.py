@@ -1,5 +1,6 @@
 """train.py's robust fine-tuning options, each through ``train.main`` on a tiny model: partial
-unfreezing (--method partial), checked against names worked out independently from the model's layout."""
+unfreezing (--method partial), checked against names worked out independently from the model's layout;
+the L2-SP pull (--l2sp), NEFTune embedding noise (--embed_noise) and prompt perturbation (--perturb)."""
 
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ sys.path.insert(0, str(REPO))
 
 import train  # noqa: E402
 from lab.make_lab import make_lab  # noqa: E402
+from llama_min.instructions import read_records  # noqa: E402
 
 TINY_MODEL = ["--dim", "32", "--n_layers", "2", "--n_heads", "2", "--n_kv_heads", "1", "--multiple_of", "16",
               "--max_seq_len", "160"]
@@ -86,3 +88,70 @@ def test_partial_flags_misused_are_one_line_errors(lab, tmp_path, capsys, argv, 
         finetune(lab, tmp_path / "run", *argv)
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, f"expected a one-line error containing {message!r}, got {err!r}"
+
+
+def squared_distance(before: dict, after: dict) -> float:
+    return sum(float((after[k].double() - before[k].double()).pow(2).sum()) for k in before)
+
+
+def test_l2sp_keeps_the_weights_closer_to_the_base(lab, tmp_path):
+    runs = {}
+    for lam in ("0", "10"):
+        finetune(lab, tmp_path / lam, "--method", "full", "--weight_decay", "0", "--l2sp", lam, steps=6)
+        runs[lam] = squared_distance(base_weights(lab), load_file(tmp_path / lam / "ckpt" / "model.safetensors"))
+    assert 0 < runs["10"] < runs["0"], f"‖θ − θ₀‖²: {runs['10']:.4g} with --l2sp 10, {runs['0']:.4g} without"
+
+
+def test_l2sp_resumed_anchors_at_the_base_not_at_the_resumed_weights(lab, tmp_path):
+    args = ("--method", "partial", "--train_layers", "1", "--train_output", "--l2sp", "10")
+    straight = finetune(lab, tmp_path / "a", *args, steps=4)
+    finetune(lab, tmp_path / "b", *args, steps=2)
+    resumed = train.main(["--resume", "--method", "partial", "--out_dir", str(tmp_path / "b"), "--max_steps", "4"])
+    assert resumed["losses"] == straight["losses"][2:], \
+        "a resumed --l2sp run must pull toward the --init_from base, exactly as the uninterrupted run does"
+
+
+def test_l2sp_needs_a_trained_base_tensor(lab, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        finetune(lab, tmp_path / "run", "--method", "lora", "--l2sp", "1")
+    assert "no trained base tensor" in capsys.readouterr().err
+
+
+def test_embed_noise_changes_training_but_not_evaluation(lab, tmp_path):
+    # --lr 0: the weights never move, so the held-out loss of both runs is on the same weights.
+    runs = {a: finetune(lab, tmp_path / a, "--method", "full", "--lr", "0", "--embed_noise", a) for a in ("0", "5")}
+    assert runs["5"]["losses"] != runs["0"]["losses"], "--embed_noise 5 left the training losses unchanged"
+    assert runs["5"]["val_loss"] == runs["0"]["val_loss"], \
+        f"evaluation must be noise-free: held-out loss {runs['5']['val_loss']} with noise, {runs['0']['val_loss']} without"
+    moved = {a: finetune(lab, tmp_path / f"lr{a}", "--method", "full", "--embed_noise", a) for a in ("0", "5")}
+    assert moved["5"]["val_loss"] != moved["0"]["val_loss"], "training with noise should reach different weights"
+
+
+def test_perturb_edits_training_prompts_only(lab, tmp_path, monkeypatch):
+    seen = []
+    original = train.encode_records
+
+    def spy(records, *args):  # the records train.py encodes: the training split first, then the held-out one
+        seen.append(list(records))
+        return original(records, *args)
+
+    monkeypatch.setattr(train, "encode_records", spy)
+    finetune(lab, tmp_path / "run", "--method", "full", "--perturb", "0.5", "--seed", "3", steps=1)
+    clean = read_records(lab / "lab" / "instructions" / "train.jsonl")
+    trained, held_out = seen
+    assert held_out == clean[len(trained):], "the held-out records must stay clean"
+    edited = [i for i, (t, c) in enumerate(zip(trained, clean)) if t.instruction != c.instruction]
+    assert len(edited) == round(0.5 * len(trained)), f"{len(edited)} of {len(trained)} prompts edited, expected half"
+    assert [(t.input, t.output) for t in trained] == [(c.input, c.output) for c in clean[:len(trained)]], \
+        "--perturb must never change the input the answer depends on, nor the answer"
+    seen.clear()
+    finetune(lab, tmp_path / "again", "--method", "full", "--perturb", "0.5", "--seed", "3", steps=1)
+    assert seen[0] == trained, "--perturb with the same --seed must edit the same records the same way"
+
+
+def test_perturb_on_plain_text_is_a_one_line_error(lab, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.main([*TINY_MODEL, "--data", str(lab / "lab" / "pretrain"), "--tokenizer",
+                    str(lab / "lab" / "tokenizer.model"), "--cache_dir", str(lab / "cache"), "--seq_len", "48", "--perturb", "0.3",
+                    "--out_dir", str(tmp_path / "run")])
+    assert "plain text" in capsys.readouterr().err
