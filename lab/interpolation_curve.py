@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     tmp = out / "curve.json.tmp"
     tmp.write_text(json.dumps(figures, indent=2) + "\n")
     os.replace(tmp, out / "curve.json")
-    plot(points, out / "curve.png", f"{Path(args.peft or args.checkpoint).name}: base (a=0) to fine-tuned (a=1)")
+    plot(points, out / "curve.png", f"{'/'.join(Path(args.peft or args.checkpoint).parts[-2:])}: base (a=0) to fine-tuned (a=1)")
     for p in points:
         print(f"a = {p['a']:.2f}   exact match {p['accuracy']:.3f}   answer loss {p['answer_loss']:.4f}")
     return points
