@@ -93,3 +93,15 @@ def test_curve_bad_flags_are_one_clear_line(lab, tmp_path, capsys, flags, messag
     err = capsys.readouterr().err
     assert re.search(message, err), err
     assert not (tmp_path / "c").exists(), "a bad flag must stop before anything is written"
+
+
+def test_curve_between_two_full_checkpoints(lab, trained_tokenizer, tmp_path, capsys):
+    base_dir, _, path, recs, base, _ = lab
+    tuned = random_model(base.config, seed=3)  # a "fully fine-tuned" model: every base tensor moved
+    tuned.save_checkpoint(tmp_path / "tuned", tokenizer_path=trained_tokenizer.path)
+    points = interpolation_curve.main(["--checkpoint", str(tmp_path / "tuned"), "--base", str(base_dir),
+                                       "--records", str(path), "--out", str(tmp_path / "full"),
+                                       "--max_new_tokens", "4", "--coefficients", "0", "1"])
+    assert (points[0]["accuracy"], points[0]["answer_loss"]) == scores(base, trained_tokenizer, recs)
+    assert (points[1]["accuracy"], points[1]["answer_loss"]) == scores(tuned, trained_tokenizer, recs)
+    assert points[0] != points[1], "base and tuned score the same: the test would prove nothing"
