@@ -41,10 +41,10 @@ from llama_min.instructions import encode_records, instruction_batch, read_recor
 from llama_min.l2sp import L2SP
 from llama_min.model import IGNORE_INDEX
 from llama_min.neftune import add_embedding_noise
-from llama_min.rmsnorm import RMSNorm
-from llama_min.perturb import perturb_records
 from llama_min.peft import (METHODS as PEFT_METHODS, PeftConfig, add_peft_arguments, apply_peft, fold_lora,
                             load_peft, parameter_table, save_peft)
+from llama_min.perturb import perturb_records
+from llama_min.rmsnorm import RMSNorm
 from llama_min.templates import record_template
 
 REPO = Path(__file__).resolve().parent
@@ -396,7 +396,7 @@ def choose_trainable(model: Llama, cfg: TrainConfig, resume_from: Path | None = 
             raise UsageError(f"--train_layers {cfg.train_layers} exceeds the model's {n_layers} blocks; "
                              f"choose at most {n_layers}")
         model.requires_grad_(False)
-        for layer in model.layers[n_layers - cfg.train_layers:] if cfg.train_layers else []:
+        for layer in model.layers[n_layers - cfg.train_layers:]:  # empty for --train_layers 0
             layer.requires_grad_(True)
         if cfg.train_norms:
             for module in model.modules():
