@@ -5,6 +5,7 @@ The references are separate evaluations of the base and of the adapted model, wi
 
 import json
 import re
+import sys
 
 import pytest
 import torch
@@ -105,3 +106,9 @@ def test_curve_between_two_full_checkpoints(lab, trained_tokenizer, tmp_path, ca
     assert (points[0]["accuracy"], points[0]["answer_loss"]) == scores(base, trained_tokenizer, recs)
     assert (points[1]["accuracy"], points[1]["answer_loss"]) == scores(tuned, trained_tokenizer, recs)
     assert points[0] != points[1], "base and tuned score the same: the test would prove nothing"
+
+
+def test_missing_matplotlib_is_named(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    with pytest.raises(SystemExit, match=r"matplotlib is needed to draw .*curve.png \(pip install matplotlib\)"):
+        interpolation_curve.plot([{"a": 0.0, "accuracy": 0.0, "answer_loss": 1.0}], tmp_path / "curve.png", "t")
