@@ -27,17 +27,6 @@ TINY_MODEL = ["--dim", "32", "--n_layers", "2", "--n_heads", "2", "--n_kv_heads"
 PEFT_METHODS = ("adapter", "lora", "bottleneck")
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    """A small lab and a base briefly pretrained on its sentences (train.py, plain-text data)."""
-    root = tmp_path_factory.mktemp("lab")
-    make_lab(root / "lab", n_words=40, n_heldout=10, seed=0, tasks=["first", "upper"], vocab_size=400)
-    train.main([*TINY_MODEL, "--data", str(root / "lab" / "pretrain"), "--tokenizer", str(root / "lab" / "tokenizer.model"),
-                "--cache_dir", str(root / "cache"), "--seq_len", "48", "--batch_size", "4", "--max_steps", "4",
-                "--eval_every", "4", "--sample_tokens", "0", "--out_dir", str(root / "base")])
-    return root
-
-
 def finetune_args(lab, out_dir, method, *extra):
     return ["--init_from", str(lab / "base" / "ckpt"), "--method", method,
             "--data", str(lab / "lab" / "instructions" / "train.jsonl"), "--seq_len", "160", "--batch_size", "4",

@@ -13,22 +13,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import train  # noqa: E402
-from lab.make_lab import make_lab  # noqa: E402
 from llama_min.instructions import read_records  # noqa: E402
 
 TINY_MODEL = ["--dim", "32", "--n_layers", "2", "--n_heads", "2", "--n_kv_heads", "1", "--multiple_of", "16",
               "--max_seq_len", "160"]
-
-
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    """A small instruction lab and a base briefly pretrained on its sentences."""
-    root = tmp_path_factory.mktemp("lab")
-    make_lab(root / "lab", n_words=40, n_heldout=10, seed=0, tasks=["first", "upper"], vocab_size=400)
-    train.main([*TINY_MODEL, "--data", str(root / "lab" / "pretrain"), "--tokenizer", str(root / "lab" / "tokenizer.model"),
-                "--cache_dir", str(root / "cache"), "--seq_len", "48", "--batch_size", "4", "--max_steps", "4",
-                "--eval_every", "4", "--sample_tokens", "0", "--out_dir", str(root / "base")])
-    return root
 
 
 def finetune(lab, out_dir, *extra, steps=4):
