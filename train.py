@@ -41,8 +41,8 @@ from llama_min.instructions import encode_records, instruction_batch, read_recor
 from llama_min.l2sp import L2SP
 from llama_min.model import IGNORE_INDEX
 from llama_min.neftune import add_embedding_noise
-from llama_min.peft import (METHODS as PEFT_METHODS, PeftConfig, add_peft_arguments, apply_peft, fold_lora,
-                            load_peft, parameter_table, save_peft)
+from llama_min.peft import (METHODS as PEFT_METHODS, SCRIPT_FIELDS, PeftConfig, add_peft_arguments, apply_peft,
+                            fold_lora, load_peft, parameter_table, save_peft)
 from llama_min.perturb import perturb_records
 from llama_min.rmsnorm import RMSNorm
 from llama_min.templates import record_template
@@ -51,7 +51,7 @@ REPO = Path(__file__).resolve().parent
 STATE_FILE = "train_state.pt"  # next to config.json + model.safetensors in the checkpoint directory
 METHODS = ("full", "partial", *PEFT_METHODS)  # every parameter, the named base tensors, or one PEFT method
 FULL_CHECKPOINT_METHODS = ("full", "partial")  # base tensors change: the whole model is saved (OUT_DIR/ckpt)
-PEFT_FIELDS = tuple(f.name for f in fields(PeftConfig) if f.name != "method")  # --method chooses that one
+PEFT_FIELDS = tuple(f.name for f in fields(PeftConfig) if f.name not in SCRIPT_FIELDS)  # --method, --train_norms: ours
 
 
 def _flag(default, help: str):
@@ -73,8 +73,8 @@ class TrainConfig:
     method: str = _flag("full", f"which parameters train: {' | '.join(METHODS)} (partial: only what "
                         "--train_layers/--train_norms/--train_output name)")
     train_layers: int = _flag(0, "--method partial: train the top K transformer blocks (all their tensors)")
-    train_norms: bool = _flag(False, "--method partial: train every RMSNorm gain (the bias-free LLaMA's analogue "
-                              "of bias-only tuning)")
+    train_norms: bool = _flag(False, "--method partial or a PEFT method: also train every RMSNorm gain (the "
+                              "bias-free LLaMA's analogue of bias-only tuning; e.g. LoRA plus trainable norms)")
     train_output: bool = _flag(False, "--method partial: train the output head (with --tie_embeddings that is "
                                "the embedding too: one tensor)")
     model_overrides: dict = field(default_factory=dict, metadata={"help": None})  # filled by the model flags
@@ -145,15 +145,15 @@ def check_config(cfg: TrainConfig) -> None:
         raise UsageError(f"{' '.join(sorted('--' + k for k in cfg.peft_overrides))} configure a PEFT method, but "
                          f"--method is {cfg.method}; add --method {' | '.join(PEFT_METHODS)} or drop them")
     partial_flags = [f"--{k}" for k in ("train_layers", "train_norms", "train_output") if getattr(cfg, k)]
+    base_flags = [f for f in partial_flags if f != "--train_norms" or cfg.method not in PEFT_METHODS]
     if cfg.train_layers < 0:
         raise UsageError(f"--train_layers {cfg.train_layers}: expected a number of top blocks, at least 0")
     if cfg.method == "partial" and not partial_flags:
         raise UsageError("--method partial trains only what is named: add --train_layers K, --train_norms "
                          "and/or --train_output")
-    if cfg.method != "partial" and partial_flags:
-        raise UsageError(f"{' '.join(partial_flags)} choose what --method partial trains, not --method {cfg.method}; "
-                         "use --method partial (a PEFT method with trainable norms: --method bottleneck "
-                         "--bottleneck_train_norms)")
+    if cfg.method != "partial" and base_flags:  # a PEFT method may add the norms, nothing else of the base
+        raise UsageError(f"{' '.join(base_flags)} choose what --method partial trains, not --method {cfg.method}; "
+                         f"use --method partial (with a PEFT method only --train_norms combines)")
     if cfg.method != "full" and not cfg.init_from:
         raise UsageError(f"--method {cfg.method} adapts a trained base model: pass --init_from BASE_CHECKPOINT_DIR")
     if cfg.l2sp and not cfg.init_from:
@@ -167,7 +167,7 @@ def peft_config(cfg: TrainConfig) -> PeftConfig | None:
     if cfg.method in FULL_CHECKPOINT_METHODS:
         return None
     try:
-        return PeftConfig(method=cfg.method, **cfg.peft_overrides)
+        return PeftConfig(method=cfg.method, train_norms=cfg.train_norms, **cfg.peft_overrides)
     except ValueError as e:
         raise UsageError(str(e)) from None
 

@@ -73,6 +73,8 @@ class PeftConfig:
         "bottleneck: width of the down-projection of each adapter"))
     bottleneck_train_norms: bool = field(default=False, metadata=_help(
         "bottleneck: also train the RMSNorm gains, as Houlsby et al. train the layer norms"))
+    train_norms: bool = field(default=False, metadata=_help(
+        "any method: also train the RMSNorm gains (e.g. LoRA plus trainable norms); train.py's --train_norms"))
 
     def __post_init__(self):
         self.lora_targets = tuple(self.lora_targets)  # JSON gives a list
@@ -91,6 +93,11 @@ class PeftConfig:
             problems.append(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if problems:
             raise ValueError("invalid PeftConfig: " + "; ".join(problems))
+
+    @property
+    def trains_norms(self) -> bool:
+        """Whether the RMSNorm gains train beside the method's own tensors."""
+        return self.train_norms or self.method == "bottleneck" and self.bottleneck_train_norms
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -111,12 +118,16 @@ class PeftConfig:
 
 # ---- command-line flags: one per PeftConfig field, with its help text ----------------------------
 
+# Fields a script chooses with its own flags: ``--method`` (which also offers ``full``) and ``--train_norms``
+# (which also serves ``--method partial``).
+SCRIPT_FIELDS = ("method", "train_norms")
+
+
 def add_peft_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--adapter_len``, ``--lora_rank``, ... (every field but ``method``, which the script's own
-    ``--method`` chooses, since it also offers ``full``)."""
+    """Add ``--adapter_len``, ``--lora_rank``, ... (every field but the SCRIPT_FIELDS)."""
     group = parser.add_argument_group("parameter-efficient fine-tuning (--method adapter|lora|bottleneck)")
     for f in fields(PeftConfig):
-        if f.name == "method":
+        if f.name in SCRIPT_FIELDS:
             continue
         if isinstance(f.default, bool):
             group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
@@ -130,8 +141,9 @@ def add_peft_arguments(parser: argparse.ArgumentParser) -> None:
                                help=f"{f.metadata['help']} (default: {f.default})")
 
 
-def peft_config_from_args(args: argparse.Namespace, method: str) -> PeftConfig:
-    return PeftConfig(method=method, **{f.name: getattr(args, f.name) for f in fields(PeftConfig) if f.name != "method"})
+def peft_config_from_args(args: argparse.Namespace, method: str, train_norms: bool = False) -> PeftConfig:
+    return PeftConfig(method=method, train_norms=train_norms,
+                      **{f.name: getattr(args, f.name) for f in fields(PeftConfig) if f.name not in SCRIPT_FIELDS})
 
 
 # ---- composing the modules into a model -----------------------------------------------------------
@@ -172,13 +184,13 @@ def apply_peft(model: Llama, config: PeftConfig) -> Llama:
         for layer in model.layers:
             layer.attention_adapter = Bottleneck(mc.dim, config.bottleneck_dim, **factory)
             layer.ffn_adapter = Bottleneck(mc.dim, config.bottleneck_dim, **factory)
-        if config.bottleneck_train_norms:
-            # Kept so that remove_peft can give the base its own gains back.
-            model.peft_base_norms = {n: p.detach().clone() for n, p in model.named_parameters()
-                                     if n.endswith("norm.weight")}
-            for m in model.modules():
-                if isinstance(m, RMSNorm):
-                    m.weight.requires_grad_(True)
+    if config.trains_norms:
+        # Kept so that remove_peft can give the base its own gains back.
+        model.peft_base_norms = {n: p.detach().clone() for n, p in model.named_parameters()
+                                 if n.endswith("norm.weight")}
+        for m in model.modules():
+            if isinstance(m, RMSNorm):
+                m.weight.requires_grad_(True)
     model.peft_config = config
     return model
 

@@ -54,6 +54,26 @@ def test_partial_trains_only_the_named_tensors_and_saves_a_full_checkpoint(lab, 
                          f"unexpectedly changed {sorted(got - want)}, unexpectedly frozen {sorted(want - got)}")
 
 
+@pytest.mark.parametrize("method", ["lora", "adapter"])
+def test_train_norms_combines_with_a_peft_method(lab, tmp_path, method):
+    """--method lora|adapter --train_norms: the adapter file holds the method's tensors plus every RMSNorm
+    gain, the gains moved, and loading the adapter onto the base reproduces the fine-tuned model."""
+    from llama_min.checkpoint import load_checkpoint
+    from llama_min.peft import load_peft
+
+    finetune(lab, tmp_path / "run", "--method", method, "--train_norms")
+    saved = load_file(tmp_path / "run" / "peft" / "peft.safetensors")
+    base = base_weights(lab)
+    norms = {k for k in base if k.endswith("norm.weight")}  # attention_norm, ffn_norm per block, and the final norm
+    assert norms <= saved.keys(), f"norm gains missing from the adapter: {sorted(norms - saved.keys())}"
+    assert not (saved.keys() - norms) & base.keys(), "no other base tensor may be trained"
+    assert all(not torch.equal(saved[k], base[k]) for k in norms), "every norm gain should have moved"
+    model = load_peft(load_checkpoint(lab / "base" / "ckpt"), tmp_path / "run" / "peft")
+    params = dict(model.named_parameters())
+    for k in norms:
+        torch.testing.assert_close(params[k].detach(), saved[k], rtol=0, atol=0, msg=f"{k} not loaded from the adapter")
+
+
 def test_partial_resumes_from_its_own_checkpoint(lab, tmp_path, capsys):
     straight = finetune(lab, tmp_path / "a", "--method", "partial", "--train_layers", "1", steps=4)
     finetune(lab, tmp_path / "b", "--method", "partial", "--train_layers", "1", steps=2)
