@@ -6,11 +6,8 @@
 
 --interpolate a scores the model θ(a) = (1 − a)·base + a·fine-tuned (``llama_min.interpolate``).
 
-For each record the Alpaca prompt is encoded (with BOS), the model generates greedily until it emits
-EOS (or max_new_tokens), and the decoded answer must equal the record's output exactly (surrounding
-whitespace aside: the answer's first token carries sentencepiece's word-start marker). Prompts are
-batched with left padding through ``llama_min.generation.generate``, whose greedy output does not
-depend on the batch.
+Answers are generated greedily and compared exactly as ``llama_min.exact_match`` explains; here the
+score is also broken down per lab task.
 """
 
 from __future__ import annotations
@@ -24,7 +21,7 @@ from typing import Sequence
 import torch
 
 from llama_min.checkpoint import load_checkpoint, tokenizer_file
-from llama_min.generation import generate
+from llama_min.exact_match import answers, is_exact
 from llama_min.instructions import InstructionRecord, encode_records, instruction_batch, read_records
 from llama_min.interpolate_files import check_interpolation_flags, interpolate_from_files_
 from llama_min.model import IGNORE_INDEX, Llama
@@ -36,22 +33,6 @@ from .tasks import TASKS
 _TASK_OF_INSTRUCTION = {t.instruction: name for name, t in TASKS.items()}
 
 
-def answers(model: Llama, tokenizer: Tokenizer, records: Sequence[InstructionRecord], max_new_tokens: int = 16,
-            batch_size: int = 64) -> list[str]:
-    """The model's greedy answer to every record, decoded, generation stopped at EOS."""
-    was_training = model.training
-    model.eval()  # no dropout while answering
-    out = []
-    try:
-        for i in range(0, len(records), batch_size):
-            prompts = [tokenizer.encode(r.prompt(), bos=True) for r in records[i:i + batch_size]]
-            new = generate(model, prompts, max_new_tokens, temperature=0.0, stop_ids=[tokenizer.eos_id])
-            out += [tokenizer.decode(ids) for ids in new]
-    finally:
-        model.train(was_training)
-    return out
-
-
 def exact_match(model: Llama, tokenizer: Tokenizer, records: Sequence[InstructionRecord],
                 max_new_tokens: int = 16, batch_size: int = 64) -> dict:
     """{"accuracy": share of records answered exactly, "per_task": {task: accuracy}, "n": records}.
@@ -61,7 +42,7 @@ def exact_match(model: Llama, tokenizer: Tokenizer, records: Sequence[Instructio
     for record, answer in zip(records, got):
         task = _TASK_OF_INSTRUCTION.get(record.instruction, "other")
         total[task] += 1
-        right[task] += answer.strip() == record.output.strip()
+        right[task] += is_exact(answer, record)
     return {"accuracy": sum(right.values()) / max(len(records), 1),
             "per_task": {t: right[t] / total[t] for t in total}, "n": len(records)}
 

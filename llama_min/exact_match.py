@@ -1,0 +1,44 @@
+"""Exact-match accuracy of instruction following: greedy answers compared with the records' outputs.
+
+For each record the Alpaca prompt is encoded (with BOS), the model generates greedily until it emits
+EOS (or max_new_tokens), and the decoded answer must equal the record's output exactly, surrounding
+whitespace aside (the answer's first token carries sentencepiece's word-start marker). Prompts are
+batched with left padding through ``generation.generate``, whose greedy output does not depend on
+the batch. Used by train.py's dev-set early stopping and by the lab's evaluation.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from .generation import generate
+from .instructions import InstructionRecord
+from .model import Llama
+from .tokenizer import Tokenizer
+
+
+def answers(model: Llama, tokenizer: Tokenizer, records: Sequence[InstructionRecord], max_new_tokens: int = 16,
+            batch_size: int = 64) -> list[str]:
+    """The model's greedy answer to every record, decoded, generation stopped at EOS."""
+    was_training = model.training
+    model.eval()  # no dropout or embedding noise while answering
+    out = []
+    try:
+        for i in range(0, len(records), batch_size):
+            prompts = [tokenizer.encode(r.prompt(), bos=True) for r in records[i:i + batch_size]]
+            new = generate(model, prompts, max_new_tokens, temperature=0.0, stop_ids=[tokenizer.eos_id])
+            out += [tokenizer.decode(ids) for ids in new]
+    finally:
+        model.train(was_training)
+    return out
+
+
+def is_exact(answer: str, record: InstructionRecord) -> bool:
+    return answer.strip() == record.output.strip()
+
+
+def exact_match_accuracy(model: Llama, tokenizer: Tokenizer, records: Sequence[InstructionRecord],
+                         max_new_tokens: int = 16, batch_size: int = 64) -> float:
+    """Share of the records answered exactly (0 for no records)."""
+    got = answers(model, tokenizer, records, max_new_tokens, batch_size)
+    return sum(is_exact(a, r) for a, r in zip(got, records)) / max(len(records), 1)
