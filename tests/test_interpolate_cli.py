@@ -12,7 +12,8 @@ import torch
 
 from conftest import random_model, tiny_config
 from lab import evaluate, interpolation_curve
-from lab.evaluate import answer_loss, answers, exact_match
+from lab.evaluate import answer_loss, exact_match
+from llama_min.exact_match import answers
 from lab.tasks import make_words, records
 from llama_min.instructions import InstructionRecord
 from llama_min.peft import PeftConfig, apply_peft, save_peft
