@@ -20,7 +20,9 @@ from typing import Sequence
 
 import torch
 
+import train
 from llama_min.checkpoint import load_checkpoint, tokenizer_file
+from llama_min.data import split_documents, token_byte_lengths, tokenize_to_memmap
 from llama_min.exact_match import answers, is_exact
 from llama_min.instructions import InstructionRecord, encode_records, instruction_batch, read_records
 from llama_min.interpolate_files import check_interpolation_flags, interpolate_from_files_
@@ -59,6 +61,19 @@ def answer_loss(model: Llama, tokenizer: Tokenizer, records: Sequence[Instructio
         total += model(tokens.to(device), targets.to(device))[1].item() * n  # the loss is a mean over n
         count += n
     return total / count
+
+
+def corpus_bpb(model: Llama, tokenizer: Tokenizer, corpus: str | Path, cache_dir: str | Path, seq_len: int,
+               batch_size: int = 16) -> float:
+    """Bits per byte on the held-out split of a pretraining corpus (a directory of train/val files),
+    measured by train.py's own ``evaluate``: the figure pretraining logged, now for any model. The lab
+    compares it before and after fine-tuning to measure forgetting."""
+    _, val_docs = split_documents(corpus, val_fraction=0.05)  # (a directory: its val file, whole)
+    held_out = tokenize_to_memmap(val_docs, tokenizer, Path(cache_dir), "val")
+    data = train.Data(tokenizer, train=[], val=held_out, byte_lengths=token_byte_lengths(tokenizer))
+    cfg = train.TrainConfig(seq_len=seq_len, batch_size=batch_size)
+    device = next(model.parameters()).device
+    return train.evaluate(model, data, cfg, train.Runtime(device))[1]
 
 
 def load_model(checkpoint: str, peft: str = "", base: str = "", interpolate: float | None = None,

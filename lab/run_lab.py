@@ -33,8 +33,10 @@ from pathlib import Path
 
 import torch
 
+import train
 from llama_min.checkpoint import load_checkpoint, tokenizer_file
 from llama_min.instructions import read_records
+from llama_min.model import Llama
 from llama_min.peft import load_peft
 from llama_min.tokenizer import Tokenizer
 
@@ -45,6 +47,8 @@ REPO = Path(__file__).resolve().parents[1]
 METHODS = ("full", "adapter", "lora", "bottleneck")
 # The lab base: the tiny preset's shape (dim 128, 4 layers, 4 heads sharing 2 kv heads).
 BASE_MODEL = ["--dim", "128", "--n_layers", "4", "--n_heads", "4", "--n_kv_heads", "2", "--multiple_of", "32"]
+PRETRAIN_SEQ_LEN = 64  # the lab's documents are short sentences; 64 tokens hold several
+FINETUNE_SEQ_LEN = 128  # drops longer records; the lab's are about 60 tokens, and a batch pads to its longest only
 
 
 def run_child(argv: list[str], log: Path) -> dict:
@@ -63,52 +67,63 @@ def run_child(argv: list[str], log: Path) -> dict:
     return {"wall_s": wall, "peak_mb": usage.ru_maxrss / 1024}  # ru_maxrss is in KiB on Linux
 
 
-def accuracy(checkpoint: Path, eval_file: Path, peft: Path | None = None) -> float:
-    model = load_checkpoint(checkpoint)
-    if peft is not None:
-        load_peft(model, peft)
-    tokenizer = Tokenizer(tokenizer_file(checkpoint))
-    return exact_match(model, tokenizer, read_records(eval_file))["accuracy"]
+def load_finetuned(base_ckpt: Path, run_dir: Path) -> Llama:
+    """The model a fine-tuning run in run_dir produced: its full checkpoint (full, partial) or the base
+    with its adapter (a PEFT method)."""
+    if (run_dir / "ckpt").is_dir():
+        return load_checkpoint(run_dir / "ckpt")
+    return load_peft(load_checkpoint(base_ckpt), run_dir / "peft")
+
+
+def trainable_count(base_ckpt: Path, flags: list[str]) -> int:
+    """Parameters that train under train.py's flags, counted by train.py's own choose_trainable."""
+    cfg, _ = train.parse_args(["--init_from", str(base_ckpt), *flags])
+    model = load_checkpoint(base_ckpt)
+    train.choose_trainable(model, cfg)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def pretrain_base(lab: Path, seed: int, steps: int, batch_size: int) -> Path:
+    """Make the lab of this seed in LAB/lab and pretrain its base; returns the base checkpoint."""
+    make_lab(lab / "lab", seed=seed)
+    base = lab / "base"
+    run_child([*BASE_MODEL, "--data", str(lab / "lab" / "pretrain"), "--tokenizer", str(lab / "lab" / "tokenizer.model"),
+               "--cache_dir", str(lab / "cache"), "--seq_len", str(PRETRAIN_SEQ_LEN), "--batch_size", str(batch_size),
+               "--lr", "3e-3", "--warmup_steps", "50", "--max_steps", str(steps),
+               "--eval_every", str(steps), "--log_every", "100", "--sample_tokens", "0",
+               "--seed", str(seed), "--out_dir", str(base)], base / "train.log")
+    return base / "ckpt"
+
+
+def finetune(lab: Path, run_dir: Path, flags: list[str], steps: int, batch_size: int, seed: int) -> dict:
+    """Fine-tune LAB's base on its instruction records with train.py's ``flags`` (method, lr, options)
+    into run_dir; the child's wall time and peak memory."""
+    return run_child(["--init_from", str(lab / "base" / "ckpt"),
+                      "--data", str(lab / "lab" / "instructions" / "train.jsonl"), "--seq_len", str(FINETUNE_SEQ_LEN),
+                      "--batch_size", str(batch_size), "--warmup_steps", "10", "--max_steps", str(steps),
+                      "--eval_every", str(steps), "--log_every", "25", "--sample_tokens", "0", "--seed", str(seed),
+                      "--out_dir", str(run_dir), *flags], run_dir / "train.log")
 
 
 def run_seed(out: Path, seed: int, args) -> dict:
     lab = out / f"seed{seed}"
-    make_lab(lab / "lab", seed=seed)
-    base = lab / "base"
-    run_child([*BASE_MODEL, "--data", str(lab / "lab" / "pretrain"), "--tokenizer", str(lab / "lab" / "tokenizer.model"),
-               "--cache_dir", str(lab / "cache"), "--seq_len", "64", "--batch_size", str(args.batch_size),
-               "--lr", "3e-3", "--warmup_steps", "50", "--max_steps", str(args.pretrain_steps),
-               "--eval_every", str(args.pretrain_steps), "--log_every", "100", "--sample_tokens", "0",
-               "--seed", str(seed), "--out_dir", str(base)], base / "train.log")
-    eval_file = lab / "lab" / "instructions" / "eval.jsonl"
-    before = accuracy(base / "ckpt", eval_file)
+    base = pretrain_base(lab, seed, args.pretrain_steps, args.batch_size)
+    eval_records = read_records(lab / "lab" / "instructions" / "eval.jsonl")
+    tokenizer = Tokenizer(tokenizer_file(base))
+    before = exact_match(load_checkpoint(base), tokenizer, eval_records)["accuracy"]
     print(f"seed {seed}: base exact match {before:.3f}", flush=True)
     results = {}
     for method in args.methods:
         run_dir = lab / method
         lr = args.full_lr if method == "full" else args.peft_lr
-        cost = run_child(["--init_from", str(base / "ckpt"), "--method", method,
-                          "--data", str(lab / "lab" / "instructions" / "train.jsonl"), "--seq_len", "96",
-                          "--batch_size", str(args.batch_size), "--lr", str(lr), "--warmup_steps", "10",
-                          "--max_steps", str(args.finetune_steps), "--eval_every", str(args.finetune_steps),
-                          "--log_every", "25", "--sample_tokens", "0", "--seed", str(seed), "--out_dir", str(run_dir)],
-                         run_dir / "train.log")
-        if method == "full":
-            after = accuracy(run_dir / "ckpt", eval_file)
-        else:
-            after = accuracy(base / "ckpt", eval_file, peft=run_dir / "peft")
-        trainable = trainable_count(base / "ckpt", run_dir, method)
+        flags = ["--method", method, "--lr", str(lr)]
+        cost = finetune(lab, run_dir, flags, args.finetune_steps, args.batch_size, seed)
+        after = exact_match(load_finetuned(base, run_dir), tokenizer, eval_records)["accuracy"]
+        trainable = trainable_count(base, flags)
         results[method] = {"trainable": trainable, "before": before, "after": after, "lr": lr, **cost}
         print(f"seed {seed}: {method:<10} exact match {before:.3f} -> {after:.3f}, {trainable:,} trainable, "
               f"{cost['wall_s']:.0f} s, peak {cost['peak_mb']:.0f} MB", flush=True)
     return results
-
-
-def trainable_count(base_ckpt: Path, run_dir: Path, method: str) -> int:
-    if method == "full":
-        return sum(p.numel() for p in load_checkpoint(base_ckpt).parameters())
-    model = load_peft(load_checkpoint(base_ckpt), run_dir / "peft")
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def table(per_seed: dict[int, dict], baseline_mb: float) -> str:

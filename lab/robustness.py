@@ -1,0 +1,138 @@
+"""The robustness report: each fine-tuning method, plain and with robust options, on the instruction lab.
+
+    python -m lab.robustness --out runs/robust --seeds 0 1 2       # the README table
+    python -m lab.robustness --out /tmp/r --seeds 0 --pretrain_steps 100 --finetune_steps 10 --rows full "full +robust"
+
+For each seed the lab base is pretrained once (``lab.run_lab.pretrain_base``) and fine-tuned once per row
+of ROWS by train.py, every row for the same steps at the same batch size. Each fine-tuned model is scored:
+
+    clean        exact match on the held-out words' records (``lab.evaluate.exact_match``)
+    perturbed    exact match on the same records with one perturbation of each instruction (a typo, a case
+                 change, extra spaces or a distractor prefix: ``llama_min.perturb.perturb_for_eval``, the
+                 "eval" stream, which the training perturbations of --perturb never draw from)
+    forgetting   held-out bits per byte of the pretraining corpus after minus before fine-tuning
+                 (``lab.evaluate.corpus_bpb``): the base memorised these facts, a rise is knowledge lost
+
+A run's scores are kept in OUT/seedS/ROW/scores.json and reused: an interrupted report continues where it
+stopped, and seeds can run in separate processes (same --out) before one last call tabulates them all.
+Writes OUT/table.md (means over the seeds) and OUT/results.json (every figure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+from pathlib import Path
+
+import torch
+
+from llama_min.checkpoint import load_checkpoint, tokenizer_file
+from llama_min.instructions import read_records
+from llama_min.perturb import perturb_for_eval
+from llama_min.tokenizer import Tokenizer
+
+from .evaluate import corpus_bpb, exact_match
+from .run_lab import PRETRAIN_SEQ_LEN, finetune, load_finetuned, pretrain_base, trainable_count
+
+# What each row adds to train.py's flags. The robust options (README "Robust, efficient fine-tuning"):
+# --perturb p trains on prompts of which a share p is perturbed like the perturbed test set (from a
+# separate random stream), --embed_noise α is NEFTune, --l2sp λ pulls the trained base tensors back
+# toward the pretrained ones (forgetting).
+PLAIN = {
+    "full": ["--method", "full", "--lr", "1e-3"],
+    "partial: top 2 layers": ["--method", "partial", "--train_layers", "2", "--lr", "1e-3"],
+    "partial: norms only": ["--method", "partial", "--train_norms", "--lr", "1e-2"],
+    "LLaMA-Adapter": ["--method", "adapter", "--lr", "0.2"],
+    "LoRA": ["--method", "lora", "--lr", "1e-2"],
+    "bottleneck": ["--method", "bottleneck", "--lr", "1e-2"],
+}
+ROBUST = ["--perturb", "0.5"]
+ROWS = {}
+for _name, _flags in PLAIN.items():  # each row next to its robust variant
+    ROWS[_name], ROWS[f"{_name} +robust"] = _flags, _flags + ROBUST
+
+
+def write_json(path: Path, value) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(tmp, path)  # atomic: a cached score is complete or absent
+
+
+def score(model, tokenizer: Tokenizer, clean, perturbed, lab: Path) -> dict:
+    return {"clean": exact_match(model, tokenizer, clean)["accuracy"],
+            "perturbed": exact_match(model, tokenizer, perturbed)["accuracy"],
+            "corpus_bpb": corpus_bpb(model, tokenizer, lab / "lab" / "pretrain", lab / "cache", PRETRAIN_SEQ_LEN)}
+
+
+def run_seed(out: Path, seed: int, rows: list[str], args) -> dict:
+    """{"base": scores, ROW: scores + trainable, wall_s, peak_mb} for one seed, cached per run."""
+    lab = out / f"seed{seed}"
+    base = lab / "base" / "ckpt"
+    if not (base / "config.json").is_file():
+        pretrain_base(lab, seed, args.pretrain_steps, args.batch_size)
+    tokenizer = Tokenizer(tokenizer_file(base))
+    clean = read_records(lab / "lab" / "instructions" / "eval.jsonl")
+    perturbed = perturb_for_eval(clean, seed)
+    results = {}
+    for name in ["base", *rows]:
+        run_dir = lab / name.replace(" ", "_").replace(":", "")
+        cached = run_dir / "scores.json"
+        stale = name != "base" and cached.is_file() and json.loads(cached.read_text())["flags"] != ROWS[name]
+        if stale or not cached.is_file():
+            if name == "base":
+                figures = score(load_checkpoint(base), tokenizer, clean, perturbed, lab)
+            else:
+                cost = finetune(lab, run_dir, ROWS[name], args.finetune_steps, args.batch_size, seed)
+                figures = {**score(load_finetuned(base, run_dir), tokenizer, clean, perturbed, lab),
+                           "trainable": trainable_count(base, ROWS[name]), "flags": ROWS[name], **cost}
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_json(cached, figures)
+        results[name] = json.loads(cached.read_text())
+        r = results[name]
+        print(f"seed {seed}: {name:<30} clean {r['clean']:.3f}  perturbed {r['perturbed']:.3f}  "
+              f"corpus {r['corpus_bpb']:.4f} bits/byte", flush=True)
+    return results
+
+
+def table(per_seed: dict[int, dict]) -> str:
+    seeds = sorted(per_seed)
+    mean = lambda name, key: statistics.mean(per_seed[s][name][key] for s in seeds)  # noqa: E731
+    forgetting = lambda name: statistics.mean(  # noqa: E731
+        per_seed[s][name]["corpus_bpb"] - per_seed[s]["base"]["corpus_bpb"] for s in seeds)
+    lines = [f"| fine-tuning (train.py flags) | trainable | clean exact match | perturbed exact match | "
+             f"forgetting (Δ bits/byte) | wall time |", "|---|---:|---:|---:|---:|---:|",
+             f"| base model (before fine-tuning) | 0 | {mean('base', 'clean'):.3f} | {mean('base', 'perturbed'):.3f} | "
+             f"0 ({mean('base', 'corpus_bpb'):.3f} bits/byte) | |"]
+    for name in [n for n in per_seed[seeds[0]] if n != "base"]:
+        flags = " ".join(per_seed[seeds[0]][name]["flags"])
+        lines.append(f"| {name} (`{flags}`) | {per_seed[seeds[0]][name]['trainable']:,} | {mean(name, 'clean'):.3f} | "
+                     f"{mean(name, 'perturbed'):.3f} | {forgetting(name):+.4f} | {mean(name, 'wall_s'):.0f} s |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="working directory (one subdirectory per seed; runs are cached there)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="lab, training and perturbation seeds")
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), metavar="ROW",
+                        help=f"rows to run (default: all): {', '.join(ROWS)}")
+    parser.add_argument("--pretrain_steps", type=int, default=800, help="optimiser steps of the lab base")
+    parser.add_argument("--finetune_steps", type=int, default=150, help="optimiser steps of every fine-tuning")
+    parser.add_argument("--batch_size", type=int, default=16, help="sequences per step, pretraining and fine-tuning")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # like the training children (lab/run_lab.py says why)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    per_seed = {seed: run_seed(out, seed, args.rows, args) for seed in args.seeds}
+    text = table(per_seed)
+    print(text)
+    (out / "table.md").write_text(text + "\n")
+    write_json(out / "results.json", {"args": vars(args), "torch": torch.__version__,
+                                      "results": {str(s): r for s, r in per_seed.items()}})
+    return per_seed
+
+
+if __name__ == "__main__":
+    main()
