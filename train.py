@@ -37,7 +37,9 @@ from llama_min.checkpoint import atomic_directory, load_checkpoint, resolve_chec
 from llama_min.config import PRESETS
 from llama_min.data import (DataError, WindowSampler, split_documents, token_byte_lengths, tokenize_to_memmap,
                             train_tokenizer, windows)
-from llama_min.instructions import encode_records, instruction_batch, read_records
+from llama_min.early_stopping import EarlyStopping
+from llama_min.exact_match import exact_match_accuracy
+from llama_min.instructions import InstructionRecord, encode_records, instruction_batch, read_records
 from llama_min.l2sp import L2SP
 from llama_min.model import IGNORE_INDEX
 from llama_min.neftune import add_embedding_noise
@@ -49,6 +51,7 @@ from llama_min.templates import record_template
 
 REPO = Path(__file__).resolve().parent
 STATE_FILE = "train_state.pt"  # next to config.json + model.safetensors in the checkpoint directory
+DEV_ANSWER_TOKENS = 16  # --dev_every generates answers this long at most: lab/evaluate.py's default, the same measure
 METHODS = ("full", "partial", *PEFT_METHODS)  # every parameter, the named base tensors, or one PEFT method
 FULL_CHECKPOINT_METHODS = ("full", "partial")  # base tensors change: the whole model is saved (OUT_DIR/ckpt)
 PEFT_FIELDS = tuple(f.name for f in fields(PeftConfig) if f.name not in SCRIPT_FIELDS)  # --method, --train_norms: ours
@@ -89,6 +92,13 @@ class TrainConfig:
                            "records (typos, case, spaces, a distractor prefix; seeded by --seed; never the held-out ones)")
     merge: bool = _flag(False, "--method lora: at the end also write OUT_DIR/merged, a full checkpoint with "
                         "(alpha/r)·B·A folded into W (no --peft needed to use it)")
+    # low-cost validation: exact match on a small dev split, keep the best model, stop early
+    dev_every: int = _flag(0, "instruction data: every N steps score exact-match accuracy on the held-out records "
+                           "(at most --dev_records) and keep the best model in OUT_DIR/best (0: off)")
+    dev_records: int = _flag(64, "--dev_every: score the first this many held-out records (kept small: it is cheap)")
+    patience: int = _flag(0, "--dev_every: stop after this many dev evaluations without improvement "
+                          "(0: never stop early, only keep the best)")
+    min_delta: float = _flag(0.0, "--dev_every: an improvement must beat the best dev accuracy by more than this")
     # optimisation
     max_steps: int = _flag(1300, "optimiser steps to run")
     batch_size: int = _flag(8, "sequences per micro-batch per process")
@@ -139,6 +149,17 @@ def check_config(cfg: TrainConfig) -> None:
     if bad:
         raise UsageError(f"out of range: {', '.join(bad)}; counts must be at least 1, rates and sizes not negative, "
                          "--val_fraction in (0, 1), --min_lr_ratio and --perturb in [0, 1]")
+    negative = [f"--{k} {getattr(cfg, k)}" for k in ("dev_every", "dev_records", "patience", "min_delta")
+                if not getattr(cfg, k) >= 0]
+    if negative:
+        raise UsageError(f"out of range: {', '.join(negative)}; expected 0 or more (--dev_every 0: no dev "
+                         "evaluation, --patience 0: never stop early)")
+    dev_flags = [f"--{k} {getattr(cfg, k)}" for k in ("patience", "min_delta") if getattr(cfg, k)]
+    if dev_flags and not cfg.dev_every:
+        raise UsageError(f"{' '.join(dev_flags)} act on dev evaluations, which are off: add --dev_every N "
+                         "(score the held-out records every N steps)")
+    if cfg.dev_every and cfg.dev_records < 1:
+        raise UsageError("--dev_records 0 leaves nothing to score: give at least 1, or drop --dev_every")
     if cfg.method not in METHODS:
         raise UsageError(f"--method {cfg.method!r}: expected one of {', '.join(METHODS)}")
     if cfg.method in FULL_CHECKPOINT_METHODS and cfg.peft_overrides:
@@ -280,6 +301,7 @@ class Data:
     train: np.ndarray | list  # (N_train,) token ids, or instruction examples [(tokens, targets), ...]
     val: np.ndarray | list  # (N_val,) token ids, or instruction examples
     byte_lengths: np.ndarray | None  # (vocab_size,) UTF-8 bytes per token, for bits per byte (plain text only)
+    dev: list[InstructionRecord] | None = None  # instruction data: the held-out records themselves (--dev_every)
 
     @property
     def instructions(self) -> bool:
@@ -304,7 +326,7 @@ def prepare_instructions(cfg: TrainConfig, tokenizer_path: Path | None, say) -> 
     val_examples, dropped_val = encode_records(records[cut:], tokenizer, cfg.seq_len)
     if dropped_train or dropped_val:
         say(f"dropped {dropped_train} training and {dropped_val} held-out records longer than --seq_len {cfg.seq_len}")
-    return Data(tokenizer, train_examples, val_examples, None)
+    return Data(tokenizer, train_examples, val_examples, None, dev=records[cut:])
 
 
 def prepare_data(cfg: TrainConfig, rt: Runtime, vocab_size: int, tokenizer_path: Path | None, say=print) -> Data:
@@ -314,6 +336,9 @@ def prepare_data(cfg: TrainConfig, rt: Runtime, vocab_size: int, tokenizer_path:
     if cfg.perturb:
         raise UsageError(f"--perturb {cfg.perturb} edits instruction records, but {cfg.data} is plain text; "
                          "drop --perturb or pass a .json/.jsonl file of instruction records")
+    if cfg.dev_every:
+        raise UsageError(f"--dev_every {cfg.dev_every} scores exact-match answers to held-out instruction records, but "
+                         f"{cfg.data} is plain text; pass instruction data, or rely on --eval_every's held-out loss")
     train_docs, val_docs = split_documents(cfg.data, cfg.val_fraction)
     cache = Path(cfg.cache_dir)
     if rt.master:
@@ -330,6 +355,18 @@ def prepare_data(cfg: TrainConfig, rt: Runtime, vocab_size: int, tokenizer_path:
 def make_sampler(data: Data, cfg: TrainConfig) -> WindowSampler:
     """Random window starts in the token stream, or random record indices (windows of length 0)."""
     return WindowSampler(len(data.train), 0 if data.instructions else cfg.seq_len, cfg.seed)
+
+
+def dev_split(data: Data, cfg: TrainConfig, max_seq_len: int) -> list[InstructionRecord]:
+    """--dev_every's records: the first --dev_records held-out records whose prompt leaves room in the
+    model's context for a DEV_ANSWER_TOKENS answer. Kept small, the score costs a few batches of greedy
+    decoding, so it can run often."""
+    room = max_seq_len - DEV_ANSWER_TOKENS
+    fits = [r for r in data.dev if len(data.tokenizer.encode(r.prompt(), bos=True)) <= room]
+    if not fits:
+        raise UsageError(f"--dev_every: no held-out record's prompt fits in {room} tokens (max_seq_len {max_seq_len} "
+                         f"minus a {DEV_ANSWER_TOKENS}-token answer); use shorter records or a larger --val_fraction")
+    return fits[:cfg.dev_records]
 
 
 def get_batch(data: np.ndarray | list, sampler: WindowSampler, cfg: TrainConfig, rt: Runtime, pad_id: int = 0):
@@ -585,22 +622,35 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def save_checkpoint(directory: Path, model: Llama, tokenizer: Tokenizer, optimizer, sampler: WindowSampler,
-                    step: int, best_val_loss: float, cfg: TrainConfig, instructions: bool = False) -> None:
-    """The core checkpoint format (or, for a PEFT method, the adapter-only peft.safetensors + peft.json
-    naming the base --init_from) plus train_state.pt, written to DIR.tmp and swapped in by renames,
-    so an interruption at any instant leaves the previous checkpoint or the new one, never a mix.
+def write_model(directory: Path, model: Llama, tokenizer: Tokenizer, cfg: TrainConfig, instructions: bool) -> None:
+    """The model part of a checkpoint, into an existing directory: the core format (full, partial) or,
+    for a PEFT method, the adapter-only peft.safetensors + peft.json naming the base --init_from.
     A model tuned on instruction data records the Alpaca template, which generate.py then uses."""
+    if cfg.method in FULL_CHECKPOINT_METHODS:
+        write_model_files(model, directory, tokenizer.path)
+    else:
+        save_peft(model, directory, base_checkpoint=cfg.init_from)  # (atomic on its own, inside ours)
+    if instructions:
+        record_template(directory, "alpaca")
+
+
+def save_checkpoint(directory: Path, model: Llama, tokenizer: Tokenizer, optimizer, sampler: WindowSampler,
+                    step: int, best_val_loss: float, cfg: TrainConfig, instructions: bool = False,
+                    early_stopping: dict | None = None) -> None:
+    """The model (``write_model``) plus train_state.pt, written to DIR.tmp and swapped in by renames,
+    so an interruption at any instant leaves the previous checkpoint or the new one, never a mix."""
     with atomic_directory(directory) as tmp:
-        if cfg.method in FULL_CHECKPOINT_METHODS:
-            write_model_files(model, tmp, tokenizer.path)
-        else:
-            save_peft(model, tmp, base_checkpoint=cfg.init_from)  # (atomic on its own, inside ours)
-        if instructions:
-            record_template(tmp, "alpaca")
+        write_model(tmp, model, tokenizer, cfg, instructions)
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(),
-                    "rng": rng_states(), "best_val_loss": best_val_loss, "train_config": asdict(cfg)},
-                   tmp / STATE_FILE)
+                    "rng": rng_states(), "best_val_loss": best_val_loss, "train_config": asdict(cfg),
+                    "early_stopping": early_stopping}, tmp / STATE_FILE)
+
+
+def save_best(directory: Path, model: Llama, tokenizer: Tokenizer, cfg: TrainConfig, instructions: bool) -> None:
+    """--dev_every: the model with the best dev score so far, in the run's checkpoint format (weights only:
+    it is for use, not for --resume), replacing the previous best atomically."""
+    with atomic_directory(directory) as tmp:
+        write_model(tmp, model, tokenizer, cfg, instructions)
 
 
 def checkpoint_dir(cfg: TrainConfig) -> Path:
@@ -629,7 +679,7 @@ def load_train_state(directory: Path) -> dict:
 
 
 def write_metrics(out_dir: Path, record: dict) -> None:
-    keys = ("step", "train_loss", "val_loss", "val_bpb", "lr", "tokens_per_s", "elapsed_s")
+    keys = ("step", "train_loss", "val_loss", "val_bpb", "dev_accuracy", "lr", "tokens_per_s", "elapsed_s")
     with open(out_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps({k: record.get(k) for k in keys}) + "\n")
 
@@ -696,7 +746,8 @@ class StopRequest:
 
 def train(cfg: TrainConfig) -> dict:
     """Run the training described by cfg. Returns a summary: step, last train loss, last held-out
-    loss and bits per byte, and the list of train losses (one per step) for tests."""
+    loss and bits per byte, the list of train losses (one per step) for tests, and with --dev_every the
+    early-stopping summary (EarlyStopping.summary plus the best checkpoint's path; None when off)."""
     t_start = time.time()
     check_config(cfg)
     out_dir = Path(cfg.out_dir)
@@ -727,11 +778,19 @@ def train(cfg: TrainConfig) -> dict:
     optimizer = make_optimizer(model, cfg, rt)
     sampler = make_sampler(data, cfg)
     step, best_val_loss = 0, float("inf")
+    # Low-cost validation: exact match on the dev records every --dev_every steps; a new best is saved to
+    # OUT_DIR/best, and --patience evaluations without one stop the run (early_stopping.py).
+    stopper = EarlyStopping(cfg.patience or None, cfg.min_delta, mode="max") if cfg.dev_every else None
+    dev = dev_split(data, cfg, mc.max_seq_len) if cfg.dev_every else []
+    best_dir = out_dir / "best"
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         sampler.load_state_dict(state["sampler"])
         set_rng_states(state["rng"])
         step, best_val_loss = state["step"], state["best_val_loss"]
+        if stopper is not None and state.get("early_stopping"):  # the progress is restored; the flags are this run's
+            stopper = EarlyStopping.from_state_dict({**state["early_stopping"], "patience": stopper.patience,
+                                                     "min_delta": stopper.min_delta})
 
     raw_model = model  # unwrapped: for evaluation, sampling and checkpoints
     if cfg.compile:
@@ -755,11 +814,34 @@ def train(cfg: TrainConfig) -> dict:
     say(f"data: {len(data.train):,} training {unit}, {len(data.val):,} held-out {unit}; "
         f"{'up to ' if data.instructions else ''}{tokens_per_step:,} tokens per step on {rt.world_size} x {rt.device} "
         f"({str(rt.autocast_dtype or torch.float32).removeprefix('torch.')}); MFU against {peak / 1e9:.1f} GFLOP/s")
+    if stopper is not None:
+        say(f"dev: exact match on {len(dev)} held-out records every {cfg.dev_every} steps, best model kept in "
+            f"{best_dir}" + (f"; stops after {cfg.patience} evaluations without improvement" if cfg.patience else ""))
 
     def checkpoint(at_step: int):
         if rt.master:
             save_checkpoint(ckpt_dir, raw_model, data.tokenizer, optimizer, sampler, at_step, best_val_loss, cfg,
-                            data.instructions)
+                            data.instructions, stopper.state_dict() if stopper is not None else None)
+
+    def run_dev(at_step: int) -> None:
+        """Score the dev records and update the early stopping; rank 0 alone generates and saves. It
+        broadcasts the score, so every rank's EarlyStopping takes the same decisions: all stop together."""
+        accuracy = torch.zeros((), dtype=torch.float64, device=rt.device)
+        if rt.master:
+            with torch.no_grad():  # float32 greedy decoding, as the lab's evaluation does
+                accuracy.fill_(exact_match_accuracy(raw_model, data.tokenizer, dev, DEV_ANSWER_TOKENS))
+        if rt.world_size > 1:
+            dist.broadcast(accuracy, src=0)
+        accuracy = accuracy.item()
+        improved = stopper.update(at_step, accuracy)
+        if improved and rt.master:
+            save_best(best_dir, raw_model, data.tokenizer, cfg, data.instructions)
+        waited = f", {stopper.evals_since_best}/{cfg.patience} without improvement" if cfg.patience else ""
+        say(f"step {at_step}: dev exact match {accuracy:.4f} on {len(dev)} records" +
+            (f", new best: saved to {best_dir}" if improved else
+             f"; best {stopper.best_metric:.4f} at step {stopper.best_step}{waited}"))
+        if rt.master:
+            write_metrics(out_dir, {"step": at_step, "dev_accuracy": accuracy, "elapsed_s": time.time() - t_start})
 
     def run_eval(at_step: int) -> tuple[float, float]:
         nonlocal best_val_loss
@@ -774,8 +856,10 @@ def train(cfg: TrainConfig) -> dict:
     losses, val_loss, val_bpb, stopped_by = [], None, None, None
     model.train()
     t_log, steps_since_log, tokens_since_log = time.time(), 0, 0
+    if stopper is not None and stopper.should_stop:  # resumed after an early stop: nothing left to run
+        say(f"stopped early at step {stopper.last_step} already; raise --patience to train on")
     with StopRequest() as stop:
-        while step < cfg.max_steps:
+        while step < cfg.max_steps and not (stopper is not None and stopper.should_stop):
             lr = get_lr(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -824,6 +908,10 @@ def train(cfg: TrainConfig) -> dict:
                     write_metrics(out_dir, {"step": step, "train_loss": loss_value, "lr": lr,
                                             "tokens_per_s": tokens_per_s, "elapsed_s": time.time() - t_start})
                 t_log, steps_since_log, tokens_since_log = time.time(), 0, 0
+            # Before the checkpoint below, so that the state it saves includes this step's dev evaluation.
+            if stopper is not None and (step % cfg.dev_every == 0 or step == cfg.max_steps):
+                run_dev(step)
+                t_log, steps_since_log, tokens_since_log = time.time(), 0, 0
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
                 val_loss, val_bpb = run_eval(step)
                 checkpoint(step)
@@ -840,6 +928,11 @@ def train(cfg: TrainConfig) -> dict:
                 stopped_by = requested
                 checkpoint(step)
                 say(f"{requested} at step {step}: checkpoint saved to {ckpt_dir}; continue with --resume")
+                break
+            if stopper is not None and stopper.should_stop and step < cfg.max_steps:  # the same on every rank
+                checkpoint(step)
+                say(f"early stopping at step {step}: {cfg.patience} dev evaluations without improvement; "
+                    f"checkpoint saved to {ckpt_dir}, best model (step {stopper.best_step}) in {best_dir}")
                 break
 
     if rt.master:
@@ -860,11 +953,22 @@ def train(cfg: TrainConfig) -> dict:
     if stopped_by is None and rt.master and cfg.merge:
         write_merged(out_dir / "merged", raw_model, data.tokenizer, data.instructions)
         say(f"merged LoRA into the weights: full checkpoint {out_dir / 'merged'}")
+    early = None
+    if stopper is not None and stopper.last_step is not None and stopped_by is None:  # a finished run
+        early = {**stopper.summary(cfg.max_steps), "best_checkpoint": str(best_dir)}
+        say(f"early stopping: chose step {early['chosen_step']} (dev exact match {early['best_metric']:.4f}, "
+            f"{best_dir}); stopped at step {early['stopped_at']} of {cfg.max_steps}, "
+            f"{100 * early['compute_saved']:.0f}% of the planned steps saved")
+        if rt.master:
+            tmp = out_dir / "early_stopping.tmp.json"
+            tmp.write_text(json.dumps(early, indent=2) + "\n")
+            tmp.replace(out_dir / "early_stopping.json")
     say(f"done in {time.time() - t_start:.0f}s: step {step}, held-out loss {val_loss}, bits per byte {val_bpb}; "
         f"checkpoint {ckpt_dir}")
     if rt.world_size > 1:
         dist.destroy_process_group()
-    return {"step": step, "losses": losses, "val_loss": val_loss, "val_bpb": val_bpb, "stopped_by": stopped_by}
+    return {"step": step, "losses": losses, "val_loss": val_loss, "val_bpb": val_bpb, "stopped_by": stopped_by,
+            "early_stopping": early}
 
 
 class TrainingDiverged(RuntimeError):

@@ -287,7 +287,7 @@ def test_default_config_runs_a_few_steps(tmp_path):
     assert result["losses"][0] == pytest.approx(math.log(train.PRESETS[defaults.model].vocab_size), rel=0.05), (
         "a fresh model should start near the uniform loss ln(vocab)")
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-    assert set(records[0]) == {"step", "train_loss", "val_loss", "val_bpb", "lr", "tokens_per_s", "elapsed_s"}
+    assert set(records[0]) == {"step", "train_loss", "val_loss", "val_bpb", "dev_accuracy", "lr", "tokens_per_s", "elapsed_s"}
     assert (tmp_path / "loss.png").stat().st_size > 0
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
         "config.json", "model.safetensors", "tokenizer.model", train.STATE_FILE]

@@ -1,0 +1,166 @@
+"""train.py's low-cost validation (--dev_every, --dev_records, --patience, --min_delta), through
+``train.main`` on the lab fixture's tiny base.
+
+The dev split is crafted so that its score is known without the code under test: of the first 8
+held-out records, 3 get as their expected output the base model's own greedy answer (decoded from
+``generation.generate`` here), the others keep their real answers, which the barely trained base cannot
+give. With --lr 0 the model never moves, so every dev evaluation must score exactly 3/8, and a record
+after the first --dev_records that is also made answerable must not count.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import train  # noqa: E402
+from llama_min.checkpoint import load_checkpoint, tokenizer_file  # noqa: E402
+from llama_min.exact_match import exact_match_accuracy  # noqa: E402
+from llama_min.generation import generate  # noqa: E402
+from llama_min.instructions import InstructionRecord, read_records  # noqa: E402
+from llama_min.tokenizer import Tokenizer  # noqa: E402
+
+N_TRAIN, N_HELD_OUT, DEV_RECORDS = 20, 10, 8
+ANSWERABLE = (0, 3, 5, 9)  # held-out positions whose output is the base's greedy answer; 9 is past DEV_RECORDS
+EXPECTED_ACCURACY = 3 / 8
+
+
+@pytest.fixture(scope="module")
+def crafted(lab, tmp_path_factory):
+    """The crafted instruction file (20 training records, then 10 held out: pass --val_fraction 1/3),
+    the held-out records, and the base's tokenizer."""
+    base_dir = lab / "base" / "ckpt"
+    base, tokenizer = load_checkpoint(base_dir).eval(), Tokenizer(tokenizer_file(base_dir))
+    records = read_records(lab / "lab" / "instructions" / "train.jsonl")[:N_TRAIN + N_HELD_OUT]
+    held_out = records[N_TRAIN:]
+    # Greedy answers of the dev records batched as one call, as the scorer batches them (left padding),
+    # so that the very same computation decides; the record past the dev split alone.
+    prompts = [tokenizer.encode(r.prompt(), bos=True) for r in held_out[:DEV_RECORDS]]
+    new = generate(base, prompts, train.DEV_ANSWER_TOKENS, temperature=0.0, stop_ids=[tokenizer.eos_id])
+    new += [[]] * (N_HELD_OUT - DEV_RECORDS - 1)
+    new += generate(base, [tokenizer.encode(held_out[-1].prompt(), bos=True)], train.DEV_ANSWER_TOKENS,
+                    temperature=0.0, stop_ids=[tokenizer.eos_id])
+    greedy = [tokenizer.decode(ids) for ids in new]
+    for i, r in enumerate(held_out[:DEV_RECORDS]):
+        if i not in ANSWERABLE:
+            assert greedy[i].strip() != r.output.strip(), f"premise: the base should not answer record {i} right"
+    held_out = [InstructionRecord(r.instruction, greedy[i].strip() if i in ANSWERABLE else r.output, r.input)
+                for i, r in enumerate(held_out)]
+    path = tmp_path_factory.mktemp("crafted") / "instructions.jsonl"
+    path.write_text("".join(json.dumps({"instruction": r.instruction, "input": r.input, "output": r.output}) + "\n"
+                            for r in records[:N_TRAIN] + held_out), encoding="utf-8")
+    return {"path": path, "held_out": held_out, "tokenizer": tokenizer, "base_dir": base_dir}
+
+
+def finetune(crafted, out_dir, *extra, steps=10, lr="1e-2"):
+    # --decay_steps fixed: the learning rate of a step must not depend on --max_steps (runs of different
+    # lengths are compared step for step); --eval_every past the end: the held-out loss only at the end.
+    return train.main(["--init_from", str(crafted["base_dir"]), "--data", str(crafted["path"]),
+                       "--val_fraction", "0.3333", "--seq_len", "160", "--batch_size", "4", "--lr", lr,
+                       "--warmup_steps", "1", "--decay_steps", "100", "--max_steps", str(steps), "--log_every", "1",
+                       "--eval_every", "100", "--sample_tokens", "0", "--peak_flops", "1e12",
+                       "--out_dir", str(out_dir), *extra])
+
+
+def dev_flags(every=1, patience=2):
+    return ["--dev_every", str(every), "--patience", str(patience), "--dev_records", str(DEV_RECORDS)]
+
+
+@pytest.fixture(scope="module")
+def frozen_run(crafted, tmp_path_factory):
+    """--lr 0: the dev score cannot improve after the first evaluation, so the run must stop after
+    1 + patience evaluations, at step 3 of 10."""
+    out = tmp_path_factory.mktemp("frozen")
+    return out, finetune(crafted, out, *dev_flags(), lr="0")
+
+
+def metrics(out_dir) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_run_that_cannot_improve_stops_after_patience_evaluations(crafted, frozen_run):
+    out, result = frozen_run
+    assert result["step"] == 3, f"dev_every 1, patience 2, no improvement possible: expected to stop at 3, got {result['step']}"
+    saved = json.loads((out / "early_stopping.json").read_text())
+    want = {"chosen_step": 1, "best_metric": EXPECTED_ACCURACY, "stopped_at": 3, "total_steps": 10,
+            "steps_saved": 7, "compute_saved": 0.7, "best_checkpoint": str(out / "best")}
+    assert saved == want, f"early_stopping.json: {saved}, expected {want}"
+    assert result["early_stopping"] == want, "train() must return the same summary it writes"
+    assert (out / "ckpt" / "train_state.pt").is_file(), "an early stop must leave a resumable final checkpoint"
+    base, best = load_file(crafted["base_dir"] / "model.safetensors"), load_file(out / "best" / "model.safetensors")
+    assert base.keys() == best.keys() and all(torch.equal(base[k], best[k]) for k in base), \
+        "with --lr 0 the best model (step 1) must be exactly the base"
+
+
+def test_recorded_dev_accuracy_is_the_best_models_exact_match(crafted, frozen_run):
+    out, _ = frozen_run
+    recorded = [(m["step"], m["dev_accuracy"]) for m in metrics(out) if m["dev_accuracy"] is not None]
+    assert [s for s, _ in recorded] == [1, 2, 3], f"one dev evaluation per step until the stop, got {recorded}"
+    dev = crafted["held_out"][:DEV_RECORDS]
+    again = exact_match_accuracy(load_checkpoint(out / "best"), crafted["tokenizer"], dev, train.DEV_ANSWER_TOKENS)
+    assert again == EXPECTED_ACCURACY, f"the best model answers {again} of the crafted dev records, expected 3/8"
+    assert all(a == again for _, a in recorded), \
+        f"metrics.jsonl dev_accuracy {recorded} must equal the recomputed {again} (the first {DEV_RECORDS} held-out records)"
+
+
+def test_best_checkpoint_is_the_model_at_the_chosen_step(crafted, tmp_path, monkeypatch):
+    """Real learning, a scripted dev score (the real scoring still runs): 0.1, 0.5, 0.3, 0.5 picks step 2
+    (a tie is no improvement) and stops at 4. best/ must equal a run of the same seed stopped at step 2."""
+    scores, real = iter([0.1, 0.5, 0.3, 0.5]), train.exact_match_accuracy
+
+    def scripted(*args, **kwargs):
+        real(*args, **kwargs)
+        return next(scores)
+
+    monkeypatch.setattr(train, "exact_match_accuracy", scripted)
+    result = finetune(crafted, tmp_path / "early", *dev_flags())
+    monkeypatch.undo()
+    summary = result["early_stopping"]
+    assert (summary["chosen_step"], summary["stopped_at"], summary["best_metric"]) == (2, 4, 0.5), summary
+    finetune(crafted, tmp_path / "two", steps=2)
+    best = load_file(tmp_path / "early" / "best" / "model.safetensors")
+    at_two = load_file(tmp_path / "two" / "ckpt" / "model.safetensors")
+    base = load_file(crafted["base_dir"] / "model.safetensors")
+    assert any(not torch.equal(base[k], at_two[k]) for k in base), "premise: two steps at --lr 1e-2 move the weights"
+    differ = sorted(k for k in at_two if not torch.equal(best[k], at_two[k]))
+    assert not differ, f"best/ is not the model after step 2 (the chosen step): {differ} differ"
+
+
+def test_resume_keeps_the_early_stopping_state(crafted, frozen_run, tmp_path):
+    _, straight = frozen_run
+    finetune(crafted, tmp_path / "run", *dev_flags(), lr="0", steps=2)  # best at 1, then 1 of 2 without improvement
+    resumed = train.main(["--resume", "--out_dir", str(tmp_path / "run"), "--max_steps", "10"])
+    assert resumed["step"] == straight["step"] == 3, \
+        f"resumed run stopped at {resumed['step']}, the uninterrupted one at {straight['step']}: the state was lost"
+    assert resumed["early_stopping"]["chosen_step"] == 1, resumed["early_stopping"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dev_every", "-1"], "--dev_every -1"),
+    (["--dev_every", "2", "--patience", "-2"], "--patience -2"),
+    (["--dev_every", "2", "--min_delta", "-0.1"], "--min_delta -0.1"),
+    (["--patience", "3"], "add --dev_every"),
+    (["--min_delta", "0.1"], "add --dev_every"),
+    (["--dev_every", "2", "--dev_records", "0"], "--dev_records 0"),
+])
+def test_bad_flags_are_one_line_errors(crafted, tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit):
+        finetune(crafted, tmp_path / "run", *argv)
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, f"expected a one-line error containing {message!r}, got {err!r}"
+
+
+def test_dev_every_on_plain_text_is_a_one_line_error(lab, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--init_from", str(lab / "base" / "ckpt"), "--data", str(lab / "lab" / "pretrain"),
+                    "--cache_dir", str(tmp_path / "cache"), "--seq_len", "48", "--dev_every", "2",
+                    "--out_dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert "plain text" in err and "instruction data" in err and "--eval_every" in err and err.count("\n") == 1, \
+        f"expected a one-line error pointing to instruction data or --eval_every, got {err!r}"
