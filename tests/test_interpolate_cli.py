@@ -12,11 +12,12 @@ import torch
 
 from conftest import random_model, tiny_config
 from lab import evaluate, interpolation_curve
-from lab.evaluate import answer_loss, exact_match
-from llama_min.exact_match import answers
+from lab.evaluate import answer_loss, corpus_bpb, exact_match
 from lab.tasks import make_words, records
+from llama_min.exact_match import answers
 from llama_min.instructions import InstructionRecord
 from llama_min.peft import PeftConfig, apply_peft, save_peft
+from llama_min.perturb import perturb_for_eval
 
 
 @pytest.fixture
@@ -58,8 +59,13 @@ def test_evaluate_interpolate_endpoints_are_the_base_and_the_adapter(lab, traine
 
 def test_curve_writes_png_and_json_and_its_ends_are_the_two_models(lab, trained_tokenizer, tmp_path, capsys):
     base_dir, lora, path, recs, base, adapted = lab
+    corpus = tmp_path / "corpus"  # a pretraining corpus directory, for the forgetting figure
+    corpus.mkdir()
+    (corpus / "train.txt").write_text("unused here\n")
+    (corpus / "val.txt").write_text("The word garden written backwards is nedrag. " * 20)
     points = interpolation_curve.main(["--checkpoint", str(base_dir), "--peft", str(lora), "--records", str(path),
-                                       "--out", str(tmp_path / "curve"), "--max_new_tokens", "4"])
+                                       "--out", str(tmp_path / "curve"), "--max_new_tokens", "4",
+                                       "--corpus", str(corpus), "--corpus_seq_len", "32", "--perturb_seed", "4"])
     assert [p["a"] for p in points] == [0.0, 0.25, 0.5, 0.75, 1.0]
     assert (tmp_path / "curve" / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", "curve.png is not a PNG"
     saved = json.loads((tmp_path / "curve" / "curve.json").read_text())
@@ -69,6 +75,13 @@ def test_curve_writes_png_and_json_and_its_ends_are_the_two_models(lab, trained_
     assert ends[1] == pytest.approx(scores(adapted, trained_tokenizer, recs), rel=1e-5), \
         "a = 1 is not the adapted model's evaluation"
     assert ends[0] != ends[1], "base and adapter score the same: the test would prove nothing"
+    perturbed = perturb_for_eval(recs, 4)
+    for point, model in ((points[0], base), (points[-1], adapted)):
+        assert point["perturbed_accuracy"] == exact_match(model, trained_tokenizer, perturbed, 4)["accuracy"], \
+            f"a = {point['a']}: perturbed accuracy is not the model's score on perturb_for_eval(records, 4)"
+        want = corpus_bpb(model, trained_tokenizer, corpus, tmp_path / "cache", seq_len=32)
+        assert point["corpus_bpb"] == pytest.approx(want, rel=1e-5), f"a = {point['a']}: corpus bits per byte"
+    assert points[0]["corpus_bpb"] != points[-1]["corpus_bpb"], "the adapter must change the corpus figure"
 
 
 def test_answer_loss_is_the_mean_over_answer_tokens(lab, trained_tokenizer):
