@@ -856,7 +856,7 @@ def train(cfg: TrainConfig) -> dict:
     losses, val_loss, val_bpb, stopped_by = [], None, None, None
     model.train()
     t_log, steps_since_log, tokens_since_log = time.time(), 0, 0
-    if stopper is not None and stopper.should_stop:  # resumed after an early stop: nothing left to run
+    if stopper is not None and stopper.should_stop and step < cfg.max_steps:  # resumed after an early stop
         say(f"stopped early at step {stopper.last_step} already; raise --patience to train on")
     with StopRequest() as stop:
         while step < cfg.max_steps and not (stopper is not None and stopper.should_stop):
