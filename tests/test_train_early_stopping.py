@@ -86,7 +86,8 @@ def metrics(out_dir) -> list[dict]:
 
 def test_a_run_that_cannot_improve_stops_after_patience_evaluations(crafted, frozen_run):
     out, result = frozen_run
-    assert result["step"] == 3, f"dev_every 1, patience 2, no improvement possible: expected to stop at 3, got {result['step']}"
+    assert result["step"] == 3, \
+        f"dev_every 1, patience 2, no improvement possible: expected to stop at step 3, got {result['step']}"
     saved = json.loads((out / "early_stopping.json").read_text())
     want = {"chosen_step": 1, "best_metric": EXPECTED_ACCURACY, "stopped_at": 3, "total_steps": 10,
             "steps_saved": 7, "compute_saved": 0.7, "best_checkpoint": str(out / "best")}
@@ -106,7 +107,8 @@ def test_recorded_dev_accuracy_is_the_best_models_exact_match(crafted, frozen_ru
     again = exact_match_accuracy(load_checkpoint(out / "best"), crafted["tokenizer"], dev, train.DEV_ANSWER_TOKENS)
     assert again == EXPECTED_ACCURACY, f"the best model answers {again} of the crafted dev records, expected 3/8"
     assert all(a == again for _, a in recorded), \
-        f"metrics.jsonl dev_accuracy {recorded} must equal the recomputed {again} (the first {DEV_RECORDS} held-out records)"
+        f"metrics.jsonl dev_accuracy {recorded} must equal the recomputed {again} " \
+        f"(on the first {DEV_RECORDS} held-out records)"
 
 
 def test_best_checkpoint_is_the_model_at_the_chosen_step(crafted, tmp_path, monkeypatch):
