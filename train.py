@@ -141,7 +141,8 @@ def check_config(cfg: TrainConfig) -> None:
     positive = ("max_steps", "batch_size", "grad_accum", "seq_len", "eval_every", "eval_tokens", "log_every")
     bad = [f"--{k} {getattr(cfg, k)}" for k in positive if getattr(cfg, k) < 1]
     bad += [f"--{k} {getattr(cfg, k)}" for k in ("lr", "weight_decay", "grad_clip", "warmup_steps", "decay_steps",
-                                                 "sample_tokens", "peak_flops", "l2sp", "embed_noise")
+                                                 "sample_tokens", "peak_flops", "l2sp", "embed_noise", "dev_every",
+                                                 "dev_records", "patience", "min_delta")
             if not getattr(cfg, k) >= 0]
     if not 0 < cfg.val_fraction < 1 or not 0 <= cfg.min_lr_ratio <= 1 or not 0 <= cfg.perturb <= 1:
         bad.append(f"--val_fraction {cfg.val_fraction} / --min_lr_ratio {cfg.min_lr_ratio} / --perturb {cfg.perturb} "
@@ -149,11 +150,6 @@ def check_config(cfg: TrainConfig) -> None:
     if bad:
         raise UsageError(f"out of range: {', '.join(bad)}; counts must be at least 1, rates and sizes not negative, "
                          "--val_fraction in (0, 1), --min_lr_ratio and --perturb in [0, 1]")
-    negative = [f"--{k} {getattr(cfg, k)}" for k in ("dev_every", "dev_records", "patience", "min_delta")
-                if not getattr(cfg, k) >= 0]
-    if negative:
-        raise UsageError(f"out of range: {', '.join(negative)}; expected 0 or more (--dev_every 0: no dev "
-                         "evaluation, --patience 0: never stop early)")
     dev_flags = [f"--{k} {getattr(cfg, k)}" for k in ("patience", "min_delta") if getattr(cfg, k)]
     if dev_flags and not cfg.dev_every:
         raise UsageError(f"{' '.join(dev_flags)} act on dev evaluations, which are off: add --dev_every N "
