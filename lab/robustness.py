@@ -13,8 +13,9 @@ of ROWS by train.py, every row for the same steps at the same batch size. Each f
     forgetting   held-out bits per byte of the pretraining corpus after minus before fine-tuning
                  (``lab.evaluate.corpus_bpb``): the base memorised these facts, a rise is knowledge lost
 
-A run's scores are kept in OUT/seedS/ROW/scores.json and reused: an interrupted report continues where it
-stopped, and seeds can run in separate processes (same --out) before one last call tabulates them all.
+A run's scores are kept in OUT/seedS/ROW/scores.json and reused while its flags, steps and batch size stay
+the same: an interrupted report continues where it stopped, and seeds or rows can run in separate
+processes (same --out) before one last call tabulates them all.
 Writes OUT/table.md (means over the seeds) and OUT/results.json (every figure).
 """
 
@@ -92,14 +93,17 @@ def run_seed(out: Path, seed: int, rows: list[str], args) -> dict:
     for name in ["base", *rows]:
         run_dir = lab / name.replace(" ", "_").replace(":", "")
         cached = run_dir / "scores.json"
-        stale = name != "base" and cached.is_file() and json.loads(cached.read_text())["flags"] != ROWS[name]
+        # what a fine-tuning's scores depend on: a cached run made with other settings is run again
+        settings = {} if name == "base" else {"flags": ROWS[name], "finetune_steps": args.finetune_steps,
+                                               "batch_size": args.batch_size}
+        stale = cached.is_file() and any(json.loads(cached.read_text()).get(k) != v for k, v in settings.items())
         if stale or not cached.is_file():
             if name == "base":
                 figures = score(load_checkpoint(base), tokenizer, clean, perturbed, lab)
             else:
                 cost = finetune(lab, run_dir, ROWS[name], args.finetune_steps, args.batch_size, seed)
                 figures = {**score(load_finetuned(base, run_dir), tokenizer, clean, perturbed, lab),
-                           "trainable": trainable_count(base, ROWS[name]), "flags": ROWS[name], **cost}
+                           "trainable": trainable_count(base, ROWS[name]), **settings, **cost}
             run_dir.mkdir(parents=True, exist_ok=True)
             write_json(cached, figures)
         results[name] = json.loads(cached.read_text())

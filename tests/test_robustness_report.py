@@ -78,7 +78,11 @@ def test_runs_are_cached_and_rerun_when_their_flags_change(report, monkeypatch):
     args = ["--out", str(out), "--seeds", "0", "--finetune_steps", "3", "--batch_size", "4", "--rows", "full"]
     again = robustness.main(args)[0]
     assert again["full"] == results["full"] and log.stat().st_mtime_ns == stamp, "a cached run must not train again"
+    longer = robustness.main([*args, "--finetune_steps", "4"])[0]  # (the later flag wins)
+    assert log.stat().st_mtime_ns != stamp and longer["full"]["finetune_steps"] == 4, \
+        "a run with other steps must train again"
+    stamp = log.stat().st_mtime_ns
     monkeypatch.setitem(robustness.ROWS, "full", [*robustness.ROWS["full"], "--grad_clip", "0.5"])
-    changed = robustness.main(args)[0]
+    changed = robustness.main([*args, "--finetune_steps", "4"])[0]
     assert log.stat().st_mtime_ns != stamp and changed["full"]["flags"][-2:] == ["--grad_clip", "0.5"], \
         "a run whose flags changed must train again"
