@@ -35,7 +35,7 @@ from llama_min.perturb import perturb_for_eval
 from llama_min.tokenizer import Tokenizer
 
 from .evaluate import corpus_bpb, exact_match
-from .run_lab import PRETRAIN_SEQ_LEN, finetune, load_finetuned, pretrain_base, trainable_count
+from .run_lab import PRETRAIN_SEQ_LEN, add_lab_arguments, finetune, load_finetuned, pretrain_base, trainable_count
 
 # What each row adds to train.py's flags: the method, its learning rate (full fine-tuning's and the PEFT
 # methods' of the lab table, lab/run_lab.py, with 0.2 for LLaMA-Adapter, whose gates need a far larger one;
@@ -131,13 +131,9 @@ def table(per_seed: dict[int, dict]) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="working directory (one subdirectory per seed; runs are cached there)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="lab, training and perturbation seeds")
+    add_lab_arguments(parser)
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), metavar="ROW",
                         help=f"rows to run (default: all): {', '.join(ROWS)}")
-    parser.add_argument("--pretrain_steps", type=int, default=800, help="optimiser steps of the lab base")
-    parser.add_argument("--finetune_steps", type=int, default=150, help="optimiser steps of every fine-tuning")
-    parser.add_argument("--batch_size", type=int, default=16, help="sequences per step, pretraining and fine-tuning")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # like the training children (lab/run_lab.py says why)
     out = Path(args.out)

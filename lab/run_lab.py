@@ -141,14 +141,19 @@ def table(per_seed: dict[int, dict], baseline_mb: float) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_lab_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags every lab report shares: where it works, which seeds, and the training budget."""
     parser.add_argument("--out", required=True, help="working directory (one subdirectory per seed)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="lab and training seeds")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods to compare")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="lab, training (and perturbation) seeds")
     parser.add_argument("--pretrain_steps", type=int, default=800, help="optimiser steps of the lab base")
     parser.add_argument("--finetune_steps", type=int, default=150, help="optimiser steps of every fine-tuning")
     parser.add_argument("--batch_size", type=int, default=16, help="sequences per step, pretraining and fine-tuning")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_lab_arguments(parser)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods to compare")
     parser.add_argument("--full_lr", type=float, default=1e-3, help="peak learning rate of full fine-tuning")
     parser.add_argument("--peft_lr", type=float, default=1e-2, help="peak learning rate of the PEFT methods")
     args = parser.parse_args(argv)
