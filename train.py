@@ -5,6 +5,8 @@
     torchrun --nproc_per_node=4 train.py ...           # DistributedDataParallel, one process per GPU
     python train.py --resume                            # continue out/ckpt exactly where it stopped
     python train.py --init_from runs/base/ckpt --method lora --data alpaca.jsonl   # fine-tune: OUT/peft
+    python train.py --init_from runs/base/ckpt --method full --data alpaca.jsonl --l2sp 0.1 --weight_decay 0 \
+        --perturb 0.5 --dev_every 25 --patience 4     # robust options; the best dev model kept in OUT/best
 
 Reading order: the configuration (a dataclass, every field a flag), the learning-rate schedule, the
 building blocks the loop calls (data, model, trainable parameters, optimiser, evaluation, checkpoints),
