@@ -93,7 +93,8 @@ class TrainConfig:
     perturb: float = _flag(0.0, "instruction data: perturb the instruction of this fraction of the training "
                            "records (typos, case, spaces, a distractor prefix; seeded by --seed; never the held-out ones)")
     merge: bool = _flag(False, "--method lora: at the end also write OUT_DIR/merged, a full checkpoint with "
-                        "(alpha/r)·B·A folded into W (no --peft needed to use it)")
+                        "(alpha/r)·B·A folded into W (no --peft needed to use it); with --dev_every, of the best "
+                        "dev model (OUT_DIR/best)")
     # low-cost validation: exact match on a small dev split, keep the best model, stop early
     dev_every: int = _flag(0, "instruction data: every N steps score exact-match accuracy on the held-out records "
                            "(at most --dev_records) and keep the best model in OUT_DIR/best (0: off)")
@@ -949,6 +950,8 @@ def train(cfg: TrainConfig) -> dict:
             say(f"--- sample ({'greedy' if temperature == 0 else f'temperature {temperature}'}) ---\n"
                 f"{data.tokenizer.decode(prompt)}{data.tokenizer.decode(new)}")
     if stopped_by is None and rt.master and cfg.merge:
+        if stopper is not None and stopper.best_step is not None:  # the run's result is the chosen model
+            load_peft(raw_model, best_dir)
         write_merged(out_dir / "merged", raw_model, data.tokenizer, data.instructions)
         say(f"merged LoRA into the weights: full checkpoint {out_dir / 'merged'}")
     early = None

@@ -134,6 +134,32 @@ def test_best_checkpoint_is_the_model_at_the_chosen_step(crafted, tmp_path, monk
     assert not differ, f"best/ is not the model after step 2 (the chosen step): {differ} differ"
 
 
+def test_merge_folds_the_best_lora_not_the_last(crafted, tmp_path, monkeypatch):
+    """--method lora --merge --dev_every: OUT_DIR/merged is the chosen (best) adapter folded into the base,
+    computed here independently: W + (alpha / r)·B·A from best/'s own tensors."""
+    from llama_min.peft import read_peft_meta
+
+    scores, real = iter([0.5, 0.1, 0.1]), train.exact_match_accuracy
+
+    def scripted(*args, **kwargs):
+        real(*args, **kwargs)
+        return next(scores)
+
+    monkeypatch.setattr(train, "exact_match_accuracy", scripted)
+    finetune(crafted, tmp_path / "run", "--method", "lora", "--merge", *dev_flags(patience=0), steps=3)
+    monkeypatch.undo()
+    best, last = (load_file(tmp_path / "run" / d / "peft.safetensors") for d in ("best", "peft"))
+    assert any(not torch.equal(best[k], last[k]) for k in best), "premise: the adapter moved after the chosen step 1"
+    config = read_peft_meta(tmp_path / "run" / "best")["config"]
+    scale = config["lora_alpha"] / config["lora_rank"]
+    base = load_file(crafted["base_dir"] / "model.safetensors")
+    merged = load_file(tmp_path / "run" / "merged" / "model.safetensors")
+    for key, w in base.items():
+        prefix = key.removesuffix("weight")
+        want = w + scale * best[prefix + "lora_b"] @ best[prefix + "lora_a"] if prefix + "lora_a" in best else w
+        torch.testing.assert_close(merged[key], want, msg=f"{key}: merged/ is not the best adapter folded into the base")
+
+
 def test_resume_keeps_the_early_stopping_state(crafted, frozen_run, tmp_path):
     _, straight = frozen_run
     finetune(crafted, tmp_path / "run", *dev_flags(), lr="0", steps=2)  # best at 1, then 1 of 2 without improvement
