@@ -111,16 +111,22 @@ def test_recorded_dev_accuracy_is_the_best_models_exact_match(crafted, frozen_ru
         f"(on the first {DEV_RECORDS} held-out records)"
 
 
-def test_best_checkpoint_is_the_model_at_the_chosen_step(crafted, tmp_path, monkeypatch):
-    """Real learning, a scripted dev score (the real scoring still runs): 0.1, 0.5, 0.3, 0.5 picks step 2
-    (a tie is no improvement) and stops at 4. best/ must equal a run of the same seed stopped at step 2."""
-    scores, real = iter([0.1, 0.5, 0.3, 0.5]), train.exact_match_accuracy
+def script_dev_scores(monkeypatch, scores):
+    """Make train.py's dev evaluations report ``scores`` in turn; the real scoring still runs (its cost and
+    its effect on the model's state stay as they are)."""
+    scores, real = iter(scores), train.exact_match_accuracy
 
     def scripted(*args, **kwargs):
         real(*args, **kwargs)
         return next(scores)
 
     monkeypatch.setattr(train, "exact_match_accuracy", scripted)
+
+
+def test_best_checkpoint_is_the_model_at_the_chosen_step(crafted, tmp_path, monkeypatch):
+    """Real learning, a scripted dev score (the real scoring still runs): 0.1, 0.5, 0.3, 0.5 picks step 2
+    (a tie is no improvement) and stops at 4. best/ must equal a run of the same seed stopped at step 2."""
+    script_dev_scores(monkeypatch, [0.1, 0.5, 0.3, 0.5])
     result = finetune(crafted, tmp_path / "early", *dev_flags())
     monkeypatch.undo()
     summary = result["early_stopping"]
@@ -139,13 +145,7 @@ def test_merge_folds_the_best_lora_not_the_last(crafted, tmp_path, monkeypatch):
     computed here independently: W + (alpha / r)·B·A from best/'s own tensors."""
     from llama_min.peft import read_peft_meta
 
-    scores, real = iter([0.5, 0.1, 0.1]), train.exact_match_accuracy
-
-    def scripted(*args, **kwargs):
-        real(*args, **kwargs)
-        return next(scores)
-
-    monkeypatch.setattr(train, "exact_match_accuracy", scripted)
+    script_dev_scores(monkeypatch, [0.5, 0.1, 0.1])
     finetune(crafted, tmp_path / "run", "--method", "lora", "--merge", *dev_flags(patience=0), steps=3)
     monkeypatch.undo()
     best, last = (load_file(tmp_path / "run" / d / "peft.safetensors") for d in ("best", "peft"))
