@@ -104,7 +104,8 @@ def text_digest(docs: list[str]) -> str:
 def train_tokenizer(train_docs: list[str], cache_dir: Path, vocab_size: int) -> Tokenizer:
     """Train a LLaMA-style sentencepiece tokenizer on the training documents, once per (text, vocab)."""
     # The file keeps the name the checkpoint format expects, as it is copied into every checkpoint.
-    path = cache_dir / f"tokenizer-{text_digest(train_docs)}-v{vocab_size}" / "tokenizer.model"
+    path = (cache_dir / f"tokenizer-{text_digest(train_docs)}-v{vocab_size}-r{Tokenizer.TRAIN_RECIPE}"
+            / "tokenizer.model")
     if path.exists():
         return Tokenizer(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,8 @@
 LLaMA's tokenizer is byte-pair encoding run by sentencepiece, with two choices the paper names: all
 numbers are split into single digits, and unknown UTF-8 characters fall back to bytes (so no text is
 ever out of vocabulary). Ids 0, 1, 2 are <unk>, <s> (bos), </s> (eos); there is no padding token (-1).
-``Tokenizer.train`` makes a tokenizer with those same choices from text files.
+``Tokenizer.train`` makes a tokenizer with those same choices from text files, with one difference in
+what it learns from, explained in its docstring: paragraphs with their newlines, not single lines.
 
 Models that ship only a ``tokenizer.json`` (Hugging Face's format: Llama 3 and many small LLaMA-shaped
 models use byte-level BPE) load through the optional ``tokenizers`` package behind the same interface:
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import sentencepiece as spm
 
@@ -59,6 +60,9 @@ class Tokenizer:
     def id_to_piece(self, i: int) -> str:
         return self.sp.id_to_piece(i)
 
+    # Bump when Tokenizer.train changes what it learns, so caches keyed on it (data.train_tokenizer) renew.
+    TRAIN_RECIPE = 2
+
     @staticmethod
     def train(files: Iterable[str | Path], out_path: str | Path, vocab_size: int,
               max_sentence_length: int = 16384, input_sentence_size: int = 2_000_000) -> "Tokenizer":
@@ -66,11 +70,20 @@ class Tokenizer:
 
         BPE, digits split, byte fallback, no text normalisation (so decode(encode(s)) == s), the same
         special ids as LLaMA. Returns the loaded tokenizer.
+
+        What sentencepiece learns from is made to match how the text is later encoded: whole documents,
+        newlines included. Fed lines (its default, and how LLaMA's tokenizer was trained), it sees no
+        newline and puts a "dummy prefix" space before every line, so it learns "▁What" where the
+        encoded stream holds "\nWhat"; there every line's first word falls apart into short pieces.
+        Here the sentences are paragraphs (up to a blank line) with their newlines, and no dummy
+        prefix is added. On the Shakespeare held-out plays at 2048 pieces this raises the text per
+        token from 2.42 to 2.69 bytes, and lowers train.py's default held-out bits per byte from 2.259
+        to 2.223 (README, "Train").
         """
         out_path = Path(out_path)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         spm.SentencePieceTrainer.train(
-            input=",".join(str(f) for f in files),
+            sentence_iterator=paragraphs(files, max_sentence_length),
             model_prefix=str(out_path.with_suffix("")),
             model_type="bpe",
             vocab_size=vocab_size,
@@ -79,6 +92,7 @@ class Tokenizer:
             byte_fallback=True,
             allow_whitespace_only_pieces=True,
             remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
             normalization_rule_name="identity",
             unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
             max_sentence_length=max_sentence_length,
@@ -92,6 +106,21 @@ class Tokenizer:
             written.replace(out_path)
         out_path.with_suffix(".vocab").unlink(missing_ok=True)
         return Tokenizer(out_path)
+
+
+def paragraphs(files: Iterable[str | Path], max_bytes: int) -> Iterator[str]:
+    """The files' text cut after every blank line, newlines kept; a paragraph longer than ``max_bytes``
+    (UTF-8) is cut at line ends, so that sentencepiece, which skips longer sentences, sees all of it."""
+    for f in files:
+        chunk, size = "", 0
+        for line in Path(f).read_text(encoding="utf-8").splitlines(keepends=True):
+            n = len(line.encode("utf-8"))
+            if chunk and (chunk.endswith("\n\n") or size + n > max_bytes):
+                yield chunk
+                chunk, size = "", 0
+            chunk, size = chunk + line, size + n
+        if chunk:
+            yield chunk
 
 
 class HFTokenizer(Tokenizer):

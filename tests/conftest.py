@@ -9,6 +9,7 @@ import math
 import random
 
 import pytest
+import sentencepiece as spm
 import torch
 
 from llama_min import Llama, ModelConfig, Tokenizer
@@ -68,6 +69,20 @@ def trained_tokenizer(tmp_path_factory) -> Tokenizer:
     directory = tmp_path_factory.mktemp("tokenizer")
     write_training_text(directory / "corpus.txt")
     return Tokenizer.train([directory / "corpus.txt"], directory / "tokenizer.model", vocab_size=400)
+
+
+@pytest.fixture(scope="session")
+def line_trained_tokenizer(trained_tokenizer, tmp_path_factory) -> Tokenizer:
+    """The same corpus and options, trained the way LLaMA's own tokenizer was: sentencepiece's default
+    input (one line per sentence, no newlines seen) and its dummy-prefix space before every text."""
+    path = tmp_path_factory.mktemp("line_tokenizer") / "tokenizer.model"
+    spm.SentencePieceTrainer.train(input=str(trained_tokenizer.path.parent / "corpus.txt"),
+                                   model_prefix=str(path.with_suffix("")), model_type="bpe",
+                                   vocab_size=trained_tokenizer.vocab_size, character_coverage=1.0,
+                                   split_digits=True, byte_fallback=True, allow_whitespace_only_pieces=True,
+                                   remove_extra_whitespaces=False, normalization_rule_name="identity",
+                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    return Tokenizer(path)
 
 
 @pytest.fixture(autouse=True)

@@ -69,11 +69,17 @@ def sentencepiece_fields(sp_tokenizer):
         w.add_token_types(types)
         w.add_bos_token_id(sp.bos_id())
         w.add_eos_token_id(sp.eos_id())
+        # llama.cpp copies the model's add_dummy_prefix; the encoding of "a" shows it
+        w.add_add_space_prefix(sp.encode("a", out_type=str)[0].startswith("▁"))
     return add
 
 
-def test_gguf_sentencepiece_vocab_encodes_like_sentencepiece(tmp_path, capsys, trained_tokenizer):
+@pytest.mark.parametrize("which", ["trained_tokenizer", "line_trained_tokenizer"])
+def test_gguf_sentencepiece_vocab_encodes_like_sentencepiece(tmp_path, capsys, request, which):
+    """Both sentencepiece styles: llama_min's (no dummy-prefix space) and LLaMA's own (a space before
+    the text, which the rebuilt tokenizer must add and decoding strip)."""
     pytest.importorskip("gguf")
+    trained_tokenizer = request.getfixturevalue(which)
     model = random_model(tiny_config(vocab_size=trained_tokenizer.vocab_size, multiple_of=32))
     write_gguf(model, tmp_path / "m.gguf", add_vocab=sentencepiece_fields(trained_tokenizer))
     code, out, err = run(capsys, tmp_path / "m.gguf", tmp_path / "out")

@@ -79,8 +79,29 @@ def test_digits_are_split(trained_tokenizer):
 def test_training_learned_merges(trained_tokenizer):
     """BPE, not characters: frequent words of the corpus are single pieces."""
     tok = trained_tokenizer
-    pieces = [tok.id_to_piece(i) for i in tok.encode("the sea", bos=False)]
-    assert pieces == ["▁the", "▁sea"], f"'the sea' should be two learned pieces, got {pieces}"
+    pieces = [tok.id_to_piece(i) for i in tok.encode("runs to the sea", bos=False)]
+    assert pieces[-2:] == ["▁the", "▁sea"], f"' the sea' should be two learned pieces, got {pieces}"
+
+
+def test_training_learns_text_as_it_is_encoded(trained_tokenizer, line_trained_tokenizer):
+    """Documents are encoded whole, newlines included: the trainer must learn from that stream.
+
+    The reference is sentencepiece fed the same file line by line, as LLaMA's tokenizer was trained
+    (conftest.line_trained_tokenizer): it never sees a newline, and adds a space before each line's
+    first word, so it learns "▁the" but not the "the" that follows a newline, which falls apart.
+    """
+    tok, by_line = trained_tokenizer, line_trained_tokenizer
+    text = "1999\nthe sea"
+    pieces = [tok.id_to_piece(i) for i in tok.encode(text, bos=False)]
+    assert pieces == ["1", "9", "9", "9", "\n", "the", "▁sea"], \
+        f"the newline should be a piece of its own and 'the' after it one learned piece; got {pieces}"
+    assert tok.decode(tok.encode(text, bos=False)) == text
+    line_pieces = [by_line.id_to_piece(i) for i in by_line.encode(text, bos=False)]
+    assert len(line_pieces) > len(pieces), \
+        f"the reference trained on lines should need more pieces here; got {line_pieces} against {pieces}"
+    corpus = (tok.path.parent / "corpus.txt").read_text(encoding="utf-8")
+    assert len(tok.encode(corpus)) < len(by_line.encode(corpus)), \
+        "trained on paragraphs, the tokenizer should encode its own corpus in fewer tokens than one trained on lines"
 
 
 def test_reloading_gives_the_same_tokenizer(trained_tokenizer):
