@@ -64,7 +64,10 @@ def make_lab(out: str | Path, n_words: int = 240, n_heldout: int = 60, seed: int
                         [{"instruction": r.instruction, "input": r.input, "output": r.output} for _, r in rows])
         corpus = tmp / "tokenizer_corpus.txt"
         corpus.write_text("\n".join(train_docs + [r.prompt() + r.output for _, r in tune]), encoding="utf-8")
-        Tokenizer.train([corpus], tmp / "tokenizer.model", vocab_size=vocab_size)
+        # LLaMA's own recipe (lines, a space before each): it leaves a word that starts a line, as every
+        # answer does, in short pieces, which suits letter tasks. Paragraph training (the default) gave
+        # seed 0 full fine-tuning 0.258 exact match instead of 0.353 and LoRA 0.078 instead of 0.292.
+        Tokenizer.train([corpus], tmp / "tokenizer.model", vocab_size=vocab_size, by_line=True)
         corpus.unlink()
         (tmp / "lab.json").write_text(json.dumps(description, indent=2) + "\n")
     return description

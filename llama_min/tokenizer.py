@@ -65,7 +65,8 @@ class Tokenizer:
 
     @staticmethod
     def train(files: Iterable[str | Path], out_path: str | Path, vocab_size: int,
-              max_sentence_length: int = 16384, input_sentence_size: int = 2_000_000) -> "Tokenizer":
+              max_sentence_length: int = 16384, input_sentence_size: int = 2_000_000,
+              by_line: bool = False) -> "Tokenizer":
         """Train a LLaMA-style sentencepiece model on text files and write it to ``out_path``.
 
         BPE, digits split, byte fallback, no text normalisation (so decode(encode(s)) == s), the same
@@ -79,11 +80,16 @@ class Tokenizer:
         prefix is added. On the Shakespeare held-out plays at 2048 pieces this raises the text per
         token from 2.42 to 2.69 bytes, and lowers train.py's default held-out bits per byte from 2.259
         to 2.223 (README, "Train").
+
+        ``by_line=True`` is LLaMA's own recipe instead (lines, a dummy-prefix space before each); the
+        word-task lab uses it (lab/make_lab.py says why).
         """
         out_path = Path(out_path)
         out_path.parent.mkdir(parents=True, exist_ok=True)
+        source = (dict(input=",".join(str(f) for f in files)) if by_line  # sentencepiece's default input: lines
+                  else dict(sentence_iterator=paragraphs(files, max_sentence_length), add_dummy_prefix=False))
         spm.SentencePieceTrainer.train(
-            sentence_iterator=paragraphs(files, max_sentence_length),
+            **source,
             model_prefix=str(out_path.with_suffix("")),
             model_type="bpe",
             vocab_size=vocab_size,
@@ -92,7 +98,6 @@ class Tokenizer:
             byte_fallback=True,
             allow_whitespace_only_pieces=True,
             remove_extra_whitespaces=False,
-            add_dummy_prefix=False,
             normalization_rule_name="identity",
             unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
             max_sentence_length=max_sentence_length,

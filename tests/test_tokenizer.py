@@ -113,3 +113,14 @@ def test_reloading_gives_the_same_tokenizer(trained_tokenizer):
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does_not_exist.model"):
         Tokenizer(tmp_path / "does_not_exist.model")
+
+
+def test_by_line_is_llamas_own_recipe(trained_tokenizer, line_trained_tokenizer, tmp_path):
+    """by_line=True (the lab's choice) trains on lines with a dummy-prefix space, exactly as
+    sentencepiece does when fed the file directly (the conftest reference)."""
+    corpus = trained_tokenizer.path.parent / "corpus.txt"
+    tok = Tokenizer.train([corpus], tmp_path / "tokenizer.model", vocab_size=trained_tokenizer.vocab_size, by_line=True)
+    ours = [tok.id_to_piece(i) for i in range(tok.vocab_size)]
+    reference = [line_trained_tokenizer.id_to_piece(i) for i in range(line_trained_tokenizer.vocab_size)]
+    assert ours == reference, "by_line=True should learn the same pieces as sentencepiece fed the file by lines"
+    assert tok.id_to_piece(tok.encode("sea", bos=False)[0]) == "▁sea", "LLaMA's recipe puts a space before the text"
