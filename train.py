@@ -104,7 +104,7 @@ class TrainConfig:
                           "(0: never stop early, only keep the best)")
     min_delta: float = _flag(0.0, "--dev_every: an improvement must beat the best dev accuracy by more than this")
     # optimisation
-    max_steps: int = _flag(1300, "optimiser steps to run")
+    max_steps: int = _flag(2000, "optimiser steps to run")
     batch_size: int = _flag(8, "sequences per micro-batch per process")
     grad_accum: int = _flag(1, "micro-batches accumulated per optimiser step")
     seq_len: int = _flag(256, "tokens per training sequence (at most the model's max_seq_len)")
