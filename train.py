@@ -512,8 +512,10 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, rt: Runtime) -> tor
         {"params": [p for p in trainable if decays(p)], "weight_decay": cfg.weight_decay},
         {"params": [p for p in trainable if not decays(p)], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             fused=rt.device.type == "cuda")  # one kernel for all tensors on GPU
+    # fused: one kernel for all tensors on GPU. PyTorch has a fused CPU AdamW too (0.8 ms instead of 3.2 ms
+    # per tiny update, 2% of a step), but it rounds differently from the for-each update by an ulp, so
+    # every CPU figure in the README would move; not worth it at that size.
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=rt.device.type == "cuda")
 
 
 # ---- measurement: evaluation and FLOPs -----------------------------------------------------
