@@ -10,80 +10,60 @@
 
 Reading order: the configuration (a dataclass, every field a flag), loading the model, generating one
 answer with its timing, the chat loop, the command line. Generation itself is
-``llama_min.generation``; prompt formats are ``llama_min.templates``. The generated text goes to
+``llama_min.generation``; prompt formats are ``llama_min.finetune.templates``. The generated text goes to
 standard output; the figures (prompt tokens, new tokens, time to first token, tokens/s) go to standard
 error, so that the text can be piped on its own.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
 import torch
 
 from llama_min import Llama, Tokenizer
-from llama_min.checkpoint import load_checkpoint, tokenizer_file
-from llama_min.interpolate_files import check_interpolation_flags, interpolate_from_files_
-from llama_min.peft import load_peft
+from llama_min.checkpoint import tokenizer_file
+from llama_min.cli import OneLineParser, UsageError, add_flags, flag, pick_device, read_text
+from llama_min.finetune.load import check_interpolation_flags, load_finetuned
+from llama_min.finetune.templates import TEMPLATES, Message, Template, get_template, template_for_checkpoint
 from llama_min.generation import TextStream, fit_context, generate_stream, store_weights_column_major
-from llama_min.templates import TEMPLATES, Message, Template, get_template, template_for_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _flag(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
-
-
 @dataclass
 class GenerateConfig:
-    checkpoint: str = _flag("", "checkpoint directory (config.json, model.safetensors, tokenizer), e.g. out/ckpt")
-    peft: str = _flag("", "an adapter directory (peft.json + peft.safetensors from train.py --method ...) "
-                          "to apply to the checkpoint's model")
-    interpolate: float = _flag(-1.0, "a in [0, 1]: the model at (1 - a)*base + a*fine-tuned (0: the base, "
-                                     "1: the fine-tuned model; needs --peft or --base); -1: off")
-    base: str = _flag("", "with --interpolate: the base checkpoint of a fully or partially fine-tuned --checkpoint")
-    prompt: list[str] = field(default_factory=list, metadata={"help": "a prompt; repeat the flag for several"})
-    prompt_file: str = _flag("", "a file with one prompt per line (blank lines skipped); - reads standard input")
-    template: str = _flag("", f"prompt format: {', '.join(TEMPLATES)} (default: the one the checkpoint "
-                              "records, else raw)")
-    system: str = _flag("", "system message for the chat templates")
-    stop: list[str] = field(default_factory=list, metadata={"help": "a stop string: the answer ends before it "
-                                                                   "(repeatable; the template adds its own)"})
-    max_new_tokens: int = _flag(128, "new tokens at most per answer")
-    temperature: float = _flag(0.8, "sampling temperature; 0 is greedy")
-    top_k: int = _flag(0, "sample only among the k most likely tokens (0: no limit)")
-    top_p: float = _flag(1.0, "sample only within the nucleus of this probability mass (1: no limit)")
-    seed: int = _flag(-1, "seed for sampling (-1: a different sample every run)")
-    device: str = _flag("auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
-    dtype: str = _flag("float32", f"weight dtype: {', '.join(DTYPES)} (float16 on CUDA only)")
-    interactive: bool = _flag(False, "chat: each answer stays in the context of the next question")
-    truncate: bool = _flag(False, "drop the start of a prompt that is too long for the context "
-                                  "(default: stop with an error)")
-    compile: bool = _flag(False, "torch.compile the model's forward pass (slow to start; may help long runs)")
-
-
-class UsageError(ValueError):
-    """A bad flag or input: printed as one line, without a traceback."""
+    checkpoint: str = flag("", "checkpoint directory (config.json, model.safetensors, tokenizer), e.g. out/ckpt")
+    peft: str = flag("", "an adapter directory (peft.json + peft.safetensors from train.py --method ...) to apply "
+                     "to the checkpoint's model")
+    interpolate: float | None = flag(None, "a in [0, 1]: the model at (1 - a)*base + a*fine-tuned (0: the base, "
+                                     "1: the fine-tuned model; needs --peft or --base)")
+    base: str = flag("", "with --interpolate: the base checkpoint of a fully or partially fine-tuned --checkpoint")
+    prompt: list[str] = flag([], "a prompt; repeat the flag for several", action="append")
+    prompt_file: str = flag("", "a file with one prompt per line (blank lines skipped); - reads standard input")
+    template: str = flag("", f"prompt format: {', '.join(TEMPLATES)} (default: the one the checkpoint records, "
+                         "else raw)")
+    system: str = flag("", "system message for the chat templates")
+    stop: list[str] = flag([], "a stop string: the answer ends before it (repeatable; the template adds its own)",
+                           action="append")
+    max_new_tokens: int = flag(128, "new tokens at most per answer")
+    temperature: float = flag(0.8, "sampling temperature; 0 is greedy")
+    top_k: int = flag(0, "sample only among the k most likely tokens (0: no limit)")
+    top_p: float = flag(1.0, "sample only within the nucleus of this probability mass (1: no limit)")
+    seed: int = flag(-1, "seed for sampling (-1: a different sample every run)")
+    device: str = flag("auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
+    dtype: str = flag("float32", f"weight dtype: {', '.join(DTYPES)} (float16 on CUDA only)")
+    interactive: bool = flag(False, "chat: each answer stays in the context of the next question")
+    truncate: bool = flag(False, "drop the start of a prompt that is too long for the context (its BOS is kept; "
+                          "default: stop with an error)")
+    compile: bool = flag(False, "torch.compile the model's forward pass (slow to start; may help long runs)")
 
 
 # ---- loading ------------------------------------------------------------------------------------------
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available here; use --device cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
-
 
 def load(cfg: GenerateConfig) -> tuple[Llama, Tokenizer, Template]:
     """The model (on the chosen device, in the chosen dtype), its tokenizer and the prompt template."""
@@ -91,10 +71,7 @@ def load(cfg: GenerateConfig) -> tuple[Llama, Tokenizer, Template]:
         raise UsageError("--checkpoint DIR is required (a directory written by train.py or weights_convert.py)")
     if cfg.dtype not in DTYPES:
         raise UsageError(f"--dtype {cfg.dtype!r}: expected one of {', '.join(DTYPES)}")
-    if cfg.interpolate != -1.0:
-        check_interpolation_flags(cfg.interpolate, cfg.peft, cfg.base)
-    elif cfg.base:
-        raise UsageError("--base is the base checkpoint for --interpolate a; give --interpolate too")
+    check_interpolation_flags(cfg.interpolate, cfg.peft, cfg.base)
     device = pick_device(cfg.device)
     if cfg.dtype == "float16" and device.type != "cuda":
         raise UsageError("--dtype float16 is for CUDA; on a CPU use bfloat16 (same size, float32's range)")
@@ -103,12 +80,7 @@ def load(cfg: GenerateConfig) -> tuple[Llama, Tokenizer, Template]:
         raise UsageError(f"{cfg.checkpoint} holds no tokenizer.model or tokenizer.json; generation needs the "
                          "tokenizer the model was trained with (copy it into the checkpoint directory)")
     tokenizer = Tokenizer(tokenizer_path)
-    model = load_checkpoint(cfg.checkpoint, device=device, dtype=DTYPES[cfg.dtype]).eval()
-    if cfg.peft:
-        load_peft(model, cfg.peft)  # strict: the adapter's tensors, all of them, for this base config
-        model.to(device=device, dtype=DTYPES[cfg.dtype]).eval()  # eval: no LoRA dropout
-    if cfg.interpolate != -1.0:
-        interpolate_from_files_(model, cfg.interpolate, cfg.checkpoint, cfg.peft, cfg.base)
+    model = load_finetuned(cfg.checkpoint, cfg.peft, cfg.base, cfg.interpolate, device, DTYPES[cfg.dtype])
     if device.type == "cpu":
         store_weights_column_major(model)  # faster one-row products on CPU BLAS (see its docstring)
     if tokenizer.vocab_size > model.config.vocab_size:
@@ -129,7 +101,7 @@ def read_prompts(cfg: GenerateConfig) -> list[str]:
         elif not Path(cfg.prompt_file).is_file():
             raise UsageError(f"--prompt_file {cfg.prompt_file} does not exist")
         else:
-            text = Path(cfg.prompt_file).read_text()
+            text = read_text(cfg.prompt_file, "--prompt_file")
         prompts += [line for line in text.splitlines() if line.strip()]
     return prompts
 
@@ -227,25 +199,10 @@ def chat(model: Llama, tokenizer: Tokenizer, template: Template, cfg: GenerateCo
 
 # ---- the command line ------------------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="generate.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(GenerateConfig):
-        default = f.default_factory() if callable(f.default_factory) else f.default
-        if f.type in ("bool", bool):
-            parser.add_argument(f"--{f.name}", action="store_true", help=f.metadata["help"])
-        elif isinstance(default, list):
-            parser.add_argument(f"--{f.name}", action="append", default=[], metavar=f.name.upper(),
-                                help=f.metadata["help"])
-        else:
-            shown = f" (default: {default})" if default != "" else ""
-            parser.add_argument(f"--{f.name}", type=type(default), default=default, metavar=f.name.upper(),
-                                help=f.metadata["help"] + shown)
-    return parser
-
-
 def main(argv: list[str] | None = None) -> None:
-    cfg = GenerateConfig(**vars(build_parser().parse_args(argv)))
+    parser = OneLineParser(prog="generate.py", description=__doc__.split("\n\n")[0])
+    add_flags(parser, GenerateConfig)
+    cfg = GenerateConfig(**vars(parser.parse_args(argv)))
     try:
         prompts = read_prompts(cfg)
         if not prompts and not cfg.interactive:
@@ -260,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
             print(result.figures(), file=sys.stderr)
         if cfg.interactive:
             chat(model, tokenizer, template, cfg)
-    except (ValueError, FileNotFoundError) as e:
+    except (UsageError, ValueError, FileNotFoundError) as e:
         print(f"generate.py: error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
 

@@ -9,39 +9,31 @@ transformers (see llama_min/convert/verify.py) and the exit status is non-zero a
 
 from __future__ import annotations
 
-import argparse
-import resource
 import sys
 import time
-from pathlib import Path
+from dataclasses import dataclass
 
+from llama_min.cli import OneLineParser, add_flags, flag, peak_rss_mb
 from llama_min.convert import DTYPES, TARGETS, ConversionError, convert, open_source
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("src", metavar="SRC", help="Meta directory, Hugging Face directory, .gguf file, or llama_min checkpoint")
-    p.add_argument("dst", metavar="DST", help="output directory (must not exist, unless --force)")
-    p.add_argument("--to", choices=TARGETS, default="llama_min",
-                   help="llama_min: our checkpoint directory; hf: a directory transformers loads (default: llama_min)")
-    p.add_argument("--dtype", choices=list(DTYPES), default=None,
-                   help="dtype of the written weights (default: the source's; float32 for quantised GGUF)")
-    p.add_argument("--verify", action="store_true",
-                   help="compare logits with Hugging Face transformers; exit 1 when they differ")
-    p.add_argument("--force", action="store_true", help="replace DST if it exists")
-    return p.parse_args(argv)
+@dataclass
+class ConvertConfig:
+    src: str = flag("", "Meta directory, Hugging Face directory, .gguf file, or llama_min checkpoint", positional=True)
+    dst: str = flag("", "output directory (must not exist, unless --force)", positional=True)
+    to: str = flag("llama_min", "llama_min: our checkpoint directory; hf: a directory transformers loads",
+                   choices=TARGETS)
+    dtype: str | None = flag(None, "dtype of the written weights (default: the source's; float32 for quantised "
+                             "GGUF)", choices=list(DTYPES))
+    verify: bool = flag(False, "compare logits with Hugging Face transformers; exit 1 when they differ")
+    force: bool = flag(False, "replace DST if it exists")
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident memory. Linux's VmHWM belongs to this program alone; ru_maxrss
-    would also count the parent's memory when it was started by fork + exec (a benchmark, a test)."""
-    status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    scale = 2**20 if sys.platform == "darwin" else 2**10  # macOS reports bytes, Linux KiB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
+def parse_args(argv: list[str] | None = None) -> ConvertConfig:
+    parser = OneLineParser(prog="weights_convert.py", description=__doc__.split("\n\n")[0],
+                           usage="%(prog)s SRC DST [--to llama_min|hf] [--dtype DTYPE] [--verify] [--force]")
+    add_flags(parser, ConvertConfig)
+    return ConvertConfig(**vars(parser.parse_args(argv)))
 
 
 def dtype_name(dtype) -> str:

@@ -8,7 +8,7 @@ its own): build, apply the method, then a few AdamW steps on a (batch, seq_len) 
     saved        bytes autograd kept for the backward pass (distinct storages, counted by a
                  saved-tensors hook): the activations, which frozen lower layers do not add to
     grads+adam   bytes of gradients and AdamW state: 3 x trainable x 4 bytes
-    peak         the process's peak resident memory (CPU: VmHWM, via weights_convert.peak_rss_mb) or
+    peak         the process's peak resident memory (CPU: VmHWM, via llama_min.cli.peak_rss_mb) or
                  torch.cuda.max_memory_allocated (CUDA), weights included
     step         median seconds per optimiser step
 
@@ -30,8 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for weights_convert
 from decode import SMALL_LLAMA  # benchmarks/ is the script's directory
 from llama_min import Llama
+from llama_min.cli import peak_rss_mb
 from llama_min.peft import PeftConfig, apply_peft
-from weights_convert import peak_rss_mb
 
 METHODS = {
     "full": None,

@@ -14,20 +14,19 @@ machine slows both alike rather than whichever ran second.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import train  # noqa: E402
-from llama_min import Llama, ModelConfig  # noqa: E402
+from llama_min import Llama, ModelConfig
+from llama_min.training.config import TrainConfig
+from llama_min.training.optim import make_optimizer
+from llama_min.training.progress import flops_per_token, peak_flops
+from llama_min.training.runtime import Runtime, keep_freed_memory
 
 SHAPES = {
     # (config, batch, seq_len); tiny as train.py's default run trains it
-    "tiny": (ModelConfig.from_preset("tiny"), train.TrainConfig().batch_size, train.TrainConfig().seq_len),
+    "tiny": (ModelConfig.from_preset("tiny"), TrainConfig().batch_size, TrainConfig().seq_len),
     # llama2.c's "stories15M" shape: 15.2M parameters with the embedding shared by the output head
     "15M": (ModelConfig(dim=288, n_layers=6, n_heads=6, vocab_size=32000, max_seq_len=256, tie_embeddings=True), 8, 256),
 }
@@ -50,9 +49,9 @@ def hf_model(config: ModelConfig):
 
 def make_step(model: torch.nn.Module, hf: bool, autocast_dtype: torch.dtype | None):
     """One train.py step for this model: returns a function of (x, y)."""
-    cfg = train.TrainConfig()
-    rt = train.Runtime(torch.device("cpu"), autocast_dtype=autocast_dtype)
-    optimizer = train.make_optimizer(model, cfg, rt)
+    cfg = TrainConfig()
+    rt = Runtime(torch.device("cpu"), autocast_dtype=autocast_dtype)
+    optimizer = make_optimizer(model, cfg, rt)
 
     def ours(x, y):
         with rt.autocast():
@@ -97,9 +96,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    train.keep_freed_memory()  # as train.py does on CPU; it speeds both models alike
-    peak = train.peak_flops(train.TrainConfig(), train.Runtime(torch.device("cpu")))
-    peak_bf16 = train.peak_flops(train.TrainConfig(), train.Runtime(torch.device("cpu"), autocast_dtype=torch.bfloat16))
+    keep_freed_memory()  # as train.py does on CPU; it speeds both models alike
+    peak = peak_flops(TrainConfig(), Runtime(torch.device("cpu")))
+    peak_bf16 = peak_flops(TrainConfig(), Runtime(torch.device("cpu"), autocast_dtype=torch.bfloat16))
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock; measured matmul peak "
           f"{peak / 1e9:.1f} GFLOP/s float32, {peak_bf16 / 1e9:.1f} GFLOP/s bfloat16")
@@ -111,7 +110,7 @@ def main(argv=None):
             rows = torch.randint(0, config.vocab_size, (batch, seq_len + 1), generator=g)
             batches.append((rows[:, :-1], rows[:, 1:]))
         tokens = batch * seq_len
-        flops = train.flops_per_token(config, seq_len) * tokens
+        flops = flops_per_token(config, seq_len) * tokens
         torch.manual_seed(0)
         ours_model = Llama(config)
         theirs_model = hf_model(config)

@@ -7,8 +7,8 @@ RMSNorm (rmsnorm.py), the SwiGLU feed-forward (feedforward.py) and rotary positi
 (rope.py); grouped-query attention (attention.py) arrived with Llama 2. Parameter names are Meta's
 state-dict keys, so Meta checkpoints load as they are.
 
-This file knows nothing about files, devices or training: the caller chooses device and dtype
-(``with torch.device(...)``, ``.to(...)``), and checkpoint files are handled by checkpoint.py.
+This file knows nothing about devices or training: the caller chooses device and dtype (``with
+torch.device(...)``, ``.to(...)``). Checkpoint files are read and written by checkpoint_files.py.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from torch import nn
 
 from .attention import attention_mask
 from .block import Block
+from .checkpoint_files import load_model, save_model
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .rmsnorm import RMSNorm
@@ -39,7 +40,7 @@ class Llama(nn.Module):
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        self.rope = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.rope = RotaryEmbedding(config.head_dim, config.rope_theta)
         self.init_weights()
 
     @torch.no_grad()
@@ -115,15 +116,13 @@ class Llama(nn.Module):
         for layer in self.layers:
             layer.attention.cache = None
 
-    # ---- checkpoints (the file format lives in checkpoint.py) -----------------------------------
+    # ---- checkpoints (the directory format: checkpoint_files.py) --------------------------------------
 
     @classmethod
     def from_checkpoint(cls, directory, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> "Llama":
-        from .checkpoint import load_checkpoint
-
-        return load_checkpoint(directory, device=device, dtype=dtype)
+        """The model stored in a checkpoint directory, loaded strictly, on ``device`` in ``dtype``."""
+        return load_model(cls, directory, device=device, dtype=dtype)
 
     def save_checkpoint(self, directory, tokenizer_path=None) -> None:
-        from .checkpoint import save_checkpoint
-
-        save_checkpoint(self, directory, tokenizer_path=tokenizer_path)
+        """Write config.json, model.safetensors and a copy of the tokenizer to DIR, atomically."""
+        save_model(self, directory, tokenizer_path=tokenizer_path)

@@ -1,14 +1,18 @@
 """Rotary position embeddings, RoPE (Su et al. 2021, RoFormer, section 3.4.2, eq. 34).
 
 Each head vector is cut into d/2 pairs; pair i at position m is rotated by the angle m·θ_i with
-θ_i = theta^(-2i/d). A dot product of a rotated query at position m with a rotated key at position n
-then depends on m and n only through m - n: attention sees relative positions.
+θ_i = theta^(-2i/d), i = 0 … d/2 − 1 (the paper counts i from 1, θ_i = 10000^(−2(i−1)/d); the
+frequencies are the same). A dot product of a rotated query at position m with a rotated key at
+position n then depends on m and n only through m - n: attention sees relative positions.
 
 Pairing: Meta's LLaMA rotates *adjacent* features (2i, 2i+1), which is what this file does. Hugging Face
 rotates the two halves of the head instead and compensates by permuting the rows of wq and wk
-(``hf_format.py`` undoes that permutation). Meta's code writes the rotation with complex numbers;
-here it is written with real cos/sin tables, which every backend supports, and the tables are
-non-persistent buffers: derived from the config, never stored in checkpoints.
+(``convert/hf_format.py`` undoes that permutation). Meta's code writes the rotation with complex
+numbers; here it is written with real cos/sin, which every backend supports.
+
+The angles are computed for the positions asked, in float32, at every call: a few small operations
+next to the model's matrix products, and no table that ``model.to(torch.bfloat16)`` could round
+(bfloat16 keeps 8 bits of an angle's cosine: |Δcos| ≈ 2e-3) or that must follow the model's device.
 """
 
 import torch
@@ -16,28 +20,21 @@ from torch import nn
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, head_dim: int, max_seq_len: int, theta: float):
+    def __init__(self, head_dim: int, theta: float):
         super().__init__()
-        self.head_dim, self.max_seq_len, self.theta = head_dim, max_seq_len, theta
-        self.register_buffer("cos", torch.empty(max_seq_len, head_dim // 2), persistent=False)
-        self.register_buffer("sin", torch.empty(max_seq_len, head_dim // 2), persistent=False)
-        self.reset_tables()
+        self.head_dim, self.theta = head_dim, theta
 
-    @torch.no_grad()
-    def reset_tables(self) -> None:
-        """(Re)compute the tables, in float32, on the buffers' device. Called at construction and
-        after weights are loaded onto a model built on the meta device."""
-        device = self.cos.device
-        if device.type == "meta":
-            return
-        inv_freq = self.theta ** (-torch.arange(0, self.head_dim, 2, device=device).float() / self.head_dim)
-        angles = torch.outer(torch.arange(self.max_seq_len, device=device).float(), inv_freq)  # (T, d/2)
-        self.cos.copy_(angles.cos())
-        self.sin.copy_(angles.sin())
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        """θ_i = theta^(-2i/d) for i = 0 … d/2 − 1: (d/2,) float32."""
+        return self.theta ** (-torch.arange(0, self.head_dim, 2, device=device).float() / self.head_dim)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: (T,) or (B, T) integer positions -> cos, sin: (T, d/2) or (B, T, d/2), float32."""
-        return self.cos[positions], self.sin[positions]
+        angles = positions.float()[..., None] * self.inv_freq(positions.device)  # m·θ_i
+        return angles.cos(), angles.sin()
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, theta={self.theta}"
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

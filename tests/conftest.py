@@ -93,20 +93,16 @@ def _seed():
 
 @pytest.fixture(scope="session")
 def lab(tmp_path_factory):
-    """A small instruction lab (lab/make_lab.py) and a base briefly pretrained on its sentences by
+    """A small instruction lab (experiments/make_lab.py) and a base briefly pretrained on its sentences by
     train.py: the starting point of the fine-tuning tests. Built once per test session."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import train
-    from lab.make_lab import make_lab
+    from experiments.make_lab import make_lab
+    from scripts import train
 
     root = tmp_path_factory.mktemp("lab")
     make_lab(root / "lab", n_words=40, n_heldout=10, seed=0, tasks=["first", "upper"], vocab_size=400)
     tiny = ["--dim", "32", "--n_layers", "2", "--n_heads", "2", "--n_kv_heads", "1", "--multiple_of", "16",
             "--max_seq_len", "160"]
-    train.main([*tiny, "--data", str(root / "lab" / "pretrain"), "--tokenizer", str(root / "lab" / "tokenizer.model"),
-                "--cache_dir", str(root / "cache"), "--seq_len", "48", "--batch_size", "4", "--max_steps", "4",
-                "--eval_every", "4", "--sample_tokens", "0", "--out_dir", str(root / "base")])
+    train(*tiny, "--data", root / "lab" / "pretrain", "--tokenizer", root / "lab" / "tokenizer.model",
+          "--cache_dir", root / "cache", "--seq_len", "48", "--batch_size", "4", "--max_steps", "4",
+          "--eval_every", "4", "--sample_tokens", "0", "--out_dir", root / "base")
     return root

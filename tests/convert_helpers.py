@@ -6,25 +6,19 @@ llama_min/convert/, so a wrong table there does not pass the tests by agreeing w
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import torch
 
 from llama_min import Llama, ModelConfig
-
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("weights_convert", ROOT / "weights_convert.py")
-weights_convert = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(weights_convert)
+from scripts import run_script
 
 
-def run(capsys, *argv) -> tuple[int, str, str]:
+def run(*argv) -> tuple[int, str, str]:
     """weights_convert.py with these arguments: (exit status, stdout, stderr)."""
-    code = weights_convert.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
+    done = run_script("weights_convert.py", *argv)
+    return done.code, done.out, done.err
 
 
 def tensors_of(directory: Path) -> dict[str, torch.Tensor]:

@@ -13,10 +13,10 @@ from convert_helpers import run, write_gguf, write_meta
 
 
 @pytest.fixture
-def hf_dir(tmp_path, capsys):
+def hf_dir(tmp_path):
     """A valid Hugging Face directory (our export of a random model), for the tests to damage."""
     random_model(tiny_config(vocab_size=96)).save_checkpoint(tmp_path / "ours")
-    assert run(capsys, tmp_path / "ours", tmp_path / "hf", "--to", "hf")[0] == 0
+    assert run(tmp_path / "ours", tmp_path / "hf", "--to", "hf")[0] == 0
     return tmp_path / "hf"
 
 
@@ -32,9 +32,9 @@ def truncate(path, n_bytes=100):
     path.write_bytes(data[:-n_bytes])
 
 
-def expect_error(capsys, tmp_path, src, *needles, args=()):
+def expect_error(tmp_path, src, *needles, args=()):
     dst = tmp_path / "dst"
-    code, out, err = run(capsys, src, dst, *args)
+    code, out, err = run(src, dst, *args)
     assert code != 0, f"a bad input was accepted:\n{out}"
     message = err.strip()
     assert message.count("\n") == 0, f"the error should be one line, got:\n{message}"
@@ -45,19 +45,19 @@ def expect_error(capsys, tmp_path, src, *needles, args=()):
     return message
 
 
-def test_unknown_format(tmp_path, capsys):
+def test_unknown_format(tmp_path):
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "weights.npz").write_bytes(b"not a checkpoint")
-    expect_error(capsys, tmp_path, tmp_path / "src", "src", "unknown checkpoint format", "params.json", ".gguf")
+    expect_error(tmp_path, tmp_path / "src", "src", "unknown checkpoint format", "params.json", ".gguf")
 
 
-def test_missing_meta_shard(tmp_path, capsys):
+def test_missing_meta_shard(tmp_path):
     write_meta(random_model(tiny_config(vocab_size=96)), tmp_path / "meta", 2, vocab_in_params=True)
     (tmp_path / "meta" / "consolidated.01.pth").unlink()
-    expect_error(capsys, tmp_path, tmp_path / "meta", "consolidated.01.pth", "missing shard", "wq")
+    expect_error(tmp_path, tmp_path / "meta", "consolidated.01.pth", "missing shard", "wq")
 
 
-def test_missing_hf_shard(tmp_path, capsys, hf_dir):
+def test_missing_hf_shard(tmp_path, hf_dir):
     weights = load_file(hf_dir / "model.safetensors")
     names = sorted(weights)
     half = len(names) // 2
@@ -67,91 +67,91 @@ def test_missing_hf_shard(tmp_path, capsys, hf_dir):
     (hf_dir / "model.safetensors.index.json").write_text(json.dumps(index))
     (hf_dir / "model.safetensors").unlink()
     (hf_dir / "model-00002-of-00002.safetensors").unlink()
-    expect_error(capsys, tmp_path, hf_dir, "model-00002-of-00002.safetensors", "missing shard", names[half])
+    expect_error(tmp_path, hf_dir, "model-00002-of-00002.safetensors", "missing shard", names[half])
 
 
-def test_missing_tensor(tmp_path, capsys, hf_dir):
+def test_missing_tensor(tmp_path, hf_dir):
     edit_weights(hf_dir, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
-    expect_error(capsys, tmp_path, hf_dir, "model.safetensors", "missing", "layers.1.feed_forward.w3.weight")
+    expect_error(tmp_path, hf_dir, "model.safetensors", "missing", "layers.1.feed_forward.w3.weight")
 
 
-def test_unexpected_tensor(tmp_path, capsys, hf_dir):
+def test_unexpected_tensor(tmp_path, hf_dir):
     edit_weights(hf_dir, lambda t: t.update({"model.layers.0.self_attn.q_norm.weight": torch.ones(16)}))
-    expect_error(capsys, tmp_path, hf_dir, "model.safetensors", "unexpected", "model.layers.0.self_attn.q_norm.weight")
+    expect_error(tmp_path, hf_dir, "model.safetensors", "unexpected", "model.layers.0.self_attn.q_norm.weight")
 
 
-def test_shape_that_does_not_match_the_config(tmp_path, capsys, hf_dir):
+def test_shape_that_does_not_match_the_config(tmp_path, hf_dir):
     config = json.loads((hf_dir / "config.json").read_text())
     config["intermediate_size"] += 16
     (hf_dir / "config.json").write_text(json.dumps(config))
-    expect_error(capsys, tmp_path, hf_dir, "model.safetensors", "wrong shapes", "layers.0.feed_forward.w1.weight")
+    expect_error(tmp_path, hf_dir, "model.safetensors", "wrong shapes", "layers.0.feed_forward.w1.weight")
 
 
-def test_truncated_safetensors(tmp_path, capsys, hf_dir):
+def test_truncated_safetensors(tmp_path, hf_dir):
     truncate(hf_dir / "model.safetensors")
-    expect_error(capsys, tmp_path, hf_dir, "model.safetensors", "truncated: tensor ")
+    expect_error(tmp_path, hf_dir, "model.safetensors", "truncated: tensor ")
 
 
-def test_truncated_meta_shard(tmp_path, capsys):
+def test_truncated_meta_shard(tmp_path):
     write_meta(random_model(tiny_config(vocab_size=96)), tmp_path / "meta", 2, vocab_in_params=True)
     truncate(tmp_path / "meta" / "consolidated.01.pth")
-    expect_error(capsys, tmp_path, tmp_path / "meta", "consolidated.01.pth", "truncated")
+    expect_error(tmp_path, tmp_path / "meta", "consolidated.01.pth", "truncated")
 
 
-def test_truncated_gguf(tmp_path, capsys):
+def test_truncated_gguf(tmp_path):
     pytest.importorskip("gguf")
     write_gguf(random_model(tiny_config(multiple_of=32)), tmp_path / "m.gguf")
     truncate(tmp_path / "m.gguf", 1000)
-    expect_error(capsys, tmp_path, tmp_path / "m.gguf", "m.gguf", "truncated")
+    expect_error(tmp_path, tmp_path / "m.gguf", "m.gguf", "truncated")
 
 
-def test_unsupported_hf_architecture(tmp_path, capsys, hf_dir):
+def test_unsupported_hf_architecture(tmp_path, hf_dir):
     config = json.loads((hf_dir / "config.json").read_text())
     config["model_type"] = "mistral"
     (hf_dir / "config.json").write_text(json.dumps(config))
-    expect_error(capsys, tmp_path, hf_dir, "config.json", "mistral")
+    expect_error(tmp_path, hf_dir, "config.json", "mistral")
 
 
-def test_unsupported_gguf_architecture(tmp_path, capsys):
+def test_unsupported_gguf_architecture(tmp_path):
     pytest.importorskip("gguf")
     write_gguf(random_model(tiny_config(multiple_of=32)), tmp_path / "m.gguf", arch="qwen2")
-    expect_error(capsys, tmp_path, tmp_path / "m.gguf", "m.gguf", "'qwen2'", "not supported")
+    expect_error(tmp_path, tmp_path / "m.gguf", "m.gguf", "'qwen2'", "not supported")
 
 
-def test_unsupported_gguf_quantisation(tmp_path, capsys):
+def test_unsupported_gguf_quantisation(tmp_path):
     pytest.importorskip("gguf")
     write_gguf(random_model(tiny_config(multiple_of=32)), tmp_path / "m.gguf",
                raw_types={"layers.1.attention.wv.weight": "IQ4_NL"})
-    expect_error(capsys, tmp_path, tmp_path / "m.gguf", "m.gguf", "blk.1.attn_v.weight", "IQ4_NL", "Q8_0")
+    expect_error(tmp_path, tmp_path / "m.gguf", "m.gguf", "blk.1.attn_v.weight", "IQ4_NL", "Q8_0")
 
 
-def test_missing_gguf_package_is_named(tmp_path, capsys, monkeypatch):
+def test_missing_gguf_package_is_named(tmp_path, monkeypatch):
     pytest.importorskip("gguf")
     write_gguf(random_model(tiny_config(multiple_of=32)), tmp_path / "m.gguf")
     monkeypatch.setitem(sys.modules, "gguf", None)  # what `import gguf` sees when it is not installed
-    expect_error(capsys, tmp_path, tmp_path / "m.gguf", "`gguf`", "pip install gguf")
+    expect_error(tmp_path, tmp_path / "m.gguf", "`gguf`", "pip install gguf")
 
 
 class NotATensor:
     """Unpickling this would run code of the file's choosing; weights_only=True refuses it."""
 
 
-def test_pickle_with_code_is_refused(tmp_path, capsys):
+def test_pickle_with_code_is_refused(tmp_path):
     model = random_model(tiny_config(vocab_size=96))
     write_meta(model, tmp_path / "meta", 1, vocab_in_params=True)
     state = torch.load(tmp_path / "meta" / "consolidated.00.pth", weights_only=True)
     state["evil"] = NotATensor()
     torch.save(state, tmp_path / "meta" / "consolidated.00.pth")
-    expect_error(capsys, tmp_path, tmp_path / "meta", "consolidated.00.pth", "NotATensor", "weights_only=True")
+    expect_error(tmp_path, tmp_path / "meta", "consolidated.00.pth", "NotATensor", "weights_only=True")
 
 
-def test_existing_destination_needs_force(tmp_path, capsys, hf_dir):
+def test_existing_destination_needs_force(tmp_path, hf_dir):
     dst = tmp_path / "dst"
     dst.mkdir()
     (dst / "keep.txt").write_text("mine")
-    code, _, err = run(capsys, hf_dir, dst)
+    code, _, err = run(hf_dir, dst)
     assert code != 0 and "--force" in err, f"an existing destination was not refused: {err}"
     assert (dst / "keep.txt").read_text() == "mine", "the existing destination was touched"
-    code, _, err = run(capsys, hf_dir, dst, "--force")
+    code, _, err = run(hf_dir, dst, "--force")
     assert code == 0, err
     assert (dst / "model.safetensors").is_file() and not (dst / "keep.txt").exists(), "--force did not replace it"

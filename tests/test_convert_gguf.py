@@ -15,10 +15,10 @@ gguf = pytest.importorskip("gguf")
 CONFIG = dict(multiple_of=32)
 
 
-def test_f32_gguf_converts_exactly(tmp_path, capsys):
+def test_f32_gguf_converts_exactly(tmp_path):
     model = random_model(tiny_config(**CONFIG))
     write_gguf(model, tmp_path / "m.gguf", "F32")
-    code, out, err = run(capsys, tmp_path / "m.gguf", tmp_path / "out")
+    code, out, err = run(tmp_path / "m.gguf", tmp_path / "out")
     assert code == 0, err
     got, expected = tensors_of(tmp_path / "out"), model.state_dict()
     assert set(got) == set(expected), f"tensor names differ: {sorted(set(got) ^ set(expected))}"
@@ -30,20 +30,20 @@ def test_f32_gguf_converts_exactly(tmp_path, capsys):
     assert c.ffn_hidden_dim == model.config.ffn_hidden_dim
 
 
-def test_gguf_qk_order_agrees_with_transformers_reader(tmp_path, capsys):
+def test_gguf_qk_order_agrees_with_transformers_reader(tmp_path):
     """transformers reads GGUF with its own code (and its own q/k permutation back to HF's layout);
     our conversion of the same file must give its logits."""
     pytest.importorskip("transformers")
     model = random_model(tiny_config(**CONFIG))
     write_gguf(model, tmp_path / "m.gguf", "F32")
-    code, out, err = run(capsys, tmp_path / "m.gguf", tmp_path / "out", "--verify")
+    code, out, err = run(tmp_path / "m.gguf", tmp_path / "out", "--verify")
     assert code == 0 and ": OK" in out, f"--verify against transformers' GGUF reader failed:\n{out}\n{err}"
 
 
-def test_tied_gguf_without_output_tensor(tmp_path, capsys):
+def test_tied_gguf_without_output_tensor(tmp_path):
     model = random_model(tiny_config(tie_embeddings=True, **CONFIG))
     write_gguf(model, tmp_path / "m.gguf", "F32")
-    assert run(capsys, tmp_path / "m.gguf", tmp_path / "out")[0] == 0
+    assert run(tmp_path / "m.gguf", tmp_path / "out")[0] == 0
     converted = load_checkpoint(tmp_path / "out")
     assert converted.config.tie_embeddings, "a GGUF file without output.weight reuses token_embd: tied"
     ids = random_tokens(model.config, 1, 16)
@@ -51,10 +51,10 @@ def test_tied_gguf_without_output_tensor(tmp_path, capsys):
         assert max_abs_diff(converted(ids)[0], model(ids)[0]) == 0.0
 
 
-def test_q8_0_gguf_converts_within_the_quantisation_error(tmp_path, capsys):
+def test_q8_0_gguf_converts_within_the_quantisation_error(tmp_path):
     model = random_model(tiny_config(**CONFIG))
     write_gguf(model, tmp_path / "m.gguf", "Q8_0")
-    code, _, err = run(capsys, tmp_path / "m.gguf", tmp_path / "out")
+    code, _, err = run(tmp_path / "m.gguf", tmp_path / "out")
     assert code == 0, err
     got = tensors_of(tmp_path / "out")
     assert got["norm.weight"].dtype == torch.float32, "a quantised source converts to float32 by default"
@@ -75,11 +75,11 @@ def test_q8_0_gguf_converts_within_the_quantisation_error(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("qtype, dtype", [("F16", torch.float16), ("Q4_0", torch.float32), ("Q4_1", torch.float32)])
-def test_other_types_dequantise_like_the_gguf_package(tmp_path, capsys, qtype, dtype):
+def test_other_types_dequantise_like_the_gguf_package(tmp_path, qtype, dtype):
     """Each matrix equals the gguf package's own round trip quantize -> dequantize of the weight."""
     model = random_model(tiny_config(**CONFIG))
     write_gguf(model, tmp_path / "m.gguf", qtype)
-    code, _, err = run(capsys, tmp_path / "m.gguf", tmp_path / "out")
+    code, _, err = run(tmp_path / "m.gguf", tmp_path / "out")
     assert code == 0, err
     got = tensors_of(tmp_path / "out")
     assert got["layers.0.attention.wq.weight"].dtype == dtype, f"{qtype} should convert to {dtype} by default"

@@ -13,13 +13,13 @@ from convert_helpers import config_of, run, tensors_of, write_meta
 
 
 @pytest.mark.parametrize("n_shards", [1, 2])
-def test_meta_shards_merge_to_the_unsharded_weights(tmp_path, capsys, trained_tokenizer, n_shards):
+def test_meta_shards_merge_to_the_unsharded_weights(tmp_path, trained_tokenizer, n_shards):
     # vocab 400 = the trained tokenizer's; LLaMA-1's params.json says vocab_size -1, the converter reads it
     # from the embedding
     model = random_model(tiny_config(vocab_size=400))
     write_meta(model, tmp_path / "meta", n_shards)
     shutil.copyfile(trained_tokenizer.path, tmp_path / "tokenizer.model")  # Meta keeps it one level up
-    code, out, err = run(capsys, tmp_path / "meta", tmp_path / "out")
+    code, out, err = run(tmp_path / "meta", tmp_path / "out")
     assert code == 0, f"conversion failed: {err}"
 
     got = tensors_of(tmp_path / "out")
@@ -34,10 +34,10 @@ def test_meta_shards_merge_to_the_unsharded_weights(tmp_path, capsys, trained_to
     assert copied == trained_tokenizer.path.read_bytes(), "tokenizer.model was not copied"
 
 
-def test_meta_conversion_runs_like_the_original(tmp_path, capsys):
+def test_meta_conversion_runs_like_the_original(tmp_path):
     model = random_model(tiny_config(vocab_size=96))  # even, so that two shards split it
     write_meta(model, tmp_path / "meta", 2, vocab_in_params=True)
-    code, _, err = run(capsys, tmp_path / "meta", tmp_path / "out", "--dtype", "float32")
+    code, _, err = run(tmp_path / "meta", tmp_path / "out", "--dtype", "float32")
     assert code == 0, err
     ids = random_tokens(model.config, 2, 20)
     with torch.no_grad():
@@ -45,20 +45,20 @@ def test_meta_conversion_runs_like_the_original(tmp_path, capsys):
     assert diff == 0.0, f"converted model's logits differ by {diff}"
 
 
-def test_meta_to_hf_verifies_against_transformers(tmp_path, capsys):
+def test_meta_to_hf_verifies_against_transformers(tmp_path):
     pytest.importorskip("transformers")
     model = random_model(tiny_config(vocab_size=96))  # even, so that two shards split it
     write_meta(model, tmp_path / "meta", 2, vocab_in_params=True)
-    code, out, err = run(capsys, tmp_path / "meta", tmp_path / "hf", "--to", "hf", "--verify")
+    code, out, err = run(tmp_path / "meta", tmp_path / "hf", "--to", "hf", "--verify")
     assert code == 0, f"--verify failed on a correct conversion:\n{out}\n{err}"
     assert "verify: max |Δlogit|" in out and ": OK" in out, f"no verification report in:\n{out}"
 
 
-def test_a_tokenizer_model_sentencepiece_cannot_read_is_named_not_copied(tmp_path, capsys):
+def test_a_tokenizer_model_sentencepiece_cannot_read_is_named_not_copied(tmp_path):
     """Llama 3's Meta release ships a tiktoken file (base64 token, rank per line) as tokenizer.model."""
     write_meta(random_model(tiny_config(vocab_size=96)), tmp_path / "meta", 2, vocab_in_params=True)
     (tmp_path / "meta" / "tokenizer.model").write_text("IQ== 0\nIg== 1\n")
-    code, out, err = run(capsys, tmp_path / "meta", tmp_path / "out")
+    code, out, err = run(tmp_path / "meta", tmp_path / "out")
     assert code == 0, f"the weights should still convert: {err}"
     assert "tokenizer.model is not a sentencepiece model" in out, f"the unreadable tokenizer is not named:\n{out}"
     assert not (tmp_path / "out" / "tokenizer.model").exists(), "a tokenizer llama_min cannot read was copied"

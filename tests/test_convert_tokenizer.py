@@ -35,14 +35,14 @@ def train_byte_level_bpe(tmp_path) -> "tokenizers.Tokenizer":
     return tok
 
 
-def test_tokenizer_json_model_converts_and_loads(tmp_path, capsys):
+def test_tokenizer_json_model_converts_and_loads(tmp_path):
     """A Hugging Face model that ships only tokenizer.json: copied, and Tokenizer() runs it."""
     original = train_byte_level_bpe(tmp_path)
     src = tmp_path / "hf"
     shutil.copytree(FIXTURE, src)
     original.save(str(src / "tokenizer.json"))
     (src / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|begin|>", "eos_token": {"content": "<|end|>"}}))
-    assert run(capsys, src, tmp_path / "out")[0] == 0
+    assert run(src, tmp_path / "out")[0] == 0
     path = tokenizer_file(tmp_path / "out")
     assert path is not None and path.name == "tokenizer.json", f"tokenizer.json was not copied: {path}"
     tok = Tokenizer(path)
@@ -75,14 +75,14 @@ def sentencepiece_fields(sp_tokenizer):
 
 
 @pytest.mark.parametrize("which", ["trained_tokenizer", "line_trained_tokenizer"])
-def test_gguf_sentencepiece_vocab_encodes_like_sentencepiece(tmp_path, capsys, request, which):
+def test_gguf_sentencepiece_vocab_encodes_like_sentencepiece(tmp_path, request, which):
     """Both sentencepiece styles: llama_min's (no dummy-prefix space) and LLaMA's own (a space before
     the text, which the rebuilt tokenizer must add and decoding strip)."""
     pytest.importorskip("gguf")
     trained_tokenizer = request.getfixturevalue(which)
     model = random_model(tiny_config(vocab_size=trained_tokenizer.vocab_size, multiple_of=32))
     write_gguf(model, tmp_path / "m.gguf", add_vocab=sentencepiece_fields(trained_tokenizer))
-    code, out, err = run(capsys, tmp_path / "m.gguf", tmp_path / "out")
+    code, out, err = run(tmp_path / "m.gguf", tmp_path / "out")
     assert code == 0, err
     tok = Tokenizer(tmp_path / "out" / "tokenizer.json")
     assert (tok.bos_id, tok.eos_id) == (trained_tokenizer.bos_id, trained_tokenizer.eos_id)
@@ -95,7 +95,7 @@ def test_gguf_sentencepiece_vocab_encodes_like_sentencepiece(tmp_path, capsys, r
         assert tok.decode(got) == trained_tokenizer.decode(expected)
 
 
-def test_gguf_byte_level_vocab_encodes_like_the_original(tmp_path, capsys):
+def test_gguf_byte_level_vocab_encodes_like_the_original(tmp_path):
     pytest.importorskip("gguf")
     original = train_byte_level_bpe(tmp_path)
     saved = json.loads(original.to_str())
@@ -114,7 +114,7 @@ def test_gguf_byte_level_vocab_encodes_like_the_original(tmp_path, capsys):
 
     model = random_model(tiny_config(vocab_size=len(tokens), multiple_of=32))
     write_gguf(model, tmp_path / "m.gguf", add_vocab=add)
-    code, _, err = run(capsys, tmp_path / "m.gguf", tmp_path / "out")
+    code, _, err = run(tmp_path / "m.gguf", tmp_path / "out")
     assert code == 0, err
     tok = Tokenizer(tmp_path / "out" / "tokenizer.json")
     assert (tok.bos_id, tok.eos_id) == (vocab["<|begin|>"], vocab["<|end|>"])
@@ -123,14 +123,14 @@ def test_gguf_byte_level_vocab_encodes_like_the_original(tmp_path, capsys):
         assert tok.decode(tok.encode(text)) == text
 
 
-def test_missing_tokenizers_package_is_said(tmp_path, capsys, trained_tokenizer, monkeypatch):
+def test_missing_tokenizers_package_is_said(tmp_path, trained_tokenizer, monkeypatch):
     pytest.importorskip("gguf")
     import sys
 
     model = random_model(tiny_config(vocab_size=trained_tokenizer.vocab_size, multiple_of=32))
     write_gguf(model, tmp_path / "m.gguf", add_vocab=sentencepiece_fields(trained_tokenizer))
     monkeypatch.setitem(sys.modules, "tokenizers", None)
-    code, out, err = run(capsys, tmp_path / "m.gguf", tmp_path / "out")
+    code, out, err = run(tmp_path / "m.gguf", tmp_path / "out")
     assert code == 0, f"the weights should convert without `tokenizers`: {err}"
     assert "`tokenizers`" in out and "pip install tokenizers" in out, f"the missing package is not named:\n{out}"
     assert not (tmp_path / "out" / "tokenizer.json").exists()

@@ -5,7 +5,6 @@ tokenizer, independently of the script's streaming code.
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import re
 import subprocess
@@ -16,15 +15,13 @@ import pytest
 import torch
 
 from conftest import random_model, tiny_config
+from scripts import ROOT, run_script
 from llama_min import generate
+from llama_min.finetune.load import load_finetuned
+from llama_min.generation import store_weights_column_major
 from llama_min.peft import PeftConfig, apply_peft, save_peft
-from llama_min.templates import get_template, record_template
+from llama_min.finetune.templates import get_template, record_template
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("generate_script", ROOT / "generate.py")
-generate_script = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = generate_script  # dataclasses look their module up there
-_spec.loader.exec_module(generate_script)
 
 FIGURES = re.compile(r"\[(\d+) prompt tokens, (\d+) new tokens, time to first token \d+ ms, ([\d.]+|n/a) tokens/s\]")
 
@@ -44,15 +41,10 @@ def checkpoint(model, trained_tokenizer, tmp_path):
     return save(model, trained_tokenizer, tmp_path / "ckpt")
 
 
-def run(capsys, *argv) -> tuple[int, str, str]:
+def run(*argv) -> tuple[int, str, str]:
     """generate.py in this process: (exit status, stdout, stderr)."""
-    try:
-        generate_script.main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    done = run_script("generate.py", *argv)
+    return done.code, done.out, done.err
 
 
 def expected_text(model, tokenizer, prompt_ids: list[int], n: int) -> tuple[str, list[int]]:
@@ -76,10 +68,10 @@ def test_streams_the_greedy_continuation_and_prints_the_figures(model, trained_t
     assert (int(figures[1]), int(figures[2])) == (len(ids), len(new))
 
 
-def test_several_prompts_from_flags_and_a_file(model, trained_tokenizer, checkpoint, tmp_path, capsys):
+def test_several_prompts_from_flags_and_a_file(model, trained_tokenizer, checkpoint, tmp_path):
     prompts = ["the sea", "every river runs", "seven wizards"]
     (tmp_path / "prompts.txt").write_text(f"{prompts[1]}\n\n{prompts[2]}\n")
-    code, out, err = run(capsys, "--checkpoint", checkpoint, "--prompt", prompts[0], "--prompt_file",
+    code, out, err = run("--checkpoint", checkpoint, "--prompt", prompts[0], "--prompt_file",
                          tmp_path / "prompts.txt", "--temperature", "0", "--max_new_tokens", "6")
     assert code == 0, err
     texts = [p + expected_text(model, trained_tokenizer, trained_tokenizer.encode(p), 6)[0] for p in prompts]
@@ -87,7 +79,7 @@ def test_several_prompts_from_flags_and_a_file(model, trained_tokenizer, checkpo
     assert len(FIGURES.findall(err)) == 3
 
 
-def test_eos_ends_the_answer_and_is_not_printed(model, trained_tokenizer, tmp_path, capsys):
+def test_eos_ends_the_answer_and_is_not_printed(model, trained_tokenizer, tmp_path):
     ids = trained_tokenizer.encode("the lazy dog", bos=True)
     free = generate(model, [ids], 10)[0]
     # Swap the output rows of EOS and of the token greedy decoding picks at step 3: the logits of every
@@ -97,53 +89,53 @@ def test_eos_ends_the_answer_and_is_not_printed(model, trained_tokenizer, tmp_pa
     with torch.no_grad():
         model.output.weight[[token, eos]] = model.output.weight[[eos, token]]
     checkpoint = save(model, trained_tokenizer, tmp_path / "eos")
-    code, out, err = run(capsys, "--checkpoint", checkpoint, "--prompt", "the lazy dog", "--temperature", "0",
+    code, out, err = run("--checkpoint", checkpoint, "--prompt", "the lazy dog", "--temperature", "0",
                          "--max_new_tokens", "10")
     assert code == 0, err
     assert out == "the lazy dog" + trained_tokenizer.decode(ids + free[:3])[len(trained_tokenizer.decode(ids)):] + "\n"
     assert FIGURES.search(err)[2] == "3", err
 
 
-def test_a_stop_string_ends_the_answer(model, trained_tokenizer, checkpoint, capsys):
+def test_a_stop_string_ends_the_answer(model, trained_tokenizer, checkpoint):
     ids = trained_tokenizer.encode("the sea", bos=True)
     text, _ = expected_text(model, trained_tokenizer, ids, 30)
     stop = text[8:11]
     assert stop and len(text) > 11
-    code, out, err = run(capsys, "--checkpoint", checkpoint, "--prompt", "the sea", "--temperature", "0",
+    code, out, err = run("--checkpoint", checkpoint, "--prompt", "the sea", "--temperature", "0",
                          "--max_new_tokens", "30", "--stop", stop)
     assert code == 0, err
     assert out == "the sea" + text[:text.index(stop)] + "\n"
 
 
-def test_context_overflow_is_one_clear_line_unless_truncation_is_asked_for(checkpoint, capsys):
+def test_context_overflow_is_one_clear_line_unless_truncation_is_asked_for(checkpoint):
     long_prompt = " ".join(["the quick brown fox"] * 100)
-    code, out, err = run(capsys, "--checkpoint", checkpoint, "--prompt", long_prompt, "--max_new_tokens", "20")
+    code, out, err = run("--checkpoint", checkpoint, "--prompt", long_prompt, "--max_new_tokens", "20")
     assert code == 1
     assert err.count("\n") == 1 and "max_seq_len 192" in err and "--truncate" in err, err
-    code, out, err = run(capsys, "--checkpoint", checkpoint, "--prompt", long_prompt, "--max_new_tokens", "20",
+    code, out, err = run("--checkpoint", checkpoint, "--prompt", long_prompt, "--max_new_tokens", "20",
                          "--truncate", "--seed", "0")
     assert code == 0, err
     assert "prompt truncated: kept its last 172 of" in err
     assert FIGURES.search(err)[1] == "172"
 
 
-def test_template_comes_from_the_checkpoint_unless_a_flag_names_one(trained_tokenizer, checkpoint, capsys):
+def test_template_comes_from_the_checkpoint_unless_a_flag_names_one(trained_tokenizer, checkpoint):
     record_template(checkpoint, "alpaca")
     prompt = "reverse the word sea"
-    code, out, err = run(capsys, "--checkpoint", checkpoint, "--prompt", prompt, "--max_new_tokens", "4", "--seed", "0")
+    code, out, err = run("--checkpoint", checkpoint, "--prompt", prompt, "--max_new_tokens", "4", "--seed", "0")
     assert code == 0, err
     alpaca_ids = get_template("alpaca").encode(trained_tokenizer, [("user", prompt)])
     assert FIGURES.search(err)[1] == str(len(alpaca_ids))
-    code, out, err = run(capsys, "--checkpoint", checkpoint, "--prompt", prompt, "--max_new_tokens", "4",
+    code, out, err = run("--checkpoint", checkpoint, "--prompt", prompt, "--max_new_tokens", "4",
                          "--template", "raw", "--seed", "0")
     assert FIGURES.search(err)[1] == str(len(trained_tokenizer.encode(prompt)))
 
 
-def test_interactive_keeps_the_conversation_until_it_overflows(trained_tokenizer, checkpoint, capsys, monkeypatch):
+def test_interactive_keeps_the_conversation_until_it_overflows(trained_tokenizer, checkpoint, monkeypatch):
     lines = ["the quick brown fox", "jumps over the lazy dog", "every river runs to the sea", "seven wizards",
              "quietly hex jovial bakers", "the sea is never full", "/exit", "never read"]
     monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(lines) + "\n"))
-    code, out, err = run(capsys, "--checkpoint", checkpoint, "--interactive", "--template", "raw",
+    code, out, err = run("--checkpoint", checkpoint, "--interactive", "--template", "raw",
                          "--max_new_tokens", "40", "--seed", "0")
     assert code == 0, err
     prompt_tokens = [int(m[0]) for m in FIGURES.findall(err)]
@@ -155,7 +147,7 @@ def test_interactive_keeps_the_conversation_until_it_overflows(trained_tokenizer
     assert max(prompt_tokens) <= 192 - 40, "a prompt was let through that leaves no room for the answer"
 
 
-def test_an_adapter_checkpoint_is_applied_with_its_template(model, trained_tokenizer, checkpoint, tmp_path, capsys):
+def test_an_adapter_checkpoint_is_applied_with_its_template(model, trained_tokenizer, checkpoint, tmp_path):
     adapted = apply_peft(random_model(model.config), PeftConfig(method="lora", lora_targets=("wq", "wv", "w2")))
     with torch.no_grad():  # B starts at zero (the exact base model): give the adapter an effect to see
         for name, p in adapted.named_parameters():
@@ -168,7 +160,7 @@ def test_an_adapter_checkpoint_is_applied_with_its_template(model, trained_token
     text, _ = expected_text(adapted.eval(), trained_tokenizer, ids, 10)
     base_text, _ = expected_text(model, trained_tokenizer, ids, 10)
     assert text != base_text, "the adapter does not change the output: the test would prove nothing"
-    code, out, err = run(capsys, "--checkpoint", checkpoint, "--peft", tmp_path / "lora", "--prompt", prompt,
+    code, out, err = run("--checkpoint", checkpoint, "--peft", tmp_path / "lora", "--prompt", prompt,
                          "--temperature", "0", "--max_new_tokens", "10", "--stop", "<|im_end|>")
     assert code == 0, err
     expected = text[:text.index("<|im_end|>")] if "<|im_end|>" in text else text
@@ -181,32 +173,31 @@ def test_an_adapter_checkpoint_is_applied_with_its_template(model, trained_token
     (["--template", "vicuna"], "unknown prompt template 'vicuna'"),
     (["--top_p", "0", "--max_new_tokens", "8"], r"top_p must be in \(0, 1\]"),
 ])
-def test_bad_flags_are_one_clear_line(checkpoint, capsys, flags, message):
-    code, out, err = run(capsys, "--checkpoint", checkpoint, "--prompt", "the", *flags)
+def test_bad_flags_are_one_clear_line(checkpoint, flags, message):
+    code, out, err = run("--checkpoint", checkpoint, "--prompt", "the", *flags)
     assert code == 1 and err.count("\n") == 1 and re.search(message, err), err
 
 
-def test_missing_inputs_are_named(model, tmp_path, capsys):
-    code, _, err = run(capsys, "--checkpoint", tmp_path / "nothing", "--prompt", "hi")
+def test_missing_inputs_are_named(model, tmp_path):
+    code, _, err = run("--checkpoint", tmp_path / "nothing", "--prompt", "hi")
     assert code == 1 and "not a llama_min checkpoint" in err
     model.save_checkpoint(tmp_path / "no_tokenizer")
-    code, _, err = run(capsys, "--checkpoint", tmp_path / "no_tokenizer", "--prompt", "hi")
+    code, _, err = run("--checkpoint", tmp_path / "no_tokenizer", "--prompt", "hi")
     assert code == 1 and "holds no tokenizer.model or tokenizer.json" in err
-    code, _, err = run(capsys, "--checkpoint", tmp_path / "no_tokenizer")
+    code, _, err = run("--checkpoint", tmp_path / "no_tokenizer")
     assert code == 1 and "nothing to do" in err
 
 
-# ---- --interpolate a: the endpoints are the two models, exactly, through the script's own load() ------
+# ---- --interpolate a: the endpoints are the two models, exactly, as the script loads them -------------
 
 def logits_of(model, ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return model(torch.tensor([ids]))[0][0]
 
 
-def loaded_logits(capsys, ids, *argv) -> torch.Tensor:
-    cfg = generate_script.GenerateConfig(**vars(generate_script.build_parser().parse_args([str(a) for a in argv])))
-    model, _, _ = generate_script.load(cfg)
-    return logits_of(model, ids)
+def loaded_logits(ids, checkpoint, peft="", base="", interpolate=None) -> torch.Tensor:
+    """The logits of the model as generate.py loads it: load_finetuned, then its CPU weight layout."""
+    return logits_of(store_weights_column_major(load_finetuned(checkpoint, peft, base, interpolate)), ids)
 
 
 @pytest.mark.parametrize("peft", [
@@ -214,8 +205,7 @@ def loaded_logits(capsys, ids, *argv) -> torch.Tensor:
     PeftConfig(method="adapter", adapter_len=3),
     PeftConfig(method="bottleneck", bottleneck_dim=8, bottleneck_train_norms=True),  # base norms trained too
 ], ids=["lora", "adapter", "bottleneck+norms"])
-def test_interpolate_endpoints_are_the_base_and_the_adapted_model(model, trained_tokenizer, checkpoint, tmp_path,
-                                                                  capsys, peft):
+def test_interpolate_endpoints_are_the_base_and_the_adapted_model(model, trained_tokenizer, checkpoint, tmp_path, peft):
     adapted = apply_peft(random_model(model.config), peft)
     adapted.load_state_dict(model.state_dict(), strict=False)  # the same base under the adapter
     with torch.no_grad():
@@ -225,36 +215,38 @@ def test_interpolate_endpoints_are_the_base_and_the_adapted_model(model, trained
     save_peft(adapted, tmp_path / "lora", base_checkpoint=checkpoint)
     ids = trained_tokenizer.encode("the quick brown fox", bos=True)
     # the references, loaded by the same script without --interpolate (its CPU weight layout included)
-    base = loaded_logits(capsys, ids, "--checkpoint", checkpoint)
-    tuned = loaded_logits(capsys, ids, "--checkpoint", checkpoint, "--peft", tmp_path / "lora")
+    base = loaded_logits(ids, checkpoint)
+    tuned = loaded_logits(ids, checkpoint, peft=tmp_path / "lora")
     torch.testing.assert_close(tuned, logits_of(adapted.eval(), ids), rtol=1e-4, atol=1e-4)
     assert not torch.equal(base, tuned), "the adapter does not change the logits: the test would prove nothing"
-    flags = ["--checkpoint", checkpoint, "--peft", tmp_path / "lora", "--interpolate"]
-    assert torch.equal(loaded_logits(capsys, ids, *flags, "0"), base), "a = 0 is not exactly the base model"
-    assert torch.equal(loaded_logits(capsys, ids, *flags, "1"), tuned), "a = 1 is not exactly the adapted model"
-    middle = loaded_logits(capsys, ids, *flags, "0.5")
+    assert torch.equal(loaded_logits(ids, checkpoint, tmp_path / "lora", interpolate=0.0), base), \
+        "a = 0 is not exactly the base model"
+    assert torch.equal(loaded_logits(ids, checkpoint, tmp_path / "lora", interpolate=1.0), tuned), \
+        "a = 1 is not exactly the adapted model"
+    middle = loaded_logits(ids, checkpoint, tmp_path / "lora", interpolate=0.5)
     assert not torch.equal(middle, base) and not torch.equal(middle, tuned), "a = 0.5 is one of the endpoints"
     # and the greedy text the script prints at a = 0 is the base model's
-    code, out, err = run(capsys, *flags, "0", "--prompt", "the quick brown fox", "--template", "raw",
+    code, out, err = run("--checkpoint", checkpoint, "--peft", tmp_path / "lora", "--interpolate", "0",
+                         "--prompt", "the quick brown fox", "--template", "raw",
                          "--temperature", "0", "--max_new_tokens", "8")
     assert code == 0, err
     assert out == "the quick brown fox" + expected_text(model, trained_tokenizer, ids, 8)[0] + "\n"
 
 
-def test_interpolate_between_two_full_checkpoints(model, trained_tokenizer, checkpoint, tmp_path, capsys):
+def test_interpolate_between_two_full_checkpoints(model, trained_tokenizer, checkpoint, tmp_path):
     tuned_model = random_model(model.config, seed=1)  # a "fully fine-tuned" model: every tensor moved
     tuned = save(tuned_model, trained_tokenizer, tmp_path / "tuned")
     ids = trained_tokenizer.encode("every river runs", bos=True)
-    flags = ["--checkpoint", tuned, "--base", checkpoint, "--interpolate"]
-    base = loaded_logits(capsys, ids, "--checkpoint", checkpoint)
-    assert torch.equal(loaded_logits(capsys, ids, *flags, "0"), base), "a = 0 is not exactly the base"
-    assert torch.equal(loaded_logits(capsys, ids, *flags, "1"), loaded_logits(capsys, ids, "--checkpoint", tuned)), \
+    base = loaded_logits(ids, checkpoint)
+    assert torch.equal(loaded_logits(ids, tuned, base=checkpoint, interpolate=0.0), base), "a = 0 is not exactly the base"
+    assert torch.equal(loaded_logits(ids, tuned, base=checkpoint, interpolate=1.0), loaded_logits(ids, tuned)), \
         "a = 1 is not exactly the fine-tuned model"
     halfway = random_model(model.config)
     with torch.no_grad():
         for p, q in zip(halfway.parameters(), tuned_model.parameters()):
             p.mul_(0.5).add_(0.5 * q)  # the formula written a second way: θ₀ + ½(θ − θ₀)
-    torch.testing.assert_close(loaded_logits(capsys, ids, *flags, "0.5"), logits_of(halfway, ids), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(loaded_logits(ids, tuned, base=checkpoint, interpolate=0.5), logits_of(halfway, ids),
+                               rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -263,6 +255,6 @@ def test_interpolate_between_two_full_checkpoints(model, trained_tokenizer, chec
     (["--base", "X"], "--base is the base checkpoint for --interpolate a; give --interpolate too"),
     (["--interpolate", "0.5", "--base", "X", "--peft", "Y"], "either --peft ADAPTER .* or --base BASE"),
 ])
-def test_bad_interpolation_flags_are_one_clear_line(checkpoint, capsys, flags, message):
-    code, out, err = run(capsys, "--checkpoint", checkpoint, "--prompt", "the", *flags)
+def test_bad_interpolation_flags_are_one_clear_line(checkpoint, flags, message):
+    code, out, err = run("--checkpoint", checkpoint, "--prompt", "the", *flags)
     assert code == 1 and err.count("\n") == 1 and re.search(message, err), err

@@ -12,8 +12,8 @@ from conftest import random_model, random_tokens, tiny_config
 from llama_min import generate
 from llama_min.generation import (TextStream, choose_next, filter_top_k, filter_top_p, generate_stream,
                                   store_weights_column_major)
-from llama_min.instructions import InstructionRecord, encode_record
-from llama_min.templates import get_template, record_template, template_for_checkpoint
+from llama_min.finetune.instructions import InstructionRecord, encode_record
+from llama_min.finetune.templates import get_template, record_template, template_for_checkpoint
 
 
 @torch.no_grad()

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from llama_min import IGNORE_INDEX
-from llama_min.data import DataError, WindowSampler
-from llama_min.instructions import (InstructionRecord, build_example, encode_record, encode_records,
+from llama_min.training.data import DataError, WindowSampler
+from llama_min.finetune.instructions import (InstructionRecord, build_example, encode_record, encode_records,
                                     instruction_batch, read_records)
 
 from conftest import random_model, tiny_config

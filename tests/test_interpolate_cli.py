@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from conftest import random_model, tiny_config
-from lab import evaluate, interpolation_curve
-from lab.evaluate import answer_loss, corpus_bpb, exact_match
-from lab.tasks import make_words, records
-from llama_min.exact_match import answers
-from llama_min.instructions import InstructionRecord
+from experiments import evaluate, interpolation_curve
+from experiments.evaluate import answer_loss, corpus_bpb, exact_match
+from experiments.tasks import make_words, records
+from llama_min.finetune.exact_match import answers
+from llama_min.finetune.instructions import InstructionRecord
 from llama_min.peft import PeftConfig, apply_peft, save_peft
-from llama_min.perturb import perturb_for_eval
+from llama_min.finetune.perturb import perturb_for_eval
 
 
 @pytest.fixture
@@ -46,7 +46,7 @@ def scores(model, tok, recs) -> tuple[float, float]:
     return exact_match(model, tok, recs, max_new_tokens=4)["accuracy"], answer_loss(model, tok, recs)
 
 
-def test_evaluate_interpolate_endpoints_are_the_base_and_the_adapter(lab, trained_tokenizer, capsys):
+def test_evaluate_interpolate_endpoints_are_the_base_and_the_adapter(lab, trained_tokenizer):
     base_dir, lora, path, recs, base, adapted = lab
     base_acc, tuned_acc = exact_match(base, trained_tokenizer, recs, 4)["accuracy"], \
         exact_match(adapted, trained_tokenizer, recs, 4)["accuracy"]
@@ -57,7 +57,7 @@ def test_evaluate_interpolate_endpoints_are_the_base_and_the_adapter(lab, traine
     assert evaluate.main(common + ["--peft", str(lora)])["accuracy"] == tuned_acc
 
 
-def test_curve_writes_png_and_json_and_its_ends_are_the_two_models(lab, trained_tokenizer, tmp_path, capsys):
+def test_curve_writes_png_and_json_and_its_ends_are_the_two_models(lab, trained_tokenizer, tmp_path):
     base_dir, lora, path, recs, base, adapted = lab
     corpus = tmp_path / "corpus"  # a pretraining corpus directory, for the forgetting figure
     corpus.mkdir()
@@ -110,7 +110,7 @@ def test_curve_bad_flags_are_one_clear_line(lab, tmp_path, capsys, flags, messag
     assert not (tmp_path / "c").exists(), "a bad flag must stop before anything is written"
 
 
-def test_curve_between_two_full_checkpoints(lab, trained_tokenizer, tmp_path, capsys):
+def test_curve_between_two_full_checkpoints(lab, trained_tokenizer, tmp_path):
     base_dir, _, path, recs, base, _ = lab
     tuned = random_model(base.config, seed=3)  # a "fully fine-tuned" model: every base tensor moved
     tuned.save_checkpoint(tmp_path / "tuned", tokenizer_path=trained_tokenizer.path)

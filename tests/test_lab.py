@@ -8,12 +8,12 @@ import json
 import pytest
 import torch
 
-from lab.evaluate import exact_match
-from llama_min.exact_match import answers
-from lab.make_lab import make_lab
-from lab.tasks import TASKS, make_words, records, sentences, split_words
+from experiments.evaluate import exact_match
+from llama_min.finetune.exact_match import answers
+from experiments.make_lab import make_lab
+from experiments.tasks import TASKS, make_words, records, sentences, split_words
 from llama_min import Tokenizer
-from llama_min.instructions import InstructionRecord, read_records
+from llama_min.finetune.instructions import InstructionRecord, read_records
 
 from conftest import random_model, tiny_config
 

@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from llama_min.hf_format import config_to_hf, state_dict_to_hf
-from llama_min.lora import LoRALinear
-from llama_min.lora_hf import HF_ADAPTER_CONFIG, export_lora_to_hf
+from llama_min.convert.hf_format import config_to_hf, state_dict_to_hf
+from llama_min.peft.lora import LoRALinear
+from llama_min.peft.export_hf import HF_ADAPTER_CONFIG, export_lora_to_hf
 from llama_min.peft import PeftConfig, apply_peft
 
 from conftest import max_abs_diff, random_model, random_tokens, tiny_config
@@ -52,7 +52,7 @@ def test_export_without_q_permutation_would_fail(tmp_path, monkeypatch):
     """The comparison above is sensitive to the q/k row permutation of B: skip it and it fails."""
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
-    import llama_min.lora_hf as lora_hf
+    import llama_min.peft.export_hf as lora_hf
 
     model = apply_peft(random_model(tiny_config()), PeftConfig(method="lora", lora_rank=4, lora_targets=["wq"])).eval()
     with torch.no_grad():

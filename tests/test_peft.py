@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from llama_min import Llama, ModelConfig
-from llama_min.adapter import AdapterPrompt
-from llama_min.lora import LoRALinear
+from llama_min.peft.adapter import AdapterPrompt
+from llama_min.peft.lora import LoRALinear
 from llama_min.peft import (PEFT_CONFIG, PEFT_WEIGHTS, PeftConfig, add_peft_arguments, apply_peft, fold_lora,
                             load_peft, merge_lora, parameter_table, peft_config_from_args, peft_state_dict,
                             remove_peft, save_peft, unmerge_lora)

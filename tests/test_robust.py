@@ -17,16 +17,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llama_min.adapter import AdapterPrompt
-from llama_min.bottleneck import Bottleneck
-from llama_min.early_stopping import EarlyStopping
-from llama_min.instructions import InstructionRecord
-from llama_min.interpolate import interpolate_model_, interpolate_state_dicts
-from llama_min.l2sp import L2SP
-from llama_min.lora import LoRALinear
-from llama_min.neftune import NoisyEmbedding, add_embedding_noise
+from llama_min.peft.adapter import AdapterPrompt
+from llama_min.peft.bottleneck import Bottleneck
+from llama_min.finetune.early_stopping import EarlyStopping
+from llama_min.finetune.instructions import InstructionRecord
+from llama_min.finetune.interpolate import interpolate_model_, interpolate_state_dicts
+from llama_min.finetune.l2sp import L2SP
+from llama_min.peft.lora import LoRALinear
+from llama_min.finetune.neftune import NoisyEmbedding, add_embedding_noise
 from llama_min.peft import PeftConfig, apply_peft
-from llama_min.perturb import (DISTRACTOR_PREFIXES, PERTURBATIONS, perturb_for_eval, perturb_records,
+from llama_min.finetune.perturb import (DISTRACTOR_PREFIXES, PERTURBATIONS, perturb_for_eval, perturb_records,
                                perturb_text)
 
 from conftest import max_abs_diff, random_model, random_tokens, tiny_config

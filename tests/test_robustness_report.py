@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from lab import robustness
-from lab.evaluate import corpus_bpb, exact_match
+from experiments import robustness
+from experiments.evaluate import corpus_bpb, exact_match
 from llama_min.checkpoint import load_checkpoint
-from llama_min.instructions import read_records
+from llama_min.finetune.instructions import read_records
 from llama_min.peft import load_peft
-from llama_min.perturb import perturb_for_eval
+from llama_min.finetune.perturb import perturb_for_eval
 from llama_min.tokenizer import Tokenizer
 
 ROWS = ["full", "full +robust", "LoRA +robust", "partial: norms only"]

@@ -27,7 +27,7 @@ def complex_rope_reference(x: torch.Tensor, positions: torch.Tensor, theta: floa
 @pytest.mark.parametrize("theta", [10000.0, 500000.0])
 def test_rope_matches_complex_reference(theta):
     head_dim, max_len = 32, 128
-    rope = RotaryEmbedding(head_dim, max_len, theta)
+    rope = RotaryEmbedding(head_dim, theta)
     x = torch.randn(2, 7, 3, head_dim)
     positions = torch.tensor([0, 1, 2, 17, 63, 100, 127])  # not contiguous, up to the last slot
     got = apply_rotary(x, *rope(positions))
@@ -38,7 +38,7 @@ def test_rope_matches_complex_reference(theta):
 
 def test_rope_per_row_positions_match_reference():
     """(B, T) positions, as left-padded batches use: each row rotated at its own positions."""
-    rope = RotaryEmbedding(16, 64, 10000.0)
+    rope = RotaryEmbedding(16, 10000.0)
     x = torch.randn(2, 5, 4, 16)
     positions = torch.tensor([[0, 1, 2, 3, 4], [0, 0, 0, 1, 2]])
     got = apply_rotary(x, *rope(positions))
@@ -49,7 +49,7 @@ def test_rope_per_row_positions_match_reference():
 
 def test_rope_keeps_dtype_and_norm():
     """A rotation preserves the length of every pair; bfloat16 in gives bfloat16 out."""
-    rope = RotaryEmbedding(16, 64, 10000.0)
+    rope = RotaryEmbedding(16, 10000.0)
     x = torch.randn(1, 10, 2, 16)
     y = apply_rotary(x, *rope(torch.arange(10)))
     pair_norms = lambda t: t.unflatten(-1, (-1, 2)).norm(dim=-1)
@@ -61,7 +61,7 @@ def test_rope_keeps_dtype_and_norm():
 def test_rotated_dot_product_depends_only_on_offset():
     """RoFormer eq. 16: <R_m q, R_n k> = <q, R_(n-m) k>, so it is unchanged when m and n shift together."""
     head_dim = 32
-    rope = RotaryEmbedding(head_dim, 256, 10000.0)
+    rope = RotaryEmbedding(head_dim, 10000.0)
     q, k = torch.randn(1, 1, 1, head_dim), torch.randn(1, 1, 1, head_dim)
 
     def score(m: int, n: int) -> float:
@@ -78,6 +78,18 @@ def test_rotated_dot_product_depends_only_on_offset():
                 f"(10, {10 + offset}) it is {base:.6f}: it should depend only on the offset {offset}")
     # ...and it does depend on the offset, so the property above is not satisfied by doing nothing.
     assert abs(score(10, 11) - score(10, 50)) > 1e-3, "q·k is the same at offsets 1 and 40: no rotation applied?"
+
+
+def test_rotary_angles_stay_float32_when_the_weights_are_cast():
+    """rope.py promises float32 angles whatever the weights' dtype; a bfloat16 cos would be off by ~2e-3."""
+    config = tiny_config()
+    model = random_model(config).to(torch.bfloat16)
+    positions = torch.arange(config.max_seq_len)
+    cos, sin = model.rope(positions)
+    assert cos.dtype == sin.dtype == torch.float32, f"model.to(bfloat16) made the rotary angles {cos.dtype}"
+    angles = positions.double()[:, None] * 10000.0 ** (-torch.arange(0, config.head_dim, 2).double() / config.head_dim)
+    assert max_abs_diff(cos, angles.cos()) < 1e-6 and max_abs_diff(sin, angles.sin()) < 1e-6, \
+        "the rotary angles of a bfloat16 model must be the float32 values"
 
 
 def test_rotary_tables_are_not_in_the_state_dict():

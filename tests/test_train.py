@@ -9,18 +9,24 @@ import subprocess
 import sys
 import textwrap
 import time
-from dataclasses import replace
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import train  # noqa: E402
-from llama_min.checkpoint import load_checkpoint, resolve_checkpoint_dir  # noqa: E402
-from llama_min.data import read_documents, token_byte_lengths  # noqa: E402
+from llama_min import Llama, ModelConfig
+from llama_min.checkpoint import load_checkpoint, resolve_checkpoint_dir
+from llama_min.config import PRESETS
+from llama_min.training.batches import get_batch, prepare_data
+from llama_min.training.config import TrainConfig, build_parser, parse_args
+from llama_min.training.data import WindowSampler, read_documents, token_byte_lengths
+from llama_min.training.evaluate import evaluate
+from llama_min.training.optim import get_lr, make_optimizer
+from llama_min.training.runtime import Runtime, setup_runtime
+from llama_min.training.state import STATE_FILE
+from llama_min.training.trainable import build_model, choose_trainable
+from scripts import ROOT as REPO, last, metrics, run_script, train, train_losses
 
 TINY_MODEL = ["--dim", "32", "--n_layers", "2", "--n_heads", "2", "--n_kv_heads", "1", "--vocab_size", "384",
               "--multiple_of", "16"]
@@ -43,13 +49,8 @@ def tiny_args(corpus, out_dir, *extra, model=TINY_MODEL):
             "--eval_tokens", "1024", "--sample_tokens", "0", *extra]
 
 
-def tiny_config(corpus, out_dir, *extra) -> train.TrainConfig:
-    return train.parse_args(tiny_args(corpus, out_dir, *extra))[0]
-
-
-def train_losses(out_dir: Path) -> list[float]:
-    records = [json.loads(line) for line in open(out_dir / "metrics.jsonl")]
-    return [r["train_loss"] for r in records if r["train_loss"] is not None]
+def tiny_config(corpus, out_dir, *extra) -> TrainConfig:
+    return parse_args(tiny_args(corpus, out_dir, *extra))[0]
 
 
 # ---- learning ------------------------------------------------------------------------------------
@@ -57,12 +58,12 @@ def train_losses(out_dir: Path) -> list[float]:
 
 def test_overfits_a_fixed_batch(corpus, tmp_path):
     cfg = tiny_config(corpus, tmp_path, "--lr", "1e-2")
-    rt = train.setup_runtime(cfg)
-    model, tokenizer_path = train.build_model(cfg, rt)
-    data = train.prepare_data(cfg, rt, model.config.vocab_size, tokenizer_path)
-    train.choose_trainable(model, cfg)
-    optimizer = train.make_optimizer(model, cfg, rt)
-    x, y = train.get_batch(data.train, train.WindowSampler(len(data.train), cfg.seq_len, 0), cfg, rt)
+    rt = setup_runtime(cfg.device, cfg.dtype)
+    model, tokenizer_path = build_model(cfg, rt)
+    data = prepare_data(cfg, rt, model.config.vocab_size, tokenizer_path)
+    choose_trainable(model, cfg)
+    optimizer = make_optimizer(model, cfg, rt)
+    x, y = get_batch(data, WindowSampler(len(data.train), cfg.seq_len, 0), cfg, rt)
     losses = []
     for _ in range(40):
         _, loss = model(x, y)
@@ -74,8 +75,8 @@ def test_overfits_a_fixed_batch(corpus, tmp_path):
 
 
 def test_lr_schedule_values():
-    cfg = train.TrainConfig(lr=1e-3, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
-    lr = [train.get_lr(s, cfg) for s in range(130)]
+    cfg = TrainConfig(lr=1e-3, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    lr = [get_lr(s, cfg) for s in range(130)]
     # written a second way: warm-up is a straight line through (0, lr/10) and (9, lr); the cosine
     # is half a period from lr at step 10 to 0.1·lr at step 110.
     assert lr[0] == pytest.approx(1e-4) and lr[9] == pytest.approx(1e-3) and lr[10] == pytest.approx(1e-3)
@@ -86,12 +87,12 @@ def test_lr_schedule_values():
 
 
 def test_no_weight_decay_on_norms_and_frozen_params_left_out():
-    cfg = train.TrainConfig(lr=0.1, weight_decay=0.1)
-    rt = train.Runtime(torch.device("cpu"))
+    cfg = TrainConfig(lr=0.1, weight_decay=0.1)
+    rt = Runtime(torch.device("cpu"))
     torch.manual_seed(0)
-    model = train.Llama(train.ModelConfig(dim=32, n_layers=2, n_heads=2, vocab_size=64, multiple_of=16, max_seq_len=16))
+    model = Llama(ModelConfig(dim=32, n_layers=2, n_heads=2, vocab_size=64, multiple_of=16, max_seq_len=16))
     model.tok_embeddings.weight.requires_grad_(False)
-    optimizer = train.make_optimizer(model, cfg, rt)
+    optimizer = make_optimizer(model, cfg, rt)
     in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
     assert id(model.tok_embeddings.weight) not in in_optimizer, "a frozen parameter reached the optimiser"
     # Behaviour, not bookkeeping: with zero gradients AdamW's only effect is the decoupled decay
@@ -112,14 +113,14 @@ def test_no_weight_decay_on_norms_and_frozen_params_left_out():
 
 def test_bits_per_byte_counts_the_text_bytes(corpus, tmp_path):
     cfg = tiny_config(corpus, tmp_path)
-    rt = train.setup_runtime(cfg)
-    model, tokenizer_path = train.build_model(cfg, rt)
-    data = train.prepare_data(cfg, rt, model.config.vocab_size, tokenizer_path)
+    rt = setup_runtime(cfg.device, cfg.dtype)
+    model, tokenizer_path = build_model(cfg, rt)
+    data = prepare_data(cfg, rt, model.config.vocab_size, tokenizer_path)
     lengths = token_byte_lengths(data.tokenizer)
     for text in ["KING.\nO, pardon me!  ", "naïve café\n\n", "1604"]:
         ids = data.tokenizer.encode(text, bos=False)
         assert lengths[ids].sum() == len(text.encode("utf-8")), text
-    val_loss, val_bpb = train.evaluate(model, data, cfg, rt)
+    val_loss, val_bpb = evaluate(model, data, cfg, rt)
     n = cfg.eval_tokens // cfg.seq_len
     targets = torch.tensor(data.val[1:n * cfg.seq_len + 1].astype("int64")).view(n, cfg.seq_len)
     assert val_bpb == pytest.approx(val_loss * targets.numel() / math.log(2) / lengths[targets.numpy()].sum())
@@ -129,11 +130,11 @@ def test_bits_per_byte_counts_the_text_bytes(corpus, tmp_path):
 
 
 def test_resume_is_bit_exact(corpus, tmp_path):
-    whole = train.main(tiny_args(corpus, tmp_path / "whole"))
-    train.main(tiny_args(corpus, tmp_path / "split", "--max_steps", "3", "--decay_steps", "6"))
-    resumed = train.main(tiny_args(corpus, tmp_path / "split", "--resume", "--max_steps", "6"))
-    assert train_losses(tmp_path / "split") == whole["losses"], "6 steps != 3 steps + resume 3 steps"
-    assert resumed["val_loss"] == whole["val_loss"]
+    train(*tiny_args(corpus, tmp_path / "whole"))
+    train(*tiny_args(corpus, tmp_path / "split", "--max_steps", "3", "--decay_steps", "6"))
+    train(*tiny_args(corpus, tmp_path / "split", "--resume", "--max_steps", "6"))
+    assert train_losses(tmp_path / "split") == train_losses(tmp_path / "whole"), "6 steps != 3 steps + resume 3 steps"
+    assert last(tmp_path / "split", "val_loss") == last(tmp_path / "whole", "val_loss")
     a, b = load_checkpoint(tmp_path / "whole" / "ckpt"), load_checkpoint(tmp_path / "split" / "ckpt")
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(p, q), f"{name} differs after resuming"
@@ -141,19 +142,24 @@ def test_resume_is_bit_exact(corpus, tmp_path):
 
 SAVE_LOOP = """
 import sys, torch
-sys.path.insert(0, {repo!r})
-import train
+from pathlib import Path
+from llama_min import Llama, ModelConfig
 from llama_min.tokenizer import Tokenizer
-cfg = train.TrainConfig(out_dir={out!r})
+from llama_min.training.config import TrainConfig
+from llama_min.training.data import WindowSampler
+from llama_min.training.optim import make_optimizer
+from llama_min.training.runtime import Runtime
+from llama_min.training.state import save_checkpoint
+cfg = TrainConfig(out_dir={out!r})
 torch.manual_seed(0)
-model = train.Llama(train.ModelConfig(dim=64, n_layers=4, n_heads=2, vocab_size=384, multiple_of=16, max_seq_len=32))
-optimizer = train.make_optimizer(model, cfg, train.Runtime(torch.device("cpu")))
-sampler = train.WindowSampler(1000, 32, 0)
+model = Llama(ModelConfig(dim=64, n_layers=4, n_heads=2, vocab_size=384, multiple_of=16, max_seq_len=32))
+optimizer = make_optimizer(model, cfg, Runtime(torch.device("cpu")))
+sampler = WindowSampler(1000, 32, 0)
 step = 0
 while True:  # every checkpoint stamps its step into a weight, so a mix of two saves is detectable
     with torch.no_grad():
         model.norm.weight.fill_(step)
-    train.save_checkpoint(train.Path({out!r}), model, Tokenizer({tok!r}), optimizer, sampler, step, 0.0, cfg)
+    save_checkpoint(Path({out!r}), model, Tokenizer({tok!r}), optimizer, sampler, step, 0.0, cfg)
     if step == 0:
         print("saved", flush=True)
     step += 1
@@ -163,11 +169,11 @@ while True:  # every checkpoint stamps its step into a weight, so a mix of two s
 def test_checkpoint_interrupted_mid_write_is_old_or_new(corpus, tmp_path):
     tok = next((corpus / "cache").glob("*/tokenizer.model"), None)
     if tok is None:  # this test may run first: build the cache
-        train.prepare_data(tiny_config(corpus, tmp_path), train.Runtime(torch.device("cpu")), 384, None)
+        prepare_data(tiny_config(corpus, tmp_path), Runtime(torch.device("cpu")), 384, None)
         tok = next((corpus / "cache").glob("*/tokenizer.model"))
     for delay in (0.05, 0.6):
         out = tmp_path / f"run{delay}" / "ckpt"
-        script = SAVE_LOOP.format(repo=str(REPO), out=str(out), tok=str(tok))
+        script = SAVE_LOOP.format(out=str(out), tok=str(tok))
         child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                  text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert child.stdout.readline() == "saved\n", child.stderr.read()
@@ -175,7 +181,7 @@ def test_checkpoint_interrupted_mid_write_is_old_or_new(corpus, tmp_path):
         child.send_signal(signal.SIGINT)  # default handler: KeyboardInterrupt wherever the save is
         child.wait(timeout=60)
         directory = resolve_checkpoint_dir(out)
-        state = torch.load(directory / train.STATE_FILE, weights_only=True)
+        state = torch.load(directory / STATE_FILE, weights_only=True)
         model = load_checkpoint(directory)
         assert torch.all(model.norm.weight == state["step"]), (
             f"torn checkpoint: weights of step {model.norm.weight[0].item()} with state of step {state['step']}")
@@ -192,16 +198,15 @@ def test_sigint_saves_and_exits_cleanly(corpus, tmp_path):
     out, err = child.communicate(timeout=60)
     assert child.returncode == 0, err
     assert "SIGINT at step" in out and "--resume" in out, out
-    state = torch.load(resolve_checkpoint_dir(tmp_path / "ckpt") / train.STATE_FILE, weights_only=True)
+    state = torch.load(resolve_checkpoint_dir(tmp_path / "ckpt") / STATE_FILE, weights_only=True)
     stopped_at = int(out.split("SIGINT at step ")[1].split(":")[0])
     assert state["step"] == stopped_at >= 3
 
 
 def test_gradient_accumulation_matches_one_big_batch(corpus, tmp_path):
-    big = train.main(tiny_args(corpus, tmp_path / "big", "--batch_size", "4", "--max_steps", "3"))
-    accumulated = train.main(tiny_args(corpus, tmp_path / "acc", "--batch_size", "2", "--grad_accum", "2",
-                                       "--max_steps", "3"))
-    torch.testing.assert_close(accumulated["losses"], big["losses"], rtol=1e-5, atol=1e-5)
+    train(*tiny_args(corpus, tmp_path / "big", "--batch_size", "4", "--max_steps", "3"))
+    train(*tiny_args(corpus, tmp_path / "acc", "--batch_size", "2", "--grad_accum", "2", "--max_steps", "3"))
+    torch.testing.assert_close(train_losses(tmp_path / "acc"), train_losses(tmp_path / "big"), rtol=1e-5, atol=1e-5)
 
 
 # ---- several processes ---------------------------------------------------------------------------
@@ -210,61 +215,59 @@ def test_gradient_accumulation_matches_one_big_batch(corpus, tmp_path):
 def test_two_process_ddp_matches_one_process(corpus, tmp_path):
     """torchrun with 2 gloo processes of batch 2 == one process of batch 4: the same global batches,
     gradients averaged, so the same losses up to float summation order."""
-    train.prepare_data(tiny_config(corpus, tmp_path), train.Runtime(torch.device("cpu")), 384, None)  # warm the cache
+    prepare_data(tiny_config(corpus, tmp_path), Runtime(torch.device("cpu")), 384, None)  # warm the cache
     ddp_out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(REPO / "train.py"), *tiny_args(corpus, ddp_out, "--batch_size", "2", "--max_steps", "4")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("step 4/4") == 1, "only rank 0 prints"
-    single = train.main(tiny_args(corpus, tmp_path / "single", "--batch_size", "4", "--max_steps", "4"))
-    torch.testing.assert_close(train_losses(ddp_out), single["losses"], rtol=1e-5, atol=1e-5)
-    val = [json.loads(line)["val_loss"] for line in open(ddp_out / "metrics.jsonl")]
-    assert [v for v in val if v is not None][-1] == pytest.approx(single["val_loss"], rel=1e-5)
+    train(*tiny_args(corpus, tmp_path / "single", "--batch_size", "4", "--max_steps", "4"))
+    torch.testing.assert_close(train_losses(ddp_out), train_losses(tmp_path / "single"), rtol=1e-5, atol=1e-5)
+    assert last(ddp_out, "val_loss") == pytest.approx(last(tmp_path / "single", "val_loss"), rel=1e-5)
 
 
 # ---- bad input -----------------------------------------------------------------------------------
 
 
-def error_line(capsys, argv) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        train.main(argv)
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code != 0
+def error_line(argv) -> str:
+    run = run_script("train.py", *argv)
+    err = run.err.strip()
+    assert run.code != 0
     assert "\n" not in err and "Traceback" not in err, f"expected one line, got:\n{err}"
     return err
 
 
-def test_bad_inputs_give_one_line(corpus, tmp_path, capsys):
-    assert "unrecognized arguments: --max_stepz" in error_line(capsys, ["--max_stepz", "3"])
-    assert "invalid int value" in error_line(capsys, ["--max_steps", "three"])
-    assert "out of range: --batch_size 0" in error_line(capsys, tiny_args(corpus, tmp_path, "--batch_size", "0"))
+def test_bad_inputs_give_one_line(corpus, tmp_path):
+    assert "unrecognized arguments: --max_stepz" in error_line(["--max_stepz", "3"])
+    assert "invalid int value" in error_line(["--max_steps", "three"])
+    assert "out of range: --batch_size 0" in error_line(tiny_args(corpus, tmp_path, "--batch_size", "0"))
     missing = tmp_path / "nowhere.txt"
-    assert f"data path {missing} does not exist" in error_line(capsys, tiny_args(corpus, tmp_path, "--data", str(missing)))
+    assert f"data path {missing} does not exist" in error_line(tiny_args(corpus, tmp_path, "--data", str(missing)))
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "train.txt").write_text("\n\n")
     (empty / "val.txt").write_text("some text\n")
-    msg = error_line(capsys, tiny_args(corpus, tmp_path, "--data", str(empty)))
+    msg = error_line(tiny_args(corpus, tmp_path, "--data", str(empty)))
     assert "the training split" in msg and "is empty" in msg
-    msg = error_line(capsys, tiny_args(corpus, tmp_path, "--seq_len", "64", "--max_seq_len", "32"))
+    msg = error_line(tiny_args(corpus, tmp_path, "--seq_len", "64", "--max_seq_len", "32"))
     assert "--seq_len 64 exceeds the model's max_seq_len 32" in msg
-    assert "expected auto, cpu" in error_line(capsys, tiny_args(corpus, tmp_path, "--device", "tpu"))
-    assert "needs CUDA" in error_line(capsys, tiny_args(corpus, tmp_path, "--dtype", "float16"))
-    assert "does not exist" in error_line(capsys, tiny_args(corpus, tmp_path, "--resume", "--out_dir", str(tmp_path / "new")))
+    assert "expected auto, cpu" in error_line(tiny_args(corpus, tmp_path, "--device", "tpu"))
+    assert "needs CUDA" in error_line(tiny_args(corpus, tmp_path, "--dtype", "float16"))
+    assert "does not exist" in error_line(tiny_args(corpus, tmp_path, "--resume", "--out_dir", str(tmp_path / "new")))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"txt": "no text field"}\n')
     assert f"{bad}:2: expected an object with a string \"text\" field" in error_line(
-        capsys, tiny_args(corpus, tmp_path, "--data", str(bad)))
+        tiny_args(corpus, tmp_path, "--data", str(bad)))
 
 
 def test_nan_loss_stops_naming_the_step(corpus, tmp_path, capsys):
-    train.main(tiny_args(corpus, tmp_path / "base", "--max_steps", "1"))
+    train(*tiny_args(corpus, tmp_path / "base", "--max_steps", "1"))
     broken = load_checkpoint(tmp_path / "base" / "ckpt")
     with torch.no_grad():
         broken.norm.weight[0] = float("nan")
     broken.save_checkpoint(tmp_path / "broken", tokenizer_path=tmp_path / "base" / "ckpt" / "tokenizer.model")
-    msg = error_line(capsys, tiny_args(corpus, tmp_path / "ft", "--init_from", str(tmp_path / "broken"), model=[]))
+    msg = error_line(tiny_args(corpus, tmp_path / "ft", "--init_from", str(tmp_path / "broken"), model=[]))
     assert "loss is nan at step 1" in msg and "lower --lr" in msg
 
 
@@ -279,22 +282,22 @@ def test_jsonl_documents(tmp_path):
 
 def test_default_config_runs_a_few_steps(tmp_path):
     """`python train.py` with nothing changed but its length: shipped data, tiny preset, own tokenizer."""
-    result = train.main(["--max_steps", "2", "--eval_every", "2", "--eval_tokens", "2048", "--sample_tokens", "8",
-                         "--out_dir", str(tmp_path)])
-    defaults = train.TrainConfig()
-    assert result["step"] == 2 and math.isfinite(result["val_bpb"])
-    assert result["losses"][0] == pytest.approx(math.log(train.PRESETS[defaults.model].vocab_size), rel=0.05), (
+    run = train("--max_steps", "2", "--eval_every", "2", "--eval_tokens", "2048", "--sample_tokens", "8",
+                "--log_every", "1", "--out_dir", str(tmp_path))
+    assert "--- sample (greedy) ---" in run.out and "--- sample (temperature 0.8) ---" in run.out
+    records = metrics(tmp_path)
+    assert records[-1]["step"] == 2 and math.isfinite(last(tmp_path, "val_bpb"))
+    assert train_losses(tmp_path)[0] == pytest.approx(math.log(PRESETS[TrainConfig().model].vocab_size), rel=0.05), (
         "a fresh model should start near the uniform loss ln(vocab)")
-    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert set(records[0]) == {"step", "train_loss", "val_loss", "val_bpb", "dev_accuracy", "lr", "tokens_per_s", "elapsed_s"}
     assert (tmp_path / "loss.png").stat().st_size > 0
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
-        "config.json", "model.safetensors", "tokenizer.model", train.STATE_FILE]
+        "config.json", "model.safetensors", "tokenizer.model", STATE_FILE]
 
 
 def test_help_explains_every_flag():
-    help_text = train.build_parser().format_help()
-    for f in train.fields(train.TrainConfig):
+    help_text = build_parser().format_help()
+    for f in fields(TrainConfig):
         if f.metadata.get("help"):
             assert f"--{f.name}" in help_text
     for flag in ("--max_steps", "--batch_size", "--grad_accum", "--lr", "--out_dir", "--resume", "--device",
@@ -306,12 +309,11 @@ def test_help_explains_every_flag():
 
 PAGE_FAULTS_OF_FIVE_STEPS = """
 import resource, sys, torch
-sys.path.insert(0, {repo!r})
-import train
 from llama_min import Llama, ModelConfig
+from llama_min.training.runtime import keep_freed_memory
 torch.set_num_threads(1)
 if sys.argv[1] == "keep":
-    train.keep_freed_memory()
+    keep_freed_memory()
 torch.manual_seed(0)
 model = Llama(ModelConfig.from_preset("tiny"))
 optimizer = torch.optim.AdamW(model.parameters())
@@ -333,7 +335,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 @pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="tunes glibc's malloc only")
 def test_keep_freed_memory_stops_refaulting_every_step():
     """The reference is the same steps without the call, each in a fresh process (mallopt is process-wide)."""
-    script = PAGE_FAULTS_OF_FIVE_STEPS.format(repo=str(REPO))
+    script = PAGE_FAULTS_OF_FIVE_STEPS
     faults = {how: int(subprocess.run([sys.executable, "-c", script, how], capture_output=True, text=True,
                                       check=True).stdout) for how in ("default", "keep")}
     assert faults["keep"] < faults["default"] / 2, (

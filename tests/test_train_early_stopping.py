@@ -1,5 +1,5 @@
 """train.py's low-cost validation (--dev_every, --dev_records, --patience, --min_delta), through
-``train.main`` on the lab fixture's tiny base.
+``python train.py`` on the lab fixture's tiny base.
 
 The dev split is crafted so that its score is known without the code under test: of the first 8
 held-out records, 3 get as their expected output the base model's own greedy answer (decoded from
@@ -9,22 +9,19 @@ after the first --dev_records that is also made answerable must not count.
 """
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import train  # noqa: E402
-from llama_min.checkpoint import load_checkpoint, tokenizer_file  # noqa: E402
-from llama_min.exact_match import exact_match_accuracy  # noqa: E402
-from llama_min.generation import generate  # noqa: E402
-from llama_min.instructions import InstructionRecord, read_records  # noqa: E402
-from llama_min.tokenizer import Tokenizer  # noqa: E402
+import llama_min.training.robust
+from llama_min.checkpoint import load_checkpoint, tokenizer_file
+from llama_min.finetune.exact_match import exact_match_accuracy
+from llama_min.finetune.instructions import InstructionRecord, read_records
+from llama_min.generation import generate
+from llama_min.tokenizer import Tokenizer
+from llama_min.training.batches import DEV_ANSWER_TOKENS
+from scripts import Run, metrics, run_script
 
 N_TRAIN, N_HELD_OUT, DEV_RECORDS = 20, 10, 8
 ANSWERABLE = (0, 3, 5, 9)  # held-out positions whose output is the base's greedy answer; 9 is past DEV_RECORDS
@@ -42,9 +39,9 @@ def crafted(lab, tmp_path_factory):
     # Greedy answers of the dev records batched as one call, as the scorer batches them (left padding),
     # so that the very same computation decides; the record past the dev split alone.
     prompts = [tokenizer.encode(r.prompt(), bos=True) for r in held_out[:DEV_RECORDS]]
-    new = generate(base, prompts, train.DEV_ANSWER_TOKENS, temperature=0.0, stop_ids=[tokenizer.eos_id])
+    new = generate(base, prompts, DEV_ANSWER_TOKENS, temperature=0.0, stop_ids=[tokenizer.eos_id])
     new += [[]] * (N_HELD_OUT - DEV_RECORDS - 1)
-    new += generate(base, [tokenizer.encode(held_out[-1].prompt(), bos=True)], train.DEV_ANSWER_TOKENS,
+    new += generate(base, [tokenizer.encode(held_out[-1].prompt(), bos=True)], DEV_ANSWER_TOKENS,
                     temperature=0.0, stop_ids=[tokenizer.eos_id])
     greedy = [tokenizer.decode(ids) for ids in new]
     for i, r in enumerate(held_out[:DEV_RECORDS]):
@@ -58,14 +55,21 @@ def crafted(lab, tmp_path_factory):
     return {"path": path, "held_out": held_out, "tokenizer": tokenizer, "base_dir": base_dir}
 
 
-def finetune(crafted, out_dir, *extra, steps=10, lr="1e-2"):
+def finetune(crafted, out_dir, *extra, steps=10, lr="1e-2") -> Run:
     # --decay_steps fixed: the learning rate of a step must not depend on --max_steps (runs of different
     # lengths are compared step for step); --eval_every past the end: the held-out loss only at the end.
-    return train.main(["--init_from", str(crafted["base_dir"]), "--data", str(crafted["path"]),
-                       "--val_fraction", "0.3333", "--seq_len", "160", "--batch_size", "4", "--lr", lr,
-                       "--warmup_steps", "1", "--decay_steps", "100", "--max_steps", str(steps), "--log_every", "1",
-                       "--eval_every", "100", "--sample_tokens", "0", "--peak_flops", "1e12",
-                       "--out_dir", str(out_dir), *extra])
+    return run_script("train.py", "--init_from", crafted["base_dir"], "--data", crafted["path"],
+                      "--val_fraction", "0.3333", "--seq_len", "160", "--batch_size", "4", "--lr", lr,
+                      "--warmup_steps", "1", "--decay_steps", "100", "--max_steps", steps, "--log_every", "1",
+                      "--eval_every", "100", "--sample_tokens", "0", "--peak_flops", "1e12", "--out_dir", out_dir, *extra)
+
+
+def last_step(out_dir) -> int:
+    return metrics(out_dir)[-1]["step"]
+
+
+def summary(out_dir) -> dict:
+    return json.loads((out_dir / "early_stopping.json").read_text())
 
 
 def dev_flags(every=1, patience=2):
@@ -80,19 +84,15 @@ def frozen_run(crafted, tmp_path_factory):
     return out, finetune(crafted, out, *dev_flags(), lr="0")
 
 
-def metrics(out_dir) -> list[dict]:
-    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_a_run_that_cannot_improve_stops_after_patience_evaluations(crafted, frozen_run):
-    out, result = frozen_run
-    assert result["step"] == 3, \
-        f"dev_every 1, patience 2, no improvement possible: expected to stop at step 3, got {result['step']}"
-    saved = json.loads((out / "early_stopping.json").read_text())
+    out, run = frozen_run
+    assert run.code == 0 and last_step(out) == 3, \
+        f"dev_every 1, patience 2, no improvement possible: expected to stop at step 3, got {last_step(out)}"
+    saved = summary(out)
     want = {"chosen_step": 1, "best_metric": EXPECTED_ACCURACY, "stopped_at": 3, "total_steps": 10,
             "steps_saved": 7, "compute_saved": 0.7, "best_checkpoint": str(out / "best")}
     assert saved == want, f"early_stopping.json: {saved}, expected {want}"
-    assert result["early_stopping"] == want, "train() must return the same summary it writes"
+    assert "early stopping: chose step 1" in run.out and "70% of the planned steps saved" in run.out, run.out
     assert (out / "ckpt" / "train_state.pt").is_file(), "an early stop must leave a resumable final checkpoint"
     base, best = load_file(crafted["base_dir"] / "model.safetensors"), load_file(out / "best" / "model.safetensors")
     assert base.keys() == best.keys() and all(torch.equal(base[k], best[k]) for k in base), \
@@ -104,7 +104,7 @@ def test_recorded_dev_accuracy_is_the_best_models_exact_match(crafted, frozen_ru
     recorded = [(m["step"], m["dev_accuracy"]) for m in metrics(out) if m["dev_accuracy"] is not None]
     assert [s for s, _ in recorded] == [1, 2, 3], f"one dev evaluation per step until the stop, got {recorded}"
     dev = crafted["held_out"][:DEV_RECORDS]
-    again = exact_match_accuracy(load_checkpoint(out / "best"), crafted["tokenizer"], dev, train.DEV_ANSWER_TOKENS)
+    again = exact_match_accuracy(load_checkpoint(out / "best"), crafted["tokenizer"], dev, DEV_ANSWER_TOKENS)
     assert again == EXPECTED_ACCURACY, f"the best model answers {again} of the crafted dev records, expected 3/8"
     assert all(a == again for _, a in recorded), \
         f"metrics.jsonl dev_accuracy {recorded} must equal the recomputed {again} " \
@@ -114,23 +114,23 @@ def test_recorded_dev_accuracy_is_the_best_models_exact_match(crafted, frozen_ru
 def script_dev_scores(monkeypatch, scores):
     """Make train.py's dev evaluations report ``scores`` in turn; the real scoring still runs (its cost and
     its effect on the model's state stay as they are)."""
-    scores, real = iter(scores), train.exact_match_accuracy
+    scores, real = iter(scores), llama_min.training.robust.exact_match_accuracy
 
     def scripted(*args, **kwargs):
         real(*args, **kwargs)
         return next(scores)
 
-    monkeypatch.setattr(train, "exact_match_accuracy", scripted)
+    monkeypatch.setattr(llama_min.training.robust, "exact_match_accuracy", scripted)
 
 
 def test_best_checkpoint_is_the_model_at_the_chosen_step(crafted, tmp_path, monkeypatch):
     """Real learning, a scripted dev score (the real scoring still runs): 0.1, 0.5, 0.3, 0.5 picks step 2
     (a tie is no improvement) and stops at 4. best/ must equal a run of the same seed stopped at step 2."""
     script_dev_scores(monkeypatch, [0.1, 0.5, 0.3, 0.5])
-    result = finetune(crafted, tmp_path / "early", *dev_flags())
+    finetune(crafted, tmp_path / "early", *dev_flags())
     monkeypatch.undo()
-    summary = result["early_stopping"]
-    assert (summary["chosen_step"], summary["stopped_at"], summary["best_metric"]) == (2, 4, 0.5), summary
+    chosen = summary(tmp_path / "early")
+    assert (chosen["chosen_step"], chosen["stopped_at"], chosen["best_metric"]) == (2, 4, 0.5), chosen
     finetune(crafted, tmp_path / "two", steps=2)
     best = load_file(tmp_path / "early" / "best" / "model.safetensors")
     at_two = load_file(tmp_path / "two" / "ckpt" / "model.safetensors")
@@ -161,12 +161,12 @@ def test_merge_folds_the_best_lora_not_the_last(crafted, tmp_path, monkeypatch):
 
 
 def test_resume_keeps_the_early_stopping_state(crafted, frozen_run, tmp_path):
-    _, straight = frozen_run
+    straight, _ = frozen_run
     finetune(crafted, tmp_path / "run", *dev_flags(), lr="0", steps=2)  # best at 1, then 1 of 2 without improvement
-    resumed = train.main(["--resume", "--out_dir", str(tmp_path / "run"), "--max_steps", "10"])
-    assert resumed["step"] == straight["step"] == 3, \
-        f"resumed run stopped at {resumed['step']}, the uninterrupted one at {straight['step']}: the state was lost"
-    assert resumed["early_stopping"]["chosen_step"] == 1, resumed["early_stopping"]
+    assert run_script("train.py", "--resume", "--out_dir", tmp_path / "run", "--max_steps", "10").code == 0
+    assert last_step(tmp_path / "run") == last_step(straight) == 3, \
+        f"resumed run stopped at {last_step(tmp_path / 'run')}, the uninterrupted one at 3: the state was lost"
+    assert summary(tmp_path / "run")["chosen_step"] == 1, summary(tmp_path / "run")
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -177,18 +177,16 @@ def test_resume_keeps_the_early_stopping_state(crafted, frozen_run, tmp_path):
     (["--min_delta", "0.1"], "add --dev_every"),
     (["--dev_every", "2", "--dev_records", "0"], "--dev_records 0"),
 ])
-def test_bad_flags_are_one_line_errors(crafted, tmp_path, capsys, argv, message):
-    with pytest.raises(SystemExit):
-        finetune(crafted, tmp_path / "run", *argv)
-    err = capsys.readouterr().err
-    assert message in err and err.count("\n") == 1, f"expected a one-line error containing {message!r}, got {err!r}"
+def test_bad_flags_are_one_line_errors(crafted, tmp_path, argv, message):
+    run = finetune(crafted, tmp_path / "run", *argv)
+    err = run.err
+    assert run.code == 1 and message in err and err.count("\n") == 1, f"expected a one-line error containing {message!r}, got {err!r}"
 
 
-def test_dev_every_on_plain_text_is_a_one_line_error(lab, tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        train.main(["--init_from", str(lab / "base" / "ckpt"), "--data", str(lab / "lab" / "pretrain"),
-                    "--cache_dir", str(tmp_path / "cache"), "--seq_len", "48", "--dev_every", "2",
-                    "--out_dir", str(tmp_path / "run")])
-    err = capsys.readouterr().err
+def test_dev_every_on_plain_text_is_a_one_line_error(lab, tmp_path):
+    run = run_script("train.py", "--init_from", lab / "base" / "ckpt", "--data", lab / "lab" / "pretrain",
+                     "--cache_dir", tmp_path / "cache", "--seq_len", "48", "--dev_every", "2",
+                     "--out_dir", tmp_path / "run")
+    err = run.err
     assert "plain text" in err and "instruction data" in err and "--eval_every" in err and err.count("\n") == 1, \
         f"expected a one-line error pointing to instruction data or --eval_every, got {err!r}"

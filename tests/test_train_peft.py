@@ -1,26 +1,27 @@
 """train.py fine-tunes with every method through the one loop: what trains, what is saved, how it resumes,
 what the batches of instruction data hold, and that the whole lab pipeline learns. Every run goes through
-``train.main`` on a tiny model in a temporary directory."""
-
-import sys
-from pathlib import Path
+``python train.py`` on a tiny model in a temporary directory."""
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import generate  # noqa: E402
-import train  # noqa: E402
-from lab.evaluate import exact_match  # noqa: E402
-from lab.make_lab import make_lab  # noqa: E402
-from llama_min.checkpoint import load_checkpoint  # noqa: E402
-from llama_min.instructions import read_records  # noqa: E402
-from llama_min.model import IGNORE_INDEX  # noqa: E402
-from llama_min.peft import PeftConfig, apply_peft, load_peft  # noqa: E402
-from llama_min.tokenizer import Tokenizer  # noqa: E402
+import llama_min.training.state
+from experiments.evaluate import exact_match
+from experiments.make_lab import make_lab
+from llama_min.checkpoint import load_checkpoint
+from llama_min.finetune.instructions import read_records
+from llama_min.finetune.load import load_finetuned
+from llama_min.finetune.templates import template_for_checkpoint
+from llama_min.model import IGNORE_INDEX
+from llama_min.peft import PeftConfig, apply_peft, load_peft
+from llama_min.tokenizer import Tokenizer
+from llama_min.training.batches import get_batch, is_instruction_data, make_sampler, prepare_data
+from llama_min.training.config import TrainConfig, parse_args
+from llama_min.training.optim import make_optimizer
+from llama_min.training.runtime import Runtime, setup_runtime
+from llama_min.training.state import STATE_FILE
+from scripts import last, metrics, run_script, train
 
 TINY_MODEL = ["--dim", "32", "--n_layers", "2", "--n_heads", "2", "--n_kv_heads", "1", "--multiple_of", "16",
               "--max_seq_len", "160"]
@@ -43,19 +44,20 @@ def expected_peft_keys(lab, method) -> set[str]:
 @pytest.mark.parametrize("method", PEFT_METHODS)
 def test_peft_run_saves_only_the_adapter_and_leaves_the_base_untouched(lab, tmp_path, monkeypatch, method):
     saved_models = []
-    original = train.save_checkpoint
+    original = llama_min.training.state.save_checkpoint
 
     def keep_a_copy(directory, model, *args, **kwargs):  # the trained model as the loop leaves it
         saved_models.append({k: v.detach().clone() for k, v in model.state_dict().items()})
         original(directory, model, *args, **kwargs)
 
-    monkeypatch.setattr(train, "save_checkpoint", keep_a_copy)
-    result = train.main(finetune_args(lab, tmp_path, method))
-    assert result["step"] == 4 and result["val_bpb"] is None and result["val_loss"] > 0
+    monkeypatch.setattr(llama_min.training.state, "save_checkpoint", keep_a_copy)
+    train(*finetune_args(lab, tmp_path, method))
+    assert metrics(tmp_path)[-1]["step"] == 4 and last(tmp_path, "val_loss") > 0
+    assert all(r["val_bpb"] is None for r in metrics(tmp_path)), "no bits per byte for instruction data"
 
     out = tmp_path / "peft"
     assert sorted(p.name for p in out.iterdir()) == ["generation.json", "peft.json", "peft.safetensors",
-                                                     train.STATE_FILE], "unexpected files in the adapter checkpoint"
+                                                     STATE_FILE], "unexpected files in the adapter checkpoint"
     assert not (tmp_path / "ckpt").exists(), "a PEFT run must not write a full checkpoint"
     stored = load_file(out / "peft.safetensors")
     assert set(stored) == expected_peft_keys(lab, method), "the adapter checkpoint must hold the trained tensors only"
@@ -68,10 +70,9 @@ def test_peft_run_saves_only_the_adapter_and_leaves_the_base_untouched(lab, tmp_
     moved = [k for k in stored if not torch.equal(stored[k], fresh[k])]
     assert moved, f"{method}: no adapter tensor changed in 4 steps"
 
-    # generate.py --checkpoint BASE --peft DIR loads it strictly and takes the Alpaca template
-    cfg = generate.GenerateConfig(checkpoint=str(lab / "base" / "ckpt"), peft=str(out))
-    model, _, template = generate.load(cfg)
-    assert template.name == "alpaca"
+    # generate.py --checkpoint BASE --peft DIR loads it strictly (load_finetuned) and takes the Alpaca template
+    model = load_finetuned(lab / "base" / "ckpt", peft=out)
+    assert template_for_checkpoint(out, lab / "base" / "ckpt") == "alpaca"
     params = dict(model.named_parameters())
     for k, v in stored.items():
         assert torch.equal(params[k].detach(), v), f"generate.py did not load {k}"
@@ -88,10 +89,10 @@ def test_peft_run_saves_only_the_adapter_and_leaves_the_base_untouched(lab, tmp_
 def test_adapter_gates_get_no_weight_decay(lab):
     """With zero gradients AdamW's update is the decay alone: the prompts (matrices) shrink by
     1 - lr·wd, the gates keep their value."""
-    cfg = train.TrainConfig(lr=0.5, weight_decay=0.1, method="adapter", init_from="x")
+    cfg = TrainConfig(lr=0.5, weight_decay=0.1, method="adapter", init_from="x")
     model = apply_peft(load_checkpoint(lab / "base" / "ckpt"), PeftConfig(method="adapter"))
-    rt = train.Runtime(torch.device("cpu"))
-    optimizer = train.make_optimizer(model, cfg, rt)
+    rt = Runtime(torch.device("cpu"))
+    optimizer = make_optimizer(model, cfg, rt)
     gates = [m.gate for m in model.modules() if hasattr(m, "gate")]
     prompts = [m.prompt for m in model.modules() if hasattr(m, "prompt")]
     assert gates and prompts
@@ -112,31 +113,31 @@ def test_adapter_gates_get_no_weight_decay(lab):
 def test_peft_run_resumes_exactly(lab, tmp_path):
     # LoRA with dropout: the resumed run must also restore the random state
     straight = tmp_path / "straight"
-    train.main(finetune_args(lab, straight, "lora", "--lora_dropout", "0.2", "--decay_steps", "4"))
+    train(*finetune_args(lab, straight, "lora", "--lora_dropout", "0.2", "--decay_steps", "4"))
     halves = tmp_path / "halves"
-    train.main(finetune_args(lab, halves, "lora", "--lora_dropout", "0.2", "--decay_steps", "4", "--max_steps", "2"))
-    train.main(finetune_args(lab, halves, "lora", "--resume", "--max_steps", "4"))
+    train(*finetune_args(lab, halves, "lora", "--lora_dropout", "0.2", "--decay_steps", "4", "--max_steps", "2"))
+    train(*finetune_args(lab, halves, "lora", "--resume", "--max_steps", "4"))
     a, b = load_file(straight / "peft" / "peft.safetensors"), load_file(halves / "peft" / "peft.safetensors")
     assert set(a) == set(b)
     for k in a:
         assert torch.equal(a[k], b[k]), f"resumed LoRA run differs from the straight one at {k}"
-    with pytest.raises(SystemExit):  # the method cannot change on resume
-        train.main(finetune_args(lab, halves, "adapter", "--resume", "--max_steps", "6"))
+    changed = run_script("train.py", *finetune_args(lab, halves, "adapter", "--resume", "--max_steps", "6"))
+    assert changed.code == 1 and "cannot change" in changed.err, "the method cannot change on resume"
 
 
 def test_instruction_batches_mask_the_prompt_and_end_with_eos(lab, tmp_path):
-    cfg = train.parse_args(finetune_args(lab, tmp_path, "full"))[0]
-    assert train.is_instruction_data(cfg.data)
-    assert not train.is_instruction_data(lab / "lab" / "pretrain" / "train.jsonl"), "plain text taken for instructions"
-    rt = train.setup_runtime(cfg)
+    cfg = parse_args(finetune_args(lab, tmp_path, "full"))[0]
+    assert is_instruction_data(cfg.data)
+    assert not is_instruction_data(lab / "lab" / "pretrain" / "train.jsonl"), "plain text taken for instructions"
+    rt = setup_runtime(cfg.device, cfg.dtype)
     tokenizer_path = lab / "base" / "ckpt" / "tokenizer.model"
-    data = train.prepare_data(cfg, rt, 400, tokenizer_path)
+    data = prepare_data(cfg, rt, 400, tokenizer_path)
     assert data.instructions
     tok = Tokenizer(tokenizer_path)
     records = read_records(cfg.data)
-    sampler = train.make_sampler(data, cfg)
-    picks = train.make_sampler(data, cfg).starts(cfg.batch_size)  # the same seeded draws the loop makes
-    x, y = train.get_batch(data.train, sampler, cfg, rt, tok.eos_id)
+    sampler = make_sampler(data, cfg)
+    picks = make_sampler(data, cfg).starts(cfg.batch_size)  # the same seeded draws the loop makes
+    x, y = get_batch(data, sampler, cfg, rt)
     for row, i in enumerate(picks):
         prompt = tok.encode(records[i].prompt(), bos=True)
         answer = tok.encode(records[i].output, bos=False) + [tok.eos_id]
@@ -148,7 +149,7 @@ def test_instruction_batches_mask_the_prompt_and_end_with_eos(lab, tmp_path):
 
 
 def test_lora_merge_writes_a_full_checkpoint_equal_to_base_plus_adapter(lab, tmp_path):
-    train.main(finetune_args(lab, tmp_path, "lora", "--merge"))
+    train(*finetune_args(lab, tmp_path, "lora", "--merge"))
     merged = load_checkpoint(tmp_path / "merged").eval()
     adapted = load_peft(load_checkpoint(lab / "base" / "ckpt"), tmp_path / "peft").eval()
     tokens = torch.randint(0, merged.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
@@ -156,39 +157,36 @@ def test_lora_merge_writes_a_full_checkpoint_equal_to_base_plus_adapter(lab, tmp
         torch.testing.assert_close(merged(tokens)[0], adapted(tokens)[0], rtol=1e-5, atol=1e-5)
 
 
-def test_bad_peft_flags_are_one_line_errors(lab, tmp_path, capsys):
-    cases = [(["--lora_rank", "4"], "--method is full"),
-             (["--method", "lora", "--merge", "--lora_rank", "0"], "lora_rank must be >= 1")]
-    for extra, message in cases:
-        args = finetune_args(lab, tmp_path, "full", *extra)
-        with pytest.raises(SystemExit):
-            train.main(args)
-        assert message in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        train.main(finetune_args(lab, tmp_path, "adapter", "--merge"))
-    assert "--merge folds LoRA" in capsys.readouterr().err
-    with pytest.raises(SystemExit):  # a directory of instruction records, not the file
-        train.main([*finetune_args(lab, tmp_path, "lora"), "--data", str(lab / "lab" / "instructions")])
-    assert "pass the file itself" in capsys.readouterr().err
+def test_bad_peft_flags_are_one_line_errors(lab, tmp_path):
+    cases = [(finetune_args(lab, tmp_path, "full", "--lora_rank", "4"), "--method is full"),
+             (finetune_args(lab, tmp_path, "full", "--method", "lora", "--merge", "--lora_rank", "0"),
+              "lora_rank must be >= 1"),
+             (finetune_args(lab, tmp_path, "adapter", "--merge"), "--merge folds LoRA"),
+             # a directory of instruction records, not the file
+             ([*finetune_args(lab, tmp_path, "lora"), "--data", str(lab / "lab" / "instructions")],
+              "pass the file itself")]
+    for argv, message in cases:
+        run = run_script("train.py", *argv)
+        assert run.code == 1 and message in run.err and run.err.count("\n") == 1, run.err
 
 
 def test_short_lab_run_learns_with_full_fine_tuning(tmp_path):
     """The lab end to end, shortened to CI size: make it, pretrain on the sentences, fine-tune on the
     instructions (first letter only), score by greedy generation to EOS. So few steps teach the format
     on the fine-tuning words but not reliably the held-out ones, so those words are scored here; the
-    held-out figures belong to lab/run_lab.py (README)."""
+    held-out figures belong to experiments/run_lab.py (docs/results.md)."""
     make_lab(tmp_path / "lab", n_words=60, n_heldout=10, seed=0, tasks=["first"], vocab_size=400)
     common = ["--sample_tokens", "0", "--seed", "0", "--batch_size", "16", "--warmup_steps", "10"]
-    train.main([*TINY_MODEL, *common, "--data", str(tmp_path / "lab" / "pretrain"),
-                "--tokenizer", str(tmp_path / "lab" / "tokenizer.model"), "--cache_dir", str(tmp_path / "cache"),
-                "--seq_len", "48", "--max_steps", "20", "--eval_every", "20", "--log_every", "20",
-                "--out_dir", str(tmp_path / "base")])
+    train(*TINY_MODEL, *common, "--data", tmp_path / "lab" / "pretrain",
+          "--tokenizer", tmp_path / "lab" / "tokenizer.model", "--cache_dir", tmp_path / "cache",
+          "--seq_len", "48", "--max_steps", "20", "--eval_every", "20", "--log_every", "20",
+          "--out_dir", tmp_path / "base")
     records = read_records(tmp_path / "lab" / "instructions" / "train.jsonl")[:40]
     tok = Tokenizer(tmp_path / "lab" / "tokenizer.model")
     before = exact_match(load_checkpoint(tmp_path / "base" / "ckpt"), tok, records)["accuracy"]
-    train.main([*common, "--init_from", str(tmp_path / "base" / "ckpt"), "--method", "full",
-                "--data", str(tmp_path / "lab" / "instructions" / "train.jsonl"), "--seq_len", "160", "--lr", "1e-2",
-                "--max_steps", "80", "--eval_every", "80", "--log_every", "40", "--out_dir", str(tmp_path / "full")])
+    train(*common, "--init_from", tmp_path / "base" / "ckpt", "--method", "full",
+          "--data", tmp_path / "lab" / "instructions" / "train.jsonl", "--seq_len", "160", "--lr", "1e-2",
+          "--max_steps", "80", "--eval_every", "80", "--log_every", "40", "--out_dir", tmp_path / "full")
     after = exact_match(load_checkpoint(tmp_path / "full" / "ckpt"), tok, records)["accuracy"]
     assert before == 0 and after > 0, \
         f"full fine-tuning on the lab should answer some records exactly: exact match {before} -> {after}"

@@ -1,30 +1,31 @@
-"""train.py's robust fine-tuning options, each through ``train.main`` on a tiny model: partial
+"""train.py's robust fine-tuning options, each through ``python train.py`` on a tiny model: partial
 unfreezing (--method partial), checked against names worked out independently from the model's layout;
 the L2-SP pull (--l2sp), NEFTune embedding noise (--embed_noise) and prompt perturbation (--perturb)."""
-
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import train  # noqa: E402
-from llama_min.instructions import read_records  # noqa: E402
+import llama_min.training.batches
+from llama_min.finetune.instructions import read_records
+from scripts import Run, last, run_script, train_losses
 
 TINY_MODEL = ["--dim", "32", "--n_layers", "2", "--n_heads", "2", "--n_kv_heads", "1", "--multiple_of", "16",
               "--max_seq_len", "160"]
 
 
-def finetune(lab, out_dir, *extra, steps=4):
-    return train.main(["--init_from", str(lab / "base" / "ckpt"),
-                       "--data", str(lab / "lab" / "instructions" / "train.jsonl"), "--seq_len", "160",
-                       "--batch_size", "4", "--max_steps", str(steps), "--warmup_steps", "1", "--lr", "1e-2",
-                       "--log_every", "2", "--eval_every", str(steps), "--sample_tokens", "0",
-                       "--out_dir", str(out_dir), *extra])
+def finetune(lab, out_dir, *extra, steps=4, check=True) -> Run:
+    """``python train.py`` fine-tuning the lab base; every step's loss logged."""
+    run = run_script("train.py", "--init_from", lab / "base" / "ckpt",
+                     "--data", lab / "lab" / "instructions" / "train.jsonl", "--seq_len", "160",
+                     "--batch_size", "4", "--max_steps", steps, "--warmup_steps", "1", "--lr", "1e-2",
+                     "--log_every", "1", "--eval_every", steps, "--sample_tokens", "0", "--out_dir", out_dir, *extra)
+    assert run.code == 0 or not check, run.err
+    return run
+
+
+def resume(out_dir, *extra) -> Run:
+    return run_script("train.py", "--resume", "--method", "partial", "--out_dir", out_dir, *extra)
 
 
 def base_weights(lab) -> dict[str, torch.Tensor]:
@@ -74,15 +75,14 @@ def test_train_norms_combines_with_a_peft_method(lab, tmp_path, method):
         torch.testing.assert_close(params[k].detach(), saved[k], rtol=0, atol=0, msg=f"{k} not loaded from the adapter")
 
 
-def test_partial_resumes_from_its_own_checkpoint(lab, tmp_path, capsys):
-    straight = finetune(lab, tmp_path / "a", "--method", "partial", "--train_layers", "1", steps=4)
+def test_partial_resumes_from_its_own_checkpoint(lab, tmp_path):
+    finetune(lab, tmp_path / "a", "--method", "partial", "--train_layers", "1", steps=4)
     finetune(lab, tmp_path / "b", "--method", "partial", "--train_layers", "1", steps=2)
-    resumed = train.main(["--resume", "--method", "partial", "--out_dir", str(tmp_path / "b"), "--max_steps", "4"])
-    assert resumed["losses"] == straight["losses"][2:], "resuming a partial run must continue it exactly"
-    with pytest.raises(SystemExit):  # what trains cannot change under the saved optimiser state
-        train.main(["--resume", "--method", "partial", "--out_dir", str(tmp_path / "b"), "--max_steps", "5",
-                    "--train_layers", "2"])
-    assert "drop --train_layers" in capsys.readouterr().err, "changing --train_layers on resume must be refused"
+    assert resume(tmp_path / "b", "--max_steps", "4").code == 0
+    assert train_losses(tmp_path / "b") == train_losses(tmp_path / "a"), "resuming a partial run must continue it exactly"
+    # what trains cannot change under the saved optimiser state
+    changed = resume(tmp_path / "b", "--max_steps", "5", "--train_layers", "2")
+    assert changed.code == 1 and "drop --train_layers" in changed.err, "changing --train_layers on resume must be refused"
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -91,11 +91,10 @@ def test_partial_resumes_from_its_own_checkpoint(lab, tmp_path, capsys):
     (["--method", "lora", "--train_output"], "not --method lora"),
     (["--method", "partial", "--train_layers", "3"], "exceeds the model's 2 blocks"),
 ])
-def test_partial_flags_misused_are_one_line_errors(lab, tmp_path, capsys, argv, message):
-    with pytest.raises(SystemExit):
-        finetune(lab, tmp_path / "run", *argv)
-    err = capsys.readouterr().err
-    assert message in err and err.count("\n") == 1, f"expected a one-line error containing {message!r}, got {err!r}"
+def test_partial_flags_misused_are_one_line_errors(lab, tmp_path, argv, message):
+    run = finetune(lab, tmp_path / "run", *argv, check=False)
+    err = run.err
+    assert run.code == 1 and message in err and err.count("\n") == 1, f"expected a one-line error containing {message!r}, got {err!r}"
 
 
 def squared_distance(before: dict, after: dict) -> float:
@@ -112,38 +111,40 @@ def test_l2sp_keeps_the_weights_closer_to_the_base(lab, tmp_path):
 
 def test_l2sp_resumed_anchors_at_the_base_not_at_the_resumed_weights(lab, tmp_path):
     args = ("--method", "partial", "--train_layers", "1", "--train_output", "--l2sp", "10")
-    straight = finetune(lab, tmp_path / "a", *args, steps=4)
+    finetune(lab, tmp_path / "a", *args, steps=4)
     finetune(lab, tmp_path / "b", *args, steps=2)
-    resumed = train.main(["--resume", "--method", "partial", "--out_dir", str(tmp_path / "b"), "--max_steps", "4"])
-    assert resumed["losses"] == straight["losses"][2:], \
+    assert resume(tmp_path / "b", "--max_steps", "4").code == 0
+    assert train_losses(tmp_path / "b") == train_losses(tmp_path / "a"), \
         "a resumed --l2sp run must pull toward the --init_from base, exactly as the uninterrupted run does"
 
 
-def test_l2sp_needs_a_trained_base_tensor(lab, tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        finetune(lab, tmp_path / "run", "--method", "lora", "--l2sp", "1")
-    assert "no trained base tensor" in capsys.readouterr().err
+def test_l2sp_needs_a_trained_base_tensor(lab, tmp_path):
+    run = finetune(lab, tmp_path / "run", "--method", "lora", "--l2sp", "1", check=False)
+    assert run.code == 1 and "no trained base tensor" in run.err
 
 
 def test_embed_noise_changes_training_but_not_evaluation(lab, tmp_path):
     # --lr 0: the weights never move, so the held-out loss of both runs is on the same weights.
-    runs = {a: finetune(lab, tmp_path / a, "--method", "full", "--lr", "0", "--embed_noise", a) for a in ("0", "5")}
-    assert runs["5"]["losses"] != runs["0"]["losses"], "--embed_noise 5 left the training losses unchanged"
-    assert runs["5"]["val_loss"] == runs["0"]["val_loss"], \
-        f"evaluation must be noise-free: held-out loss {runs['5']['val_loss']} with noise, {runs['0']['val_loss']} without"
-    moved = {a: finetune(lab, tmp_path / f"lr{a}", "--method", "full", "--embed_noise", a) for a in ("0", "5")}
-    assert moved["5"]["val_loss"] != moved["0"]["val_loss"], "training with noise should reach different weights"
+    for a in ("0", "5"):
+        finetune(lab, tmp_path / a, "--method", "full", "--lr", "0", "--embed_noise", a)
+    assert train_losses(tmp_path / "5") != train_losses(tmp_path / "0"), "--embed_noise 5 left the training losses unchanged"
+    val = {a: last(tmp_path / a, "val_loss") for a in ("0", "5")}
+    assert val["5"] == val["0"], f"evaluation must be noise-free: held-out loss {val['5']} with noise, {val['0']} without"
+    for a in ("0", "5"):
+        finetune(lab, tmp_path / f"lr{a}", "--method", "full", "--embed_noise", a)
+    assert last(tmp_path / "lr5", "val_loss") != last(tmp_path / "lr0", "val_loss"), \
+        "training with noise should reach different weights"
 
 
 def test_perturb_edits_training_prompts_only(lab, tmp_path, monkeypatch):
     seen = []
-    original = train.encode_records
+    original = llama_min.training.batches.encode_records
 
     def spy(records, *args):  # the records train.py encodes: the training split first, then the held-out one
         seen.append(list(records))
         return original(records, *args)
 
-    monkeypatch.setattr(train, "encode_records", spy)
+    monkeypatch.setattr(llama_min.training.batches, "encode_records", spy)
     finetune(lab, tmp_path / "run", "--method", "full", "--perturb", "0.5", "--seed", "3", steps=1)
     clean = read_records(lab / "lab" / "instructions" / "train.jsonl")
     trained, held_out = seen
@@ -157,9 +158,8 @@ def test_perturb_edits_training_prompts_only(lab, tmp_path, monkeypatch):
     assert seen[0] == trained, "--perturb with the same --seed must edit the same records the same way"
 
 
-def test_perturb_on_plain_text_is_a_one_line_error(lab, tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        train.main([*TINY_MODEL, "--data", str(lab / "lab" / "pretrain"), "--tokenizer",
-                    str(lab / "lab" / "tokenizer.model"), "--cache_dir", str(lab / "cache"), "--seq_len", "48", "--perturb", "0.3",
-                    "--out_dir", str(tmp_path / "run")])
-    assert "plain text" in capsys.readouterr().err
+def test_perturb_on_plain_text_is_a_one_line_error(lab, tmp_path):
+    run = run_script("train.py", *TINY_MODEL, "--data", lab / "lab" / "pretrain", "--tokenizer",
+                     lab / "lab" / "tokenizer.model", "--cache_dir", lab / "cache", "--seq_len", "48", "--perturb", "0.3",
+                     "--out_dir", tmp_path / "run")
+    assert run.code == 1 and "plain text" in run.err

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import CONFIG_FILE, WEIGHTS_FILE, atomic_directory, check_state_dict, stored_state_dict
-from ..hf_format import tensor_to_hf
+from .hf_format import tensor_to_hf
 from ..model import Llama
 from .gguf import GGUFSource, is_gguf_file
 from .hf import HFSource, hf_config_json, is_hf_dir

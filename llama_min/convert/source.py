@@ -14,10 +14,11 @@ from pathlib import Path
 
 import torch
 
+from ..cli import UsageError
 from ..config import ModelConfig
 
 
-class ConversionError(Exception):
+class ConversionError(UsageError):
     """Bad input: the message is one line naming the file (and the tensor) and what was expected."""
 
 

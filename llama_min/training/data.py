@@ -13,19 +13,15 @@ seconds the first time and nothing afterwards. Nothing here knows about models o
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
-from .tokenizer import Tokenizer
+from ..cli import DataError, read_jsonl, read_text
+from ..tokenizer import Tokenizer
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
-
-
-class DataError(ValueError):
-    """A problem with the user's data: the message says what is wrong and what to do."""
 
 
 # ---- reading documents ----------------------------------------------------------------------------
@@ -36,17 +32,11 @@ def read_documents(path: str | Path) -> list[str]:
     path = Path(path)
     if path.suffix not in TEXT_SUFFIXES:
         raise DataError(f"{path}: expected a .txt file or a .jsonl file with a \"text\" field per line")
-    raw = path.read_text(encoding="utf-8")
     if path.suffix == ".txt":
+        raw = read_text(path, "data file")
         return [raw] if raw.strip() else []
     docs = []
-    for n, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: not valid JSON ({e.msg}); expected one {{\"text\": ...}} object per line") from None
+    for n, record in read_jsonl(path, 'one {"text": ...} object'):
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise DataError(f"{path}:{n}: expected an object with a string \"text\" field")
         if record["text"].strip():

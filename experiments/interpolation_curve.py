@@ -1,12 +1,12 @@
 """Accuracy, robustness and forgetting along the line from the base to the fine-tuned model,
 θ(a) = (1 − a)·θ₀ + a·θ (WiSE-FT, Wortsman et al. 2022; ``llama_min.interpolate``).
 
-    python -m lab.interpolation_curve --checkpoint BASE --peft ADAPTER --records runs/lab/instructions/eval.jsonl \
+    python -m experiments.interpolation_curve --checkpoint BASE --peft ADAPTER --records runs/lab/instructions/eval.jsonl \
         --corpus runs/lab/pretrain --out runs/curve
-    python -m lab.interpolation_curve --checkpoint TUNED --base BASE --records ... --out runs/curve
+    python -m experiments.interpolation_curve --checkpoint TUNED --base BASE --records ... --out runs/curve
 
 For every a (default 0, 0.25, 0.5, 0.75, 1) the model is loaded afresh and moved to θ(a) (the move is
-in place and not exactly undoable), then scored with ``lab.evaluate``: exact-match accuracy by greedy
+in place and not exactly undoable), then scored with ``experiments.evaluate``: exact-match accuracy by greedy
 generation on the records and on their perturbed copy (``llama_min.perturb.perturb_for_eval``, seeded
 by --perturb_seed), the mean cross-entropy of the answers given their prompts, and with --corpus the
 held-out bits per byte of the pretraining corpus (forgetting). Writes OUT/curve.json (the figures) and
@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 
 from llama_min.checkpoint import tokenizer_file
-from llama_min.instructions import read_records
-from llama_min.interpolate_files import check_interpolation_flags
-from llama_min.perturb import perturb_for_eval
+from llama_min.finetune.instructions import read_records
+from llama_min.finetune.load import check_interpolation_flags, load_finetuned
+from llama_min.finetune.perturb import perturb_for_eval
 from llama_min.tokenizer import Tokenizer
 
-from .evaluate import answer_loss, corpus_bpb, exact_match, load_model
+from .evaluate import answer_loss, corpus_bpb, exact_match
 
 COEFFICIENTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -44,7 +44,7 @@ def curve(checkpoint: str, records, tokenizer: Tokenizer, peft: str = "", base: 
     perturbed = perturb_for_eval(records, perturb_seed)
     points = []
     for a in coefficients:
-        model = load_model(checkpoint, peft, base, a, device)
+        model = load_finetuned(checkpoint, peft, base, a, device)
         scores = exact_match(model, tokenizer, records, max_new_tokens, batch_size)
         point = {"a": a, "accuracy": scores["accuracy"], "per_task": scores["per_task"],
                  "perturbed_accuracy": exact_match(model, tokenizer, perturbed, max_new_tokens, batch_size)["accuracy"],

@@ -2,7 +2,11 @@
 "Explicit Inductive Bias for Transfer Learning with Convolutional Networks", section 3, the L2-SP
 penalty).
 
-    Ω(θ) = λ · Σ_tensors ‖θ − θ₀‖²        added to the loss;   ∂Ω/∂θ = 2λ (θ − θ₀)
+    Ω(θ) = λ · Σ_tensors ‖θ − θ₀‖²        added to the objective;   ∂Ω/∂θ = 2λ (θ − θ₀)
+
+The trainer adds the gradient 2λ(θ − θ₀) straight to the parameters' gradients, once per optimiser step
+(``add_to_gradients``): the same update as putting Ω into the loss, without autograd keeping θ − θ₀ for
+the backward pass of every micro-batch. ``L2SP()`` gives Ω itself, for measuring.
 
 The paper writes the factor as α/2 (so λ = α/2 here) and adds plain weight decay β/2·‖w‖² on the
 layers that are new for the target task; here the new tensors (PEFT modules) get β = 0, see below.
@@ -27,9 +31,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .checkpoint import stored_state_dict
-from .config import ModelConfig
-from .model import Llama
+from ..checkpoint import stored_state_dict
+from ..config import ModelConfig
+from ..model import Llama
 
 
 def base_tensor_shapes(config: ModelConfig) -> dict[str, torch.Size]:
@@ -63,6 +67,16 @@ class L2SP:
         """λ · Σ ‖θ − θ₀‖², computed in float32 (differences of bfloat16 weights lose their digits)."""
         total = sum((p.float() - p0.float()).pow(2).sum() for p, p0 in zip(self.params, self.anchors))
         return self.lam * total
+
+    @torch.no_grad()
+    def add_to_gradients(self) -> None:
+        """grad += 2λ(θ − θ₀) for every anchored tensor (a tensor without a gradient gets this alone)."""
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in self.params]
+        torch._foreach_add_(grads, torch._foreach_sub([p.float() for p in self.params], [a.float() for a in self.anchors]),
+                            alpha=2 * self.lam)
 
     def numel(self) -> int:
         """Number of anchored values (the memory the anchor costs, in elements)."""

@@ -15,7 +15,7 @@ import re
 
 import torch
 
-from .config import ModelConfig
+from ..config import ModelConfig
 
 # Our name (with {i} for the layer) -> Hugging Face name. Every tensor of both layouts appears here.
 NAMES = {

@@ -1,6 +1,6 @@
 """Write the lab to disk: the pretraining mix, the instruction records and a tokenizer for both.
 
-    python -m lab.make_lab --out runs/lab [--words 240 --heldout 60 --seed 0]
+    python -m experiments.make_lab --out runs/lab [--words 240 --heldout 60 --seed 0]
 
     OUT/pretrain/train.jsonl        every fact of every word as sentences, grouped into shuffled documents
     OUT/pretrain/val.jsonl          the same facts regrouped: pretraining memorises facts, so its

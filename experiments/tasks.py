@@ -24,7 +24,7 @@ import random
 from dataclasses import dataclass
 from typing import Callable
 
-from llama_min.instructions import InstructionRecord
+from llama_min.finetune.instructions import InstructionRecord
 
 CONSONANTS, VOWELS = "bcdfghjklmnprstvwz", "aeiou"
 

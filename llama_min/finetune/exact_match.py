@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from .generation import generate
+from ..generation import generate
 from .instructions import InstructionRecord
-from .model import Llama
-from .tokenizer import Tokenizer
+from ..model import Llama
+from ..tokenizer import Tokenizer
 
 
 def answers(model: Llama, tokenizer: Tokenizer, records: Sequence[InstructionRecord], max_new_tokens: int = 16,

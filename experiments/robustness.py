@@ -1,17 +1,17 @@
 """The robustness report: each fine-tuning method, plain and with robust options, on the instruction lab.
 
-    python -m lab.robustness --out runs/robust --seeds 0 1 2       # the README table
-    python -m lab.robustness --out /tmp/r --seeds 0 --pretrain_steps 100 --finetune_steps 10 --rows full "full +robust"
+    python -m experiments.robustness --out runs/robust --seeds 0 1 2       # the README table
+    python -m experiments.robustness --out /tmp/r --seeds 0 --pretrain_steps 100 --finetune_steps 10 --rows full "full +robust"
 
-For each seed the lab base is pretrained once (``lab.run_lab.pretrain_base``) and fine-tuned once per row
+For each seed the lab base is pretrained once (``experiments.run_lab.pretrain_base``) and fine-tuned once per row
 of ROWS by train.py, every row for the same steps at the same batch size. Each fine-tuned model is scored:
 
-    clean        exact match on the held-out words' records (``lab.evaluate.exact_match``)
+    clean        exact match on the held-out words' records (``experiments.evaluate.exact_match``)
     perturbed    exact match on the same records with one perturbation of each instruction (a typo, a case
                  change, extra spaces or a distractor prefix: ``llama_min.perturb.perturb_for_eval``, the
                  "eval" stream, which the training perturbations of --perturb never draw from)
     forgetting   held-out bits per byte of the pretraining corpus after minus before fine-tuning
-                 (``lab.evaluate.corpus_bpb``): the base memorised these facts, a rise is knowledge lost
+                 (``experiments.evaluate.corpus_bpb``): the base memorised these facts, a rise is knowledge lost
 
 A run's scores are kept in OUT/seedS/ROW/scores.json and reused while its flags, steps and batch size stay
 the same: an interrupted report continues where it stopped, and seeds or rows can run in separate
@@ -30,15 +30,15 @@ from pathlib import Path
 import torch
 
 from llama_min.checkpoint import load_checkpoint, tokenizer_file
-from llama_min.instructions import read_records
-from llama_min.perturb import perturb_for_eval
+from llama_min.finetune.instructions import read_records
+from llama_min.finetune.perturb import perturb_for_eval
 from llama_min.tokenizer import Tokenizer
 
 from .evaluate import corpus_bpb, exact_match
-from .run_lab import PRETRAIN_SEQ_LEN, add_lab_arguments, finetune, load_finetuned, pretrain_base, trainable_count
+from .run_lab import PRETRAIN_SEQ_LEN, add_lab_arguments, finetune, load_run, pretrain_base, trainable_count
 
 # What each row adds to train.py's flags: the method, its learning rate (full fine-tuning's and the PEFT
-# methods' of the lab table, lab/run_lab.py, with 0.2 for LLaMA-Adapter, whose gates need a far larger one;
+# methods' of the lab table, experiments/run_lab.py, with 0.2 for LLaMA-Adapter, whose gates need a far larger one;
 # for partial fine-tuning from a sweep on seed 0: top layers 1e-3 / 3e-3 / 1e-2 scored .131 / .172 / .194
 # clean, and 3e-3 is kept because 1e-2 forgot far more (corpus 2.68 against 1.55 bits per byte); norms
 # 1e-2 / 0.1 / 0.3 scored .000 / .081 / .078), and for the "+robust" rows the options:
@@ -102,7 +102,7 @@ def run_seed(out: Path, seed: int, rows: list[str], args) -> dict:
                 figures = score(load_checkpoint(base), tokenizer, clean, perturbed, lab)
             else:
                 cost = finetune(lab, run_dir, ROWS[name], args.finetune_steps, args.batch_size, seed)
-                figures = {**score(load_finetuned(base, run_dir), tokenizer, clean, perturbed, lab),
+                figures = {**score(load_run(base, run_dir), tokenizer, clean, perturbed, lab),
                            "trainable": trainable_count(base, ROWS[name]), **settings, **cost}
             run_dir.mkdir(parents=True, exist_ok=True)
             write_json(cached, figures)
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), metavar="ROW",
                         help=f"rows to run (default: all): {', '.join(ROWS)}")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)  # like the training children (lab/run_lab.py says why)
+    torch.set_num_threads(1)  # like the training children (experiments/run_lab.py says why)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     per_seed = {seed: run_seed(out, seed, args.rows, args) for seed in args.seeds}

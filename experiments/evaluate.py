@@ -1,8 +1,8 @@
 """Exact-match accuracy of a model on lab records, by greedy generation to the end of the answer.
 
-    python -m lab.evaluate --checkpoint BASE [--peft ADAPTER_DIR] --records runs/lab/instructions/eval.jsonl
-    python -m lab.evaluate --checkpoint BASE --peft ADAPTER_DIR --interpolate 0.5 --records ...
-    python -m lab.evaluate --checkpoint TUNED --base BASE --interpolate 0.5 --records ...
+    python -m experiments.evaluate --checkpoint BASE [--peft ADAPTER_DIR] --records runs/lab/instructions/eval.jsonl
+    python -m experiments.evaluate --checkpoint BASE --peft ADAPTER_DIR --interpolate 0.5 --records ...
+    python -m experiments.evaluate --checkpoint TUNED --base BASE --interpolate 0.5 --records ...
 
 --interpolate a scores the model θ(a) = (1 − a)·base + a·fine-tuned (``llama_min.interpolate``).
 
@@ -20,15 +20,16 @@ from typing import Sequence
 
 import torch
 
-import train
-from llama_min.checkpoint import load_checkpoint, tokenizer_file
-from llama_min.data import split_documents, token_byte_lengths, tokenize_to_memmap
-from llama_min.exact_match import answers, is_exact
-from llama_min.instructions import InstructionRecord, encode_records, instruction_batch, read_records
-from llama_min.interpolate_files import check_interpolation_flags, interpolate_from_files_
-from llama_min.model import IGNORE_INDEX, Llama
-from llama_min.peft import load_peft
+from llama_min.checkpoint import tokenizer_file
+from llama_min.finetune.exact_match import answers, is_exact
+from llama_min.finetune.instructions import InstructionRecord, encode_records, read_records
+from llama_min.finetune.load import load_finetuned
+from llama_min.model import Llama
 from llama_min.tokenizer import Tokenizer
+from llama_min.training import evaluate as training_evaluate
+from llama_min.training.config import TrainConfig
+from llama_min.training.data import split_documents, token_byte_lengths, tokenize_to_memmap
+from llama_min.training.runtime import Runtime
 
 from .tasks import TASKS
 
@@ -49,46 +50,23 @@ def exact_match(model: Llama, tokenizer: Tokenizer, records: Sequence[Instructio
             "per_task": {t: right[t] / total[t] for t in total}, "n": len(records)}
 
 
-@torch.no_grad()
 def answer_loss(model: Llama, tokenizer: Tokenizer, records: Sequence[InstructionRecord], batch_size: int = 64) -> float:
-    """Mean cross-entropy (nats per token) of the records' answers (EOS included) given their prompts,
-    the loss the fine-tuning minimises, measured here on held-out records."""
+    """Mean cross-entropy (nats per token) of the records' answers (EOS included) given their prompts:
+    the loss the fine-tuning minimises, measured on held-out records as train.py measures it."""
     examples, _ = encode_records(records, tokenizer, model.config.max_seq_len)
-    total, count, device = 0.0, 0, next(model.parameters()).device
-    for i in range(0, len(examples), batch_size):
-        tokens, targets = instruction_batch(examples, range(i, min(i + batch_size, len(examples))), tokenizer.eos_id)
-        n = int((targets != IGNORE_INDEX).sum())
-        total += model(tokens.to(device), targets.to(device))[1].item() * n  # the loss is a mean over n
-        count += n
-    return total / count
+    return training_evaluate.answer_loss(model, examples, tokenizer.eos_id, batch_size)
 
 
 def corpus_bpb(model: Llama, tokenizer: Tokenizer, corpus: str | Path, cache_dir: str | Path, seq_len: int,
                batch_size: int = 16) -> float:
     """Bits per byte on the held-out split of a pretraining corpus (a directory of train/val files),
-    measured by train.py's own ``evaluate``: the figure pretraining logged, now for any model. The lab
-    compares it before and after fine-tuning to measure forgetting."""
+    measured as train.py measures it: the figure pretraining logged, now for any model. The lab compares
+    it before and after fine-tuning to measure forgetting."""
     _, val_docs = split_documents(corpus, val_fraction=0.05)  # (a directory: its val file, whole)
     held_out = tokenize_to_memmap(val_docs, tokenizer, Path(cache_dir), "val")
-    data = train.Data(tokenizer, train=[], val=held_out, byte_lengths=token_byte_lengths(tokenizer))
-    cfg = train.TrainConfig(seq_len=seq_len, batch_size=batch_size)
-    device = next(model.parameters()).device
-    return train.evaluate(model, data, cfg, train.Runtime(device))[1]
-
-
-def load_model(checkpoint: str, peft: str = "", base: str = "", interpolate: float | None = None,
-               device: str = "cpu") -> Llama:
-    """The checkpoint, with the adapter ``peft`` applied, moved to θ(interpolate) when given, in eval mode."""
-    if interpolate is not None:
-        check_interpolation_flags(interpolate, peft, base)  # before loading: a mistake costs nothing
-    elif base:
-        raise ValueError("--base is the base checkpoint for --interpolate a; give --interpolate too")
-    model = load_checkpoint(checkpoint, device=device)
-    if peft:
-        load_peft(model, peft)
-    if interpolate is not None:
-        interpolate_from_files_(model, interpolate, checkpoint, peft, base)
-    return model.eval()
+    rt = Runtime(next(model.parameters()).device)
+    return training_evaluate.bits_per_byte(model, held_out, token_byte_lengths(tokenizer), seq_len, batch_size,
+                                           TrainConfig.eval_tokens, rt)[1]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -107,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     try:
-        model = load_model(args.checkpoint, args.peft, args.base, args.interpolate, args.device)
+        model = load_finetuned(args.checkpoint, args.peft, args.base, args.interpolate, args.device)
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
     tok_path = Path(args.tokenizer) if args.tokenizer else tokenizer_file(args.checkpoint)

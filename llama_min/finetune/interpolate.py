@@ -32,11 +32,11 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .adapter import AdapterPrompt
-from .bottleneck import Bottleneck
-from .checkpoint import check_state_dict
+from ..peft.adapter import AdapterPrompt
+from ..peft.bottleneck import Bottleneck
+from ..checkpoint import check_state_dict
 from .l2sp import base_tensor_shapes
-from .lora import LoRALinear
+from ..peft.lora import LoRALinear
 
 
 def _check_coefficient(a: float) -> float:

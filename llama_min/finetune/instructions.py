@@ -31,9 +31,9 @@ from typing import Sequence
 
 import torch
 
-from .data import DataError
-from .model import IGNORE_INDEX
-from .tokenizer import Tokenizer
+from ..cli import DataError, read_jsonl, read_text
+from ..model import IGNORE_INDEX
+from ..tokenizer import Tokenizer
 
 # The Alpaca prompt format, one with and one without an input (Taori et al. 2023).
 ALPACA_PROMPT = ("Below is an instruction that describes a task, paired with an input that provides further "
@@ -76,19 +76,11 @@ def read_records(path: str | Path) -> list[InstructionRecord]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"instruction data {path} does not exist; expected a .json or .jsonl file of Alpaca records")
-    text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
-        records = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{n}: not valid JSON ({e.msg}); expected one Alpaca record per line") from None
-                records.append(_record(obj, f"{path}:{n}"))
+        records = [_record(obj, f"{path}:{n}") for n, obj in read_jsonl(path, "one Alpaca record")]
     elif path.suffix == ".json":
         try:
-            objs = json.loads(text)
+            objs = json.loads(read_text(path, "instruction data"))
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); expected a list of Alpaca records") from None
         if not isinstance(objs, list):

@@ -1,20 +1,20 @@
 """Run the whole lab: make it, pretrain the lab base, fine-tune it with every method, score, tabulate.
 
-    python -m lab.run_lab --out runs/lab_table --seeds 0 1 2       # the README table (11 minutes on 2 shared cores)
-    python -m lab.run_lab --out /tmp/quick --seeds 0 --pretrain_steps 100 --finetune_steps 20 --methods full
+    python -m experiments.run_lab --out runs/lab_table --seeds 0 1 2       # the README table (11 minutes on 2 shared cores)
+    python -m experiments.run_lab --out /tmp/quick --seeds 0 --pretrain_steps 100 --finetune_steps 20 --methods full
 
-For each seed: ``lab.make_lab`` writes the lab (words, facts and tokenizer depend on the seed), train.py
+For each seed: ``experiments.make_lab`` writes the lab (words, facts and tokenizer depend on the seed), train.py
 pretrains the base on the lab's sentences, and train.py fine-tunes that base on the instruction records
 with each method for the same number of steps at the same batch size. Exact-match accuracy on the
-held-out words' records (``lab.evaluate``) is measured before (the base itself: every method starts as
-exactly the base) and after. Every training run is ``train.py``'s own ``main`` in a child process, so
-that its wall time and peak memory are its own:
+held-out words' records (``experiments.evaluate``) is measured before (the base itself: every method starts as
+exactly the base) and after. Every training run is ``python train.py`` in a child process, so that its
+wall time and peak memory are its own:
 
     threads       one per child (OMP_NUM_THREADS=1): at this size a second thread gains nothing, and on a
                   shared, loaded machine two threads ran 10x slower (measured: 980 vs 10,281 tokens/s)
     wall time     seconds from starting the child to its exit (interpreter start and imports included)
     peak memory   the child's peak resident set size (ru_maxrss from os.wait4, i.e. the kernel's VmHWM),
-                  also given above the baseline of a child that only imports train.py (Python + torch)
+                  also given above the baseline of a child that only imports torch and llama_min
 
 Writes OUT/results.json (every figure of every seed) and OUT/table.md (means over the seeds), and prints
 the table. Each child's output goes to OUT/seed{S}/{base,METHOD}/train.log.
@@ -33,12 +33,13 @@ from pathlib import Path
 
 import torch
 
-import train
 from llama_min.checkpoint import load_checkpoint, tokenizer_file
-from llama_min.instructions import read_records
+from llama_min.finetune.instructions import read_records
+from llama_min.finetune.load import load_finetuned
 from llama_min.model import Llama
-from llama_min.peft import load_peft
 from llama_min.tokenizer import Tokenizer
+from llama_min.training.config import parse_args
+from llama_min.training.trainable import choose_trainable
 
 from .evaluate import exact_match
 from .make_lab import make_lab
@@ -53,12 +54,13 @@ FINETUNE_SEQ_LEN = 128  # drops longer records; the lab's are about 60 tokens, a
 
 
 def run_child(argv: list[str], log: Path) -> dict:
-    """Run ``train.main(argv)`` in a child process; its wall time (s) and peak RSS (MB)."""
+    """Run ``python train.py ARGV`` in a child process (no ARGV: only its imports); its wall time (s) and
+    peak RSS (MB)."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    code = "import sys, train; train.main(sys.argv[1:])" if argv else "import train"
+    command = ["train.py", *argv] if argv else ["-c", "import torch, llama_min.training.config"]
     start = time.perf_counter()
     with open(log, "w") as out:
-        child = subprocess.Popen([sys.executable, "-c", code, *argv], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+        child = subprocess.Popen([sys.executable, *command], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
                                  env={**os.environ, "OMP_NUM_THREADS": "1"})
         _, status, usage = os.wait4(child.pid, 0)  # the rusage of this child alone
     wall = time.perf_counter() - start
@@ -68,19 +70,19 @@ def run_child(argv: list[str], log: Path) -> dict:
     return {"wall_s": wall, "peak_mb": usage.ru_maxrss / 1024}  # ru_maxrss is in KiB on Linux
 
 
-def load_finetuned(base_ckpt: Path, run_dir: Path) -> Llama:
+def load_run(base_ckpt: Path, run_dir: Path) -> Llama:
     """The model a fine-tuning run in run_dir produced: its full checkpoint (full, partial) or the base
     with its adapter (a PEFT method)."""
     if (run_dir / "ckpt").is_dir():
-        return load_checkpoint(run_dir / "ckpt")
-    return load_peft(load_checkpoint(base_ckpt), run_dir / "peft")
+        return load_finetuned(run_dir / "ckpt")
+    return load_finetuned(base_ckpt, peft=run_dir / "peft")
 
 
 def trainable_count(base_ckpt: Path, flags: list[str]) -> int:
-    """Parameters that train under train.py's flags, counted by train.py's own choose_trainable."""
-    cfg, _ = train.parse_args(["--init_from", str(base_ckpt), *flags])
+    """Parameters that train under train.py's flags, counted by the trainer's own choose_trainable."""
+    cfg, _ = parse_args(["--init_from", str(base_ckpt), *flags])
     model = load_checkpoint(base_ckpt)
-    train.choose_trainable(model, cfg)
+    choose_trainable(model, cfg)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
@@ -119,7 +121,7 @@ def run_seed(out: Path, seed: int, args) -> dict:
         lr = args.full_lr if method == "full" else args.peft_lr
         flags = ["--method", method, "--lr", str(lr)]
         cost = finetune(lab, run_dir, flags, args.finetune_steps, args.batch_size, seed)
-        after = exact_match(load_finetuned(base, run_dir), tokenizer, eval_records)["accuracy"]
+        after = exact_match(load_run(base, run_dir), tokenizer, eval_records)["accuracy"]
         trainable = trainable_count(base, flags)
         results[method] = {"trainable": trainable, "before": before, "after": after, "lr": lr, **cost}
         print(f"seed {seed}: {method:<10} exact match {before:.3f} -> {after:.3f}, {trainable:,} trainable, "

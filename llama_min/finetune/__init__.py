@@ -1,0 +1,11 @@
+"""Fine-tuning beyond the choice of parameters (which is llama_min/peft and training/trainable.py):
+
+    instructions.py    Alpaca records: the prompt masked out of the loss, EOS appended
+    templates.py       prompt formats for generation (raw, alpaca, llama2-chat, chatml)
+    exact_match.py     exact-match accuracy of greedy answers
+    early_stopping.py  keep the best checkpoint by a dev metric, stop when it stops improving
+    l2sp.py            L2-SP: pull the weights toward the pretrained ones
+    neftune.py         NEFTune: noisy input embeddings while training
+    perturb.py         seeded typos, case changes and distractors in instructions
+    interpolate.py     WiSE-FT: the model part of the way from the base to the fine-tuned one
+"""

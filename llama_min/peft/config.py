@@ -1,0 +1,99 @@
+"""The configuration of a parameter-efficient fine-tuning method: which method, and its sizes.
+
+Every field carries its help text, so that scripts make one flag of each (``add_peft_arguments``) and a
+saved adapter records the whole configuration in ``peft.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass, fields
+
+from ..cli import add_flags, flag, given_flags
+from ..config import dataclass_from_dict
+
+METHODS = ("adapter", "lora", "bottleneck")
+# LoRA target -> the submodule of a Block that holds it ("output" is the model's own head).
+LORA_TARGETS = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": "attention",
+                "w1": "feed_forward", "w2": "feed_forward", "w3": "feed_forward", "output": None}
+GROUP = "parameter-efficient fine-tuning (--method adapter|lora|bottleneck)"
+
+
+@dataclass
+class PeftConfig:
+    method: str = flag("lora", "adapter (LLaMA-Adapter), lora (LoRA) or bottleneck (Houlsby adapters)",
+                       group=GROUP)
+    adapter_len: int = flag(10, "adapter: learned prompt vectors per adapted layer (the paper's K; 10 at 7B)",
+                            group=GROUP)
+    adapter_layers: int | None = flag(None, "adapter: how many of the top layers get prompts (the paper's L; "
+                                      "30 of 32 at 7B); default: all", group=GROUP)
+    gate_tanh: bool = flag(False, "adapter: scale the prompt attention by tanh(gate) as the official code does, "
+                           "instead of by the gate itself as the paper's section 3.2 does", group=GROUP)
+    lora_rank: int = flag(8, "lora: rank r of the update B A", group=GROUP)
+    lora_alpha: float = flag(16.0, "lora: the update is scaled by alpha / r", group=GROUP)
+    lora_dropout: float = flag(0.05, "lora: dropout probability on the input of the low-rank path (training only)",
+                               group=GROUP)
+    lora_targets: tuple[str, ...] = flag(("wq", "wv"), "lora: projections to adapt, any of " + " ".join(LORA_TARGETS),
+                                         group=GROUP, choices=list(LORA_TARGETS))
+    bottleneck_dim: int = flag(32, "bottleneck: width of the down-projection of each adapter", group=GROUP)
+    bottleneck_train_norms: bool = flag(False, "bottleneck: also train the RMSNorm gains, as Houlsby et al. train "
+                                        "the layer norms", group=GROUP)
+    train_norms: bool = flag(False, "any method: also train the RMSNorm gains (e.g. LoRA plus trainable norms); "
+                             "train.py's --train_norms", group=GROUP)
+
+    def __post_init__(self):
+        self.lora_targets = tuple(self.lora_targets)  # JSON gives a list
+        problems = []
+        if self.method not in METHODS:
+            problems.append(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]
+        if unknown or not self.lora_targets:
+            problems.append(f"lora_targets {list(self.lora_targets)} must be a non-empty subset of {list(LORA_TARGETS)}")
+        for name in ("adapter_len", "lora_rank", "bottleneck_dim"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.adapter_layers is not None and self.adapter_layers < 1:
+            problems.append(f"adapter_layers must be >= 1 or None (all layers), got {self.adapter_layers}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            problems.append(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if problems:
+            raise ValueError("invalid PeftConfig: " + "; ".join(problems))
+
+    @property
+    def trains_norms(self) -> bool:
+        """Whether the RMSNorm gains train beside the method's own tensors."""
+        return self.train_norms or self.method == "bottleneck" and self.bottleneck_train_norms
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["lora_targets"] = list(self.lora_targets)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PeftConfig":
+        return dataclass_from_dict(cls, d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "PeftConfig":
+        return cls.from_dict(json.loads(text))
+
+
+# Fields a script chooses with its own flags: ``--method`` (which also offers ``full``) and ``--train_norms``
+# (which also serves ``--method partial``).
+SCRIPT_FIELDS = ("method", "train_norms")
+
+
+def add_peft_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--adapter_len``, ``--lora_rank``, ... (every field but the SCRIPT_FIELDS) to a parser."""
+    add_flags(parser, PeftConfig, skip=SCRIPT_FIELDS)
+
+
+def peft_config_from_args(args: argparse.Namespace, method: str, train_norms: bool = False) -> PeftConfig:
+    """The PeftConfig of parsed flags (``add_peft_arguments``); flags not given keep their defaults."""
+    known = {f.name for f in fields(PeftConfig)}
+    return PeftConfig(method=method, train_norms=train_norms,
+                      **{k: v for k, v in given_flags(args).items() if k in known})

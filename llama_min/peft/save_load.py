@@ -1,0 +1,85 @@
+"""Adapter-only checkpoints: a directory of two files, written atomically (it replaces DIR as a whole).
+
+    DIR/peft.safetensors   only the trainable tensors, under their names in model.state_dict()
+    DIR/peft.json          {"method", "config": PeftConfig, "base_checkpoint", "base_config"}
+
+``load_peft`` is strict: a base with a different config, or a missing, unexpected or mis-shaped tensor,
+is an error that names what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..checkpoint import atomic_directory, check_state_dict
+from ..config import ModelConfig
+from ..model import Llama
+from .apply import _peft_config, apply_peft, peft_state_dict, remove_peft
+from .config import PeftConfig
+
+PEFT_WEIGHTS, PEFT_CONFIG = "peft.safetensors", "peft.json"
+# ModelConfig fields that change neither a tensor's shape nor what it means: a PEFT checkpoint may be
+# loaded onto a base that differs in these.
+_RUNTIME_FIELDS = ("attn_impl", "max_seq_len")
+
+
+def save_peft(model: Llama, directory: str | Path, base_checkpoint: str | Path | None = None) -> None:
+    """Write DIR/peft.safetensors and DIR/peft.json (replacing DIR atomically). ``base_checkpoint`` is
+    recorded so that the adapter can be found with the base it was trained on."""
+    config = _peft_config(model)
+    meta = {"method": config.method, "config": config.to_dict(),
+            "base_checkpoint": None if base_checkpoint is None else str(base_checkpoint),
+            "base_config": model.config.to_dict()}
+    tensors = {k: v.contiguous().cpu() for k, v in peft_state_dict(model).items()}
+    with atomic_directory(directory) as tmp:
+        save_file(tensors, tmp / PEFT_WEIGHTS, metadata={"format": "pt"})
+        (tmp / PEFT_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def read_peft_meta(directory: str | Path) -> dict:
+    """peft.json of an adapter checkpoint (method, config, base_checkpoint, base_config)."""
+    directory = Path(directory)
+    for name in (PEFT_CONFIG, PEFT_WEIGHTS):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory} is not a PEFT checkpoint: no {name} in it "
+                                    f"(expected {PEFT_WEIGHTS} + {PEFT_CONFIG}, as written by save_peft)")
+    meta = json.loads((directory / PEFT_CONFIG).read_text())
+    missing = [k for k in ("method", "config", "base_checkpoint", "base_config") if k not in meta]
+    if missing:
+        raise ValueError(f"{directory / PEFT_CONFIG} lacks the fields {missing}; was it written by save_peft?")
+    return meta
+
+
+def _check_base(model_config: ModelConfig, meta: dict, directory: Path) -> None:
+    ours, theirs = model_config.to_dict(), meta["base_config"]
+    diffs = [f"{k}: {ours.get(k)!r} here, {theirs.get(k)!r} there" for k in sorted(set(ours) | set(theirs))
+             if k not in _RUNTIME_FIELDS and ours.get(k) != theirs.get(k)]
+    if diffs:
+        raise ValueError(f"the PEFT checkpoint {directory} was trained on a base model with a different config "
+                         f"({'; '.join(diffs)}); load it onto that base (recorded base checkpoint: "
+                         f"{meta.get('base_checkpoint')})")
+
+
+def load_peft(model: Llama, directory: str | Path) -> Llama:
+    """Apply the adapter stored in DIR to ``model`` and load its tensors, strictly. A model that already
+    carries an adapter gets it swapped: the old modules are removed first, so each adapter gives its
+    own outputs on the same base."""
+    directory = Path(directory)
+    meta = read_peft_meta(directory)
+    config = PeftConfig.from_dict(meta["config"])
+    _check_base(model.config, meta, directory)
+    state = load_file(directory / PEFT_WEIGHTS)
+    if getattr(model, "peft_config", None) is not None:
+        remove_peft(model)
+    apply_peft(model, config)
+    expected = peft_state_dict(model)
+    check_state_dict({k: v.shape for k, v in expected.items()}, state, f"{directory / PEFT_WEIGHTS} ({config.method})")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+    return model

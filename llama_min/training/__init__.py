@@ -1,0 +1,13 @@
+"""What train.py's loop calls, one job per file, in the order the loop meets them:
+
+    config.py     TrainConfig (every field a flag, by topic), its checks, the command line
+    runtime.py    device, dtype and processes (DDP under torchrun); stop signals
+    trainable.py  the model to train and which of its parameters learn
+    data.py       text in, token ids out: documents, the cached tokenizer and token files, windows
+    batches.py    plain text or instruction records, split, sampled and batched
+    optim.py      AdamW and the learning-rate schedule
+    robust.py     the robust fine-tuning options: L2-SP, dev-set selection and early stopping
+    evaluate.py   held-out loss, bits per byte, answer loss
+    progress.py   the progress line, MFU, metrics.jsonl, loss.png
+    state.py      checkpoints of a run, and resuming from them
+"""

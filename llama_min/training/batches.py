@@ -1,0 +1,148 @@
+"""What the loop trains on: two kinds of data, one loop.
+
+Plain text is one long stream of token ids cut into random windows (data.py); instruction data is a
+list of encoded Alpaca records, each a whole sequence with its prompt masked out of the loss
+(finetune/instructions.py). Only the batches, the evaluation and the sampler's length differ.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..cli import DataError, UsageError
+from ..finetune.instructions import InstructionRecord, encode_records, instruction_batch, read_records
+from ..finetune.perturb import perturb_records
+from ..model import IGNORE_INDEX
+from ..tokenizer import Tokenizer
+from .config import TrainConfig
+from .data import WindowSampler, split_documents, token_byte_lengths, tokenize_to_memmap, train_tokenizer, windows
+from .runtime import Runtime
+
+DEV_ANSWER_TOKENS = 16  # --dev_every generates answers this long at most, as experiments/evaluate.py does
+
+
+def is_instruction_data(path: str | Path) -> bool:
+    """Instruction data is a .json file (a list of records) or a .jsonl file whose first record has an
+    "instruction" field; anything else (.txt, .jsonl of {"text"}, a directory) is plain text."""
+    path = Path(path)
+    if path.is_dir() and (path / "train.jsonl").is_file() and is_instruction_data(path / "train.jsonl"):
+        raise DataError(f"{path} holds instruction records; pass the file itself (--data {path / 'train.jsonl'}): "
+                        "instruction data is one .json/.jsonl file, its last --val_fraction held out")
+    if not path.is_file() or path.suffix not in (".json", ".jsonl"):
+        return False
+    if path.suffix == ".json":
+        return True  # plain text never comes as .json
+    with open(path, encoding="utf-8", errors="replace") as f:
+        first = next((line for line in f if line.strip()), "")
+    try:
+        record = json.loads(first)
+    except json.JSONDecodeError:
+        return False  # read_documents will say what is wrong with the file
+    return isinstance(record, dict) and "instruction" in record
+
+
+@dataclass
+class Data:
+    tokenizer: Tokenizer
+    train: np.ndarray | list  # (N_train,) token ids, or instruction examples [(tokens, targets), ...]
+    val: np.ndarray | list  # (N_val,) token ids, or instruction examples
+    byte_lengths: np.ndarray | None  # (vocab_size,) UTF-8 bytes per token, for bits per byte (plain text only)
+    dev: list[InstructionRecord] | None = None  # instruction data: the held-out records themselves (--dev_every)
+
+    @property
+    def instructions(self) -> bool:
+        return self.byte_lengths is None
+
+
+def prepare_instructions(cfg: TrainConfig, tokenizer_path: Path | None, say) -> Data:
+    """Alpaca records, the last val_fraction of them held out, encoded with the base's tokenizer.
+    A record longer than seq_len tokens is dropped whole (instructions.py explains why) and counted."""
+    if tokenizer_path is None:
+        raise UsageError("instruction data needs the tokenizer of the model it fine-tunes: pass --init_from "
+                         "(a checkpoint with its tokenizer.model) or --tokenizer")
+    tokenizer = Tokenizer(tokenizer_path)
+    records = read_records(cfg.data)
+    if len(records) < 2:
+        raise DataError(f"{cfg.data} holds {len(records)} record; at least 2 are needed (one is held out)")
+    cut = len(records) - max(1, round(len(records) * cfg.val_fraction))
+    # --perturb: text-level augmentation of the training prompts only (perturb.py); the held-out records
+    # stay clean, so the held-out loss measures the same thing with and without it.
+    train_records = perturb_records(records[:cut], cfg.perturb, cfg.seed) if cfg.perturb else records[:cut]
+    train_examples, dropped_train = encode_records(train_records, tokenizer, cfg.seq_len)
+    val_examples, dropped_val = encode_records(records[cut:], tokenizer, cfg.seq_len)
+    if dropped_train or dropped_val:
+        say(f"dropped {dropped_train} training and {dropped_val} held-out records longer than --seq_len {cfg.seq_len}")
+    return Data(tokenizer, train_examples, val_examples, None, dev=records[cut:])
+
+
+def prepare_data(cfg: TrainConfig, rt: Runtime, vocab_size: int, tokenizer_path: Path | None) -> Data:
+    """Tokenizer and token files, built once by rank 0 while the others wait, then opened by all."""
+    if is_instruction_data(cfg.data):
+        return prepare_instructions(cfg, tokenizer_path, rt.say)
+    if cfg.perturb:
+        raise UsageError(f"--perturb {cfg.perturb} edits instruction records, but {cfg.data} is plain text; "
+                         "drop --perturb or pass a .json/.jsonl file of instruction records")
+    if cfg.dev_every:
+        raise UsageError(f"--dev_every {cfg.dev_every} scores exact-match answers to held-out instruction records, but "
+                         f"{cfg.data} is plain text; pass instruction data, or rely on --eval_every's held-out loss")
+    train_docs, val_docs = split_documents(cfg.data, cfg.val_fraction)
+    cache = Path(cfg.cache_dir)
+
+    def tokenizer() -> Tokenizer:
+        return Tokenizer(tokenizer_path) if tokenizer_path else train_tokenizer(train_docs, cache, vocab_size)
+
+    if rt.master:
+        tokenize_to_memmap(train_docs, tokenizer(), cache, "train")
+        tokenize_to_memmap(val_docs, tokenizer(), cache, "val")
+    if rt.world_size > 1:
+        dist.barrier()
+    tok = tokenizer()
+    return Data(tok, tokenize_to_memmap(train_docs, tok, cache, "train"), tokenize_to_memmap(val_docs, tok, cache, "val"),
+                token_byte_lengths(tok))
+
+
+def make_sampler(data: Data, cfg: TrainConfig) -> WindowSampler:
+    """Random window starts in the token stream, or random record indices (windows of length 0)."""
+    return WindowSampler(len(data.train), 0 if data.instructions else cfg.seq_len, cfg.seed)
+
+
+def dev_split(data: Data, cfg: TrainConfig, max_seq_len: int) -> list[InstructionRecord]:
+    """--dev_every's records: the first --dev_records held-out records whose prompt leaves room in the
+    model's context for a DEV_ANSWER_TOKENS answer. Kept small, the score costs a few batches of greedy
+    decoding, so it can run often."""
+    room = max_seq_len - DEV_ANSWER_TOKENS
+    fits = [r for r in data.dev if len(data.tokenizer.encode(r.prompt(), bos=True)) <= room]
+    if not fits:
+        raise UsageError(f"--dev_every: no held-out record's prompt fits in {room} tokens (max_seq_len {max_seq_len} "
+                         f"minus a {DEV_ANSWER_TOKENS}-token answer); use shorter records or a larger --val_fraction")
+    return fits[:cfg.dev_records]
+
+
+def get_batch(data: Data, sampler: WindowSampler, cfg: TrainConfig, rt: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets for this rank, on its device: (batch_size, seq_len) windows of the token
+    stream, or (batch_size, longest) instruction examples padded on the right (targets IGNORE_INDEX)."""
+    picks = sampler.starts(cfg.batch_size, rt.rank, rt.world_size)
+    if data.instructions:
+        x, y = instruction_batch(data.train, picks, data.tokenizer.eos_id)
+    else:
+        x, y = windows(data.train, picks, cfg.seq_len)
+        x, y = torch.from_numpy(x), torch.from_numpy(y)
+    if rt.device.type == "cuda":  # pinned memory lets the copy overlap with compute
+        return x.pin_memory().to(rt.device, non_blocking=True), y.pin_memory().to(rt.device, non_blocking=True)
+    return x, y
+
+
+def count_targets(batches: list[tuple[torch.Tensor, torch.Tensor]], rt: Runtime) -> torch.Tensor:
+    """How many target tokens count in the loss over a step's micro-batches on every process: the mean
+    of the step's loss is taken over all of them, so that N micro-batches of B rows give exactly the loss
+    and gradient of one batch of N·B rows, even when the rows hold answers of different lengths."""
+    total = sum((y != IGNORE_INDEX).sum() for _, y in batches).double()
+    if rt.world_size > 1:
+        dist.all_reduce(total)
+    return total

@@ -1,0 +1,86 @@
+"""Held-out measurement: the loss and bits per byte of plain text, the answer loss of instruction data.
+
+Work is shared out across ranks and the sums added up, so every process count gives the same figure.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..cli import DataError
+from ..finetune.instructions import instruction_batch
+from ..model import IGNORE_INDEX, Llama
+from .batches import Data
+from .config import TrainConfig
+from .data import windows
+from .runtime import Runtime
+
+
+def evaluate(model: Llama, data: Data, cfg: TrainConfig, rt: Runtime) -> tuple[float, float | None]:
+    """Mean held-out loss per token (nats) and bits per byte; for instruction data the answer loss and
+    None (the answers are a sliver of the text; a per-byte figure means little)."""
+    if data.instructions:
+        return answer_loss(model, data.val, data.tokenizer.eos_id, cfg.batch_size, rt), None
+    return bits_per_byte(model, data.val, data.byte_lengths, cfg.seq_len, cfg.batch_size, cfg.eval_tokens, rt)
+
+
+@torch.no_grad()
+def bits_per_byte(model: Llama, tokens: np.ndarray, byte_lengths: np.ndarray, seq_len: int, batch_size: int,
+                  max_tokens: int, rt: Runtime) -> tuple[float, float]:
+    """Mean loss per token (nats) and bits per byte over consecutive windows of a token stream.
+
+    bits per byte = total nats / ln 2 / total UTF-8 bytes of the predicted text: a figure that does not
+    depend on the tokenizer, since a coarser vocabulary predicts fewer, longer tokens.
+    tokens: (N,) ids; byte_lengths: (vocab_size,) bytes of text per token (data.token_byte_lengths).
+    """
+    n_windows = min(len(tokens) - 1, max_tokens) // seq_len
+    if n_windows == 0:
+        raise DataError(f"the held-out split has {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}; "
+                        "give more held-out text or a smaller --seq_len")
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=rt.device)  # nats, tokens, bytes
+    mine = np.arange(rt.rank, n_windows, rt.world_size) * seq_len
+    for i in range(0, len(mine), batch_size):
+        x, y = windows(tokens, mine[i:i + batch_size], seq_len)
+        totals[2] += int(byte_lengths[y].sum())
+        x, y = torch.from_numpy(x).to(rt.device), torch.from_numpy(y).to(rt.device)
+        with rt.autocast():
+            logits, _ = model(x)
+        totals[0] += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").double()
+        totals[1] += y.numel()
+    if rt.world_size > 1:
+        dist.all_reduce(totals)
+    model.train(was_training)
+    nats, n_tokens, n_bytes = totals.tolist()
+    return nats / n_tokens, nats / math.log(2) / n_bytes
+
+
+@torch.no_grad()
+def answer_loss(model: Llama, examples: Sequence[tuple[list[int], list[int]]], pad_id: int, batch_size: int,
+                rt: Runtime | None = None) -> float:
+    """Mean cross-entropy per answer token (EOS included) of encoded instruction examples given their
+    prompts: the loss fine-tuning minimises, measured on held-out records."""
+    rt = rt or Runtime(model.tok_embeddings.weight.device)
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=rt.device)  # nats, answer tokens
+    mine = np.arange(rt.rank, len(examples), rt.world_size)
+    for i in range(0, len(mine), batch_size):
+        x, y = instruction_batch(examples, mine[i:i + batch_size], pad_id)
+        x, y = x.to(rt.device), y.to(rt.device)
+        with rt.autocast():
+            logits, _ = model(x)
+        totals[0] += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE_INDEX,
+                                     reduction="sum").double()
+        totals[1] += (y != IGNORE_INDEX).sum()
+    if rt.world_size > 1:
+        dist.all_reduce(totals)
+    model.train(was_training)
+    return (totals[0] / totals[1]).item()

@@ -1,0 +1,125 @@
+"""Where a training process runs: its device, its rank among the processes, its numeric mode, and the
+signals that ask it to stop.
+
+One process on a CPU or a GPU, or several started by ``torchrun`` (DistributedDataParallel: NCCL on GPUs,
+gloo on CPUs). The device and dtype are chosen once, here, and passed to everything else.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..cli import UsageError, pick_device
+
+
+@dataclass
+class Runtime:
+    """This process's device, rank and numeric mode."""
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    autocast_dtype: torch.dtype | None = None  # None: plain float32
+    use_grad_scaler: bool = False  # float16 needs loss scaling; bfloat16 has float32's range
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    def say(self, *args, **kwargs) -> None:
+        """print, on rank 0 only: one voice for all the processes."""
+        if self.master:
+            print(*args, **kwargs)
+
+    def all_sum(self, t: torch.Tensor) -> float:
+        """The sum of ``t`` over every process (in place), as a number."""
+        if self.world_size > 1:
+            dist.all_reduce(t)  # (gloo has no AVG: callers divide what needs dividing)
+        return t.item()
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+
+def setup_runtime(device_name: str, dtype_name: str) -> Runtime:
+    """Pick the device and dtype; join the process group when started by torchrun."""
+    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    device = pick_device(device_name)
+    if distributed:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    if device.type == "cuda":
+        if distributed:  # one GPU per process
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        device = torch.device("cuda", device.index or 0)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for any float32 matmul left
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        # On GPUs PyTorch's caching allocator keeps freed blocks; on the CPU every tensor comes from
+        # malloc, which would hand each step's large freed blocks back to the OS and fault them in again.
+        keep_freed_memory()
+
+    dtype = dtype_name
+    if dtype == "auto":
+        dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device.type == "cuda" else "float32"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise UsageError(f"--dtype {dtype_name!r}: expected auto, float32, bfloat16 or float16")
+    if dtype == "float16" and device.type != "cuda":
+        raise UsageError("--dtype float16 needs CUDA (it trains with a gradient scaler); use bfloat16 on CPU")
+    if dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UsageError("--dtype bfloat16: this GPU does not support it; use float16")
+    autocast_dtype = None if dtype == "float32" else getattr(torch, dtype)
+    return Runtime(device, rank, world, autocast_dtype, use_grad_scaler=dtype == "float16")
+
+
+def keep_freed_memory() -> None:
+    """Let glibc's malloc keep the large blocks a training step frees, instead of returning them to the
+    OS and faulting them in again page by page at the next step (docs/performance.md has the figures).
+    The same as starting Python with MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ set high. Does
+    nothing where the C library is not glibc (macOS, Windows)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
+    libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's largest: blocks up to 32 MiB come from the heap
+    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)  # and up to 1 GiB of freed heap stays with the process
+
+
+class StopRequest:
+    """SIGINT / SIGTERM ask the loop to stop after the current step; it saves and exits cleanly.
+    A second signal during that save is ignored: the save is atomic anyway, so nothing can tear."""
+
+    def __init__(self):
+        self.requested = None
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        self.requested = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def agreed(self, rt: Runtime) -> str | None:
+        """The stop request, agreed by every process (a signal may reach one process only)."""
+        requested = self.requested
+        if rt.world_size > 1:
+            flag = torch.tensor(float(requested is not None), device=rt.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            requested = requested or ("a signal on another process" if flag.item() else None)
+        return requested

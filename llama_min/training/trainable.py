@@ -1,0 +1,94 @@
+"""The model a run trains and which of its parameters learn: the one place a fine-tuning method decides
+what trains. Everything after it (optimiser, L2-SP, checkpoints) follows ``requires_grad``.
+
+    full        every parameter (pretraining, or full fine-tuning from --init_from)
+    partial     only named base tensors: the top --train_layers blocks, --train_norms, --train_output
+    adapter, lora, bottleneck
+                apply_peft adds the method's modules and freezes the base (llama_min/peft)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import load_checkpoint, tokenizer_file
+from ..cli import UsageError
+from ..config import ModelConfig
+from ..model import Llama
+from ..peft import apply_peft, load_peft, parameter_table
+from ..rmsnorm import RMSNorm
+from ..tokenizer import Tokenizer
+from .config import TrainConfig, peft_config
+from .runtime import Runtime
+
+
+def build_model(cfg: TrainConfig, rt: Runtime, resume_from: Path | None = None) -> tuple[Llama, Path | None]:
+    """The model to train, on rt.device in float32, and the tokenizer that goes with it (or None:
+    train one). Resuming a full or partial run: its own last checkpoint. --init_from: that checkpoint's
+    weights and tokenizer. Otherwise random weights of the preset with the model flags applied."""
+    source = resume_from or cfg.init_from
+    if source:
+        if cfg.init_from and not resume_from and cfg.model_overrides:
+            raise UsageError(f"--init_from takes the model from the checkpoint; drop the model flags "
+                             f"{' '.join(sorted('--' + k for k in cfg.model_overrides))}")
+        try:
+            model = load_checkpoint(source, device=rt.device, dtype=torch.float32)
+            tokenizer_path = tokenizer_file(source)
+        except (FileNotFoundError, ValueError) as e:
+            raise UsageError(f"{'--resume' if resume_from else '--init_from'}: {e}") from None
+        return model, (Path(cfg.tokenizer) if cfg.tokenizer and not resume_from else tokenizer_path)
+    overrides = dict(cfg.model_overrides)
+    if cfg.tokenizer:
+        overrides["vocab_size"] = Tokenizer(cfg.tokenizer).vocab_size  # the model's vocabulary is the tokenizer's
+    try:
+        model_config = ModelConfig.from_preset(cfg.model, **overrides)
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e)) from None
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank and every run
+    with torch.device(rt.device):
+        model = Llama(model_config)
+    return model, Path(cfg.tokenizer) if cfg.tokenizer else None
+
+
+def choose_trainable(model: Llama, cfg: TrainConfig, resume_from: Path | None = None) -> str:
+    """Set requires_grad on exactly the parameters that train, and return the table of trainable versus
+    total parameters per module group. A PEFT method resuming loads the run's own adapter tensors
+    (strictly) on top of the rebuilt base."""
+    config = peft_config(cfg)
+    if cfg.method == "full":
+        model.requires_grad_(True)
+    elif cfg.method == "partial":
+        # Partial fine-tuning: update only some base tensors and keep the rest pretrained. The top blocks
+        # hold the most task-specific features (Yosinski et al. 2014, "How transferable are features in
+        # deep neural networks?", section 4.1); norms alone are the bias-free analogue of BitFit (Ben Zaken
+        # et al. 2022), the gains being the only per-channel vectors LLaMA has.
+        n_layers = len(model.layers)
+        if cfg.train_layers > n_layers:
+            raise UsageError(f"--train_layers {cfg.train_layers} exceeds the model's {n_layers} blocks; "
+                             f"choose at most {n_layers}")
+        model.requires_grad_(False)
+        for layer in model.layers[n_layers - cfg.train_layers:]:  # empty for --train_layers 0
+            layer.requires_grad_(True)
+        if cfg.train_norms:
+            for module in model.modules():
+                if isinstance(module, RMSNorm):
+                    module.weight.requires_grad_(True)
+        if cfg.train_output:
+            model.output.weight.requires_grad_(True)
+    elif resume_from is not None:
+        try:
+            load_peft(model, resume_from)
+        except (FileNotFoundError, ValueError) as e:
+            raise UsageError(f"--resume: {e}") from None
+        if model.peft_config != config:
+            raise UsageError(f"--resume: {resume_from} holds {model.peft_config}, but the flags ask for {config}; "
+                             "PEFT flags cannot change on resume")
+    else:
+        torch.manual_seed(cfg.seed)  # the same new tensors (LoRA's A, the prompts) on every rank and every run
+        try:
+            apply_peft(model, config)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    return parameter_table(model)
