@@ -147,11 +147,11 @@ def answer(model: Llama, tokenizer: Tokenizer, template: Template, ids: list[int
     return Answer(stream.text, len(ids), new_tokens, first - start, time.perf_counter() - start)
 
 
-def fit(ids: list[int], model: Llama, cfg: GenerateConfig) -> list[int]:
+def fit(ids: list[int], model: Llama, tokenizer: Tokenizer, cfg: GenerateConfig) -> list[int]:
     """The prompt, shortened from the start when --truncate allows; otherwise the clear overflow error."""
-    fitted = fit_context([ids], cfg.max_new_tokens, model.config.max_seq_len, cfg.truncate)[0]
+    fitted = fit_context([ids], cfg.max_new_tokens, model.config.max_seq_len, cfg.truncate, tokenizer.bos_id)[0]
     if len(fitted) < len(ids):
-        print(f"(prompt truncated: kept its last {len(fitted)} of {len(ids)} tokens)", file=sys.stderr)
+        print(f"(prompt truncated: kept {len(fitted)} of its {len(ids)} tokens; the oldest text was cut)", file=sys.stderr)
     return fitted
 
 
@@ -191,7 +191,7 @@ def chat(model: Llama, tokenizer: Tokenizer, template: Template, cfg: GenerateCo
                   "write a shorter one or ask for fewer --max_new_tokens)", file=sys.stderr)
             turns.pop()
             continue
-        result = answer(model, tokenizer, template, fit(ids, model, cfg), cfg, sys.stdout)
+        result = answer(model, tokenizer, template, fit(ids, model, tokenizer, cfg), cfg, sys.stdout)
         print()
         print(result.figures(), file=sys.stderr)
         turns.append(("assistant", result.text))
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
         model, tokenizer, template = load(cfg)
         system: list[Message] = [("system", cfg.system)] if cfg.system else []
         for i, prompt in enumerate(prompts):
-            ids = fit(template.encode(tokenizer, system + [("user", prompt)]), model, cfg)
+            ids = fit(template.encode(tokenizer, system + [("user", prompt)]), model, tokenizer, cfg)
             print(prompt, end="" if template.name == "raw" else "\n", flush=True)
             result = answer(model, tokenizer, template, ids, cfg, sys.stdout)
             print("\n" if i < len(prompts) - 1 else "")

@@ -181,7 +181,7 @@ def print_samples(model: Llama, data: Data, cfg: TrainConfig) -> None:
         prompt = tokens[:next(i for i, t in enumerate(targets) if t != IGNORE_INDEX) + 1]
     for temperature in (0.0, 0.8):
         new = generate(model, [prompt], cfg.sample_tokens, temperature=temperature,
-                       stop_ids=[data.tokenizer.eos_id], seed=cfg.seed, truncate=True)[0]
+                       stop_ids=[data.tokenizer.eos_id], seed=cfg.seed, truncate=True, bos_id=data.tokenizer.bos_id)[0]
         print(f"--- sample ({'greedy' if temperature == 0 else f'temperature {temperature}'}) ---\n"
               f"{data.tokenizer.decode(prompt)}{data.tokenizer.decode(new)}")
 

@@ -43,16 +43,21 @@ def attention_mask(start: int, seq_len: int, pad_lens: torch.Tensor | None = Non
     return mask
 
 
+def causal_mask(T: int, S: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """bool (T, S): the causal triangle aligned bottom-right, for T queries that are the last T of S
+    positions (query i sees keys j <= i + S - T)."""
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
+
+
 def plain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """The formula written out. q: (B, H, T, d); k, v: (B, H_kv, S, d); mask: bool broadcastable to
-    (B, 1, T, S), or None for the square causal mask. Returns (B, H, T, d)."""
+    (B, 1, T, S), or None for the causal mask aligned bottom-right. Returns (B, H, T, d)."""
     groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, dim=1)  # (B, H, S, d): kv head h // groups serves query head h
     v = v.repeat_interleave(groups, dim=1)
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, H, T, S)
     if mask is None:
-        T, S = scores.shape[-2:]
-        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+        mask = causal_mask(*scores.shape[-2:], device=q.device)
     scores = scores.masked_fill(~mask, float("-inf"))
     weights = F.softmax(scores.float(), dim=-1).type_as(q)  # softmax in float32, as Meta's code does
     return weights @ v  # (B, H, T, d)
@@ -60,11 +65,16 @@ def plain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """The same function through PyTorch's fused kernel; kv heads are broadcast inside the kernel
-    (``enable_gqa``) rather than copied. ``is_causal`` is only right for a square mask (the kernel
-    aligns it top-left), so it is used only when no explicit mask is given and there is more than one
-    query (training, or prefill into an empty cache); one query after the cache sees every key."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
-                                          enable_gqa=q.shape[1] != k.shape[1])
+    (``enable_gqa``) rather than copied. The kernel's ``is_causal`` aligns the triangle top-left, which
+    is the bottom-right one only for a square (T == S: training, or prefill into an empty cache); fewer
+    queries than keys (after a filled cache) get the explicit mask, and one query sees every key."""
+    T, S = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if mask is None and T == S and T > 1:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if mask is None and T > 1:
+        mask = causal_mask(T, S, device=q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
 class Attention(nn.Module):
@@ -84,7 +94,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None, start: int = 0) -> torch.Tensor:
         """x: (B, T, dim); cos, sin: rotary tables at the tokens' positions, (T, d/2) or (B, T, d/2);
-        mask: bool (B|1, 1, T, S) or None for plain causal; start: cache slot of the first token.
+        mask: bool (B|1, 1, T, S) or None for causal (aligned bottom-right when a cache holds earlier
+        positions); start: cache slot of the first token.
         Returns (B, T, dim)."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)

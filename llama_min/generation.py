@@ -108,11 +108,12 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, t
 
 
 def fit_context(prompts: Sequence[Sequence[int]], max_new_tokens: int, max_seq_len: int,
-                truncate: bool = False) -> list[list[int]]:
+                truncate: bool = False, bos_id: int | None = None) -> list[list[int]]:
     """Check that every prompt plus max_new_tokens fits in the model's max_seq_len.
 
     With ``truncate`` a prompt that is too long keeps only its last tokens (the most recent context,
-    which matters most for the continuation); without it, it is an error naming the numbers.
+    which matters most for the continuation), after its first token when that is ``bos_id``: the model
+    was trained on sequences that begin with BOS. Without ``truncate`` it is an error naming the numbers.
     """
     if max_new_tokens >= max_seq_len:
         raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in this model's "
@@ -120,14 +121,16 @@ def fit_context(prompts: Sequence[Sequence[int]], max_new_tokens: int, max_seq_l
     room = max_seq_len - max_new_tokens
     fitted = []
     for i, prompt in enumerate(prompts):
+        prompt = list(prompt)
         if len(prompt) > room:
             if not truncate:
                 raise ValueError(f"prompt {i} has {len(prompt)} tokens; with max_new_tokens {max_new_tokens} "
                                  f"that is {len(prompt) + max_new_tokens} positions, more than the model's "
                                  f"max_seq_len {max_seq_len}: shorten the prompt, ask for fewer new tokens, "
                                  "or allow truncation of the prompt's start (truncate=True; generate.py --truncate)")
-            prompt = prompt[len(prompt) - room:]
-        fitted.append(list(prompt))
+            head = prompt[:1] if bos_id is not None and prompt[0] == bos_id and room > 1 else []
+            prompt = head + prompt[len(prompt) - (room - len(head)):]
+        fitted.append(prompt)
     return fitted
 
 
@@ -147,13 +150,13 @@ def left_pad(prompts: list[list[int]], device: torch.device) -> tuple[torch.Tens
 def generate_stream(model: Llama, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                     temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                     stop_ids: Sequence[int] = (), seed: int | None = None,
-                    truncate: bool = False) -> Iterator[list[int | None]]:
+                    truncate: bool = False, bos_id: int | None = None) -> Iterator[list[int | None]]:
     """Generate for a batch of prompts, yielding after every step.
 
     prompts: B lists of token ids. Each step yields a list of B entries: the new token of each prompt,
     or None for a prompt that has already stopped. A prompt stops at any of ``stop_ids`` (the stop id
     itself is not yielded: it ends the text, it is not part of it) or after max_new_tokens tokens.
-    seed makes sampling repeatable (greedy needs none). truncate: see ``fit_context``.
+    seed makes sampling repeatable (greedy needs none). truncate, bos_id: see ``fit_context``.
     The iterator may be abandoned early (``break``); the model's cache is released either way.
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p)
@@ -164,7 +167,7 @@ def generate_stream(model: Llama, prompts: Sequence[Sequence[int]], max_new_toke
     if bad:
         raise ValueError(f"prompt token ids {bad[:10]} are outside the model's vocabulary of {vocab}; "
                          "was the prompt encoded with this checkpoint's tokenizer?")
-    prompts = fit_context(prompts, max_new_tokens, model.config.max_seq_len, truncate)
+    prompts = fit_context(prompts, max_new_tokens, model.config.max_seq_len, truncate, bos_id)
 
     device = model.tok_embeddings.weight.device
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
@@ -192,11 +195,12 @@ def generate_stream(model: Llama, prompts: Sequence[Sequence[int]], max_new_toke
 
 def generate(model: Llama, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, stop_ids: Sequence[int] = (),
-             seed: int | None = None, truncate: bool = False) -> list[list[int]]:
+             seed: int | None = None, truncate: bool = False, bos_id: int | None = None) -> list[list[int]]:
     """The new token ids of each prompt (without the stop id that ended it). Same arguments as
     ``generate_stream``; this collects its steps."""
     new: list[list[int]] = [[] for _ in prompts]
-    for step in generate_stream(model, prompts, max_new_tokens, temperature, top_k, top_p, stop_ids, seed, truncate):
+    for step in generate_stream(model, prompts, max_new_tokens, temperature, top_k, top_p, stop_ids, seed, truncate,
+                                bos_id):
         for row, token in zip(new, step):
             if token is not None:
                 row.append(token)

@@ -83,10 +83,9 @@ class Llama(nn.Module):
         slots = torch.arange(start_pos, start_pos + T, device=tokens.device)  # (T,)
         positions = slots if pad_lens is None else (slots[None] - pad_lens[:, None]).clamp(min=0)  # (T,)|(B, T)
         cos, sin = self.rope(positions)
-        # No explicit mask where causality is all there is: square causal attention (the kernels have a
-        # fast causal path), or a single new token, which sees every cached key (each decode step).
-        plain_causal = pad_lens is None and (start_pos == 0 or T == 1)
-        mask = None if plain_causal else attention_mask(start_pos, T, pad_lens, tokens.device)
+        # No explicit mask where causality is all there is (attention aligns it, and the kernels have a
+        # fast causal path); left padding must also be hidden from every query.
+        mask = None if pad_lens is None else attention_mask(start_pos, T, pad_lens, tokens.device)
 
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:
@@ -102,15 +101,19 @@ class Llama(nn.Module):
 
     # ---- KV cache for generation ------------------------------------------------------------------
 
-    def setup_cache(self, batch_size: int, max_seq_len: int | None = None) -> None:
-        """Allocate one KV cache per layer, in the dtype and on the device of the weights."""
+    def setup_cache(self, batch_size: int, max_seq_len: int | None = None, dtype: torch.dtype | None = None) -> None:
+        """Allocate one KV cache per layer on the weights' device, in the dtype the keys will have:
+        ``dtype``, else the autocast dtype when autocast is on (keys are computed in it), else the weights'."""
         max_seq_len = max_seq_len or self.config.max_seq_len
         if max_seq_len > self.config.max_seq_len:
             raise ValueError(f"cache length {max_seq_len} exceeds the model's max_seq_len {self.config.max_seq_len}")
         weight = self.tok_embeddings.weight
+        if dtype is None:
+            autocast = torch.is_autocast_enabled(weight.device.type)
+            dtype = torch.get_autocast_dtype(weight.device.type) if autocast else weight.dtype
         for layer in self.layers:
             layer.attention.cache = KVCache(batch_size, self.config.n_kv_heads, max_seq_len,
-                                            self.config.head_dim, weight.dtype, weight.device)
+                                            self.config.head_dim, dtype, weight.device)
 
     def drop_cache(self) -> None:
         for layer in self.layers:

@@ -2,7 +2,9 @@
 
     y = x / sqrt(mean(x²) + eps) · g
 
-No mean subtraction and no bias, unlike LayerNorm. The statistics are computed in float32 whatever the
+No mean subtraction and no bias, unlike LayerNorm. Eq. 4 has no eps; the small constant under the root,
+which keeps an all-zero input from dividing by zero, comes from Meta's code (1e-6 in LLaMA-1, 1e-5 in
+Llama 2: ``ModelConfig.norm_eps``). The statistics are computed in float32 whatever the
 input dtype, because mean(x²) over thousands of bfloat16 values loses most of its precision; the result
 is cast back to the input dtype *before* the gain is applied, as in Meta's reference code.
 """

@@ -115,7 +115,7 @@ def test_context_overflow_is_one_clear_line_unless_truncation_is_asked_for(check
     code, out, err = run("--checkpoint", checkpoint, "--prompt", long_prompt, "--max_new_tokens", "20",
                          "--truncate", "--seed", "0")
     assert code == 0, err
-    assert "prompt truncated: kept its last 172 of" in err
+    assert "prompt truncated: kept 172 of its" in err
     assert FIGURES.search(err)[1] == "172"
 
 

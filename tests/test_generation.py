@@ -10,7 +10,7 @@ import torch
 
 from conftest import random_model, random_tokens, tiny_config
 from llama_min import generate
-from llama_min.generation import (TextStream, choose_next, filter_top_k, filter_top_p, generate_stream,
+from llama_min.generation import (TextStream, choose_next, filter_top_k, filter_top_p, fit_context, generate_stream,
                                   store_weights_column_major)
 from llama_min.finetune.instructions import InstructionRecord, encode_record
 from llama_min.finetune.templates import get_template, record_template, template_for_checkpoint
@@ -159,13 +159,18 @@ def test_abandoning_the_stream_releases_the_cache(model):
     assert all(layer.attention.cache is None for layer in model.layers)
 
 
-def test_context_overflow_is_a_clear_error_and_truncation_keeps_the_end(model):
+def test_context_overflow_is_a_clear_error_and_truncation_keeps_bos_and_the_end(model):
     max_len = model.config.max_seq_len  # 64
-    prompt = list(range(3, 3 + 60))
+    bos = 1
+    prompt = [bos] + list(range(3, 3 + 59))
     with pytest.raises(ValueError, match=r"prompt 0 has 60 tokens.*70 positions.*max_seq_len 64"):
         generate(model, [prompt], max_new_tokens=10)
-    got = generate(model, [prompt], max_new_tokens=10, truncate=True)[0]
-    assert got == generate(model, [prompt[-(max_len - 10):]], max_new_tokens=10)[0]
+    got = generate(model, [prompt], max_new_tokens=10, truncate=True, bos_id=bos)[0]
+    kept = [bos] + prompt[-(max_len - 10 - 1):]  # BOS, then the last 53 tokens: 54 + 10 = 64
+    assert got == generate(model, [kept], max_new_tokens=10)[0], "a truncated prompt must keep its BOS"
+    assert fit_context([prompt], 10, max_len, truncate=True, bos_id=bos) == [kept]
+    without_bos = prompt[1:]  # a prompt that does not start with BOS just keeps its end
+    assert fit_context([without_bos], 10, max_len, truncate=True, bos_id=bos) == [without_bos[-(max_len - 10):]]
     with pytest.raises(ValueError, match="max_new_tokens 64 leaves no room"):
         generate(model, [[1]], max_new_tokens=64)
 

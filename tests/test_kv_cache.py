@@ -106,3 +106,36 @@ def test_left_padded_batch_equals_each_row_alone(attn_impl):
                 diff = max_abs_diff(got[b, pad_lens[b]:], alone[0])
                 assert diff < TOL, (f"{attn_impl}, {name}: row {b} (left padding {pad_lens[b].item()}) differs "
                                     f"from the same row alone by {diff:.3g}")
+
+
+@pytest.mark.parametrize("attn_impl", IMPLS)
+def test_fewer_queries_than_keys_without_a_mask_are_aligned_bottom_right(attn_impl):
+    """Attention called directly with a filled cache and no mask (a chunk after the prefill) must treat
+    the chunk as the last positions, as the full forward pass does, whatever the kernel's own alignment."""
+    config = tiny_config(attn_impl=attn_impl)
+    model = random_model(config)
+    attention = model.layers[0].attention
+    x = torch.randn(2, 7, config.dim)
+    cos, sin = model.rope(torch.arange(7))
+    with torch.no_grad():
+        full = attention(x, cos, sin, mask=None)
+        attention.cache = KVCache(2, config.n_kv_heads, 7, config.head_dim, torch.float32)
+        first = attention(x[:, :4], cos[:4], sin[:4], mask=None, start=0)
+        rest = attention(x[:, 4:], cos[4:], sin[4:], mask=None, start=4)  # 3 queries, 7 keys
+    attention.cache = None
+    assert max_abs_diff(torch.cat([first, rest], dim=1), full) < 1e-5, \
+        "a 3-token chunk after 4 cached positions must see keys 0..4+i, as in the full forward pass"
+
+
+def test_cache_takes_the_dtype_of_the_keys_under_autocast():
+    """float32 weights under bfloat16 autocast: keys are computed in bfloat16, and so must the cache be."""
+    model = random_model(tiny_config())
+    tokens = random_tokens(model.config, 2, 12)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        full, _ = model(tokens)
+        model.setup_cache(batch_size=2)
+        assert model.layers[0].attention.cache.k.dtype == torch.bfloat16
+        cached = torch.cat([model(tokens[:, :8], start_pos=0)[0], model(tokens[:, 8:9], start_pos=8)[0],
+                            model(tokens[:, 9:], start_pos=9)[0]], dim=1)
+        model.drop_cache()
+    assert max_abs_diff(cached, full) < 0.1, "cached bfloat16 decoding must follow the uncached bfloat16 pass"

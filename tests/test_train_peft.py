@@ -21,7 +21,7 @@ from llama_min.training.config import TrainConfig, parse_args
 from llama_min.training.optim import make_optimizer
 from llama_min.training.runtime import Runtime, setup_runtime
 from llama_min.training.state import STATE_FILE
-from scripts import last, metrics, run_script, train
+from scripts import last, metrics, run_script, train, train_losses
 
 TINY_MODEL = ["--dim", "32", "--n_layers", "2", "--n_heads", "2", "--n_kv_heads", "1", "--multiple_of", "16",
               "--max_seq_len", "160"]
@@ -146,6 +146,23 @@ def test_instruction_batches_mask_the_prompt_and_end_with_eos(lab, tmp_path):
         assert y[row, :len(prompt) - 1].eq(IGNORE_INDEX).all(), "a prompt position is in the loss"
         assert y[row, len(prompt) - 1:n].tolist() == answer, "the answer and its EOS must be the targets"
         assert y[row, n:].eq(IGNORE_INDEX).all(), "padding is in the loss"
+
+
+def test_accumulated_micro_batches_weigh_every_answer_token_alike(lab, tmp_path):
+    """Two micro-batches of 2 records must train exactly like one batch of 4: the step's loss is the mean
+    over all its answer tokens, not the mean of two means, which would weigh short answers more."""
+    cfg = parse_args(finetune_args(lab, tmp_path, "full", "--batch_size", "4"))[0]
+    data = prepare_data(cfg, Runtime(torch.device("cpu")), 400, lab / "base" / "ckpt" / "tokenizer.model")
+    picks = make_sampler(data, cfg).starts(4)
+    answer_tokens = [sum(t != IGNORE_INDEX for t in data.train[i][1]) for i in picks]
+    assert sum(answer_tokens[:2]) != sum(answer_tokens[2:]), f"premise: unequal micro-batches {answer_tokens}"
+    common = ("--max_steps", "3", "--log_every", "1", "--weight_decay", "0")
+    train(*finetune_args(lab, tmp_path / "one", "full", "--batch_size", "4", *common))
+    train(*finetune_args(lab, tmp_path / "two", "full", "--batch_size", "2", "--grad_accum", "2", *common))
+    torch.testing.assert_close(train_losses(tmp_path / "two"), train_losses(tmp_path / "one"), rtol=1e-5, atol=1e-6)
+    one, two = (load_file(tmp_path / d / "ckpt" / "model.safetensors") for d in ("one", "two"))
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5, msg=f"{k} differs after accumulation")
 
 
 def test_lora_merge_writes_a_full_checkpoint_equal_to_base_plus_adapter(lab, tmp_path):

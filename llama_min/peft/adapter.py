@@ -29,10 +29,10 @@ records an operation only when one of its inputs requires a gradient. Below the 
 input does (the embedding is frozen), so nothing there is recorded and no activation is kept for the
 backward pass; tests/test_peft.py proves it by watching what autograd saves.
 
-During generation the prompt keys and values would be the same for every token: they are computed once
-and reused while no gradient is being recorded and neither P nor wk/wv has changed (a tensor's version
-counter moves on every in-place update: an optimiser step, load_state_dict, a LoRA merge). With gradients
-on (training) they are recomputed on every call, since the graph must reach P.
+The prompt keys and values are computed at every call, also while generating, where they do not change
+from one token to the next: K rows through two projections whose weights each decode step reads anyway,
+against a cache that would have to notice every way P or wk/wv can change (an optimiser step, a load, a
+LoRA merge, an assignment to ``.data``) and that ``torch.compile`` would have to trace.
 """
 
 from __future__ import annotations
@@ -54,21 +54,14 @@ class AdapterPrompt(nn.Module):
         # unit scale; prompts of the same scale give keys and values of the usual size.
         self.prompt = nn.Parameter(torch.randn(adapter_len, dim, device=device, dtype=dtype))  # P (K, dim)
         self.gate = nn.Parameter(torch.zeros(1, n_heads, 1, 1, device=device, dtype=dtype))  # g, one per head
-        self._cached_kv: tuple | None = None  # (version key, prompt k, prompt v) for inference
 
     def prompt_kv(self, wk: nn.Module, wv: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """The prompts through the frozen projections, heads repeated for GQA: two (1, H, K, d)."""
-        key = None
-        if not torch.is_grad_enabled():
-            key = tuple((p.data_ptr(), p._version) for p in (self.prompt, *wk.parameters(), *wv.parameters()))
-            if self._cached_kv is not None and self._cached_kv[0] == key:
-                return self._cached_kv[1], self._cached_kv[2]
         K, groups = self.prompt.shape[0], self.n_heads // self.n_kv_heads
         k = wk(self.prompt).view(K, self.n_kv_heads, self.head_dim).transpose(0, 1)  # (H_kv, K, d), no rotary
         v = wv(self.prompt).view(K, self.n_kv_heads, self.head_dim).transpose(0, 1)
         k = k.repeat_interleave(groups, dim=0)[None]  # (1, H, K, d)
         v = v.repeat_interleave(groups, dim=0)[None]
-        self._cached_kv = None if key is None else (key, k, v)
         return k, v
 
     def forward(self, q: torch.Tensor, wk: nn.Module, wv: nn.Module) -> torch.Tensor:

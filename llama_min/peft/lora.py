@@ -8,10 +8,13 @@ A frozen projection W (out, in) is adapted by a trainable low-rank product (sect
           │                                 (+) ──► h
           └─► dropout ─► A ─► B ─► ·alpha/r ┘
 
-A is initialised like an ``nn.Linear`` weight (Kaiming-uniform) and B with zeros, so B A = 0 and the
-adapted layer starts as exactly the frozen one; the first gradient step moves B only (A's gradient is
-Bᵀ(...) = 0). Dividing by r (the alpha / r scale) keeps the size of the update roughly independent of
-the rank, so alpha need not be re-tuned when r changes (section 4.1).
+B starts at zeros, so B A = 0 and the adapted layer starts as exactly the frozen one. A is initialised
+like an ``nn.Linear`` weight (Kaiming-uniform), as Microsoft's loralib and Hugging Face PEFT do; the
+paper's section 4.1 draws A from a Gaussian instead. Either way only B receives gradient at the first step
+(A's gradient is Bᵀ(...) = 0); with train.py's AdamW, A still shrinks at that step by its decoupled weight
+decay, lr·wd (training/optim.py, ``decays``, says which tensors are decayed and why). Dividing by r (the
+alpha / r scale) keeps the size of the update roughly independent of the rank, so alpha need not be
+re-tuned when r changes (section 4.1).
 
 Because B A has W's shape, it can be folded into W for inference (section 4.1, "No additional
 inference latency"): ``merge`` adds it, ``unmerge`` subtracts it. Both are explicit and idempotent;
