@@ -64,17 +64,28 @@ def plain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """The same function through PyTorch's fused kernel; kv heads are broadcast inside the kernel
-    (``enable_gqa``) rather than copied. The kernel's ``is_causal`` aligns the triangle top-left, which
-    is the bottom-right one only for a square (T == S: training, or prefill into an empty cache); fewer
-    queries than keys (after a filled cache) get the explicit mask, and one query sees every key."""
+    """The same function through PyTorch's fused kernel. The kernel's ``is_causal`` aligns the triangle
+    top-left, which is the bottom-right one only for a square (T == S: training, or prefill into an empty
+    cache); fewer queries than keys (after a filled cache) get the explicit mask, and one query sees every
+    key. Kv heads are broadcast inside the kernel (``enable_gqa``) where it can, else copied first."""
     T, S = q.shape[2], k.shape[2]
+    if q.shape[1] != k.shape[1] and not kernel_broadcasts_kv_heads(q, mask):
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     gqa = q.shape[1] != k.shape[1]
     if mask is None and T == S and T > 1:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     if mask is None and T > 1:
         mask = causal_mask(T, S, device=q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+def kernel_broadcasts_kv_heads(q: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether SDPA can take grouped kv heads as they are (``enable_gqa``) without losing its fast path.
+    On the CPU it can. On CUDA only the flash kernel takes them, and flash runs in half precision without
+    an explicit mask; otherwise PyTorch would fall back to its slow math kernel, so the kv heads are
+    repeated first and the memory-efficient kernel runs instead."""
+    return q.device.type != "cuda" or (mask is None and q.dtype in (torch.float16, torch.bfloat16))
 
 
 class Attention(nn.Module):
@@ -86,7 +97,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
         self.attend = sdpa_attention if config.attn_impl == "sdpa" else plain_attention
-        self.cache: KVCache | None = None  # set by Llama.setup_cache for generation
+        self.cache = KVCache()  # empty until Llama.setup_cache allocates it for generation
         # LLaMA-Adapter (llama_min/adapter.py) installs a module here: it adds gated attention over
         # learned prompts to the output of the heads. None in the base model.
         self.prompt_adapter: nn.Module | None = None
@@ -103,7 +114,7 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, d)
-        if self.cache is not None:
+        if self.cache.active:
             k, v = self.cache.update(start, k, v)  # (B, n_kv_heads, start+T, d)
         y = self.attend(q, k, v, mask)  # (B, H, T, d)
         if self.prompt_adapter is not None:

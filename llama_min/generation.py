@@ -157,7 +157,7 @@ def generate_stream(model: Llama, prompts: Sequence[Sequence[int]], max_new_toke
     or None for a prompt that has already stopped. A prompt stops at any of ``stop_ids`` (the stop id
     itself is not yielded: it ends the text, it is not part of it) or after max_new_tokens tokens.
     seed makes sampling repeatable (greedy needs none). truncate, bos_id: see ``fit_context``.
-    The iterator may be abandoned early (``break``); the model's cache is released either way.
+    The iterator may be abandoned early (``break``); a cache this call allocated is released either way.
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -176,21 +176,40 @@ def generate_stream(model: Llama, prompts: Sequence[Sequence[int]], max_new_toke
     stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
 
-    model.setup_cache(batch, prompt_len + max_new_tokens)  # once, at the length this call needs
+    def decode(ids: torch.Tensor, step: int) -> torch.Tensor:
+        """One new token per row through the cache -> logits (B, 1, V). Rows that have stopped keep
+        decoding (their outputs are ignored): the batch keeps one shape."""
+        return model(ids[:, None], start_pos=prompt_len + step, pad_lens=pad_lens, last_only=True)[0]
+
+    # A caller that generates often (a compiled chat) may allocate the cache once, at full length; a
+    # cache this call allocates itself is sized for it and released at the end.
+    owns_cache = not model.cache_fits(batch, prompt_len + max_new_tokens)
+    if owns_cache:
+        model.setup_cache(batch, prompt_len + max_new_tokens)
+    ahead = runs_asynchronously(device)
     try:
         logits, _ = model(tokens, pad_lens=pad_lens, last_only=True)  # prefill: (B, 1, V)
         for step in range(max_new_tokens):
             next_ids = choose_next(logits[:, -1], temperature, top_k, top_p, generator)  # (B,)
             finished |= torch.isin(next_ids, stops)
-            # a stop id is reported as None, like any step after it
-            yield [None if done else t for t, done in zip(next_ids.tolist(), finished.tolist())]
-            if finished.all() or step == max_new_tokens - 1:
+            last = step == max_new_tokens - 1
+            if ahead and not last:  # queued before the host waits for this step's ids: the GPU keeps busy
+                logits = decode(next_ids, step)
+            ids, done = torch.stack((next_ids, finished.long())).tolist()  # the one host sync per token
+            yield [None if d else i for i, d in zip(ids, done)]  # a stop id is None, like every step after it
+            if last or all(done):
                 return
-            # Rows that have stopped keep decoding (their outputs are ignored): the batch keeps one
-            # shape, and their stop token costs nothing extra.
-            logits, _ = model(next_ids[:, None], start_pos=prompt_len + step, pad_lens=pad_lens, last_only=True)
+            if not ahead:
+                logits = decode(next_ids, step)
     finally:
-        model.drop_cache()
+        if owns_cache:
+            model.drop_cache()
+
+
+def runs_asynchronously(device: torch.device) -> bool:
+    """Whether kernels on ``device`` run while the host goes on (CUDA), so that the next decode step is
+    worth queueing before the host reads the current token; on the CPU it would only delay each token."""
+    return device.type == "cuda"
 
 
 def generate(model: Llama, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,

@@ -5,6 +5,10 @@ them costs a full forward pass per token; keeping them costs memory. The cache i
 the full length, and written in place at explicit positions, so decoding allocates nothing per token.
 It holds the n_kv_heads key/value heads *unrepeated*: with grouped-query attention the repetition to
 n_heads happens inside attention, so the cache is n_heads / n_kv_heads times smaller.
+
+Every attention layer owns its cache module from construction; it holds nothing until ``allocate``
+and again after ``release``. Only the buffers come and go, never the module: ``torch.compile`` guards
+on a model's submodules, and a module attached for generation would recompile the training graph.
 """
 
 import torch
@@ -12,12 +16,27 @@ from torch import nn
 
 
 class KVCache(nn.Module):
-    def __init__(self, batch_size: int, n_kv_heads: int, max_seq_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str | None = None):
+    def __init__(self):
         super().__init__()
+        self.register_buffer("k", None, persistent=False)  # (B, n_kv_heads, max_seq_len, head_dim) when allocated
+        self.register_buffer("v", None, persistent=False)
+
+    @property
+    def active(self) -> bool:
+        return self.k is not None
+
+    def allocate(self, batch_size: int, n_kv_heads: int, max_seq_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str | None = None) -> None:
         shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def release(self) -> None:
+        self.k = self.v = None
+
+    def fits(self, batch_size: int, length: int, dtype: torch.dtype) -> bool:
+        """Whether the allocated cache can serve a batch of this size up to ``length`` positions."""
+        return self.active and self.k.shape[0] == batch_size and self.k.shape[2] >= length and self.k.dtype == dtype
 
     def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, n_kv_heads, T, head_dim) at positions start..start+T-1 and return the cache

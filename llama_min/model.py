@@ -23,7 +23,6 @@ from .attention import attention_mask
 from .block import Block
 from .checkpoint_files import load_model, save_model
 from .config import ModelConfig
-from .kv_cache import KVCache
 from .rmsnorm import RMSNorm
 from .rope import RotaryEmbedding
 
@@ -77,7 +76,7 @@ class Llama(nn.Module):
         if start_pos + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {start_pos + T} positions exceeds max_seq_len "
                              f"{self.config.max_seq_len} of this model")
-        if start_pos and self.layers[0].attention.cache is None:
+        if start_pos and not self.layers[0].attention.cache.active:
             raise ValueError("start_pos > 0 needs a KV cache holding the earlier positions: call setup_cache first")
 
         slots = torch.arange(start_pos, start_pos + T, device=tokens.device)  # (T,)
@@ -102,22 +101,27 @@ class Llama(nn.Module):
     # ---- KV cache for generation ------------------------------------------------------------------
 
     def setup_cache(self, batch_size: int, max_seq_len: int | None = None, dtype: torch.dtype | None = None) -> None:
-        """Allocate one KV cache per layer on the weights' device, in the dtype the keys will have:
-        ``dtype``, else the autocast dtype when autocast is on (keys are computed in it), else the weights'."""
+        """Allocate every layer's KV cache on the weights' device, in the dtype the keys will have
+        (``cache_dtype``), for up to ``max_seq_len`` positions (default: the model's)."""
         max_seq_len = max_seq_len or self.config.max_seq_len
         if max_seq_len > self.config.max_seq_len:
             raise ValueError(f"cache length {max_seq_len} exceeds the model's max_seq_len {self.config.max_seq_len}")
-        weight = self.tok_embeddings.weight
-        if dtype is None:
-            autocast = torch.is_autocast_enabled(weight.device.type)
-            dtype = torch.get_autocast_dtype(weight.device.type) if autocast else weight.dtype
         for layer in self.layers:
-            layer.attention.cache = KVCache(batch_size, self.config.n_kv_heads, max_seq_len,
-                                            self.config.head_dim, dtype, weight.device)
+            layer.attention.cache.allocate(batch_size, self.config.n_kv_heads, max_seq_len, self.config.head_dim,
+                                           dtype or self.cache_dtype(), self.tok_embeddings.weight.device)
+
+    def cache_dtype(self) -> torch.dtype:
+        """The dtype keys are computed in: the autocast dtype when autocast is on, else the weights'."""
+        device = self.tok_embeddings.weight.device.type
+        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.tok_embeddings.weight.dtype
+
+    def cache_fits(self, batch_size: int, length: int) -> bool:
+        """Whether the allocated caches already serve this batch size up to ``length`` positions."""
+        return all(layer.attention.cache.fits(batch_size, length, self.cache_dtype()) for layer in self.layers)
 
     def drop_cache(self) -> None:
         for layer in self.layers:
-            layer.attention.cache = None
+            layer.attention.cache.release()
 
     # ---- checkpoints (the directory format: checkpoint_files.py) --------------------------------------
 

@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from llama_min import Llama
 from llama_min.attention import attention_mask, plain_attention, sdpa_attention
@@ -176,3 +177,41 @@ def test_changing_a_token_never_changes_earlier_logits(attn_impl):
             assert before < 1e-6, f"{attn_impl}: changing token {t} changed logits at earlier positions by {before:.3g}"
             after = max_abs_diff(logits[:, t:], base[:, t:])
             assert after > 1e-3, f"{attn_impl}: changing token {t} did not change logits at positions >= {t}"
+
+
+def test_kv_heads_are_repeated_where_cuda_would_lose_its_fast_kernel(monkeypatch):
+    """On CUDA only the flash kernel takes grouped kv heads (enable_gqa), and not with a mask or float32
+    inputs; there attention repeats the kv heads itself. The device check is forced here (no GPU in CI),
+    and the kernel's inputs are watched: the result must not change."""
+    import llama_min.attention as attention
+
+    q, k, v = (torch.randn(2, h, n, 8) for h, n in ((4, 5), (2, 8), (2, 8)))  # 5 queries after 3 cached
+    mask = attention.attention_mask(3, 5, torch.tensor([0, 2]))  # (2, 1, 5, 8), with left padding
+    seen = []
+    real_sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        seen.append((k.shape[1], kwargs.get("enable_gqa")))
+        return real_sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
+    expected = plain_attention(q, k, v, mask)
+    monkeypatch.setattr(attention, "kernel_broadcasts_kv_heads", lambda q, mask: False)  # as CUDA with a mask
+    assert max_abs_diff(sdpa_attention(q, k, v, mask), expected) < 1e-5
+    monkeypatch.setattr(attention, "kernel_broadcasts_kv_heads", lambda q, mask: True)  # as the CPU or flash
+    assert max_abs_diff(sdpa_attention(q, k, v, mask), expected) < 1e-5
+    assert seen == [(4, False), (2, True)], f"kv heads given to the kernel (heads, enable_gqa): {seen}"
+
+
+@pytest.mark.parametrize("device, dtype, masked, broadcast", [
+    ("cpu", torch.float32, True, True),
+    ("cuda", torch.bfloat16, False, True),  # flash: takes grouped kv heads
+    ("cuda", torch.bfloat16, True, False),  # a mask: memory-efficient kernel, kv heads repeated
+    ("cuda", torch.float32, False, False),  # float32: no flash
+])
+def test_when_the_kernel_takes_grouped_kv_heads(device, dtype, masked, broadcast):
+    from types import SimpleNamespace
+
+    from llama_min.attention import kernel_broadcasts_kv_heads
+    q = SimpleNamespace(device=torch.device(device), dtype=dtype)  # only where the tensor lives and its dtype
+    assert kernel_broadcasts_kv_heads(q, torch.ones(1, dtype=torch.bool) if masked else None) is broadcast

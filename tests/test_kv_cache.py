@@ -52,11 +52,12 @@ def test_cache_holds_kv_heads_unrepeated():
     assert k.dtype == model.tok_embeddings.weight.dtype, f"cache dtype {k.dtype} differs from the weights'"
     assert not any(name.endswith((".k", ".v")) for name in model.state_dict()), "the cache must not be saved with the weights"
     model.drop_cache()
-    assert model.layers[0].attention.cache is None, "drop_cache left a cache behind"
+    assert not model.layers[0].attention.cache.active, "drop_cache left a cache behind"
 
 
 def test_cache_update_writes_at_positions_and_returns_the_prefix():
-    cache = KVCache(batch_size=2, n_kv_heads=3, max_seq_len=10, head_dim=4, dtype=torch.float32)
+    cache = KVCache()
+    cache.allocate(batch_size=2, n_kv_heads=3, max_seq_len=10, head_dim=4, dtype=torch.float32)
     k1, v1 = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
     k2, v2 = torch.randn(2, 3, 2, 4), torch.randn(2, 3, 2, 4)
     cache.update(0, k1, v1)
@@ -67,7 +68,8 @@ def test_cache_update_writes_at_positions_and_returns_the_prefix():
 
 
 def test_cache_overflow_is_a_clear_error():
-    cache = KVCache(1, 1, 4, 2, torch.float32)
+    cache = KVCache()
+    cache.allocate(1, 1, 4, 2, torch.float32)
     with pytest.raises(ValueError, match="overflow"):
         cache.update(3, torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2))
 
@@ -119,10 +121,10 @@ def test_fewer_queries_than_keys_without_a_mask_are_aligned_bottom_right(attn_im
     cos, sin = model.rope(torch.arange(7))
     with torch.no_grad():
         full = attention(x, cos, sin, mask=None)
-        attention.cache = KVCache(2, config.n_kv_heads, 7, config.head_dim, torch.float32)
+        attention.cache.allocate(2, config.n_kv_heads, 7, config.head_dim, torch.float32)
         first = attention(x[:, :4], cos[:4], sin[:4], mask=None, start=0)
         rest = attention(x[:, 4:], cos[4:], sin[4:], mask=None, start=4)  # 3 queries, 7 keys
-    attention.cache = None
+    attention.cache.release()
     assert max_abs_diff(torch.cat([first, rest], dim=1), full) < 1e-5, \
         "a 3-token chunk after 4 cached positions must see keys 0..4+i, as in the full forward pass"
 
