@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from llama_min import IGNORE_INDEX, Llama, generate
 from llama_min.cli import UsageError
 from llama_min.finetune.neftune import add_embedding_noise
+from llama_min.peft import peft_stats
 from llama_min.training.batches import Data, count_targets, get_batch, make_sampler, prepare_data
 from llama_min.training.config import TrainConfig, check_config, parse_args
 from llama_min.training.evaluate import evaluate
@@ -119,7 +120,8 @@ def train(cfg: TrainConfig) -> None:
             if not math.isfinite(loss):
                 raise TrainingDiverged(f"loss is {loss} at step {step}; stopping. The last good "
                                        f"checkpoint is {ckpt_dir}; lower --lr or check the data")
-            progress.step(step, loss, lr, tokens=sum(x.numel() for x, _ in batches) * rt.world_size)
+            progress.step(step, loss, lr, tokens=sum(x.numel() for x, _ in batches) * rt.world_size,
+                          stats=None if cfg.full_checkpoint else lambda: peft_stats(model))
             dev.maybe_evaluate(step)  # before the checkpoint below, which saves its progress
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
                 val_loss, val_bpb = evaluate(model, data, cfg, rt)

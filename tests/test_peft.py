@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from llama_min import Llama, ModelConfig
 from llama_min.peft.adapter import AdapterPrompt
 from llama_min.peft.lora import LoRALinear
-from llama_min.peft import (PEFT_CONFIG, PEFT_WEIGHTS, PeftConfig, add_peft_arguments, apply_peft, fold_lora,
+from llama_min.peft import (PEFT_CONFIG, PEFT_WEIGHTS, PeftConfig, add_peft_arguments, apply_peft, fold_lora, peft_stats,
                             load_peft, merge_lora, parameter_table, peft_config_from_args, peft_state_dict,
                             remove_peft, save_peft, unmerge_lora)
 
@@ -399,3 +399,23 @@ def test_llama_7b_trainable_counts_on_meta_device(config, count):
 def test_modules_are_visible_in_print():
     for name, needle in (("adapter", "AdapterPrompt"), ("lora", "LoRALinear"), ("bottleneck", "Bottleneck")):
         assert needle in str(adapted(METHOD_CONFIGS[name])[1]), f"{needle} not visible in print(model)"
+
+
+def test_peft_stats_are_the_gates_and_the_update_norms_per_layer():
+    """Written a second way from the tensors themselves: the mean gate factor of each adapted layer, and
+    the Frobenius norm of (alpha/r)·B·A over each layer's LoRA projections."""
+    _, adapter = adapted(PeftConfig(method="adapter", adapter_len=3, adapter_layers=1, gate_tanh=True))
+    with torch.no_grad():
+        adapter.layers[-1].attention.prompt_adapter.gate.copy_(torch.tensor([0.5, -0.1, 0.3, 0.2]).view(1, 4, 1, 1))
+    assert peft_stats(adapter) == {"adapter_gate": [0.0, pytest.approx(torch.tanh(torch.tensor(
+        [0.5, -0.1, 0.3, 0.2])).mean().item())]}
+    _, model = lora_with_random_b(targets=("wq", "wv"))
+    want = []
+    for layer in model.layers:
+        squares = 0.0
+        for proj in (layer.attention.wq, layer.attention.wv):
+            delta = proj.lora_b.double() @ proj.lora_a.double() * (proj.alpha / proj.rank)
+            squares += float((delta ** 2).sum())
+        want.append(squares ** 0.5)
+    assert peft_stats(model)["lora_delta_norm"] == pytest.approx(want, rel=1e-5)
+    assert peft_stats(random_model(tiny_config())) == {}

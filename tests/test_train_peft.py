@@ -54,6 +54,11 @@ def test_peft_run_saves_only_the_adapter_and_leaves_the_base_untouched(lab, tmp_
     train(*finetune_args(lab, tmp_path, method))
     assert metrics(tmp_path)[-1]["step"] == 4 and last(tmp_path, "val_loss") > 0
     assert all(r["val_bpb"] is None for r in metrics(tmp_path)), "no bits per byte for instruction data"
+    logged = [r["peft"] for r in metrics(tmp_path) if r["train_loss"] is not None]
+    key = {"adapter": "adapter_gate", "lora": "lora_delta_norm", "bottleneck": None}[method]
+    assert all(set(s) == ({key} if key else set()) for s in logged), f"metrics.jsonl peft stats: {logged}"
+    if key:  # the adapter's effect grows from zero as it learns
+        assert len(logged[-1][key]) == 2 and any(v != 0 for v in logged[-1][key]), logged
 
     out = tmp_path / "peft"
     assert sorted(p.name for p in out.iterdir()) == ["generation.json", "peft.json", "peft.safetensors",

@@ -148,7 +148,29 @@ def peft_state_dict(model: Llama) -> dict[str, torch.Tensor]:
 
 
 
-# ---- what is trained ------------------------------------------------------------------------------
+# ---- what is trained, and how far it moved -------------------------------------------------------
+
+@torch.no_grad()
+def peft_stats(model: Llama) -> dict[str, list[float]]:
+    """How much each layer's adapter does, for watching it learn (train.py logs it in metrics.jsonl):
+    LLaMA-Adapter's gate factor (g, or tanh(g) with gate_tanh) averaged over the heads, and LoRA's
+    ‖(alpha/r)·B·A‖_F over the layer's adapted projections; one value per layer, in layer order (an
+    unadapted layer gives 0). Empty for a model without these methods."""
+    stats: dict[str, list[float]] = {}
+    for layer in model.layers:
+        prompt = layer.attention.prompt_adapter
+        if isinstance(prompt, AdapterPrompt):
+            gate = torch.tanh(prompt.gate) if prompt.gate_tanh else prompt.gate
+            stats.setdefault("adapter_gate", []).append(gate.float().mean().item())
+        loras = [m for m in layer.modules() if isinstance(m, LoRALinear)]
+        if loras:
+            stats.setdefault("lora_delta_norm", []).append(
+                sum(m.delta_weight().pow(2).sum().item() for m in loras) ** 0.5)
+    if "adapter_gate" in stats:  # adapted top layers only: the ones below read 0
+        stats["adapter_gate"] = [0.0] * (len(model.layers) - len(stats["adapter_gate"])) + stats["adapter_gate"]
+    return stats
+
+
 
 def parameter_table(model: nn.Module) -> str:
     """A text table of trainable and total parameters per module group: the module that owns each

@@ -18,6 +18,7 @@ from .config import TrainConfig
 from .runtime import Runtime
 
 METRICS = ("step", "train_loss", "val_loss", "val_bpb", "dev_accuracy", "lr", "tokens_per_s", "elapsed_s")
+# and, when a PEFT method trains, "peft": llama_min.peft.peft_stats at each log step
 
 
 class TrainingDiverged(RuntimeError):
@@ -90,8 +91,9 @@ class Progress:
         """Start a new interval for tokens/s (evaluation and checkpoints are not training throughput)."""
         self.t_interval, self.steps, self.tokens = time.time(), 0, 0
 
-    def step(self, step: int, loss: float, lr: float, tokens: int) -> None:
-        """After every optimiser step: count it; every --log_every steps print the line and log it."""
+    def step(self, step: int, loss: float, lr: float, tokens: int, stats=None) -> None:
+        """After every optimiser step: count it; every --log_every steps print the line and log it, with
+        ``stats()`` (a dict) when given."""
         self.steps += 1
         self.tokens += tokens
         if step % self.cfg.log_every and step != self.cfg.max_steps:
@@ -102,7 +104,7 @@ class Progress:
         self.rt.say(f"step {step}/{self.cfg.max_steps} | loss {loss:.4f} | lr {lr:.2e} | {tokens_per_s:,.0f} tok/s | "
                     f"MFU {100 * self.flops_per_token * tokens_per_s / self.peak:.1f}% | "
                     f"ETA {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
-        self.record(step=step, train_loss=loss, lr=lr, tokens_per_s=tokens_per_s)
+        self.record(step=step, train_loss=loss, lr=lr, tokens_per_s=tokens_per_s, **({"peft": stats()} if stats else {}))
         self.restart_clock()
 
     def record(self, **metrics) -> None:
@@ -110,7 +112,8 @@ class Progress:
         if self.rt.master:
             record = {**metrics, "elapsed_s": self.elapsed()}
             with open(self.out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({k: record.get(k) for k in METRICS}) + "\n")
+                f.write(json.dumps({k: record.get(k) for k in METRICS} | {k: v for k, v in record.items()
+                                                                           if k not in METRICS}) + "\n")
 
     def plot(self) -> str | None:
         """Redraw loss.png (rank 0); a note when that is not possible."""
