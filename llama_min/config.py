@@ -23,6 +23,29 @@ def dataclass_from_dict(cls, d: dict):
     return cls(**d)
 
 
+@dataclass(frozen=True)
+class RopeScaling:
+    """Rotary frequency scaling, for contexts longer than the one a model was pretrained on (rope.py
+    applies it; the formulas and their sources are there).
+
+    kind "linear":  every frequency divided by ``factor`` (position interpolation).
+    kind "llama3":  Llama 3.1's rule: frequencies whose wavelength exceeds original_max_seq_len /
+                    low_freq_factor are divided by ``factor``, those shorter than original_max_seq_len /
+                    high_freq_factor are kept, and those between are blended smoothly.
+    """
+    kind: str
+    factor: float
+    low_freq_factor: float = 1.0  # llama3 only
+    high_freq_factor: float = 4.0  # llama3 only
+    original_max_seq_len: int = 8192  # llama3 only: the pretraining context
+
+    def __post_init__(self):
+        if self.kind not in ("linear", "llama3"):
+            raise ValueError(f"rope scaling kind {self.kind!r}: expected 'linear' or 'llama3'")
+        if not self.factor >= 1 or (self.kind == "llama3" and not 0 < self.low_freq_factor < self.high_freq_factor):
+            raise ValueError(f"rope scaling {self}: expected factor >= 1 and 0 < low_freq_factor < high_freq_factor")
+
+
 @dataclass
 class ModelConfig:
     dim: int = 4096  # width of the residual stream
@@ -34,7 +57,8 @@ class ModelConfig:
     ffn_dim_multiplier: float | None = None  # optional factor on the SwiGLU hidden size (Llama 2 70B: 1.3)
     norm_eps: float = 1e-5  # RMSNorm epsilon: 1e-6 in LLaMA-1, 1e-5 in Llama 2
     rope_theta: float = 10000.0  # RoPE base (Su et al. 2021, eq. 15)
-    max_seq_len: int = 2048  # longest sequence the rotary tables and the KV cache cover
+    rope_scaling: RopeScaling | None = None  # frequency scaling of long-context models (Llama 3.1+)
+    max_seq_len: int = 2048  # longest sequence the model takes (and its KV cache covers)
     tie_embeddings: bool = False  # share the token embedding with the output head
     hidden_dim: int | None = None  # explicit SwiGLU hidden size, overriding the rule below
     attn_impl: str = "sdpa"  # "sdpa" (fused kernel) or "plain" (scores, mask, softmax written out)
@@ -42,6 +66,8 @@ class ModelConfig:
     def __post_init__(self):
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
+        if isinstance(self.rope_scaling, dict):  # as config.json stores it
+            self.rope_scaling = RopeScaling(**self.rope_scaling)
         problems = []
         if self.dim % self.n_heads:
             problems.append(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
@@ -91,6 +117,11 @@ class ModelConfig:
         decides); pass ``vocab_size=`` then. Keys this model does not use are rejected by name."""
         params = json.loads(Path(path).read_text())
         params.update(overrides)
+        # Llama 3.1+: "use_scaled_rope" with Meta's frequency rule, factor 8 unless "rope_scaling_factor"
+        # says otherwise (Llama 3.2's small models use 32); the other constants of the rule are fixed there.
+        if params.pop("use_scaled_rope", False):
+            params["rope_scaling"] = RopeScaling("llama3", float(params.pop("rope_scaling_factor", None) or 8.0))
+        params.pop("rope_scaling_factor", None)
         if params.get("vocab_size", 0) <= 0:
             raise ValueError(f"{path} has no vocab_size (it is {params.get('vocab_size')}); "
                              "pass vocab_size= from the tokenizer")

@@ -110,10 +110,11 @@ def gguf_name(name: str) -> str:
 
 def write_gguf(model: Llama, path: Path, qtype: str = "F32", arch: str = "llama",
                add_vocab=None,
-               raw_types: dict[str, str] | None = None) -> None:
+               raw_types: dict[str, str] | None = None, extra_tensors: dict | None = None) -> None:
     """A llama GGUF file written with the gguf package's own writer, q/k in llama.cpp's order (Meta's:
     adjacent rotary pairs, see llama.cpp's convert_hf_to_gguf.py). Matrices are stored as ``qtype``;
-    norms stay F32, as llama.cpp keeps them. ``raw_types`` stores named tensors as zero bytes of a type."""
+    norms stay F32, as llama.cpp keeps them. ``raw_types`` stores named tensors as zero bytes of a type;
+    ``extra_tensors`` adds float32 arrays under their GGUF names (e.g. rope_freqs.weight)."""
     import gguf
     import numpy as np
 
@@ -131,6 +132,8 @@ def write_gguf(model: Llama, path: Path, qtype: str = "F32", arch: str = "llama"
     w.add_rope_dimension_count(c.head_dim)
     if add_vocab is not None:
         add_vocab(w)  # the tokenizer.ggml.* fields
+    for name, values in (extra_tensors or {}).items():
+        w.add_tensor(name, np.asarray(values, dtype=np.float32))
     state = model.state_dict()
     if c.tie_embeddings:
         del state["output.weight"]

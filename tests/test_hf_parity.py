@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from llama_min import Llama, ModelConfig
+from llama_min.config import RopeScaling
 from llama_min.convert.hf_format import config_from_hf, config_to_hf, permute_rope_rows, state_dict_from_hf, state_dict_to_hf
 
 from conftest import max_abs_diff, random_model, random_tokens
@@ -69,11 +70,25 @@ def test_config_from_hf_reads_older_transformers_layout():
         f"v4-style config read as {config_from_hf(old_style)}, v5-style as {config_from_hf(hf_config)}"
 
 
-def test_config_from_hf_refuses_rope_scaling_by_name():
+def test_config_from_hf_refuses_unimplemented_rope_scaling_by_name():
     hf_config, *_ = load_fixture()
-    scaled = {**hf_config, "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0}}
-    with pytest.raises(ValueError, match="rope"):
+    scaled = {**hf_config, "rope_parameters": {"rope_type": "yarn", "rope_theta": 500000.0, "factor": 8.0}}
+    with pytest.raises(ValueError, match="rope scaling of type 'yarn'"):
         config_from_hf(scaled)
+
+
+def test_config_from_hf_reads_the_scaling_when_both_rope_fields_are_present():
+    """rope_parameters says "default" (a newer transformers' default) but rope_scaling holds Llama 3's
+    scaling: the scaling is what the model uses, and must not be dropped."""
+    hf_config, *_ = load_fixture()
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 16}
+    both = {**hf_config, "rope_parameters": {"rope_type": "default", "rope_theta": 50000.0}, "rope_scaling": llama3}
+    config = config_from_hf(both)
+    assert config.rope_theta == 50000.0
+    assert config.rope_scaling == RopeScaling("llama3", 8.0, 1.0, 4.0, 16), config.rope_scaling
+    with pytest.raises(ValueError, match="disagree"):
+        config_from_hf({**both, "rope_parameters": {"rope_type": "linear", "factor": 2.0}})
 
 
 @pytest.mark.parametrize("attn_impl", ["plain", "sdpa"])

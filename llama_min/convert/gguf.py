@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import ModelConfig
+from ..config import ModelConfig, RopeScaling
+from ..rope import scaled_frequencies
 from .source import ConversionError, Source, one_line
 
 # GGUF tensor name -> ours ({i} is the layer).
@@ -82,6 +83,8 @@ class GGUFSource(Source):
                 raise ConversionError(f"{path}: tensor {t.name} is quantised as {t.tensor_type.name}, which this "
                                       f"converter does not dequantise; supported: {', '.join(SUPPORTED_TYPES)}")
             self.tensors[our_name(t.name)] = t
+        # llama.cpp stores Llama 3's rope scaling as per-frequency divisors, not as weights of the model
+        self.rope_factors = self.tensors.pop("rope_freqs.weight", None)
         self.shapes = {n: tuple(int(d) for d in reversed(t.shape.tolist())) for n, t in self.tensors.items()}
         embed = self.tensors.get("tok_embeddings.weight")
         self.dtype = TORCH_TYPES.get(embed.tensor_type.name, torch.float32) if embed is not None else torch.float32
@@ -101,9 +104,6 @@ class GGUFSource(Source):
         arch = self.field("general.architecture")
         if arch != "llama":
             raise ConversionError(f"{self.path}: architecture {arch!r} is not supported; llama_min reads 'llama' GGUF files")
-        if "rope_freqs.weight" in self.tensors or self.field("llama.rope.scaling.type", "none") not in ("none",):
-            raise ConversionError(f"{self.path}: tensor rope_freqs.weight / llama.rope.scaling: rotary frequency "
-                                  "scaling (Llama 3.1+, long-context variants) is not implemented in llama_min")
         if self.field("llama.expert_count", 0):
             raise ConversionError(f"{self.path}: llama.expert_count: mixture-of-experts models are not supported")
         required = {"dim": "llama.embedding_length", "n_layers": "llama.block_count",
@@ -119,18 +119,41 @@ class GGUFSource(Source):
             if self.field(key, head_dim) != head_dim:
                 raise ConversionError(f"{self.path}: {key} = {self.field(key)} but llama_min needs it equal to "
                                       f"embedding_length / head_count = {head_dim}")
+        theta = self.field("llama.rope.freq_base", 10000.0)
         try:
             return ModelConfig(
                 **values,
                 n_kv_heads=self.field("llama.attention.head_count_kv") or values["n_heads"],
                 vocab_size=vocab,
                 norm_eps=self.field("llama.attention.layer_norm_rms_epsilon", 1e-5),
-                rope_theta=self.field("llama.rope.freq_base", 10000.0),
+                rope_theta=theta,
+                rope_scaling=self._rope_scaling(head_dim, theta),
                 max_seq_len=self.field("llama.context_length", 2048),
                 tie_embeddings="output.weight" not in self.tensors,  # llama.cpp then reuses token_embd
             )
         except ValueError as e:
             raise ConversionError(f"{self.path}: metadata gives an invalid config: {one_line(e)}") from e
+
+    def _rope_scaling(self, head_dim: int, theta: float) -> RopeScaling | None:
+        """linear: from the metadata. llama3: llama.cpp's converter writes the rule's result, θ_i divided
+        by rope_freqs.weight[i]; the rule's parameters are recovered by recomputing it (factor = the largest
+        divisor, Meta's constants 1 and 4, the original context from the metadata or Llama 3's 8192)."""
+        kind = self.field("llama.rope.scaling.type", "none")
+        if kind == "linear":
+            return RopeScaling("linear", float(self.field("llama.rope.scaling.factor", 1.0)))
+        if kind != "none":
+            raise ConversionError(f"{self.path}: llama.rope.scaling.type {kind!r}: llama_min implements linear and "
+                                  "Llama 3's rope scaling")
+        if self.rope_factors is None:
+            return None
+        factors = torch.from_numpy(np.array(self.rope_factors.data, dtype=np.float32)).flatten()
+        scaling = RopeScaling("llama3", float(factors.max()),
+                              original_max_seq_len=int(self.field("llama.rope.scaling.original_context_length", 8192)))
+        base = theta ** (-torch.arange(0, head_dim, 2).float() / head_dim)
+        if factors.shape != base.shape or not torch.allclose(base / scaled_frequencies(base, scaling), factors, rtol=1e-4):
+            raise ConversionError(f"{self.path}: tensor rope_freqs.weight holds rotary frequency factors that do not "
+                                  "follow Llama 3's rule; llama_min implements linear and Llama 3's rope scaling")
+        return scaling
 
     @property
     def weights_file(self) -> Path:

@@ -15,7 +15,7 @@ import re
 
 import torch
 
-from ..config import ModelConfig
+from ..config import ModelConfig, RopeScaling
 
 # Our name (with {i} for the layer) -> Hugging Face name. Every tensor of both layouts appears here.
 NAMES = {
@@ -99,15 +99,50 @@ def state_dict_to_hf(state: dict[str, torch.Tensor], config: ModelConfig) -> dic
 
 # ---- config ---------------------------------------------------------------------------------------
 
+def rope_from_hf(hf: dict) -> tuple[float, RopeScaling | None]:
+    """RoPE's base and scaling from a Hugging Face config.json. Newer files keep both in
+    ``rope_parameters``, older ones in ``rope_theta`` and ``rope_scaling``; some carry both, and then the
+    scaling is wherever its kind is not "default" (two different kinds are a contradiction)."""
+    sources = [d for d in (hf.get("rope_parameters"), hf.get("rope_scaling")) if d]
+    kind_of = lambda d: d.get("rope_type", d.get("type", "default"))  # noqa: E731
+    kinds = {kind_of(d) for d in sources} - {"default"}
+    if len(kinds) > 1:
+        raise ValueError(f"rope_parameters and rope_scaling disagree on the rope scaling: {sorted(kinds)}")
+    theta = next((d["rope_theta"] for d in sources if "rope_theta" in d), hf.get("rope_theta", 10000.0))
+    scaled = next((d for d in sources if kind_of(d) != "default"), None)
+    if scaled is None:
+        return theta, None
+    kind = kind_of(scaled)
+    if kind == "linear":
+        return theta, RopeScaling("linear", float(scaled["factor"]))
+    if kind == "llama3":
+        return theta, RopeScaling("llama3", float(scaled["factor"]), float(scaled["low_freq_factor"]),
+                                  float(scaled["high_freq_factor"]), int(scaled["original_max_position_embeddings"]))
+    raise ValueError(f"rope scaling of type {kind!r} (llama_min implements linear and llama3)")
+
+
+def rope_to_hf(config: ModelConfig) -> dict:
+    """``rope_parameters`` for config.json (read by transformers 5; rope_theta is also written top-level)."""
+    s = config.rope_scaling
+    if s is None:
+        return {"rope_type": "default", "rope_theta": config.rope_theta}
+    if s.kind == "linear":
+        return {"rope_type": "linear", "factor": s.factor, "rope_theta": config.rope_theta}
+    return {"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
+            "high_freq_factor": s.high_freq_factor, "original_max_position_embeddings": s.original_max_seq_len,
+            "rope_theta": config.rope_theta}
+
+
 def config_from_hf(hf: dict, max_seq_len: int | None = None) -> ModelConfig:
     """A Hugging Face LlamaConfig (as a dict from config.json) -> ModelConfig. Features this model does
     not implement are refused by name rather than silently ignored."""
     unsupported = []
     if hf.get("model_type", "llama") != "llama":
         unsupported.append(f"model_type {hf['model_type']!r} (only 'llama')")
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        unsupported.append(f"rope scaling {rope}")
+    try:
+        rope_theta, rope_scaling = rope_from_hf(hf)
+    except ValueError as e:
+        unsupported.append(str(e))
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         unsupported.append("attention or MLP biases")
     if hf.get("hidden_act", "silu") != "silu":
@@ -125,7 +160,8 @@ def config_from_hf(hf: dict, max_seq_len: int | None = None) -> ModelConfig:
         vocab_size=hf["vocab_size"],
         hidden_dim=hf["intermediate_size"],
         norm_eps=hf.get("rms_norm_eps", 1e-6),
-        rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
         max_seq_len=max_seq_len or hf.get("max_position_embeddings", 2048),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
     )
@@ -145,7 +181,7 @@ def config_to_hf(config: ModelConfig, bos_id: int = 1, eos_id: int = 2) -> dict:
         "intermediate_size": config.ffn_hidden_dim,
         "rms_norm_eps": config.norm_eps,
         "rope_theta": config.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "rope_parameters": rope_to_hf(config),
         "max_position_embeddings": config.max_seq_len,
         "tie_word_embeddings": config.tie_embeddings,
         "hidden_act": "silu",

@@ -68,8 +68,6 @@ class MetaSource(Source):
         params = directory / "params.json"
         declared = read_json(params)
         try:
-            if declared.get("use_scaled_rope"):
-                raise ValueError("use_scaled_rope (Llama 3.1 rope frequency scaling) is not implemented in llama_min")
             # LLaMA-1's params.json says vocab_size -1 (the tokenizer decides): the embedding tells
             vocab = self.shapes.get("tok_embeddings.weight", (0,))[0]
             overrides = {"vocab_size": vocab} if declared.get("vocab_size", -1) <= 0 else {}

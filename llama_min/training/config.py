@@ -159,7 +159,10 @@ def peft_config(cfg: TrainConfig) -> PeftConfig | None:
 # ---- command line ----------------------------------------------------------------------------------
 
 
-def model_flag_help(f) -> str:
+def model_flag_help(f) -> str | None:
+    """Help for a model flag; rope_scaling is no flag (it comes with converted long-context models)."""
+    if f.name == "rope_scaling":
+        return None
     return f"overrides the preset's {f.name} (tiny: {getattr(PRESETS['tiny'], f.name)})"
 
 
