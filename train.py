@@ -18,6 +18,7 @@ piece under a name that says what it does; the flags are the fields of ``TrainCo
 from __future__ import annotations
 
 import math
+import signal
 import sys
 from contextlib import nullcontext
 from dataclasses import replace
@@ -38,14 +39,15 @@ from llama_min.training.optim import get_lr, make_optimizer, set_lr
 from llama_min.training.progress import Progress, TrainingDiverged
 from llama_min.training.robust import DevSelection, make_l2sp
 from llama_min.training.runtime import StopRequest, setup_runtime
-from llama_min.training.state import (checkpoint_dir, load_train_state, resumed_config, save_checkpoint,
-                                      set_rng_states, write_merged)
-from llama_min.training.trainable import build_model, choose_trainable
+from llama_min.training.state import (all_rng_states, checkpoint_dir, load_train_state, restore_run, resumed_config,
+                                      save_checkpoint, write_merged)
+from llama_min.training.trainable import build_model, choose_trainable, hold_frozen_in_autocast_dtype
 
 REPO = Path(__file__).resolve().parent
 
 
-def train(cfg: TrainConfig) -> None:
+def train(cfg: TrainConfig) -> signal.Signals | None:
+    """Run the training cfg describes; returns the signal that stopped it early, if one did."""
     # ---- setup ----------------------------------------------------------------------------------------
     check_config(cfg)
     rt = setup_runtime(cfg.device, cfg.dtype)  # device, autocast dtype, the process group under torchrun
@@ -63,6 +65,8 @@ def train(cfg: TrainConfig) -> None:
         raise UsageError(f"the tokenizer has {data.tokenizer.vocab_size} tokens but the model only "
                          f"{model.config.vocab_size}; pass --vocab_size {data.tokenizer.vocab_size}")
     rt.say(choose_trainable(model, cfg, None if cfg.full_checkpoint else resume_from))
+    if not cfg.full_checkpoint:
+        hold_frozen_in_autocast_dtype(model, rt)  # GPU memory: the frozen base in bf16, not float32 + copies
     l2sp = make_l2sp(model, cfg, rt, resumed=state is not None and cfg.full_checkpoint)
     if cfg.embed_noise:  # NEFTune: noisy input embeddings, in training mode only
         add_embedding_noise(model, cfg.embed_noise)
@@ -70,13 +74,8 @@ def train(cfg: TrainConfig) -> None:
     sampler = make_sampler(data, cfg)
     progress = Progress(cfg, rt, model.config, resumed_at=state["step"] if state else None)
     dev = DevSelection(cfg, rt, data, model, progress)  # --dev_every: keep the best, stop early
-    step, best_val_loss = 0, float("inf")
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        sampler.load_state_dict(state["sampler"])
-        set_rng_states(state["rng"])
-        dev.load_state_dict(state.get("early_stopping"))
-        step, best_val_loss = state["step"], state["best_val_loss"]
+    step, best_val_loss = restore_run(state, optimizer, sampler, dev, rt, ckpt_dir) if state else (0, float("inf"))
+    saved_step = step if state else None  # the step the last good checkpoint holds
     # `model` stays the plain module, for evaluation, samples and checkpoints; `trained` is what steps.
     trained = torch.compile(model) if cfg.compile else model
     if rt.world_size > 1:
@@ -85,14 +84,25 @@ def train(cfg: TrainConfig) -> None:
     describe(cfg, rt, model, data, progress)
 
     def save(at_step: int) -> None:
+        """A checkpoint of the run after at_step, never of diverged weights (every process calls it)."""
+        nonlocal saved_step
+        rng = all_rng_states(rt)
+        if not all(p.isfinite().all() for p in model.parameters()):
+            raise TrainingDiverged(f"the weights are not finite after step {at_step}; not saved. {last_good()}")
         if rt.master:
-            save_checkpoint(ckpt_dir, model, data.tokenizer, optimizer, sampler, at_step, best_val_loss, cfg,
+            save_checkpoint(ckpt_dir, model, data.tokenizer, optimizer, sampler, at_step, best_val_loss, cfg, rng,
                             data.instructions, dev.state_dict())
+        saved_step = at_step
+
+    def last_good() -> str:
+        return (f"The last good checkpoint, {ckpt_dir}, holds step {saved_step}: continue from it with --resume "
+                "and a lower --lr" if saved_step is not None else
+                "No checkpoint was saved before: lower --lr, or check the data")
 
     # ---- the loop -------------------------------------------------------------------------------------
     val_loss = val_bpb = stopped_by = None
     model.train()
-    with StopRequest() as stop:
+    with StopRequest(rt) as stop:
         while step < cfg.max_steps and not dev.should_stop:
             lr = set_lr(optimizer, get_lr(step, cfg))
             batches = [get_batch(data, sampler, cfg, rt) for _ in range(cfg.grad_accum)]
@@ -118,24 +128,25 @@ def train(cfg: TrainConfig) -> None:
 
             loss = rt.all_sum(loss_sum)  # the global batch's mean loss, the same on every process
             if not math.isfinite(loss):
-                raise TrainingDiverged(f"loss is {loss} at step {step}; stopping. The last good "
-                                       f"checkpoint is {ckpt_dir}; lower --lr or check the data")
+                raise TrainingDiverged(f"the training loss is {loss} at step {step}; stopping. {last_good()}")
             progress.step(step, loss, lr, tokens=sum(x.numel() for x, _ in batches) * rt.world_size,
                           stats=None if cfg.full_checkpoint else lambda: peft_stats(model))
             dev.maybe_evaluate(step)  # before the checkpoint below, which saves its progress
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                val_loss, val_bpb = evaluate(model, data, cfg, rt)
-                best_val_loss = min(best_val_loss, val_loss)
-                rt.say(f"step {step}: held-out loss {val_loss:.4f}" + (f", {val_bpb:.4f} bits per byte" if val_bpb else ""))
-                progress.record(step=step, val_loss=val_loss, val_bpb=val_bpb)
-                save(step)
-                if step < cfg.max_steps:
-                    progress.plot()
-                progress.restart_clock()  # evaluation is not training throughput
-            stopped_by = stop.agreed(rt)  # SIGINT / SIGTERM on any process
+                with progress.periodic_work("eval", cfg.eval_every):
+                    val_loss, val_bpb = evaluate(model, data, cfg, rt)
+                    rt.say(f"step {step}: held-out loss {val_loss:.4f}" + (f", {val_bpb:.4f} bits per byte" if val_bpb else ""))
+                    progress.record(step=step, val_loss=val_loss, val_bpb=val_bpb)
+                    if not math.isfinite(val_loss):
+                        raise TrainingDiverged(f"the held-out loss is {val_loss} at step {step}; not saved. {last_good()}")
+                    best_val_loss = min(best_val_loss, val_loss)
+                    save(step)
+                    if step < cfg.max_steps:
+                        progress.plot()
+            stopped_by = stop.agreed()  # SIGINT / SIGTERM on any process
             if (stopped_by or dev.should_stop) and step < cfg.max_steps:
                 save(step)
-                rt.say(f"{stopped_by} at step {step}: checkpoint saved to {ckpt_dir}; continue with --resume"
+                rt.say(f"{stopped_by.name} at step {step}: checkpoint saved to {ckpt_dir}; continue with --resume"
                        if stopped_by else f"early stopping at step {step}: {cfg.patience} dev evaluations without "
                        f"improvement; checkpoint saved to {ckpt_dir}, best model in {dev.best_dir}")
                 break
@@ -146,7 +157,8 @@ def train(cfg: TrainConfig) -> None:
         rt.say(note or f"loss curve: {Path(cfg.out_dir) / 'loss.png'}")
     model.eval()  # no training-only noise (NEFTune, LoRA dropout) in what follows
     if stopped_by is None and rt.master and cfg.sample_tokens > 0:
-        print_samples(model, data, cfg)
+        with rt.autocast():
+            print_samples(model, data, cfg)
     if stopped_by is None and rt.master and cfg.merge:
         dev.load_best()  # with --dev_every, the run's result is the chosen model
         write_merged(Path(cfg.out_dir) / "merged", model, data.tokenizer, data.instructions)
@@ -156,7 +168,8 @@ def train(cfg: TrainConfig) -> None:
     rt.say(f"done in {progress.elapsed():.0f}s: step {step}, held-out loss {val_loss}, bits per byte {val_bpb}; "
            f"checkpoint {ckpt_dir}")
     if rt.world_size > 1:
-        dist.destroy_process_group()
+        dist.barrier()  # rank 0's last writes done: every process leaves together
+    return stopped_by
 
 
 def describe(cfg: TrainConfig, rt, model: Llama, data: Data, progress: Progress) -> None:
@@ -194,10 +207,15 @@ def main(argv: list[str] | None = None) -> None:
     cfg = replace(cfg, data=cfg.data or str(REPO / "data" / "shakespeare"),
                   cache_dir=cfg.cache_dir or str(REPO / "data" / "cache"))
     try:
-        train(resumed_config(cfg, given) if cfg.resume else cfg)
-    except (UsageError, TrainingDiverged, FileNotFoundError) as e:
+        stopped_by = train(resumed_config(cfg, given) if cfg.resume else cfg)
+    except (UsageError, ValueError, OSError, TrainingDiverged) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if stopped_by:  # saved, and ended by a signal: the exit status a shell or scheduler expects, 130 or 143
+        raise SystemExit(128 + stopped_by.value)
 
 
 if __name__ == "__main__":

@@ -120,6 +120,11 @@ def pick_device(name: str) -> torch.device:
     raise UsageError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
 
 
+def one_line(error: BaseException) -> str:
+    """An exception's message with its line breaks folded: for errors quoted inside our own."""
+    return " ".join(str(error).split())
+
+
 def read_text(path: str | Path, what: str = "file") -> str:
     """A user's text file, read as UTF-8; a file in another encoding is one error naming it."""
     path = Path(path)

@@ -415,7 +415,7 @@ def test_peft_stats_are_the_gates_and_the_update_norms_per_layer():
         squares = 0.0
         for proj in (layer.attention.wq, layer.attention.wv):
             delta = proj.lora_b.double() @ proj.lora_a.double() * (proj.alpha / proj.rank)
-            squares += float((delta ** 2).sum())
+            squares += float((delta.detach() ** 2).sum())
         want.append(squares ** 0.5)
     assert peft_stats(model)["lora_delta_norm"] == pytest.approx(want, rel=1e-5)
     assert peft_stats(random_model(tiny_config())) == {}

@@ -159,7 +159,7 @@ step = 0
 while True:  # every checkpoint stamps its step into a weight, so a mix of two saves is detectable
     with torch.no_grad():
         model.norm.weight.fill_(step)
-    save_checkpoint(Path({out!r}), model, Tokenizer({tok!r}), optimizer, sampler, step, 0.0, cfg)
+    save_checkpoint(Path({out!r}), model, Tokenizer({tok!r}), optimizer, sampler, step, 0.0, cfg, [])
     if step == 0:
         print("saved", flush=True)
     step += 1
@@ -196,7 +196,7 @@ def test_sigint_saves_and_exits_cleanly(corpus, tmp_path):
             break
     child.send_signal(signal.SIGINT)
     out, err = child.communicate(timeout=60)
-    assert child.returncode == 0, err
+    assert child.returncode == 130, f"saved, then ended by SIGINT: exit status 128 + 2, got {child.returncode}: {err}"
     assert "SIGINT at step" in out and "--resume" in out, out
     state = torch.load(resolve_checkpoint_dir(tmp_path / "ckpt") / STATE_FILE, weights_only=True)
     stopped_at = int(out.split("SIGINT at step ")[1].split(":")[0])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..cli import UsageError
+from ..cli import UsageError, one_line
 from ..config import ModelConfig
 
 
@@ -75,10 +75,6 @@ def read_json(path: Path) -> dict:
     if not isinstance(value, dict):
         raise ConversionError(f"{path}: expected a JSON object, found {type(value).__name__}")
     return value
-
-
-def one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())
 
 
 def load_pickle(path: Path) -> dict[str, torch.Tensor]:

@@ -8,11 +8,14 @@ hardware's peak (Chowdhery et al. 2022, PaLM, appendix B).
 from __future__ import annotations
 
 import json
+import math
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from ..cli import UsageError
 from ..config import ModelConfig
 from .config import TrainConfig
 from .runtime import Runtime
@@ -37,39 +40,61 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
     return 6 * matmul_weights + 12 * L * seq_len * d
 
 
-# Dense bf16 tensor-core peaks from the vendors' datasheets, FLOP/s.
-GPU_BF16_PEAK = {"H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
-                 "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
+# Dense (no sparsity) tensor-core peaks from NVIDIA's datasheets, FLOP/s, in the dtype each GPU trains
+# in with --dtype auto: bfloat16, or float16 on V100 and T4, which compute bfloat16 only by emulation.
+# Matched by the longest name the device's name contains, so "L40S" is not taken for "L40" nor "L40"
+# for "L4", and "H100 PCIe" not for the SXM part. Sources: the H100, H200, GH200, H800, B200, A100, A10,
+# L4, L40, L40S, V100 and T4 datasheets and the Ada (RTX 4090) and Ampere (RTX 3090) GeForce
+# architecture whitepapers (FP16/BF16 tensor FLOPS with FP32 accumulation).
+GPU_PEAK = {
+    "B200": 2250e12, "H200 NVL": 835e12, "H200": 989e12, "GH200": 989e12,
+    "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H800 PCIe": 756e12, "H800": 989e12,
+    "A100": 312e12, "A10": 125e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12,
+    "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12,
+}
+
+
+def datasheet_peak(device_name: str) -> float | None:
+    """The GPU_PEAK entry whose name is the longest one contained in the device's name, or None."""
+    known = [name for name in GPU_PEAK if name in device_name]
+    return GPU_PEAK[max(known, key=len)] if known else None
 
 
 def peak_flops(cfg: TrainConfig, rt: Runtime) -> float:
-    """The FLOP/s MFU is measured against: --peak_flops, else the GPU's datasheet bf16 peak, else (CPU
-    or an unknown GPU) the best of a few large matmuls in the training dtype, timed now."""
+    """The FLOP/s MFU is measured against: --peak_flops, else the GPU's datasheet peak, else (the CPU or
+    an unknown GPU) the best of a few large matrix products in the training dtype, timed now after a
+    warm-up. A busy machine can make that measurement low; Progress then raises it (and says so)."""
     if cfg.peak_flops > 0:
         return cfg.peak_flops
     if rt.device.type == "cuda":
-        name = torch.cuda.get_device_name(rt.device)
-        for key, flops in GPU_BF16_PEAK.items():
-            if key in name:
-                return flops
-    n = 1024
+        known = datasheet_peak(torch.cuda.get_device_name(rt.device))
+        if known:
+            return known
+    n = 4096 if rt.device.type == "cuda" else 1024  # large enough that the GPU is busy, not waiting on launches
     dtype = rt.autocast_dtype or torch.float32
     g = torch.Generator(rt.device).manual_seed(0)  # its own: a resumed run's restored RNG must stay untouched
     a, b = (torch.randn(n, n, device=rt.device, dtype=dtype, generator=g) for _ in range(2))
     best = float("inf")
-    for _ in range(10):  # the best of several: other work on the machine only ever slows a run down
+    for i in range(12):  # the best of several: other work on the machine only ever slows a run down
         if rt.device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
         a @ b
         if rt.device.type == "cuda":
             torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
+        if i >= 2:  # the first products warm up caches and kernels
+            best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best
 
 
 class Progress:
-    """The progress line and the metrics file of one run (rank 0 writes; every rank may call)."""
+    """The progress line and the metrics file of one run (rank 0 writes; every rank may call).
+
+    The ETA counts everything still to come: the remaining steps at the mean time of a training step so
+    far, plus the remaining periodic work (held-out evaluations with their checkpoints, dev evaluations)
+    at the mean time each kind has taken so far. Means over the whole run, so one slow step moves the
+    estimate by a fraction, not a multiple.
+    """
 
     def __init__(self, cfg: TrainConfig, rt: Runtime, config: ModelConfig, resumed_at: int | None = None):
         self.cfg, self.rt = cfg, rt
@@ -77,10 +102,16 @@ class Progress:
         self.flops_per_token = flops_per_token(config, cfg.seq_len)
         self.peak = peak_flops(cfg, rt) * rt.world_size
         self.t_start = time.time()
+        self.step_time, self.steps_timed = 0.0, 0  # training steps only, for the ETA
+        self.periodic: dict[str, list[float]] = {}  # kind -> [total seconds, count]
         if rt.master:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            if resumed_at is not None:  # forget what was logged after the checkpoint: those steps run again
-                forget_metrics_after(self.out_dir, resumed_at)
+            try:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                if resumed_at is not None:  # forget what was logged after the checkpoint: those steps run again
+                    forget_metrics_after(self.out_dir, resumed_at)
+            except OSError as e:
+                raise UsageError(f"--out_dir {self.out_dir}: cannot write there ({e.strerror or e}); choose a "
+                                 "writable directory") from None
         self.restart_clock()
 
     def elapsed(self) -> float:
@@ -88,8 +119,28 @@ class Progress:
         return time.time() - self.t_start
 
     def restart_clock(self) -> None:
-        """Start a new interval for tokens/s (evaluation and checkpoints are not training throughput)."""
+        """Start a new interval for tokens/s (periodic work is not training throughput)."""
         self.t_interval, self.steps, self.tokens = time.time(), 0, 0
+
+    @contextmanager
+    def periodic_work(self, kind: str, every: int):
+        """Time a piece of work done every ``every`` steps (and at the last), for the ETA; afterwards the
+        throughput interval starts afresh."""
+        t = time.time()
+        yield
+        total = self.periodic.setdefault(kind, [0.0, 0, every])
+        total[0] += time.time() - t
+        total[1] += 1
+        self.restart_clock()
+
+    def eta(self, step: int) -> float:
+        """Seconds to the end: the remaining steps, and the remaining periodic work of each kind (logged
+        before it, so the work due at ``step`` itself is still to come)."""
+        remaining = (self.cfg.max_steps - step) * self.step_time / max(self.steps_timed, 1)
+        for seconds, count, every in self.periodic.values():
+            left = self.cfg.max_steps // every - (step - 1) // every + (self.cfg.max_steps % every != 0)
+            remaining += left * seconds / count
+        return remaining
 
     def step(self, step: int, loss: float, lr: float, tokens: int, stats=None) -> None:
         """After every optimiser step: count it; every --log_every steps print the line and log it, with
@@ -99,32 +150,70 @@ class Progress:
         if step % self.cfg.log_every and step != self.cfg.max_steps:
             return
         elapsed = time.time() - self.t_interval
+        self.step_time += elapsed
+        self.steps_timed += self.steps
         tokens_per_s = self.tokens / elapsed
-        eta = (self.cfg.max_steps - step) * elapsed / self.steps
+        achieved = self.flops_per_token * tokens_per_s
+        if achieved > self.peak:  # the peak measured at start was low (a busy machine): never show > 100%
+            self.rt.say(f"(MFU: this interval ran at {achieved / 1e9:.1f} GFLOP/s, above the {self.peak / 1e9:.1f} "
+                        "measured at start; that measurement was low, MFU is now against this figure)")
+            self.peak = achieved
+        eta = self.eta(step)
         self.rt.say(f"step {step}/{self.cfg.max_steps} | loss {loss:.4f} | lr {lr:.2e} | {tokens_per_s:,.0f} tok/s | "
-                    f"MFU {100 * self.flops_per_token * tokens_per_s / self.peak:.1f}% | "
-                    f"ETA {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
+                    f"MFU {100 * achieved / self.peak:.1f}% | ETA {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
         self.record(step=step, train_loss=loss, lr=lr, tokens_per_s=tokens_per_s, **({"peft": stats()} if stats else {}))
         self.restart_clock()
 
     def record(self, **metrics) -> None:
-        """Append one record to metrics.jsonl (rank 0)."""
-        if self.rt.master:
-            record = {**metrics, "elapsed_s": self.elapsed()}
+        """Append one record to metrics.jsonl (rank 0); NaN and infinities are written as null (JSON has
+        no such numbers)."""
+        if not self.rt.master:
+            return
+        record = {**metrics, "elapsed_s": self.elapsed()}
+        record = {k: record.get(k) for k in METRICS} | {k: v for k, v in record.items() if k not in METRICS}
+        try:
             with open(self.out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({k: record.get(k) for k in METRICS} | {k: v for k, v in record.items()
-                                                                           if k not in METRICS}) + "\n")
+                f.write(json.dumps(finite_or_none(record), allow_nan=False) + "\n")
+        except OSError as e:
+            raise UsageError(f"could not append to {self.out_dir / 'metrics.jsonl'}: {e.strerror or e}; free disk "
+                             "space or choose a writable --out_dir") from None
 
     def plot(self) -> str | None:
         """Redraw loss.png (rank 0); a note when that is not possible."""
         return plot_losses(self.out_dir) if self.rt.master else None
 
 
+def finite_or_none(value):
+    """``value`` with every NaN or infinite float (in dicts and lists too) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl; a line that is not JSON (the half-written last line of a run that
+    was killed mid-write) is skipped."""
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
 def forget_metrics_after(out_dir: Path, step: int) -> None:
+    """Keep the records up to ``step`` (a resumed run logs the later steps again)."""
     path = out_dir / "metrics.jsonl"
     if path.exists():
-        kept = [line for line in path.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= step]
-        path.write_text("".join(kept))
+        kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+        tmp = path.with_name("metrics.tmp.jsonl")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp.replace(path)
 
 
 def plot_losses(out_dir: Path) -> str | None:
@@ -138,7 +227,7 @@ def plot_losses(out_dir: Path) -> str | None:
     path = out_dir / "metrics.jsonl"
     if not path.exists():  # stopped before the first log step: nothing to draw
         return None
-    records = [json.loads(line) for line in open(path)]
+    records = read_metrics(path)
     fig, ax = plt.subplots(figsize=(7, 4))
     for key, label in (("train_loss", "train"), ("val_loss", "held-out")):
         points = [(r["step"], r[key]) for r in records if r[key] is not None]

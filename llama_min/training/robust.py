@@ -25,7 +25,7 @@ from ..peft import load_peft
 from .batches import DEV_ANSWER_TOKENS, Data, dev_split
 from .config import TrainConfig
 from .progress import Progress
-from .runtime import Runtime
+from .runtime import Runtime, exact_float32
 from .state import save_model_only
 
 
@@ -78,22 +78,23 @@ class DevSelection:
         decisions and all stop together."""
         if self.stopper is None or step % self.cfg.dev_every and step != self.cfg.max_steps:
             return
-        accuracy = torch.zeros((), dtype=torch.float64, device=self.rt.device)
-        if self.rt.master:
-            with torch.no_grad():  # float32 greedy decoding, as the lab's evaluation does
-                accuracy.fill_(exact_match_accuracy(self.model, self.data.tokenizer, self.records, DEV_ANSWER_TOKENS))
-        if self.rt.world_size > 1:
-            dist.broadcast(accuracy, src=0)
-        accuracy = accuracy.item()
-        improved = self.stopper.update(step, accuracy)
-        if improved and self.rt.master:
-            save_model_only(self.best_dir, self.model, self.data.tokenizer, self.cfg, self.data.instructions)
+        with self.progress.periodic_work("dev", self.cfg.dev_every):
+            accuracy = torch.zeros((), dtype=torch.float64, device=self.rt.device)
+            if self.rt.master:  # greedy decoding in the run's precision; float32 is float32 (no TF32), as in experiments/
+                with torch.no_grad(), self.rt.autocast(), exact_float32():
+                    accuracy.fill_(exact_match_accuracy(self.model, self.data.tokenizer, self.records,
+                                                        DEV_ANSWER_TOKENS))
+            if self.rt.world_size > 1:
+                dist.broadcast(accuracy, src=0)
+            accuracy = accuracy.item()
+            improved = self.stopper.update(step, accuracy)
+            if improved and self.rt.master:
+                save_model_only(self.best_dir, self.model, self.data.tokenizer, self.cfg, self.data.instructions)
         waited = f", {self.stopper.evals_since_best}/{self.cfg.patience} without improvement" if self.cfg.patience else ""
-        self.rt.say(f"step {step}: dev exact match {accuracy:.4f} on {len(self.records)} records" +
+        self.rt.say(f"step {step}: dev exact match ({self.rt.precision}) {accuracy:.4f} on {len(self.records)} records" +
                     (f", new best: saved to {self.best_dir}" if improved else
                      f"; best {self.stopper.best_metric:.4f} at step {self.stopper.best_step}{waited}"))
         self.progress.record(step=step, dev_accuracy=accuracy)
-        self.progress.restart_clock()
 
     def finish(self) -> dict | None:
         """For a finished run: what was chosen and what it saved, said and written to

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +48,24 @@ class Runtime:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
+    @property
+    def precision(self) -> str:
+        """The arithmetic of this run's forward passes, for messages."""
+        return f"{str(self.autocast_dtype).removeprefix('torch.')} autocast" if self.autocast_dtype else "float32"
+
+
+@contextmanager
+def exact_float32():
+    """float32 matrix products computed in float32 on GPUs too: TF32, which setup_runtime turns on for
+    training speed, switched off for the block (scores compared across runs and with experiments/,
+    which never turns it on)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
 
 def setup_runtime(device_name: str, dtype_name: str) -> Runtime:
     """Pick the device and dtype; join the process group when started by torchrun."""
@@ -68,17 +86,24 @@ def setup_runtime(device_name: str, dtype_name: str) -> Runtime:
         # malloc, which would hand each step's large freed blocks back to the OS and fault them in again.
         keep_freed_memory()
 
-    dtype = dtype_name
-    if dtype == "auto":
-        dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device.type == "cuda" else "float32"
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise UsageError(f"--dtype {dtype_name!r}: expected auto, float32, bfloat16 or float16")
-    if dtype == "float16" and device.type != "cuda":
+    autocast_dtype = choose_autocast_dtype(dtype_name, device)
+    return Runtime(device, rank, world, autocast_dtype, use_grad_scaler=autocast_dtype == torch.float16)
+
+
+def choose_autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """--dtype: None for plain float32, else the autocast dtype. auto: float32 on the CPU; on CUDA
+    bfloat16 where the GPU computes it natively (Ampere and newer), float16 with a gradient scaler
+    otherwise: V100 and T4 only emulate bfloat16, which ``is_bf16_supported()`` counts unless told not to."""
+    native_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    if name == "auto":
+        name = ("bfloat16" if native_bf16 else "float16") if device.type == "cuda" else "float32"
+    if name not in ("float32", "bfloat16", "float16"):
+        raise UsageError(f"--dtype {name!r}: expected auto, float32, bfloat16 or float16")
+    if name == "float16" and device.type != "cuda":
         raise UsageError("--dtype float16 needs CUDA (it trains with a gradient scaler); use bfloat16 on CPU")
-    if dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UsageError("--dtype bfloat16: this GPU does not support it; use float16")
-    autocast_dtype = None if dtype == "float32" else getattr(torch, dtype)
-    return Runtime(device, rank, world, autocast_dtype, use_grad_scaler=dtype == "float16")
+    if name == "bfloat16" and device.type == "cuda" and not native_bf16:
+        raise UsageError("--dtype bfloat16: this GPU only emulates it (slowly); use float16")
+    return None if name == "float32" else getattr(torch, name)
 
 
 def keep_freed_memory() -> None:
@@ -96,30 +121,38 @@ def keep_freed_memory() -> None:
 
 
 class StopRequest:
-    """SIGINT / SIGTERM ask the loop to stop after the current step; it saves and exits cleanly.
-    A second signal during that save is ignored: the save is atomic anyway, so nothing can tear."""
+    """SIGINT / SIGTERM ask the loop to stop after the current step; it saves, and the process exits with
+    128 + the signal's number (130, 143), as shells and job schedulers expect of a process a signal
+    ended. A second signal during that save is ignored: the save is atomic anyway, so nothing can tear.
 
-    def __init__(self):
-        self.requested = None
+    Under torchrun SIGTERM is left to its default action, immediate termination: torchrun sends it to
+    the surviving workers when one has failed, and a worker that caught it would go on to its next
+    collective, waiting for the dead one until torchrun's SIGKILL. What remains is the last periodic
+    checkpoint. Ctrl-C (SIGINT, which reaches every worker) still stops them together, after a save.
+    """
+
+    def __init__(self, rt: Runtime):
+        self.rt = rt
+        self.requested: signal.Signals | None = None
         self.previous = {}
 
     def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        signals = (signal.SIGINT,) if self.rt.world_size > 1 else (signal.SIGINT, signal.SIGTERM)
+        for sig in signals:
             self.previous[sig] = signal.signal(sig, self.handle)
         return self
 
     def handle(self, signum, frame):
-        self.requested = signal.Signals(signum).name
+        self.requested = signal.Signals(signum)
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
-    def agreed(self, rt: Runtime) -> str | None:
+    def agreed(self) -> signal.Signals | None:
         """The stop request, agreed by every process (a signal may reach one process only)."""
-        requested = self.requested
-        if rt.world_size > 1:
-            flag = torch.tensor(float(requested is not None), device=rt.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            requested = requested or ("a signal on another process" if flag.item() else None)
-        return requested
+        if self.rt.world_size == 1:
+            return self.requested
+        number = torch.tensor(self.requested.value if self.requested else 0, device=self.rt.device)
+        dist.all_reduce(number, op=dist.ReduceOp.MAX)
+        return signal.Signals(number.item()) if number.item() else None

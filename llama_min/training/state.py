@@ -12,21 +12,24 @@ sampler, every random generator, the early-stopping progress and the run's own s
 
 from __future__ import annotations
 
+import io
 import random
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from ..checkpoint import atomic_directory, resolve_checkpoint_dir, write_model_files
-from ..cli import UsageError
+from ..cli import UsageError, one_line
 from ..finetune.templates import record_template
 from ..model import Llama
 from ..peft import fold_lora, save_peft
 from ..tokenizer import Tokenizer
 from .config import TrainConfig
 from .data import WindowSampler
+from .runtime import Runtime
 
 STATE_FILE = "train_state.pt"  # next to the model's files in the checkpoint directory
 
@@ -36,25 +39,55 @@ def checkpoint_dir(cfg: TrainConfig) -> Path:
     return Path(cfg.out_dir) / ("ckpt" if cfg.full_checkpoint else "peft")
 
 
-def rng_states() -> dict:
-    """Every random generator the loop touches, in types torch.load(weights_only=True) accepts."""
+def rng_states(device: torch.device) -> dict:
+    """Every random generator the loop touches on this process, in types torch.load(weights_only=True)
+    accepts: torch's CPU generator, this process's GPU's (not every GPU's), numpy's and Python's."""
     np_state = np.random.get_state(legacy=False)
     np_state["state"]["key"] = np_state["state"]["key"].tolist()
     states = {"torch": torch.get_rng_state(), "numpy": np_state, "python": random.getstate()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
     return states
 
 
-def set_rng_states(states: dict) -> None:
+def all_rng_states(rt: Runtime) -> list[dict]:
+    """Each process's rng_states, in rank order (a collective under torchrun: every rank calls it). They
+    travel as bytes in plain tensors on the CPU, each process's padded to the longest."""
+    mine = rng_states(rt.device)
+    if rt.world_size == 1:
+        return [mine]
+    buffer = io.BytesIO()
+    torch.save(mine, buffer)
+    data = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+    device = rt.device if rt.device.type == "cuda" else torch.device("cpu")  # NCCL moves GPU tensors only
+    sizes = [torch.zeros((), dtype=torch.int64, device=device) for _ in range(rt.world_size)]
+    dist.all_gather(sizes, torch.tensor(len(data), device=device))
+    longest = max(int(s) for s in sizes)
+    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
+    padded[:len(data)] = data.to(device)
+    gathered = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in range(rt.world_size)]
+    dist.all_gather(gathered, padded)
+    return [torch.load(io.BytesIO(g[:int(n)].cpu().numpy().tobytes()), weights_only=True)
+            for g, n in zip(gathered, sizes)]
+
+
+def set_rng_states(saved: list[dict] | dict, rt: Runtime) -> str | None:
+    """Restore this process's generators from what all_rng_states saved; a note when that is not
+    possible (a run resumed with another number of processes draws afresh, each from its own seed)."""
+    saved = [saved] if isinstance(saved, dict) else saved  # train_state.pt of one process
+    if len(saved) != rt.world_size:
+        return (f"the random generators of {len(saved)} process(es) cannot continue in {rt.world_size}: dropout, "
+                "noise and sampling draw afresh from --seed")
+    states = saved[rt.rank]
     torch.set_rng_state(states["torch"])
     np_state = dict(states["numpy"])
     np_state["state"] = {**np_state["state"], "key": np.array(np_state["state"]["key"], dtype=np.uint32)}
     np.random.set_state(np_state)
     version, internal, gauss = states["python"]
     random.setstate((version, tuple(internal), gauss))
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    if "cuda" in states and rt.device.type == "cuda":
+        torch.cuda.set_rng_state(states["cuda"], rt.device)
+    return None
 
 
 def write_model(directory: Path, model: Llama, tokenizer: Tokenizer, cfg: TrainConfig, instructions: bool) -> None:
@@ -70,15 +103,21 @@ def write_model(directory: Path, model: Llama, tokenizer: Tokenizer, cfg: TrainC
 
 
 def save_checkpoint(directory: Path, model: Llama, tokenizer: Tokenizer, optimizer, sampler: WindowSampler,
-                    step: int, best_val_loss: float, cfg: TrainConfig, instructions: bool = False,
+                    step: int, best_val_loss: float, cfg: TrainConfig, rng: list[dict], instructions: bool = False,
                     early_stopping: dict | None = None) -> None:
     """The model (``write_model``) plus train_state.pt, written to DIR.tmp and swapped in by renames,
-    so an interruption at any instant leaves the previous checkpoint or the new one, never a mix."""
-    with atomic_directory(directory) as tmp:
-        write_model(tmp, model, tokenizer, cfg, instructions)
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(),
-                    "rng": rng_states(), "best_val_loss": best_val_loss, "train_config": asdict(cfg),
-                    "early_stopping": early_stopping}, tmp / STATE_FILE)
+    so an interruption at any instant leaves the previous checkpoint or the new one, never a mix.
+    ``rng``: every process's generators (all_rng_states). A full disk or a read-only directory is one
+    error, with the previous checkpoint untouched."""
+    try:
+        with atomic_directory(directory) as tmp:
+            write_model(tmp, model, tokenizer, cfg, instructions)
+            torch.save({"step": step, "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(),
+                        "rng": rng, "best_val_loss": best_val_loss, "train_config": asdict(cfg),
+                        "early_stopping": early_stopping}, tmp / STATE_FILE)
+    except OSError as e:
+        raise UsageError(f"could not write the checkpoint {directory} at step {step}: {e.strerror or e}; the previous "
+                         "checkpoint is untouched: free disk space or choose a writable --out_dir") from None
 
 
 def save_model_only(directory: Path, model: Llama, tokenizer: Tokenizer, cfg: TrainConfig, instructions: bool) -> None:
@@ -99,18 +138,52 @@ def write_merged(directory: Path, model: Llama, tokenizer: Tokenizer, instructio
 
 
 def load_train_state(directory: Path) -> dict:
+    """DIR/train_state.pt, read to the CPU (whatever device saved it), with one-line errors."""
     try:
         path = resolve_checkpoint_dir(directory) / STATE_FILE
     except FileNotFoundError:  # an adapter directory holds no config.json
         path = directory / STATE_FILE
     if not path.exists():
         raise UsageError(f"--resume: {path} does not exist; train without --resume first")
-    return torch.load(path, weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, or holding objects other than tensors and containers
+        raise UsageError(f"--resume: {path} cannot be read ({one_line(e)[:160]}); it is damaged or was not written "
+                         "by train.py: resume from an intact checkpoint, or train without --resume") from None
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, state: dict, path: Path) -> None:
+    """Load the optimiser state after checking that it belongs to these parameters (its moments have
+    their shapes), so that a mismatch is named here, not at the first step."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    saved = state["optimizer"]
+    try:
+        optimizer.load_state_dict(saved)
+    except ValueError as e:
+        raise UsageError(f"--resume: the optimiser state in {path} does not fit this model ({e}); was it written "
+                         "by another run?") from None
+    wrong = [f"{tuple(optimizer.state[p]['exp_avg'].shape)} for a {tuple(p.shape)} parameter"
+             for p in params if p in optimizer.state and optimizer.state[p]["exp_avg"].shape != p.shape]
+    if wrong:
+        raise UsageError(f"--resume: the optimiser state in {path} does not fit this model ({wrong[0]}); was it "
+                         "written by another run?")
+
+
+def resume_dir(cfg: TrainConfig, given: set[str]) -> Path:
+    """The checkpoint --resume continues: the one of the method asked for, or, when --method is not
+    given, whichever of OUT_DIR/ckpt (full, partial) and OUT_DIR/peft (a PEFT method) holds a run."""
+    if "method" in given:
+        return checkpoint_dir(cfg)
+    out = Path(cfg.out_dir)
+    found = [d for d in (out / "ckpt", out / "peft") if (d / STATE_FILE).exists()]
+    if len(found) == 2:
+        raise UsageError(f"--resume: both {found[0]} and {found[1]} hold a run; say which with --method")
+    return found[0] if found else checkpoint_dir(cfg)
 
 
 def resumed_config(cfg: TrainConfig, given: set[str]) -> TrainConfig:
     """For --resume: the saved run's settings, except the flags given again on this command line."""
-    saved = load_train_state(checkpoint_dir(cfg))["train_config"]
+    saved = load_train_state(resume_dir(cfg, given))["train_config"]
     changed = sorted(k for k, v in cfg.model_overrides.items() if saved["model_overrides"].get(k) != v)
     changed += sorted(k for k, v in cfg.peft_overrides.items() if saved["peft_overrides"].get(k) != v)
     changed += [k for k in ("train_layers", "train_norms", "train_output")  # the optimiser state is theirs
@@ -119,3 +192,15 @@ def resumed_config(cfg: TrainConfig, given: set[str]) -> TrainConfig:
         raise UsageError("--resume continues the saved model and its method; model, --method, PEFT and --train_* "
                          f"flags cannot change it (drop {' '.join('--' + k for k in changed or ['method'])})")
     return replace(TrainConfig(**saved), **{k: getattr(cfg, k) for k in given})
+
+
+def restore_run(state: dict, optimizer, sampler: WindowSampler, dev, rt: Runtime, directory: Path) -> tuple[int, float]:
+    """Put a run's saved progress back (optimiser, data order, random generators, early stopping) and
+    return its step and best held-out loss."""
+    restore_optimizer(optimizer, state, directory / STATE_FILE)
+    sampler.load_state_dict(state["sampler"])
+    note = set_rng_states(state["rng"], rt)
+    if note:
+        rt.say(f"note: {note}")
+    dev.load_state_dict(state.get("early_stopping"))
+    return state["step"], state["best_val_loss"]

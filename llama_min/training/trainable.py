@@ -18,6 +18,7 @@ from ..cli import UsageError
 from ..config import ModelConfig
 from ..model import Llama
 from ..peft import apply_peft, load_peft, parameter_table
+from ..peft.lora import LoRALinear
 from ..rmsnorm import RMSNorm
 from ..tokenizer import Tokenizer
 from .config import TrainConfig, peft_config
@@ -27,21 +28,32 @@ from .runtime import Runtime
 def build_model(cfg: TrainConfig, rt: Runtime, resume_from: Path | None = None) -> tuple[Llama, Path | None]:
     """The model to train, on rt.device in float32, and the tokenizer that goes with it (or None:
     train one). Resuming a full or partial run: its own last checkpoint. --init_from: that checkpoint's
-    weights and tokenizer. Otherwise random weights of the preset with the model flags applied."""
+    weights and tokenizer (a model's embeddings are read with its own token ids, so there is no training
+    a new tokenizer for it). Otherwise random weights of the preset with the model flags applied."""
     source = resume_from or cfg.init_from
     if source:
         if cfg.init_from and not resume_from and cfg.model_overrides:
             raise UsageError(f"--init_from takes the model from the checkpoint; drop the model flags "
                              f"{' '.join(sorted('--' + k for k in cfg.model_overrides))}")
+        flag = "--resume" if resume_from else "--init_from"
         try:
             model = load_checkpoint(source, device=rt.device, dtype=torch.float32)
             tokenizer_path = tokenizer_file(source)
         except (FileNotFoundError, ValueError) as e:
-            raise UsageError(f"{'--resume' if resume_from else '--init_from'}: {e}") from None
-        return model, (Path(cfg.tokenizer) if cfg.tokenizer and not resume_from else tokenizer_path)
+            raise UsageError(f"{flag}: {e}") from None
+        if cfg.tokenizer and not resume_from:
+            tokenizer_path = Path(cfg.tokenizer)
+        if tokenizer_path is None:
+            raise UsageError(f"{flag}: {source} holds no tokenizer.model or tokenizer.json, and the model must read "
+                             "its own token ids: copy its tokenizer into that directory or pass --tokenizer")
+        return model, tokenizer_path
     overrides = dict(cfg.model_overrides)
     if cfg.tokenizer:
-        overrides["vocab_size"] = Tokenizer(cfg.tokenizer).vocab_size  # the model's vocabulary is the tokenizer's
+        size = Tokenizer(cfg.tokenizer).vocab_size  # the model's vocabulary is the tokenizer's
+        if overrides.get("vocab_size", size) != size:
+            raise UsageError(f"--vocab_size {overrides['vocab_size']} but --tokenizer {cfg.tokenizer} has {size} tokens; "
+                             "drop --vocab_size (the model takes the tokenizer's) or pass another tokenizer")
+        overrides["vocab_size"] = size
     try:
         model_config = ModelConfig.from_preset(cfg.model, **overrides)
     except (ValueError, TypeError) as e:
@@ -92,3 +104,18 @@ def choose_trainable(model: Llama, cfg: TrainConfig, resume_from: Path | None = 
         except ValueError as e:
             raise UsageError(str(e)) from None
     return parameter_table(model)
+
+
+def hold_frozen_in_autocast_dtype(model: Llama, rt: Runtime) -> None:
+    """PEFT runs on a GPU under autocast: store the frozen matrices in the autocast dtype (the trainable
+    tensors stay float32; a PEFT checkpoint holds only those, so nothing saved loses precision). Autocast would otherwise keep a low-precision copy of every float32 weight for the backward
+    pass: a 7B LoRA run would hold 27 GB of float32 base and 13.5 GB of copies instead of 13.5 GB. Only
+    the projection matrices: the embedding and the norm gains stay float32, which keeps the residual
+    stream in float32 as with float32 weights. Everything the run computes with the model (training,
+    evaluation, dev scores, samples) then runs under the same autocast."""
+    if rt.device.type != "cuda" or rt.autocast_dtype is None:
+        return
+    for module in model.modules():
+        frozen_matrix = isinstance(module, (torch.nn.Linear, LoRALinear)) and not module.weight.requires_grad
+        if frozen_matrix and module.weight is not model.tok_embeddings.weight:  # (a tied head is the embedding)
+            module.weight.data = module.weight.data.to(rt.autocast_dtype)
