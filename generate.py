@@ -30,7 +30,8 @@ from llama_min.checkpoint import tokenizer_file
 from llama_min.cli import OneLineParser, UsageError, add_flags, flag, pick_device, read_text
 from llama_min.finetune.load import check_interpolation_flags, load_finetuned
 from llama_min.finetune.templates import TEMPLATES, Message, Template, get_template, template_for_checkpoint
-from llama_min.generation import TextStream, fit_context, generate_stream, store_weights_column_major
+from llama_min.generation import (TextStream, check_sampling, fit_context, generate_stream,
+                                  store_weights_column_major)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -43,6 +44,8 @@ class GenerateConfig:
     interpolate: float | None = flag(None, "a in [0, 1]: the model at (1 - a)*base + a*fine-tuned (0: the base, "
                                      "1: the fine-tuned model; needs --peft or --base)")
     base: str = flag("", "with --interpolate: the base checkpoint of a fully or partially fine-tuned --checkpoint")
+    allow_other_base: bool = flag(False, "apply --peft even if --checkpoint is not the base it was trained on "
+                                  "(its recorded fingerprint differs; same shape required anyway)")
     prompt: list[str] = flag([], "a prompt; repeat the flag for several", action="append")
     prompt_file: str = flag("", "a file with one prompt per line (blank lines skipped); - reads standard input")
     template: str = flag("", f"prompt format: {', '.join(TEMPLATES)} (default: the one the checkpoint records, "
@@ -71,6 +74,7 @@ def load(cfg: GenerateConfig) -> tuple[Llama, Tokenizer, Template]:
         raise UsageError("--checkpoint DIR is required (a directory written by train.py or weights_convert.py)")
     if cfg.dtype not in DTYPES:
         raise UsageError(f"--dtype {cfg.dtype!r}: expected one of {', '.join(DTYPES)}")
+    check_sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k or None, cfg.top_p)  # before the slow load
     check_interpolation_flags(cfg.interpolate, cfg.peft, cfg.base)
     device = pick_device(cfg.device)
     if cfg.dtype == "float16" and device.type != "cuda":
@@ -80,7 +84,8 @@ def load(cfg: GenerateConfig) -> tuple[Llama, Tokenizer, Template]:
         raise UsageError(f"{cfg.checkpoint} holds no tokenizer.model or tokenizer.json; generation needs the "
                          "tokenizer the model was trained with (copy it into the checkpoint directory)")
     tokenizer = Tokenizer(tokenizer_path)
-    model = load_finetuned(cfg.checkpoint, cfg.peft, cfg.base, cfg.interpolate, device, DTYPES[cfg.dtype])
+    model = load_finetuned(cfg.checkpoint, cfg.peft, cfg.base, cfg.interpolate, device, DTYPES[cfg.dtype],
+                           check_base=not cfg.allow_other_base)
     if device.type == "cpu":
         store_weights_column_major(model)  # faster one-row products on CPU BLAS (see its docstring)
     if tokenizer.vocab_size > model.config.vocab_size:
@@ -88,8 +93,10 @@ def load(cfg: GenerateConfig) -> tuple[Llama, Tokenizer, Template]:
                          f"{model.config.vocab_size}: they do not belong together")
     template = get_template(cfg.template or template_for_checkpoint(cfg.peft or None, cfg.checkpoint) or "raw")
     if cfg.compile:
-        # dynamic=True: one graph serves every prompt length and cache position
+        # dynamic=True: one graph serves every prompt length and cache position; the cache is allocated
+        # once at full length (generate_stream reuses it), as a cache sized per prompt would recompile
         model.forward = torch.compile(model.forward, dynamic=True)
+        model.setup_cache(1, model.config.max_seq_len)
     return model, tokenizer, template
 
 

@@ -14,15 +14,15 @@ import time
 from dataclasses import dataclass
 
 from llama_min.cli import OneLineParser, add_flags, flag, peak_rss_mb
-from llama_min.convert import DTYPES, TARGETS, ConversionError, convert, open_source
+from llama_min.convert import DTYPES, TARGETS, ConversionError, convert, convert_adapter, open_source
 
 
 @dataclass
 class ConvertConfig:
     src: str = flag("", "Meta directory, Hugging Face directory, .gguf file, or llama_min checkpoint", positional=True)
     dst: str = flag("", "output directory (must not exist, unless --force)", positional=True)
-    to: str = flag("llama_min", "llama_min: our checkpoint directory; hf: a directory transformers loads",
-                   choices=TARGETS)
+    to: str = flag("llama_min", "llama_min: our checkpoint directory; hf: a directory transformers loads; peft: a "
+                   "LoRA adapter directory of train.py (OUT_DIR/peft) in Hugging Face's PEFT layout", choices=TARGETS)
     dtype: str | None = flag(None, "dtype of the written weights (default: the source's; float32 for quantised "
                              "GGUF)", choices=list(DTYPES))
     verify: bool = flag(False, "compare logits with Hugging Face transformers; exit 1 when they differ")
@@ -31,7 +31,7 @@ class ConvertConfig:
 
 def parse_args(argv: list[str] | None = None) -> ConvertConfig:
     parser = OneLineParser(prog="weights_convert.py", description=__doc__.split("\n\n")[0],
-                           usage="%(prog)s SRC DST [--to llama_min|hf] [--dtype DTYPE] [--verify] [--force]")
+                           usage="%(prog)s SRC DST [--to llama_min|hf|peft] [--dtype DTYPE] [--verify] [--force]")
     add_flags(parser, ConvertConfig)
     return ConvertConfig(**vars(parser.parse_args(argv)))
 
@@ -44,6 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
     try:
+        if args.to == "peft":
+            written = convert_adapter(args.src, args.dst, force=args.force)
+            print(f"wrote {args.dst}: a PEFT LoRA adapter (r {written['r']}, alpha {written['lora_alpha']}, "
+                  f"targets {' '.join(written['target_modules'])}) for the Hugging Face export of "
+                  f"{written['base_model_name_or_path']}")
+            return 0
         source = open_source(args.src)
         c = source.config
         print(f"source: {source.format_name} checkpoint {source.path} ({c.n_layers} layers, dim {c.dim}, "
@@ -64,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             if not v.ok:
                 return 1
     except ConversionError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"weights_convert.py: error: {e}", file=sys.stderr)
         return 1
     return 0
 

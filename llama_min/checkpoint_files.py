@@ -103,19 +103,41 @@ def read_checkpoint(directory: str | Path, device: torch.device | str = "cpu", d
     """DIR's config and its tensors (all, or those ``names``), on ``device``, floating tensors in
     ``dtype`` (None: as stored).
 
-    Tensor by tensor: each is read from the file on the CPU, converted, and moved, so the peak is the
-    converted model plus one tensor, never a whole second copy in the stored dtype.
+    Tensor by tensor: each is read from the file on the CPU, checked, converted, and moved, so the peak
+    is the converted model plus one tensor, never a whole second copy in the stored dtype. A damaged
+    file, a config that is not ours, or a weight that is NaN or infinite is one error naming the file
+    (and the tensor).
     """
     directory = resolve_checkpoint_dir(directory)
-    config = ModelConfig.load(directory / CONFIG_FILE)
+    config = read_config(directory / CONFIG_FILE)
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} is missing; a checkpoint holds {CONFIG_FILE} and {WEIGHTS_FILE}")
     tensors = {}
-    with safe_open(directory / WEIGHTS_FILE, framework="pt", device="cpu") as f:
-        for name in f.keys() if names is None else names:
-            t = f.get_tensor(name)
-            if dtype is not None and t.is_floating_point():
-                t = t.to(dtype)
-            tensors[name] = t.to(device)
+    try:
+        with safe_open(weights, framework="pt", device="cpu") as f:
+            for name in f.keys() if names is None else names:
+                t = f.get_tensor(name)
+                if t.is_floating_point() and not torch.isfinite(t).all():
+                    raise ValueError(f"{weights}: tensor {name} holds NaN or infinite values; this checkpoint "
+                                     "cannot be used (saved from a diverged run?): take an earlier one")
+                if dtype is not None and t.is_floating_point():
+                    t = t.to(dtype)
+                tensors[name] = t.to(device)
+    except ValueError:
+        raise
+    except Exception as e:  # safetensors' own errors: a short file, a broken header
+        raise ValueError(f"{weights} cannot be read ({' '.join(str(e).split())[:120]}); the file is damaged "
+                         "(truncated, or not safetensors): copy or convert it again") from None
     return config, tensors
+
+
+def read_config(path: Path) -> ModelConfig:
+    """A checkpoint's config.json, or one error naming the file and what is wrong with it."""
+    try:
+        return ModelConfig.load(path)
+    except (ValueError, TypeError) as e:  # not JSON, unknown fields, an impossible shape
+        raise ValueError(f"{path}: not a llama_min model config ({' '.join(str(e).split())[:160]})") from None
 
 
 def load_model(cls, directory: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):

@@ -13,6 +13,7 @@ models use byte-level BPE) load through the optional ``tokenizers`` package behi
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -33,7 +34,11 @@ class Tokenizer:
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file {path} does not exist")
         self.path = path
-        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        except (RuntimeError, OSError) as e:
+            raise ValueError(f"{path} is not a sentencepiece tokenizer model ({' '.join(str(e).split())[:120]}); "
+                             "copy the tokenizer.model the model was trained with") from None
 
     @property
     def vocab_size(self) -> int:
@@ -77,20 +82,23 @@ class Tokenizer:
         newline and puts a "dummy prefix" space before every line, so it learns "▁What" where the
         encoded stream holds "\nWhat"; there every line's first word falls apart into short pieces.
         Here the sentences are paragraphs (up to a blank line) with their newlines, and no dummy
-        prefix is added. On the Shakespeare held-out plays at 2048 pieces this raises the text per
-        token from 2.42 to 2.69 bytes, and lowered the held-out bits per byte of train.py's default of
-        the time (dim 128, 1300 steps) from 2.259 to 2.223 (README, "Train").
+        prefix is added: on the Shakespeare held-out plays that means longer pieces and a lower held-out
+        bits per byte for train.py's default (docs/results.md, "How the default got here").
 
         ``by_line=True`` is LLaMA's own recipe instead (lines, a dummy-prefix space before each); the
-        word-task lab uses it (lab/make_lab.py says why).
+        word-task lab uses it (experiments/make_lab.py says why).
+
+        The same text and settings give the same file, byte for byte: the model is handed over in memory,
+        so no temporary path is recorded in it (caches are keyed on its bytes).
         """
         out_path = Path(out_path)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         source = (dict(input=",".join(str(f) for f in files)) if by_line  # sentencepiece's default input: lines
                   else dict(sentence_iterator=paragraphs(files, max_sentence_length), add_dummy_prefix=False))
+        model = io.BytesIO()
         spm.SentencePieceTrainer.train(
             **source,
-            model_prefix=str(out_path.with_suffix("")),
+            model_writer=model,
             model_type="bpe",
             vocab_size=vocab_size,
             character_coverage=1.0,
@@ -106,10 +114,7 @@ class Tokenizer:
             num_threads=2,
             minloglevel=2,  # quiet: warnings and errors only
         )
-        written = out_path.with_suffix(".model")
-        if written != out_path:
-            written.replace(out_path)
-        out_path.with_suffix(".vocab").unlink(missing_ok=True)
+        out_path.write_bytes(model.getvalue())
         return Tokenizer(out_path)
 
 
@@ -144,7 +149,11 @@ class HFTokenizer(Tokenizer):
         except ImportError as e:
             raise ImportError(f"{path} needs the optional package `tokenizers`: pip install tokenizers") from e
         self.path = path
-        self.tok = TokenizersTokenizer.from_file(str(path))
+        try:
+            self.tok = TokenizersTokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises its own exception types for a malformed file
+            raise ValueError(f"{path} is not a tokenizer.json the tokenizers package can read "
+                             f"({' '.join(str(e).split())[:120]})") from None
         config_file = path.with_name("tokenizer_config.json")
         config = json.loads(config_file.read_text()) if config_file.is_file() else {}
         self._bos, self._eos, self._pad = (self._special_id(config.get(k)) for k in ("bos_token", "eos_token", "pad_token"))

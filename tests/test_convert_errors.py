@@ -145,13 +145,31 @@ def test_pickle_with_code_is_refused(tmp_path):
     expect_error(tmp_path, tmp_path / "meta", "consolidated.00.pth", "NotATensor", "weights_only=True")
 
 
-def test_existing_destination_needs_force(tmp_path, hf_dir):
+def test_existing_destination_needs_force_and_force_replaces_only_a_conversion(tmp_path, hf_dir):
     dst = tmp_path / "dst"
-    dst.mkdir()
-    (dst / "keep.txt").write_text("mine")
+    assert run(hf_dir, dst)[0] == 0
+    first = (dst / "model.safetensors").stat().st_mtime_ns
     code, _, err = run(hf_dir, dst)
     assert code != 0 and "--force" in err, f"an existing destination was not refused: {err}"
-    assert (dst / "keep.txt").read_text() == "mine", "the existing destination was touched"
-    code, _, err = run(hf_dir, dst, "--force")
+    code, _, err = run(hf_dir, dst, "--force")  # a directory a conversion wrote: replaced
     assert code == 0, err
-    assert (dst / "model.safetensors").is_file() and not (dst / "keep.txt").exists(), "--force did not replace it"
+    assert (dst / "model.safetensors").stat().st_mtime_ns != first, "--force did not replace it"
+    (dst / "keep.txt").write_text("mine")  # now it holds something a conversion never writes
+    code, _, err = run(hf_dir, dst, "--force")
+    assert code != 0 and "keep.txt" in err and err.count("\n") == 1, err
+    assert (dst / "keep.txt").read_text() == "mine" and (dst / "model.safetensors").is_file(), "the directory was touched"
+
+
+@pytest.mark.parametrize("where", ["the source itself", "its parent"])
+def test_a_destination_holding_the_source_is_refused_even_with_force(tmp_path, where):
+    """weights_convert.py conv/parent/ckpt conv/parent --to hf --force once deleted the source and everything
+    beside it. A destination that is the source or contains it is refused, and nothing is touched."""
+    parent = tmp_path / "conv" / "parent"
+    random_model(tiny_config()).save_checkpoint(parent / "ckpt")
+    (parent / "notes.txt").write_text("mine")
+    dst = parent / "ckpt" if where == "the source itself" else parent
+    before = {p: p.read_bytes() for p in parent.rglob("*") if p.is_file()}
+    code, _, err = run(parent / "ckpt", dst, "--to", "hf", "--force")
+    assert code != 0 and "the source" in err and err.count("\n") == 1, err
+    assert {p: p.read_bytes() for p in parent.rglob("*") if p.is_file()} == before, "the source was touched"
+    assert run(parent / "ckpt", parent / "ckpt" / "hf", "--to", "hf")[0] == 0, "inside the source is harmless"

@@ -29,10 +29,14 @@ from .native import LlamaMinSource, is_llama_min_dir
 from .safetensors_stream import SafetensorsStream
 from .source import ConversionError, Source, one_line
 
-__all__ = ["ConversionError", "Source", "open_source", "convert", "DTYPES", "TARGETS"]
+__all__ = ["ConversionError", "Source", "open_source", "convert", "convert_adapter", "DTYPES", "TARGETS"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-TARGETS = ("llama_min", "hf")
+TARGETS = ("llama_min", "hf", "peft")  # peft: a LoRA adapter directory of train.py, in Hugging Face's PEFT layout
+# The files a conversion writes: --force replaces a directory that holds these and nothing else.
+WRITTEN_FILES = {CONFIG_FILE, WEIGHTS_FILE, "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "generation.json", "generation_config.json", "chat_template.jinja",
+                 "adapter_config.json", "adapter_model.safetensors"}
 
 
 def open_source(path: str | Path) -> Source:
@@ -84,16 +88,48 @@ def check_source(source: Source) -> dict[str, tuple[int, ...]]:
     return expected
 
 
+def check_destination(dst: Path, src: Path, force: bool) -> None:
+    """Refuse a destination whose replacement would lose anything: the source itself or a directory
+    that contains it, and (even with --force) anything but a checkpoint directory a conversion writes.
+    A destination inside the source directory is fine: nothing of the source is touched."""
+    d, s = dst.resolve(), src.resolve()
+    if d == s or d in s.parents:
+        raise ConversionError(f"{dst}: {'is' if d == s else 'contains'} the source {src}; writing there would replace "
+                              "it: choose a destination outside it")
+    if not dst.exists():
+        return
+    if not force:
+        raise ConversionError(f"{dst}: already exists; choose another destination or pass --force to replace it")
+    others = sorted(p.name for p in dst.iterdir()) if dst.is_dir() else [dst.name]
+    others = [name for name in others if name not in WRITTEN_FILES]
+    if others or not any((dst / name).is_file() for name in (CONFIG_FILE, "adapter_config.json")):
+        raise ConversionError(f"{dst}: --force replaces only a directory a conversion wrote, and this one holds "
+                              f"{', '.join(others[:4]) or 'no config'}{', ...' if len(others) > 4 else ''}; "
+                              "remove it yourself or choose another destination")
+
+
+def convert_adapter(src: str | Path, dst: str | Path, force: bool = False) -> dict:
+    """--to peft: a LoRA adapter directory written by train.py, in Hugging Face's PEFT layout."""
+    from ..peft.export_hf import export_adapter_dir_to_hf
+
+    src, dst = Path(src), Path(dst)
+    if not (src / "peft.json").is_file():
+        raise ConversionError(f"{src}: --to peft converts an adapter directory written by train.py --method lora "
+                              "(peft.json + peft.safetensors, e.g. OUT_DIR/peft); this is not one")
+    check_destination(dst, src, force)
+    try:
+        return export_adapter_dir_to_hf(src, dst)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConversionError(f"{src}: {one_line(e)}") from e
+
+
 def convert(source: Source, dst: str | Path, to: str = "llama_min", dtype: torch.dtype | None = None,
             force: bool = False) -> Converted:
     """Write ``source`` to directory ``dst`` as a llama_min checkpoint or a Hugging Face model."""
-    if to not in TARGETS:
+    if to not in ("llama_min", "hf"):
         raise ConversionError(f"unknown target {to!r}; choose one of {TARGETS}")
     dst = Path(dst)
-    if dst.exists() and not force:
-        raise ConversionError(f"{dst}: already exists; choose another destination or pass --force to replace it")
-    if dst.resolve() == Path(source.path).resolve():
-        raise ConversionError(f"{dst}: is the source itself; write the conversion somewhere else")
+    check_destination(dst, Path(source.path), force)
     dtype = dtype or source.dtype
     shapes = check_source(source)
     config = source.config

@@ -78,17 +78,24 @@ def read_json(path: Path) -> dict:
 
 
 def load_pickle(path: Path) -> dict[str, torch.Tensor]:
-    """A PyTorch ``.pth``/``.bin`` state dict, memory-mapped and unpickled with ``weights_only=True``
-    (a pickle can run arbitrary code; this mode only rebuilds tensors and plain containers)."""
+    """A PyTorch ``.pth``/``.bin`` state dict, unpickled with ``weights_only=True`` (a pickle can run
+    arbitrary code; this mode only rebuilds tensors and plain containers). Memory-mapped when the file
+    is in the zip format of torch >= 1.6; older files are read whole."""
     try:
-        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError as e:
+            if "mmap can only be used" not in str(e):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)  # the legacy, non-zip format
     except Exception as e:
         refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if refused:
+        if refused and not refused.group(1).startswith("torch."):  # torch's own: a stream cut short
             raise ConversionError(f"{path}: refused: the pickle holds {refused.group(1)}, not only tensors, and "
-                                  "loading it would run code (weights_only=True); get the weights as safetensors") from e
-        raise ConversionError(f"{path}: truncated or corrupt: torch.load(weights_only=True) failed: "
-                              f"{one_line(e).split('. ')[0]}") from e
+                                  "loading it could run code (it is read with weights_only=True); get the weights as "
+                                  "safetensors, or re-save the state dict alone with torch.save") from e
+        raise ConversionError(f"{path}: truncated or corrupt (torch.load could not read it: "
+                              f"{one_line(e).split('. ')[0][:100]}); copy the file again") from e
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConversionError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
     return state

@@ -42,13 +42,14 @@ def check_interpolation_flags(a: float | None, peft: str | Path, base: str | Pat
 
 def load_finetuned(checkpoint: str | Path, peft: str | Path = "", base: str | Path = "",
                    interpolate: float | None = None, device: torch.device | str = "cpu",
-                   dtype: torch.dtype | None = None) -> Llama:
-    """The model of ``checkpoint`` with the adapter ``peft`` applied (strictly) and, with ``interpolate``
-    a, moved to θ(a) between it and its base; in eval mode, on ``device``, weights in ``dtype``."""
+                   dtype: torch.dtype | None = None, check_base: bool = True) -> Llama:
+    """The model of ``checkpoint`` with the adapter ``peft`` applied (strictly; ``check_base``: see
+    ``load_peft``) and, with ``interpolate`` a, moved to θ(a) between it and its base; in eval mode, on
+    ``device``, weights in ``dtype``."""
     check_interpolation_flags(interpolate, peft, base)
     model = load_checkpoint(checkpoint, device=device, dtype=dtype)
     if peft:
-        load_peft(model, peft)
+        load_peft(model, peft, check_base=check_base)
         model.to(device=device, dtype=dtype)
     if interpolate is not None:
         # Which base tensors trained is read from requires_grad, as load_peft leaves it.

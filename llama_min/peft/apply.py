@@ -42,6 +42,7 @@ def apply_peft(model: Llama, config: PeftConfig) -> Llama:
     if config.method == "adapter" and n_adapted > mc.n_layers:
         raise ValueError(f"adapter_layers {n_adapted} exceeds the model's {mc.n_layers} layers; "
                          f"choose at most {mc.n_layers}")
+    model.peft_base_fingerprint = base_fingerprint(model)  # before anything of the base can change
     model.requires_grad_(False)
     weight = model.tok_embeddings.weight
     factory = dict(device=weight.device, dtype=weight.dtype)
@@ -66,6 +67,25 @@ def apply_peft(model: Llama, config: PeftConfig) -> Llama:
                 m.weight.requires_grad_(True)
     model.peft_config = config
     return model
+
+
+FINGERPRINT_TENSORS = ("tok_embeddings.weight", "layers.0.attention.wq.weight", "norm.weight")
+
+
+@torch.no_grad()
+def base_fingerprint(model: Llama) -> dict[str, list[float]] | None:
+    """A few numbers that tell one base model from another of the same shape: for three tensors, their
+    first and last four values and their sum of squares. Cheap, and stable across dtypes (compared with
+    a tolerance), so a bfloat16 copy of a base matches its float32 original. None for a model on the
+    meta device (shapes only)."""
+    params = dict(model.named_parameters())
+    if params["tok_embeddings.weight"].is_meta:
+        return None
+    out = {}
+    for name in FINGERPRINT_TENSORS:
+        flat = params[name].detach().float().flatten()
+        out[name] = [*flat[:4].tolist(), *flat[-4:].tolist(), flat.pow(2).sum().item()]
+    return out
 
 
 def _unwrap_lora(model: Llama) -> None:
@@ -95,7 +115,7 @@ def remove_peft(model: Llama) -> Llama:
             for name, value in base_norms.items():
                 params[name].copy_(value)
         del model.peft_base_norms
-    del model.peft_config
+    del model.peft_config, model.peft_base_fingerprint
     return model.requires_grad_(True)
 
 
@@ -137,7 +157,7 @@ def fold_lora(model: Llama) -> Llama:
     for ``save_checkpoint`` (the ``--merge`` path writes a full checkpoint this way)."""
     merge_lora(model)
     _unwrap_lora(model)
-    del model.peft_config
+    del model.peft_config, model.peft_base_fingerprint
     return model.requires_grad_(True)
 
 

@@ -1,10 +1,13 @@
 """Adapter-only checkpoints: a directory of two files, written atomically (it replaces DIR as a whole).
 
     DIR/peft.safetensors   only the trainable tensors, under their names in model.state_dict()
-    DIR/peft.json          {"method", "config": PeftConfig, "base_checkpoint", "base_config"}
+    DIR/peft.json          {"method", "config": PeftConfig, "base_checkpoint", "base_config",
+                            "base_fingerprint"}
 
-``load_peft`` is strict: a base with a different config, or a missing, unexpected or mis-shaped tensor,
-is an error that names what is wrong.
+``load_peft`` is strict: a base with a different config, a base of the same shape with other weights
+(its fingerprint differs: ``apply.base_fingerprint``), or a missing, unexpected or mis-shaped tensor, is
+an error that names what is wrong. ``base_checkpoint`` is stored as an absolute path, so the record
+stays true from any working directory.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from ..checkpoint import atomic_directory, check_state_dict
 from ..config import ModelConfig
 from ..model import Llama
-from .apply import _peft_config, apply_peft, peft_state_dict, remove_peft
+from .apply import _peft_config, apply_peft, base_fingerprint, peft_state_dict, remove_peft
 from .config import PeftConfig
 
 PEFT_WEIGHTS, PEFT_CONFIG = "peft.safetensors", "peft.json"
@@ -32,8 +35,8 @@ def save_peft(model: Llama, directory: str | Path, base_checkpoint: str | Path |
     recorded so that the adapter can be found with the base it was trained on."""
     config = _peft_config(model)
     meta = {"method": config.method, "config": config.to_dict(),
-            "base_checkpoint": None if base_checkpoint is None else str(base_checkpoint),
-            "base_config": model.config.to_dict()}
+            "base_checkpoint": None if base_checkpoint is None else str(Path(base_checkpoint).resolve()),
+            "base_config": model.config.to_dict(), "base_fingerprint": model.peft_base_fingerprint}
     tensors = {k: v.contiguous().cpu() for k, v in peft_state_dict(model).items()}
     with atomic_directory(directory) as tmp:
         save_file(tensors, tmp / PEFT_WEIGHTS, metadata={"format": "pt"})
@@ -64,14 +67,31 @@ def _check_base(model_config: ModelConfig, meta: dict, directory: Path) -> None:
                          f"{meta.get('base_checkpoint')})")
 
 
-def load_peft(model: Llama, directory: str | Path) -> Llama:
+def _check_fingerprint(model: Llama, meta: dict, directory: Path) -> None:
+    recorded = meta.get("base_fingerprint")
+    if recorded is None:  # written before fingerprints were recorded
+        return
+    current = getattr(model, "peft_base_fingerprint", None) or base_fingerprint(model)
+    differ = [name for name, values in recorded.items()
+              if not torch.allclose(torch.tensor(current[name]), torch.tensor(values), rtol=2e-2, atol=1e-3)]
+    if differ:
+        raise ValueError(f"the adapter {directory} was trained on another base model of the same shape (recorded "
+                         f"base: {meta.get('base_checkpoint')}; its {differ[0]} differs from this model's): load it "
+                         "onto that base, or skip this check (check_base=False; generate.py --allow_other_base) "
+                         "if you know they are the same model")
+
+
+def load_peft(model: Llama, directory: str | Path, check_base: bool = True) -> Llama:
     """Apply the adapter stored in DIR to ``model`` and load its tensors, strictly. A model that already
     carries an adapter gets it swapped: the old modules are removed first, so each adapter gives its
-    own outputs on the same base."""
+    own outputs on the same base. ``check_base=False`` skips comparing the base's fingerprint with
+    the recorded one (the config must match in any case)."""
     directory = Path(directory)
     meta = read_peft_meta(directory)
     config = PeftConfig.from_dict(meta["config"])
     _check_base(model.config, meta, directory)
+    if check_base:
+        _check_fingerprint(model, meta, directory)
     state = load_file(directory / PEFT_WEIGHTS)
     if getattr(model, "peft_config", None) is not None:
         remove_peft(model)
