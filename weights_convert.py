@@ -13,8 +13,8 @@ import sys
 import time
 from dataclasses import dataclass
 
-from llama_min.cli import OneLineParser, add_flags, flag, peak_rss_mb
-from llama_min.convert import DTYPES, TARGETS, ConversionError, convert, convert_adapter, open_source
+from llama_min.cli import OneLineParser, UsageError, add_flags, flag, peak_rss_mb
+from llama_min.convert import DTYPES, TARGETS, convert, convert_adapter, open_source
 
 
 @dataclass
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"(tolerance {v.tolerance:.3g}): {verdict}")
             if not v.ok:
                 return 1
-    except ConversionError as e:
+    except UsageError as e:  # ConversionError and the checkpoint readers' errors
         print(f"weights_convert.py: error: {e}", file=sys.stderr)
         return 1
     return 0

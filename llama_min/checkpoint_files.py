@@ -12,18 +12,22 @@ instant between the two renames, which the loader falls back to).
 
 from __future__ import annotations
 
+import json
 import shutil
+import struct
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Mapping
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .cli import UsageError
 from .config import ModelConfig
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}  # safetensors' dtype codes
+DTYPES = {code: dtype for dtype, code in DTYPE_NAMES.items()}
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 
 
@@ -103,33 +107,77 @@ def read_checkpoint(directory: str | Path, device: torch.device | str = "cpu", d
     """DIR's config and its tensors (all, or those ``names``), on ``device``, floating tensors in
     ``dtype`` (None: as stored).
 
-    Tensor by tensor: each is read from the file on the CPU, checked, converted, and moved, so the peak
-    is the converted model plus one tensor, never a whole second copy in the stored dtype. A damaged
-    file, a config that is not ours, or a weight that is NaN or infinite is one error naming the file
-    (and the tensor).
+    Tensor by tensor: each is read from the file into memory, checked, converted, and moved, so the
+    peak is the converted model plus one tensor, never a whole second copy in the stored dtype. A
+    damaged file, a config that is not ours, or a weight that is NaN or infinite is one error naming
+    the file (and the tensor).
     """
     directory = resolve_checkpoint_dir(directory)
     config = read_config(directory / CONFIG_FILE)
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing; a checkpoint holds {CONFIG_FILE} and {WEIGHTS_FILE}")
+    reader = SafetensorsReader(weights)
     tensors = {}
-    try:
-        with safe_open(weights, framework="pt", device="cpu") as f:
-            for name in f.keys() if names is None else names:
-                t = f.get_tensor(name)
-                if t.is_floating_point() and not torch.isfinite(t).all():
-                    raise ValueError(f"{weights}: tensor {name} holds NaN or infinite values; this checkpoint "
-                                     "cannot be used (saved from a diverged run?): take an earlier one")
-                if dtype is not None and t.is_floating_point():
-                    t = t.to(dtype)
-                tensors[name] = t.to(device)
-    except ValueError:
-        raise
-    except Exception as e:  # safetensors' own errors: a short file, a broken header
-        raise ValueError(f"{weights} cannot be read ({' '.join(str(e).split())[:120]}); the file is damaged "
-                         "(truncated, or not safetensors): copy or convert it again") from None
+    with reader.file:
+        for name in reader.names if names is None else names:
+            t = reader.get(name)
+            # A non-finite element makes the sum non-finite: one reduction, no tensor-sized temporaries
+            # (isfinite would build two); the elementwise check only confirms a suspicious sum.
+            if not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
+                raise UsageError(f"{weights}: tensor {name} holds NaN or infinite values; this checkpoint cannot be "
+                                 "used (saved from a diverged run?): take an earlier one")
+            tensors[name] = t.to(device=device, dtype=dtype or t.dtype)
+            del t  # before the next read: one tensor as stored at a time
     return config, tensors
+
+
+class SafetensorsReader:
+    """The tensors of a safetensors file, by name; the header is read and checked at once (a file
+    shorter than its header says is reported with the first tensor it cuts), the data on demand.
+
+    Plain reads into fresh tensors rather than a memory map: every page of a mapped file the process
+    has touched stays in its resident set until the file is closed, so loading through a map would
+    appear to (and on a tight machine, compete to) hold the whole file besides the model.
+    (The format: https://github.com/huggingface/safetensors, "Format".)"""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            self.file = open(self.path, "rb")
+            (n,) = struct.unpack("<Q", self.file.read(8))
+            header = json.loads(self.file.read(n))
+        except (OSError, struct.error, ValueError) as e:
+            raise UsageError(f"{self.path}: not a readable safetensors file ({e}); the file is damaged: copy or convert it again") from None
+        header.pop("__metadata__", None)
+        self.data_start, size = 8 + n, self.path.stat().st_size
+        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][1]):
+            begin, end = info["data_offsets"]
+            if self.data_start + end > size:
+                raise UsageError(f"{self.path}: truncated: tensor {name} ends at byte {self.data_start + end} "
+                                      f"but the file has {size} bytes; copy it again")
+            if info["dtype"] not in DTYPES:
+                raise UsageError(f"{self.path}: tensor {name} has dtype {info['dtype']}; "
+                                      f"expected one of {sorted(DTYPES)}")
+            self.entries[name] = (DTYPES[info["dtype"]], tuple(info["shape"]), begin, end)
+        self.names = list(header)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name][1]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.entries[name][0]
+
+    def get(self, name: str) -> torch.Tensor:
+        dtype, shape, begin, end = self.entries[name]
+        tensor = torch.empty(shape, dtype=dtype)
+        if end > begin:
+            self.file.seek(self.data_start + begin)
+            got = self.file.readinto(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+            if got != end - begin:
+                raise UsageError(f"{self.path}: truncated: tensor {name} has {got} of {end - begin} bytes")
+        return tensor
 
 
 def read_config(path: Path) -> ModelConfig:

@@ -261,14 +261,25 @@ def test_bad_inputs_give_one_line(corpus, tmp_path):
         tiny_args(corpus, tmp_path, "--data", str(bad)))
 
 
-def test_nan_loss_stops_naming_the_step(corpus, tmp_path, capsys):
-    train(*tiny_args(corpus, tmp_path / "base", "--max_steps", "1"))
-    broken = load_checkpoint(tmp_path / "base" / "ckpt")
-    with torch.no_grad():
-        broken.norm.weight[0] = float("nan")
-    broken.save_checkpoint(tmp_path / "broken", tokenizer_path=tmp_path / "base" / "ckpt" / "tokenizer.model")
-    msg = error_line(tiny_args(corpus, tmp_path / "ft", "--init_from", str(tmp_path / "broken"), model=[]))
-    assert "loss is nan at step 1" in msg and "lower --lr" in msg
+def test_a_nan_training_loss_stops_naming_the_step_and_the_last_checkpoint(corpus, tmp_path, monkeypatch):
+    """The model's loss turns NaN at the third training step (forced here): the run stops there, saves
+    nothing more, and names the step the kept checkpoint holds (2, with --eval_every 2)."""
+    from llama_min import Llama
+
+    forward, calls = Llama.forward, []
+
+    def nan_from_the_third_step(self, tokens, targets=None, **kwargs):
+        logits, loss = forward(self, tokens, targets, **kwargs)
+        if targets is not None and self.training:
+            calls.append(1)
+            if len(calls) >= 3:
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(Llama, "forward", nan_from_the_third_step)
+    msg = error_line(tiny_args(corpus, tmp_path, "--eval_every", "2"))
+    assert "training loss is nan at step 3" in msg and "holds step 2" in msg and "lower --lr" in msg, msg
+    assert torch.load(tmp_path / "ckpt" / STATE_FILE, weights_only=True)["step"] == 2
 
 
 def test_jsonl_documents(tmp_path):

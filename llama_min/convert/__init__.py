@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..cli import UsageError
 from ..checkpoint import CONFIG_FILE, WEIGHTS_FILE, atomic_directory, check_state_dict, stored_state_dict
 from .hf_format import tensor_to_hf
 from ..model import Llama
@@ -144,7 +145,7 @@ def convert(source: Source, dst: str | Path, to: str = "llama_min", dtype: torch
             for name in shapes:  # one tensor in memory at a time
                 try:
                     tensor = source.read(name)
-                except ConversionError:
+                except UsageError:  # already one line naming the file and the tensor
                     raise
                 except Exception as e:  # a damaged file that passed the header checks
                     raise ConversionError(f"{source.weights_file}: tensor {name} cannot be read: {one_line(e)}") from e

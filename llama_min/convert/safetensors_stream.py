@@ -1,13 +1,9 @@
-"""Read and write safetensors files one tensor at a time.
+"""Write a safetensors file one tensor at a time (reading one is checkpoint_files.SafetensorsReader).
 
 ``safetensors.torch.save_file`` needs every tensor in memory at once: for a 70B model that is 140 GB.
 A converter knows every name, shape and dtype before it reads any data (they follow from the config),
 so it can write the header first and then stream each tensor to its place in the file as it arrives;
 memory then holds one tensor at a time.
-
-Reading uses plain reads rather than a memory map: a memory map is cheap too, but every page of the
-source the process has touched stays in its resident set until the file is closed, so the process
-would appear to (and on a tight machine, compete to) hold the whole model.
 
 The format (https://github.com/huggingface/safetensors, "Format"): 8 bytes little-endian header length
 N, N bytes of JSON header ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__":
@@ -24,53 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .source import ConversionError
-
-DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
-DTYPES = {code: dtype for dtype, code in DTYPE_NAMES.items()}
-
-
-class SafetensorsReader:
-    """The tensors of a safetensors file, by name; the header is read and checked at once (a file
-    shorter than its header says is reported with the first tensor it cuts), the data on demand."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        try:
-            self.file = open(self.path, "rb")
-            (n,) = struct.unpack("<Q", self.file.read(8))
-            header = json.loads(self.file.read(n))
-        except (OSError, struct.error, ValueError) as e:
-            raise ConversionError(f"{self.path}: not a readable safetensors file ({e})") from e
-        header.pop("__metadata__", None)
-        self.data_start, size = 8 + n, self.path.stat().st_size
-        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
-        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][1]):
-            begin, end = info["data_offsets"]
-            if self.data_start + end > size:
-                raise ConversionError(f"{self.path}: truncated: tensor {name} ends at byte {self.data_start + end} "
-                                      f"but the file has {size} bytes; copy it again")
-            if info["dtype"] not in DTYPES:
-                raise ConversionError(f"{self.path}: tensor {name} has dtype {info['dtype']}; "
-                                      f"expected one of {sorted(DTYPES)}")
-            self.entries[name] = (DTYPES[info["dtype"]], tuple(info["shape"]), begin, end)
-        self.names = list(header)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.entries[name][1]
-
-    def dtype(self, name: str) -> torch.dtype:
-        return self.entries[name][0]
-
-    def get(self, name: str) -> torch.Tensor:
-        dtype, shape, begin, end = self.entries[name]
-        tensor = torch.empty(shape, dtype=dtype)
-        if end > begin:
-            self.file.seek(self.data_start + begin)
-            got = self.file.readinto(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
-            if got != end - begin:
-                raise ConversionError(f"{self.path}: truncated: tensor {name} has {got} of {end - begin} bytes")
-        return tensor
+from ..checkpoint_files import DTYPE_NAMES
 
 
 class SafetensorsStream:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -104,9 +105,14 @@ def train_tokenizer(train_docs: list[str], cache_dir: Path, vocab_size: int) -> 
     corpus.write_text("\n".join(train_docs), encoding="utf-8")
     try:
         Tokenizer.train([corpus], tmp, vocab_size)
-    except RuntimeError as e:  # sentencepiece says why (usually: too little text for this vocabulary)
-        raise DataError(f"training a {vocab_size}-token tokenizer failed: {str(e).strip().splitlines()[-1]}; "
-                        "give more text or a smaller --vocab_size") from None
+    except RuntimeError as e:  # sentencepiece says why: too few pieces for the text's characters, or too few pieces in it
+        reason = " ".join(str(e).split())
+        needed = re.search(r"smaller than required_chars\. \d+ vs (\d+)", reason)
+        if needed:
+            raise DataError(f"a {vocab_size}-token tokenizer cannot hold the {needed[1]} distinct characters of "
+                            f"{len(train_docs)} training document(s); pass --vocab_size {needed[1]} or more") from None
+        raise DataError(f"training a {vocab_size}-token tokenizer failed ({reason[-160:]}); give more text or a "
+                        "smaller --vocab_size") from None
     finally:
         corpus.unlink(missing_ok=True)
     tmp.replace(path)  # atomic: a half-written tokenizer is never picked up

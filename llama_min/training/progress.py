@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import time
+from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -90,10 +92,10 @@ def peak_flops(cfg: TrainConfig, rt: Runtime) -> float:
 class Progress:
     """The progress line and the metrics file of one run (rank 0 writes; every rank may call).
 
-    The ETA counts everything still to come: the remaining steps at the mean time of a training step so
-    far, plus the remaining periodic work (held-out evaluations with their checkpoints, dev evaluations)
-    at the mean time each kind has taken so far. Means over the whole run, so one slow step moves the
-    estimate by a fraction, not a multiple.
+    The ETA counts everything still to come: the remaining steps at the time a training step takes (the
+    median over the last 21 log intervals: one slow step, a pause of the machine, does not swing it, a
+    lasting change of speed does), plus the remaining periodic work (held-out evaluations with their
+    checkpoints, dev evaluations) at the mean time each kind has taken so far.
     """
 
     def __init__(self, cfg: TrainConfig, rt: Runtime, config: ModelConfig, resumed_at: int | None = None):
@@ -102,7 +104,7 @@ class Progress:
         self.flops_per_token = flops_per_token(config, cfg.seq_len)
         self.peak = peak_flops(cfg, rt) * rt.world_size
         self.t_start = time.time()
-        self.step_time, self.steps_timed = 0.0, 0  # training steps only, for the ETA
+        self.step_times = deque(maxlen=21)  # seconds per training step of recent log intervals, for the ETA
         self.periodic: dict[str, list[float]] = {}  # kind -> [total seconds, count]
         if rt.master:
             try:
@@ -136,7 +138,7 @@ class Progress:
     def eta(self, step: int) -> float:
         """Seconds to the end: the remaining steps, and the remaining periodic work of each kind (logged
         before it, so the work due at ``step`` itself is still to come)."""
-        remaining = (self.cfg.max_steps - step) * self.step_time / max(self.steps_timed, 1)
+        remaining = (self.cfg.max_steps - step) * (statistics.median(self.step_times) if self.step_times else 0.0)
         for seconds, count, every in self.periodic.values():
             left = self.cfg.max_steps // every - (step - 1) // every + (self.cfg.max_steps % every != 0)
             remaining += left * seconds / count
@@ -150,8 +152,7 @@ class Progress:
         if step % self.cfg.log_every and step != self.cfg.max_steps:
             return
         elapsed = time.time() - self.t_interval
-        self.step_time += elapsed
-        self.steps_timed += self.steps
+        self.step_times.append(elapsed / self.steps)
         tokens_per_s = self.tokens / elapsed
         achieved = self.flops_per_token * tokens_per_s
         if achieved > self.peak:  # the peak measured at start was low (a busy machine): never show > 100%

@@ -188,7 +188,7 @@ def resumed_config(cfg: TrainConfig, given: set[str]) -> TrainConfig:
     changed += sorted(k for k, v in cfg.peft_overrides.items() if saved["peft_overrides"].get(k) != v)
     changed += [k for k in ("train_layers", "train_norms", "train_output")  # the optimiser state is theirs
                 if k in given and saved.get(k, getattr(TrainConfig, k)) != getattr(cfg, k)]
-    if changed or saved["method"] != cfg.method:
+    if changed or "method" in given and saved["method"] != cfg.method:
         raise UsageError("--resume continues the saved model and its method; model, --method, PEFT and --train_* "
                          f"flags cannot change it (drop {' '.join('--' + k for k in changed or ['method'])})")
     return replace(TrainConfig(**saved), **{k: getattr(cfg, k) for k in given})
