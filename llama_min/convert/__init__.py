@@ -21,6 +21,7 @@ import torch
 
 from ..checkpoint import CONFIG_FILE, WEIGHTS_FILE, atomic_directory, check_state_dict, stored_state_dict
 from .hf_format import tensor_to_hf
+from .hf_tokenizer import TOKENIZER_CONFIG, TOKENIZER_JSON, write_for_transformers
 from ..model import Llama
 from .gguf import GGUFSource, is_gguf_file
 from .hf import HFSource, hf_config_json, is_hf_dir
@@ -84,6 +85,15 @@ def check_source(source: Source) -> dict[str, tuple[int, ...]]:
     return expected
 
 
+def complete_for_transformers(directory: Path, config) -> str | None:
+    """A sentencepiece tokenizer.model alone does not load in transformers (it guesses a tiktoken file):
+    add tokenizer.json and tokenizer_config.json beside it when they are missing (hf_tokenizer.py)."""
+    model_file = directory / "tokenizer.model"
+    if not model_file.is_file() or all((directory / n).is_file() for n in (TOKENIZER_JSON, TOKENIZER_CONFIG)):
+        return None
+    return write_for_transformers(model_file, directory, config.max_seq_len)
+
+
 def convert(source: Source, dst: str | Path, to: str = "llama_min", dtype: torch.dtype | None = None,
             force: bool = False) -> Converted:
     """Write ``source`` to directory ``dst`` as a llama_min checkpoint or a Hugging Face model."""
@@ -119,5 +129,7 @@ def convert(source: Source, dst: str | Path, to: str = "llama_min", dtype: torch
         else:
             (tmp / CONFIG_FILE).write_text(json.dumps(hf_config_json(source, dtype), indent=2) + "\n")
         note = source.write_tokenizer(tmp)
+        if to == "hf":
+            note = complete_for_transformers(tmp, config) or note
     n_bytes = sum(math.prod(shape) * dtype.itemsize for shape in shapes.values())
     return Converted(dst, to, dtype, len(shapes), n_bytes, note)

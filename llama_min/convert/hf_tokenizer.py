@@ -19,6 +19,9 @@ from pathlib import Path
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # GGUF's tokenizer.ggml.token_type codes
 TOKENIZER_JSON, TOKENIZER_CONFIG = "tokenizer.json", "tokenizer_config.json"
+# Text with what tokenizers get wrong first: runs of spaces, a leading space, tabs, newlines, digits,
+# accents and a character outside any small vocabulary (byte fallback).
+PROBE = "  Hello,  world!\n\n\tindented 2024 and 7.5 café naïve Ж 😀 end "
 
 
 def sentencepiece_bpe(tokens: list[str], scores: list[float], types: list[int], add_space_prefix: bool):
@@ -80,3 +83,47 @@ def tokenizer_config(special: dict[str, str], fast: bool, max_len: int | None, a
 
 def write_config(directory: Path, config: dict) -> None:
     (directory / TOKENIZER_CONFIG).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
+# ---- a sentencepiece model file --------------------------------------------------------------------
+
+def sentencepiece_vocabulary(sp) -> tuple[list[str], list[float], list[int]]:
+    """Pieces, scores and GGUF token types of a ``SentencePieceProcessor``. (Sentencepiece's Python API
+    does not say which pieces are user-defined: they count as normal, and the probe check catches them.)"""
+    n = sp.vocab_size()
+    types = [UNKNOWN if sp.is_unknown(i) else CONTROL if sp.is_control(i) else BYTE if sp.is_byte(i)
+             else UNUSED if sp.is_unused(i) else NORMAL for i in range(n)]
+    return [sp.id_to_piece(i) for i in range(n)], [sp.get_score(i) for i in range(n)], types
+
+
+def write_for_transformers(model_file: Path, directory: Path, max_len: int | None) -> str | None:
+    """Write tokenizer.json and tokenizer_config.json for the sentencepiece model ``model_file`` into
+    ``directory``, each unless it is there already; return a note when tokenizer.json could not be made."""
+    from ..tokenizer import Tokenizer
+
+    try:
+        sp = Tokenizer(model_file).sp
+    except Exception as e:  # e.g. Llama 3's tokenizer.model, a tiktoken file
+        return f"{model_file.name} is not a sentencepiece model ({' '.join(str(e).split())[:80]}); no tokenizer.json made"
+    tokens, scores, types = sentencepiece_vocabulary(sp)
+    prefix = "".join(sp.encode("a", out_type=str)).startswith("▁")  # the model adds a dummy-prefix space
+    note, fast = None, (directory / TOKENIZER_JSON).is_file()
+    if not fast:
+        try:
+            tok = sentencepiece_bpe(tokens, scores, types, prefix)
+        except ImportError:
+            note = ("tokenizer.json not written (transformers then needs `protobuf` to read tokenizer.model): "
+                    "building it needs the optional package `tokenizers`: pip install tokenizers, then convert again")
+        else:
+            add_control_tokens(tok, tokens, types, sp.bos_id() if sp.bos_id() >= 0 else None)
+            if tok.encode(PROBE, add_special_tokens=False).ids == sp.encode(PROBE):
+                tok.save(str(directory / TOKENIZER_JSON))
+                fast = True
+            else:  # a normalisation (NFKC, collapsed spaces) or user-defined pieces this rebuild lacks
+                note = (f"tokenizer.json not written: {model_file} normalises its text in a way the rebuilt "
+                        "tokenizer does not reproduce; transformers will convert tokenizer.model itself")
+    if not (directory / TOKENIZER_CONFIG).is_file():
+        roles = {"bos_token": sp.bos_id(), "eos_token": sp.eos_id(), "unk_token": sp.unk_id(), "pad_token": sp.pad_id()}
+        special = {role: tokens[i] for role, i in roles.items() if i >= 0}
+        write_config(directory, tokenizer_config(special, fast, max_len, sp.bos_id() >= 0, None if fast else prefix))
+    return note
