@@ -1,6 +1,7 @@
 """What a conversion carries for transformers users, checked with transformers itself (the reference):
 the tokenizer of a llama_min checkpoint exported with --to hf (the ids of AutoTokenizer against
-llama_min's Tokenizer).
+llama_min's Tokenizer), the chat template and generation config through HF -> llama_min -> HF, and a
+text-generation pipeline on an export against generate.py's greedy answer.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ from pathlib import Path
 
 import pytest
 import sentencepiece as spm
+import torch
 
 from conftest import random_model, tiny_config
-from convert_helpers import MIXED_TEXT, run
+from convert_helpers import MIXED_TEXT, random_hf_model, run, train_byte_level_bpe
+from scripts import run_script
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
@@ -21,10 +24,27 @@ pytest.importorskip("tokenizers")
 TEXTS = ["the quick brown fox jumps over the lazy dog", "in 2023 and 31415926", "a  b   c\t\td\n\ne    ",
          "   indented", "\nnewline first", " ", "Ж и 😀 ∑ ü café naïve", "Hello, World! (x=1; y=[2])",
          *MIXED_TEXT.splitlines()]
+# Llama 2-Chat's layout: the system prompt in the first turn, bos and eos by variable, turns checked.
+INST = ("{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+        "{% set messages = messages[1:] %}{% else %}{% set system = '' %}{% endif %}"
+        "{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+        "{% if message['role'] == 'user' %}{% if loop.first and system %}"
+        "{% set content = '<<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+        "{% else %}{% set content = message['content'] %}{% endif %}"
+        "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+        "{% else %}{{ ' ' + message['content'].strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
 
 
-def save_checkpoint(tokenizer, directory: Path, max_seq_len: int = 64) -> Path:
+def save_checkpoint(tokenizer, directory: Path, max_seq_len: int = 64, avoid_bytes: bool = False) -> Path:
+    """A tiny random model with ``tokenizer``. ``avoid_bytes``: its output head never picks a byte piece
+    (<0xNN>), whose invalid UTF-8 runs transformers and sentencepiece spell differently (one U+FFFD per
+    byte, or the valid bytes kept), so that greedy answers can be compared as text."""
     model = random_model(tiny_config(vocab_size=tokenizer.vocab_size, max_seq_len=max_seq_len))
+    if avoid_bytes:
+        byte_ids = [i for i in range(tokenizer.vocab_size) if tokenizer.sp.is_byte(i)]
+        with torch.no_grad():
+            model.output.weight[byte_ids] = 0.0
     model.save_checkpoint(directory, tokenizer_path=tokenizer.path)
     return directory
 
@@ -70,3 +90,65 @@ def test_a_normalising_sentencepiece_model_gets_no_wrong_tokenizer_json(tmp_path
     assert code == 0, err
     assert "tokenizer.json not written" in out and "normalises" in out, out
     assert not (tmp_path / "hf" / "tokenizer.json").exists()
+
+
+# ---- chat template and generation config ------------------------------------------------------------
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+GENERATION = {"bos_token_id": 1, "eos_token_id": [2, 0], "do_sample": True, "temperature": 0.6, "top_p": 0.9}
+
+
+@pytest.mark.parametrize("where", ["tokenizer_config.json", "chat_template.jinja"])
+def test_chat_template_and_generation_config_survive_hf_to_llama_min_to_hf(tmp_path, where):
+    """Both places a Hugging Face model keeps its template. Back in Hugging Face layout, transformers
+    reads the same template and generation config, and its chat pipeline answers as on the source."""
+    pytest.importorskip("jinja2")
+    src = tmp_path / "src"
+    bpe = train_byte_level_bpe(tmp_path, special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>"))
+    random_hf_model(vocab=bpe.get_vocab_size()).save_pretrained(src)
+    bpe.save(str(src / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}
+    if where == "tokenizer_config.json":
+        config["chat_template"] = CHATML
+    else:
+        (src / "chat_template.jinja").write_text(CHATML)
+    (src / "tokenizer_config.json").write_text(json.dumps(config))
+    (src / "generation_config.json").write_text(json.dumps(GENERATION))
+
+    assert run(src, tmp_path / "ours")[0] == 0
+    assert (tmp_path / "ours" / "chat_template.jinja").read_text() == CHATML
+    assert json.loads((tmp_path / "ours" / "generation_config.json").read_text()) == GENERATION
+    code, _, err = run(tmp_path / "ours", tmp_path / "back", "--to", "hf")
+    assert code == 0, err
+
+    chat = [{"role": "user", "content": "the quick brown fox in 2023"}]
+    source, back = (transformers.AutoTokenizer.from_pretrained(d) for d in (src, tmp_path / "back"))
+    assert back.chat_template == CHATML
+    assert (back.apply_chat_template(chat, add_generation_prompt=True, return_dict=False)
+            == source.apply_chat_template(chat, add_generation_prompt=True, return_dict=False))
+    generation = transformers.GenerationConfig.from_pretrained(tmp_path / "back")
+    assert (generation.eos_token_id, generation.temperature, generation.top_p) == ([2, 0], 0.6, 0.9)
+    answers = [transformers.pipeline("text-generation", model=str(d), device="cpu")(
+               chat, max_new_tokens=4, do_sample=False)[0]["generated_text"][-1] for d in (src, tmp_path / "back")]
+    assert answers[0] == answers[1] and answers[1]["role"] == "assistant"
+
+
+def test_pipeline_on_an_export_answers_as_generate_py(tmp_path, trained_tokenizer):
+    """A model trained here (a tiny random one, Tokenizer.train's tokenizer) with a chat template, exported:
+    transformers' chat pipeline and generate.py give the same greedy answer to the same messages."""
+    pytest.importorskip("jinja2")
+    ckpt = save_checkpoint(trained_tokenizer, tmp_path / "ckpt", max_seq_len=128, avoid_bytes=True)
+    (ckpt / "chat_template.jinja").write_text(INST)
+    code, out, err = run(ckpt, tmp_path / "hf", "--to", "hf")
+    assert code == 0 and "note" not in out, err + out
+    system, question = "answer in words", "the quick brown fox in 2023 and"
+    pipe = transformers.pipeline("text-generation", model=str(tmp_path / "hf"), device="cpu")
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+    expected = pipe(messages, max_new_tokens=10, do_sample=False)[0]["generated_text"][-1]["content"]
+    done = run_script("generate.py", "--checkpoint", ckpt, "--system", system, "--prompt", question,
+                      "--temperature", "0", "--max_new_tokens", "10")
+    assert done.code == 0, done.err
+    assert done.out.startswith(question + "\n")
+    answer = done.out[len(question) + 1:].removesuffix("\n")
+    assert expected.strip() and answer == expected, f"generate.py {answer!r}, transformers {expected!r}"

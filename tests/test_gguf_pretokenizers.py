@@ -17,6 +17,7 @@ from llama_min import Tokenizer
 
 from conftest import random_model, tiny_config
 from convert_helpers import MIXED_TEXT, byte_level_gguf_vocab, run, train_byte_level_bpe, write_gguf
+from scripts import run_script
 
 tokenizers = pytest.importorskip("tokenizers")
 pytest.importorskip("gguf")
@@ -112,3 +113,34 @@ def test_unknown_pre_tokenizer_is_a_note_naming_the_known_ones(tmp_path):
     assert code == 0, err
     assert "'no-such-family'" in out and "smollm" in out and "llama-bpe" in out, out
     assert not (tmp_path / "out" / "tokenizer.json").exists()
+
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def test_smollm_gguf_with_a_chat_template_converts_and_talks(tmp_path):
+    """A SmolLM2-like GGUF (pre-tokenizer smollm, ChatML template, <|im_end|> as eos): converted, generate.py
+    answers with the carried template, and the Hugging Face export loads in transformers with the same ids."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("jinja2")
+    path, original = gguf_with_vocab(tmp_path, "smollm", chat_template=CHATML,
+                                     specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>"))
+    assert run(path, tmp_path / "ours")[0] == 0
+    assert (tmp_path / "ours" / "chat_template.jinja").read_text() == CHATML
+    done = run_script("generate.py", "--checkpoint", tmp_path / "ours", "--prompt", "the quick brown fox",
+                      "--temperature", "0", "--max_new_tokens", "6")
+    assert done.code == 0, done.err
+
+    code, _, err = run(path, tmp_path / "hf", "--to", "hf")
+    assert code == 0, err
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    chat = [{"role": "user", "content": "the quick brown fox in 2023"}]
+    ids = hf.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False)
+    rendered = CHATML.replace("{{ '<|im_start|>assistant\\n' }}", "")  # what the ids must spell
+    expected = original.encode("<|im_start|>user\nthe quick brown fox in 2023<|im_end|>\n<|im_start|>assistant\n").ids
+    assert rendered and ids == expected, "transformers reads the export's tokenizer and template differently"
+    prompt_tokens = int(done.err.split("[")[1].split(" prompt tokens")[0])
+    assert prompt_tokens == len(original.encode("<|im_start|>user\nthe quick brown fox<|im_end|>\n"
+                                                "<|im_start|>assistant\n").ids)
+    assert json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())["eos_token"] == "<|im_end|>"

@@ -129,6 +129,7 @@ def convert(source: Source, dst: str | Path, to: str = "llama_min", dtype: torch
         else:
             (tmp / CONFIG_FILE).write_text(json.dumps(hf_config_json(source, dtype), indent=2) + "\n")
         note = source.write_tokenizer(tmp)
+        source.write_chat_files(tmp)
         if to == "hf":
             note = complete_for_transformers(tmp, config) or note
     n_bytes = sum(math.prod(shape) * dtype.itemsize for shape in shapes.values())
