@@ -17,25 +17,13 @@ from llama_min.finetune.chat_template import ChatTemplate
 from llama_min.finetune.templates import get_template, record_template
 
 from conftest import random_model, tiny_config
-from convert_helpers import train_byte_level_bpe
+from convert_helpers import CHATML, INST, train_byte_level_bpe
 from scripts import run_script
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("jinja2")
 pytest.importorskip("tokenizers")
 
-CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-          "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-# Llama 2-Chat's layout, with the checks such templates make (raise_exception) and bos/eos by variable.
-INST = ("{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
-        "{% set messages = messages[1:] %}{% else %}{% set system = '' %}{% endif %}"
-        "{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-        "{% if message['role'] == 'user' %}{% if loop.first and system %}"
-        "{% set content = '<<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n' + message['content'] %}"
-        "{% else %}{% set content = message['content'] %}{% endif %}"
-        "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
-        "{% else %}{{ ' ' + message['content'].strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
 # Block tags on lines of their own, indented: what trim_blocks and lstrip_blocks are for.
 BLOCKS = """{{ bos_token }}
 {% for message in messages %}

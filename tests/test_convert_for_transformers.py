@@ -15,7 +15,7 @@ import sentencepiece as spm
 import torch
 
 from conftest import random_model, tiny_config
-from convert_helpers import MIXED_TEXT, random_hf_model, run, train_byte_level_bpe
+from convert_helpers import CHATML, INST, MIXED_TEXT, random_hf_model, run, train_byte_level_bpe
 from scripts import run_script
 
 transformers = pytest.importorskip("transformers")
@@ -24,17 +24,6 @@ pytest.importorskip("tokenizers")
 TEXTS = ["the quick brown fox jumps over the lazy dog", "in 2023 and 31415926", "a  b   c\t\td\n\ne    ",
          "   indented", "\nnewline first", " ", "Ж и 😀 ∑ ü café naïve", "Hello, World! (x=1; y=[2])",
          *MIXED_TEXT.splitlines()]
-# Llama 2-Chat's layout: the system prompt in the first turn, bos and eos by variable, turns checked.
-INST = ("{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
-        "{% set messages = messages[1:] %}{% else %}{% set system = '' %}{% endif %}"
-        "{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-        "{% if message['role'] == 'user' %}{% if loop.first and system %}"
-        "{% set content = '<<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n' + message['content'] %}"
-        "{% else %}{% set content = message['content'] %}{% endif %}"
-        "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
-        "{% else %}{{ ' ' + message['content'].strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
-
 
 def save_checkpoint(tokenizer, directory: Path, max_seq_len: int = 64, avoid_bytes: bool = False) -> Path:
     """A tiny random model with ``tokenizer``. ``avoid_bytes``: its output head never picks a byte piece
@@ -94,8 +83,6 @@ def test_a_normalising_sentencepiece_model_gets_no_wrong_tokenizer_json(tmp_path
 
 # ---- chat template and generation config ------------------------------------------------------------
 
-CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-          "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 GENERATION = {"bos_token_id": 1, "eos_token_id": [2, 0], "do_sample": True, "temperature": 0.6, "top_p": 0.9}
 
 

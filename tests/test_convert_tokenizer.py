@@ -11,7 +11,7 @@ import pytest
 from llama_min import Tokenizer
 from llama_min.checkpoint import tokenizer_file
 
-from conftest import random_model, tiny_config, write_training_text
+from conftest import random_model, tiny_config
 from convert_helpers import byte_level_gguf_vocab, run, train_byte_level_bpe, write_gguf
 
 tokenizers = pytest.importorskip("tokenizers")

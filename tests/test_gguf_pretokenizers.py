@@ -16,7 +16,7 @@ import pytest
 from llama_min import Tokenizer
 
 from conftest import random_model, tiny_config
-from convert_helpers import MIXED_TEXT, byte_level_gguf_vocab, run, train_byte_level_bpe, write_gguf
+from convert_helpers import CHATML, MIXED_TEXT, byte_level_gguf_vocab, run, train_byte_level_bpe, write_gguf
 from scripts import run_script
 
 tokenizers = pytest.importorskip("tokenizers")
@@ -115,32 +115,26 @@ def test_unknown_pre_tokenizer_is_a_note_naming_the_known_ones(tmp_path):
     assert not (tmp_path / "out" / "tokenizer.json").exists()
 
 
-CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-          "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-
-
 def test_smollm_gguf_with_a_chat_template_converts_and_talks(tmp_path):
     """A SmolLM2-like GGUF (pre-tokenizer smollm, ChatML template, <|im_end|> as eos): converted, generate.py
-    answers with the carried template, and the Hugging Face export loads in transformers with the same ids."""
+    answers with the carried template, and the Hugging Face export gives transformers the same ids."""
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("jinja2")
     path, original = gguf_with_vocab(tmp_path, "smollm", chat_template=CHATML,
                                      specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>"))
     assert run(path, tmp_path / "ours")[0] == 0
     assert (tmp_path / "ours" / "chat_template.jinja").read_text() == CHATML
-    done = run_script("generate.py", "--checkpoint", tmp_path / "ours", "--prompt", "the quick brown fox",
+    question = "the quick brown fox in 2023"
+    rendered = f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"  # ChatML, by hand
+    done = run_script("generate.py", "--checkpoint", tmp_path / "ours", "--prompt", question,
                       "--temperature", "0", "--max_new_tokens", "6")
     assert done.code == 0, done.err
+    assert f"[{len(original.encode(rendered).ids)} prompt tokens" in done.err, done.err
 
     code, _, err = run(path, tmp_path / "hf", "--to", "hf")
     assert code == 0, err
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
-    chat = [{"role": "user", "content": "the quick brown fox in 2023"}]
-    ids = hf.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False)
-    rendered = CHATML.replace("{{ '<|im_start|>assistant\\n' }}", "")  # what the ids must spell
-    expected = original.encode("<|im_start|>user\nthe quick brown fox in 2023<|im_end|>\n<|im_start|>assistant\n").ids
-    assert rendered and ids == expected, "transformers reads the export's tokenizer and template differently"
-    prompt_tokens = int(done.err.split("[")[1].split(" prompt tokens")[0])
-    assert prompt_tokens == len(original.encode("<|im_start|>user\nthe quick brown fox<|im_end|>\n"
-                                                "<|im_start|>assistant\n").ids)
-    assert json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())["eos_token"] == "<|im_end|>"
+    ids = hf.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                 return_dict=False)
+    assert ids == original.encode(rendered).ids, "transformers reads the export's tokenizer or template differently"
+    assert hf.eos_token == "<|im_end|>"
