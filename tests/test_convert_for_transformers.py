@@ -101,6 +101,7 @@ def test_chat_template_and_generation_config_survive_hf_to_llama_min_to_hf(tmp_p
     else:
         (src / "chat_template.jinja").write_text(CHATML)
     (src / "tokenizer_config.json").write_text(json.dumps(config))
+    (src / "special_tokens_map.json").write_text(json.dumps({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}))
     (src / "generation_config.json").write_text(json.dumps(GENERATION))
 
     assert run(src, tmp_path / "ours")[0] == 0
@@ -108,6 +109,8 @@ def test_chat_template_and_generation_config_survive_hf_to_llama_min_to_hf(tmp_p
     assert json.loads((tmp_path / "ours" / "generation_config.json").read_text()) == GENERATION
     code, _, err = run(tmp_path / "ours", tmp_path / "back", "--to", "hf")
     assert code == 0, err
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        assert (tmp_path / "back" / name).read_bytes() == (src / name).read_bytes(), f"{name} changed"
 
     chat = [{"role": "user", "content": "the quick brown fox in 2023"}]
     source, back = (transformers.AutoTokenizer.from_pretrained(d) for d in (src, tmp_path / "back"))
