@@ -21,7 +21,7 @@ import torch
 
 from ..checkpoint import CONFIG_FILE, WEIGHTS_FILE, atomic_directory, check_state_dict, stored_state_dict
 from .hf_format import tensor_to_hf
-from .hf_tokenizer import TOKENIZER_CONFIG, TOKENIZER_JSON, write_for_transformers
+from .hf_tokenizer import TOKENIZER_JSON, write_for_transformers
 from ..model import Llama
 from .gguf import GGUFSource, is_gguf_file
 from .hf import HFSource, hf_config_json, is_hf_dir
@@ -86,10 +86,10 @@ def check_source(source: Source) -> dict[str, tuple[int, ...]]:
 
 
 def complete_for_transformers(directory: Path, config) -> str | None:
-    """A sentencepiece tokenizer.model alone does not load in transformers (it guesses a tiktoken file):
-    add tokenizer.json and tokenizer_config.json beside it when they are missing (hf_tokenizer.py)."""
+    """A sentencepiece tokenizer.model without a tokenizer.json does not load in transformers (it guesses
+    a tiktoken file): add tokenizer.json, and tokenizer_config.json unless there is one (hf_tokenizer.py)."""
     model_file = directory / "tokenizer.model"
-    if not model_file.is_file() or all((directory / n).is_file() for n in (TOKENIZER_JSON, TOKENIZER_CONFIG)):
+    if not model_file.is_file() or (directory / TOKENIZER_JSON).is_file():
         return None
     return write_for_transformers(model_file, directory, config.max_seq_len)
 

@@ -102,9 +102,10 @@ def write_for_transformers(model_file: Path, directory: Path, max_len: int | Non
     from ..tokenizer import Tokenizer
 
     try:
-        sp = Tokenizer(model_file).sp
+        tokenizer = Tokenizer(model_file)
     except Exception as e:  # e.g. Llama 3's tokenizer.model, a tiktoken file
         return f"{model_file.name} is not a sentencepiece model ({' '.join(str(e).split())[:80]}); no tokenizer.json made"
+    sp = tokenizer.sp
     tokens, scores, types = sentencepiece_vocabulary(sp)
     prefix = "".join(sp.encode("a", out_type=str)).startswith("▁")  # the model adds a dummy-prefix space
     note, fast = None, (directory / TOKENIZER_JSON).is_file()
@@ -120,10 +121,9 @@ def write_for_transformers(model_file: Path, directory: Path, max_len: int | Non
                 tok.save(str(directory / TOKENIZER_JSON))
                 fast = True
             else:  # a normalisation (NFKC, collapsed spaces) or user-defined pieces this rebuild lacks
-                note = (f"tokenizer.json not written: {model_file} normalises its text in a way the rebuilt "
-                        "tokenizer does not reproduce; transformers will convert tokenizer.model itself")
+                note = (f"tokenizer.json not written: {model_file.name} normalises its text in a way the rebuilt "
+                        "tokenizer does not reproduce; transformers will convert it itself (with `protobuf`)")
     if not (directory / TOKENIZER_CONFIG).is_file():
-        roles = {"bos_token": sp.bos_id(), "eos_token": sp.eos_id(), "unk_token": sp.unk_id(), "pad_token": sp.pad_id()}
-        special = {role: tokens[i] for role, i in roles.items() if i >= 0}
-        write_config(directory, tokenizer_config(special, fast, max_len, sp.bos_id() >= 0, None if fast else prefix))
+        write_config(directory, tokenizer_config(tokenizer.special_tokens_map, fast, max_len, sp.bos_id() >= 0,
+                                                 None if fast else prefix))
     return note
