@@ -8,6 +8,10 @@ Everything about the set of tensors is checked before anything is written (``che
 same strict check the checkpoint loader uses), the output goes to a temporary directory that replaces
 DST only when complete (``atomic_directory``), and the weights file is written one tensor at a time
 (safetensors_stream.py), so memory holds about one tensor plus whatever the source maps.
+
+Beside the weights go the tokenizer files (for --to hf, a sentencepiece tokenizer.model gets the
+tokenizer.json and tokenizer_config.json transformers needs: hf_tokenizer.py), the chat template and the
+generation config (Source.write_chat_files); docs/tokenizers_and_templates.md is the user's view.
 """
 
 from __future__ import annotations
