@@ -142,3 +142,11 @@ def test_pipeline_on_an_export_answers_as_generate_py(tmp_path, trained_tokenize
     assert done.out.startswith(question + "\n")
     answer = done.out[len(question) + 1:].removesuffix("\n")
     assert expected.strip() and answer == expected, f"generate.py {answer!r}, transformers {expected!r}"
+
+
+def test_an_unreadable_generation_config_is_one_clear_line(tmp_path, trained_tokenizer):
+    ckpt = save_checkpoint(trained_tokenizer, tmp_path / "ckpt")
+    (ckpt / "generation_config.json").write_text('{"eos_token_id": [2,')
+    code, out, err = run(ckpt, tmp_path / "hf", "--to", "hf")
+    assert code == 1 and "generation_config.json: not readable JSON" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "hf").exists()
