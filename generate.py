@@ -4,6 +4,7 @@
     python generate.py --checkpoint out/ckpt --prompt "To be" --prompt "KING:" --temperature 0
     python generate.py --checkpoint DIR --template alpaca --prompt "Reverse the word: stone"
     python generate.py --checkpoint DIR --template chatml --interactive      # a chat that remembers
+    python generate.py --checkpoint HF_CONVERTED --prompt "Hi"               # its own chat_template.jinja (auto)
     python generate.py --checkpoint BASE --peft ADAPTER --prompt "..."      # with a fine-tuned adapter
     python generate.py --checkpoint BASE --peft ADAPTER --interpolate 0.5   # half of the adapter's effect
     python generate.py --checkpoint TUNED --base BASE --interpolate 0.5     # halfway between two checkpoints
@@ -26,9 +27,10 @@ from typing import TextIO
 import torch
 
 from llama_min import Llama, Tokenizer
-from llama_min.checkpoint import tokenizer_file
+from llama_min.checkpoint import resolve_checkpoint_dir, tokenizer_file
 from llama_min.cli import OneLineParser, UsageError, add_flags, flag, pick_device, read_text
 from llama_min.finetune.load import check_interpolation_flags, load_finetuned
+from llama_min.finetune.chat_template import ChatTemplate, generation_eos_ids, read_chat_template
 from llama_min.finetune.templates import TEMPLATES, Message, Template, get_template, template_for_checkpoint
 from llama_min.generation import (TextStream, check_sampling, fit_context, generate_stream,
                                   store_weights_column_major)
@@ -48,8 +50,9 @@ class GenerateConfig:
                                   "(its recorded fingerprint differs; same shape required anyway)")
     prompt: list[str] = flag([], "a prompt; repeat the flag for several", action="append")
     prompt_file: str = flag("", "a file with one prompt per line (blank lines skipped); - reads standard input")
-    template: str = flag("", f"prompt format: {', '.join(TEMPLATES)} (default: the one the checkpoint records, "
-                         "else raw)")
+    template: str = flag("", f"prompt format: auto (the checkpoint's own chat_template.jinja, run with jinja2), "
+                         f"{', '.join(TEMPLATES)} (default: the one the checkpoint records, else auto when it "
+                         "has a chat template, else raw)")
     system: str = flag("", "system message for the chat templates")
     stop: list[str] = flag([], "a stop string: the answer ends before it (repeatable; the template adds its own)",
                            action="append")
@@ -68,8 +71,9 @@ class GenerateConfig:
 
 # ---- loading ------------------------------------------------------------------------------------------
 
-def load(cfg: GenerateConfig) -> tuple[Llama, Tokenizer, Template]:
-    """The model (on the chosen device, in the chosen dtype), its tokenizer and the prompt template."""
+def load(cfg: GenerateConfig) -> tuple[Llama, Tokenizer, Template | ChatTemplate, list[int]]:
+    """The model (on the chosen device, in the chosen dtype), its tokenizer, the prompt template and the
+    token ids that end an answer (EOS, the template's end of turn, generation_config.json's eos ids)."""
     if not cfg.checkpoint:
         raise UsageError("--checkpoint DIR is required (a directory written by train.py or weights_convert.py)")
     if cfg.dtype not in DTYPES:
@@ -91,13 +95,20 @@ def load(cfg: GenerateConfig) -> tuple[Llama, Tokenizer, Template]:
     if tokenizer.vocab_size > model.config.vocab_size:
         raise UsageError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                          f"{model.config.vocab_size}: they do not belong together")
-    template = get_template(cfg.template or template_for_checkpoint(cfg.peft or None, cfg.checkpoint) or "raw")
+    directory = resolve_checkpoint_dir(cfg.checkpoint)
+    name = (cfg.template or template_for_checkpoint(cfg.peft or None, directory)
+            or ("auto" if read_chat_template(directory) is not None else "raw"))
+    try:
+        template = ChatTemplate.from_checkpoint(directory, tokenizer) if name == "auto" else get_template(name)
+    except ImportError as e:  # jinja2 missing
+        raise UsageError(str(e)) from None
+    stop_ids = list(dict.fromkeys(template.stop_ids(tokenizer) + generation_eos_ids(directory)))
     if cfg.compile:
         # dynamic=True: one graph serves every prompt length and cache position; the cache is allocated
         # once at full length (generate_stream reuses it), as a cache sized per prompt would recompile
         model.forward = torch.compile(model.forward, dynamic=True)
         model.setup_cache(1, model.config.max_seq_len)
-    return model, tokenizer, template
+    return model, tokenizer, template, stop_ids
 
 
 def read_prompts(cfg: GenerateConfig) -> list[str]:
@@ -130,13 +141,13 @@ class Answer:
                 f"{self.first_token_s * 1e3:.0f} ms, {decode}]")
 
 
-def answer(model: Llama, tokenizer: Tokenizer, template: Template, ids: list[int], cfg: GenerateConfig,
-           out: TextIO) -> Answer:
+def answer(model: Llama, tokenizer: Tokenizer, template: Template | ChatTemplate, stop_ids: list[int],
+           ids: list[int], cfg: GenerateConfig, out: TextIO) -> Answer:
     """Generate the answer to prompt ``ids``, writing its text to ``out`` as it is produced. It ends at
-    EOS, at a stop string (the template's or --stop) or after --max_new_tokens tokens."""
+    one of ``stop_ids``, at a stop string (the template's or --stop) or after --max_new_tokens tokens."""
     stream = TextStream(tokenizer, template.stop_strings + tuple(cfg.stop), anchor=ids[-1])
     steps = generate_stream(model, [ids], cfg.max_new_tokens, temperature=cfg.temperature,
-                            top_k=cfg.top_k or None, top_p=cfg.top_p, stop_ids=[tokenizer.eos_id],
+                            top_k=cfg.top_k or None, top_p=cfg.top_p, stop_ids=stop_ids,
                             seed=None if cfg.seed < 0 else cfg.seed)
     start, first, new_tokens = time.perf_counter(), None, 0
     for step in steps:
@@ -164,7 +175,8 @@ def fit(ids: list[int], model: Llama, tokenizer: Tokenizer, cfg: GenerateConfig)
 
 # ---- the chat loop -------------------------------------------------------------------------------------
 
-def chat(model: Llama, tokenizer: Tokenizer, template: Template, cfg: GenerateConfig) -> None:
+def chat(model: Llama, tokenizer: Tokenizer, template: Template | ChatTemplate, stop_ids: list[int],
+         cfg: GenerateConfig) -> None:
     """Read a message per line; the whole conversation is the prompt of each answer. When it would no
     longer fit in the context, the oldest exchanges are forgotten, and the user is told."""
     system: list[Message] = [("system", cfg.system)] if cfg.system else []
@@ -198,7 +210,7 @@ def chat(model: Llama, tokenizer: Tokenizer, template: Template, cfg: GenerateCo
                   "write a shorter one or ask for fewer --max_new_tokens)", file=sys.stderr)
             turns.pop()
             continue
-        result = answer(model, tokenizer, template, fit(ids, model, tokenizer, cfg), cfg, sys.stdout)
+        result = answer(model, tokenizer, template, stop_ids, fit(ids, model, tokenizer, cfg), cfg, sys.stdout)
         print()
         print(result.figures(), file=sys.stderr)
         turns.append(("assistant", result.text))
@@ -214,16 +226,16 @@ def main(argv: list[str] | None = None) -> None:
         prompts = read_prompts(cfg)
         if not prompts and not cfg.interactive:
             raise UsageError("nothing to do: give --prompt TEXT (repeatable), --prompt_file FILE or --interactive")
-        model, tokenizer, template = load(cfg)
+        model, tokenizer, template, stop_ids = load(cfg)
         system: list[Message] = [("system", cfg.system)] if cfg.system else []
         for i, prompt in enumerate(prompts):
             ids = fit(template.encode(tokenizer, system + [("user", prompt)]), model, tokenizer, cfg)
             print(prompt, end="" if template.name == "raw" else "\n", flush=True)
-            result = answer(model, tokenizer, template, ids, cfg, sys.stdout)
+            result = answer(model, tokenizer, template, stop_ids, ids, cfg, sys.stdout)
             print("\n" if i < len(prompts) - 1 else "")
             print(result.figures(), file=sys.stderr)
         if cfg.interactive:
-            chat(model, tokenizer, template, cfg)
+            chat(model, tokenizer, template, stop_ids, cfg)
     except (UsageError, ValueError, FileNotFoundError) as e:
         print(f"generate.py: error: {e}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import io
 import json
+import re
+from functools import cached_property
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -56,8 +58,40 @@ class Tokenizer:
     def pad_id(self) -> int:
         return self.sp.pad_id()  # -1 for LLaMA: batches are padded with any id and masked instead
 
+    @property
+    def unk_id(self) -> int:
+        return self.sp.unk_id()
+
+    @cached_property
+    def special_tokens(self) -> dict[str, int]:
+        """Text -> id of the tokens a chat template writes by name: <s>, </s>, <unk> and any other control
+        piece (sentencepiece never produces them from text)."""
+        sp = self.sp
+        return {sp.id_to_piece(i): i for i in range(sp.vocab_size()) if sp.is_control(i) or sp.is_unknown(i)}
+
+    @property
+    def special_tokens_map(self) -> dict[str, str]:
+        """The special tokens by role, under transformers' names: the variables a chat template reads
+        ({"bos_token": "<s>", "eos_token": "</s>", ...}); a role the tokenizer lacks is left out."""
+        roles = {"bos_token": self.bos_id, "eos_token": self.eos_id, "unk_token": self.unk_id, "pad_token": self.pad_id}
+        return {role: self.id_to_piece(i) for role, i in roles.items() if i >= 0}
+
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
+
+    def encode_with_special_tokens(self, text: str) -> list[int]:
+        """Ids of a text in which a special token's text (``special_tokens``: "<s>", "<|im_end|>") stands for
+        that token, as a rendered chat template writes them; nothing is added before or after. The text
+        between special tokens is encoded piece by piece, as transformers does (with sentencepiece's
+        dummy-prefix space before each piece, when the model adds one)."""
+        specials = self.special_tokens
+        if not specials:
+            return self.sp.encode(text)
+        names = "|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True))  # longest match first
+        ids: list[int] = []
+        for i, part in enumerate(re.split(f"({names})", text)):  # text, token, text, token, ..., text
+            ids += [specials[part]] if i % 2 else self.sp.encode(part) if part else []
+        return ids
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode(list(ids))
@@ -156,7 +190,8 @@ class HFTokenizer(Tokenizer):
                              f"({' '.join(str(e).split())[:120]})") from None
         config_file = path.with_name("tokenizer_config.json")
         config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-        self._bos, self._eos, self._pad = (self._special_id(config.get(k)) for k in ("bos_token", "eos_token", "pad_token"))
+        self._bos, self._eos, self._pad, self._unk = (self._special_id(config.get(k))
+                                                      for k in ("bos_token", "eos_token", "pad_token", "unk_token"))
 
     def _special_id(self, token: str | dict | None) -> int:
         if isinstance(token, dict):  # {"content": "<s>", "lstrip": false, ...}
@@ -180,9 +215,21 @@ class HFTokenizer(Tokenizer):
     def pad_id(self) -> int:
         return self._pad
 
+    @property
+    def unk_id(self) -> int:
+        return self._unk
+
+    @cached_property
+    def special_tokens(self) -> dict[str, int]:
+        """Text -> id of the added tokens (matched whole wherever they occur in a text)."""
+        return {t.content: i for i, t in self.tok.get_added_tokens_decoder().items()}
+
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         ids = self.tok.encode(text, add_special_tokens=False).ids  # bos/eos are added here, as asked
         return [self.bos_id] * (bos and self.bos_id >= 0) + ids + [self.eos_id] * (eos and self.eos_id >= 0)
+
+    def encode_with_special_tokens(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids  # tokenizers itself matches added tokens
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=True)  # as sentencepiece drops <s>, </s>

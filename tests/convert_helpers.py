@@ -13,6 +13,7 @@ import torch
 
 from llama_min import Llama, ModelConfig
 from scripts import run_script
+from conftest import write_training_text
 
 
 def run(*argv) -> tuple[int, str, str]:
@@ -168,3 +169,67 @@ def q8_0_error_bound(w: torch.Tensor) -> torch.Tensor:
 
 def config_of(directory: Path) -> ModelConfig:
     return ModelConfig.load(directory / "config.json")
+
+
+# ---- tokenizers ------------------------------------------------------------------------------------
+
+# Beyond write_training_text's words and numbers: contractions in both cases, words that change case,
+# punctuation runs, code, newlines and non-Latin scripts, so that every pre-tokenizer rule has cuts to make.
+MIXED_TEXT = ("I'm sure they'll say it's fine; DON'T you think? they'LLAMA it'SX\ncamelCase HTTPServer getURL x/y/z\n"
+              "def f(x):\n    return x ** 2  # 12345 and 3.14\n\n\t你好，世界！ 한국어 Ελληνικά Ж café\n")
+
+
+def train_byte_level_bpe(directory: Path, pre_tokenizer=None, special_tokens=("<|begin|>", "<|end|>"),
+                         vocab_size: int = 400):
+    """A GPT-2-style byte-level BPE trained by the `tokenizers` package on write_training_text's corpus and
+    MIXED_TEXT; ``pre_tokenizer`` splits the text first (default: GPT-2's, ByteLevel with its regex)."""
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    write_training_text(directory / "corpus.txt")
+    (directory / "mixed.txt").write_text(MIXED_TEXT * 20, encoding="utf-8")
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizer or pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train([str(directory / "corpus.txt"), str(directory / "mixed.txt")], trainer)
+    return tok
+
+
+def byte_level_gguf_vocab(tok, pre: str, bos: str, eos: str, chat_template: str | None = None):
+    """write_gguf's add_vocab for a byte-level BPE `tokenizers` object: the tokenizer.ggml.* fields llama.cpp's
+    converter writes (its special tokens as control tokens, type 3; the rest normal, type 1)."""
+    saved = json.loads(tok.to_str())
+    vocab = saved["model"]["vocab"]
+    tokens = sorted(vocab, key=vocab.get)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in saved["model"]["merges"]]
+    control = {t["content"] for t in saved["added_tokens"] if t["special"]}
+
+    def add(w):
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(pre)
+        w.add_token_list(tokens)
+        w.add_token_types([3 if t in control else 1 for t in tokens])
+        w.add_token_merges(merges)
+        w.add_bos_token_id(vocab[bos])
+        w.add_eos_token_id(vocab[eos])
+        if chat_template is not None:
+            w.add_chat_template(chat_template)
+    return add
+
+
+# ---- chat templates, as Hugging Face models ship them -------------------------------------------------
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+# Llama 2-Chat's layout, with the checks such templates make (raise_exception) and bos/eos by variable.
+INST = ("{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+        "{% set messages = messages[1:] %}{% else %}{% set system = '' %}{% endif %}"
+        "{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+        "{% if message['role'] == 'user' %}{% if loop.first and system %}"
+        "{% set content = '<<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+        "{% else %}{% set content = message['content'] %}{% endif %}"
+        "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+        "{% else %}{{ ' ' + message['content'].strip() + ' ' + eos_token }}{% endif %}{% endfor %}")

@@ -11,28 +11,14 @@ import pytest
 from llama_min import Tokenizer
 from llama_min.checkpoint import tokenizer_file
 
-from conftest import random_model, tiny_config, write_training_text
-from convert_helpers import run, write_gguf
+from conftest import random_model, tiny_config
+from convert_helpers import byte_level_gguf_vocab, run, train_byte_level_bpe, write_gguf
 
 tokenizers = pytest.importorskip("tokenizers")
 
 FIXTURE = Path(__file__).parent / "fixtures" / "hf_tiny_llama"
 TEXTS = ["the quick brown fox jumps over the lazy dog", "in 2023 and 31415926", "Ж и 😀 ∑ ü café",
          "a  b   c\t\td\n\ne    ", "   indented", "Hello, World! (x=1; y=[2])", ""]
-
-
-def train_byte_level_bpe(tmp_path) -> "tokenizers.Tokenizer":
-    """A GPT-2-style byte-level BPE (as Llama 3 uses) trained by the `tokenizers` package."""
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    write_training_text(tmp_path / "corpus.txt")
-    tok = tokenizers.Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|begin|>", "<|end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train([str(tmp_path / "corpus.txt")], trainer)
-    return tok
 
 
 def test_tokenizer_json_model_converts_and_loads(tmp_path):
@@ -98,22 +84,9 @@ def test_gguf_sentencepiece_vocab_encodes_like_sentencepiece(tmp_path, request, 
 def test_gguf_byte_level_vocab_encodes_like_the_original(tmp_path):
     pytest.importorskip("gguf")
     original = train_byte_level_bpe(tmp_path)
-    saved = json.loads(original.to_str())
-    vocab = saved["model"]["vocab"]
-    tokens = sorted(vocab, key=vocab.get)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in saved["model"]["merges"]]
-
-    def add(w):
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("gpt2")
-        w.add_token_list(tokens)
-        w.add_token_types([3 if t in ("<|begin|>", "<|end|>") else 1 for t in tokens])
-        w.add_token_merges(merges)
-        w.add_bos_token_id(vocab["<|begin|>"])
-        w.add_eos_token_id(vocab["<|end|>"])
-
-    model = random_model(tiny_config(vocab_size=len(tokens), multiple_of=32))
-    write_gguf(model, tmp_path / "m.gguf", add_vocab=add)
+    vocab = original.get_vocab()
+    model = random_model(tiny_config(vocab_size=len(vocab), multiple_of=32))
+    write_gguf(model, tmp_path / "m.gguf", add_vocab=byte_level_gguf_vocab(original, "gpt2", "<|begin|>", "<|end|>"))
     code, _, err = run(tmp_path / "m.gguf", tmp_path / "out")
     assert code == 0, err
     tok = Tokenizer(tmp_path / "out" / "tokenizer.json")

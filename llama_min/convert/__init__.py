@@ -8,6 +8,10 @@ Everything about the set of tensors is checked before anything is written (``che
 same strict check the checkpoint loader uses), the output goes to a temporary directory that replaces
 DST only when complete (``atomic_directory``), and the weights file is written one tensor at a time
 (safetensors_stream.py), so memory holds about one tensor plus whatever the source maps.
+
+Beside the weights go the tokenizer files (for --to hf, a sentencepiece tokenizer.model gets the
+tokenizer.json and tokenizer_config.json transformers needs: hf_tokenizer.py), the chat template and the
+generation config (Source.write_chat_files); docs/tokenizers_and_templates.md is the user's view.
 """
 
 from __future__ import annotations
@@ -19,10 +23,11 @@ from pathlib import Path
 
 import torch
 
-from ..cli import UsageError
 from ..checkpoint import CONFIG_FILE, WEIGHTS_FILE, atomic_directory, check_state_dict, stored_state_dict
-from .hf_format import tensor_to_hf
+from ..cli import UsageError
 from ..model import Llama
+from .hf_format import tensor_to_hf
+from .hf_tokenizer import TOKENIZER_JSON, write_for_transformers
 from .gguf import GGUFSource, is_gguf_file
 from .hf import HFSource, hf_config_json, is_hf_dir
 from .meta import MetaSource, is_meta_dir
@@ -124,6 +129,15 @@ def convert_adapter(src: str | Path, dst: str | Path, force: bool = False) -> di
         raise ConversionError(f"{src}: {one_line(e)}") from e
 
 
+def complete_for_transformers(directory: Path, config) -> str | None:
+    """A sentencepiece tokenizer.model without a tokenizer.json does not load in transformers (it guesses
+    a tiktoken file): add tokenizer.json, and tokenizer_config.json unless there is one (hf_tokenizer.py)."""
+    model_file = directory / "tokenizer.model"
+    if not model_file.is_file() or (directory / TOKENIZER_JSON).is_file():
+        return None
+    return write_for_transformers(model_file, directory, config.max_seq_len)
+
+
 def convert(source: Source, dst: str | Path, to: str = "llama_min", dtype: torch.dtype | None = None,
             force: bool = False) -> Converted:
     """Write ``source`` to directory ``dst`` as a llama_min checkpoint or a Hugging Face model."""
@@ -156,5 +170,8 @@ def convert(source: Source, dst: str | Path, to: str = "llama_min", dtype: torch
         else:
             (tmp / CONFIG_FILE).write_text(json.dumps(hf_config_json(source, dtype), indent=2) + "\n")
         note = source.write_tokenizer(tmp)
+        source.write_chat_files(tmp)
+        if to == "hf":
+            note = complete_for_transformers(tmp, config) or note
     n_bytes = sum(math.prod(shape) * dtype.itemsize for shape in shapes.values())
     return Converted(dst, to, dtype, len(shapes), n_bytes, note)

@@ -174,3 +174,9 @@ class GGUFSource(Source):
         from .gguf_vocab import write_tokenizer_json
 
         return write_tokenizer_json(self, directory)
+
+    def chat_template(self) -> str | None:
+        return self.field("tokenizer.chat_template")  # written by llama.cpp's converter from the model's own
+
+    def generation_config(self) -> dict | None:
+        return None

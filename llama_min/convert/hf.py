@@ -5,6 +5,7 @@
     model-0000N-of-0000M.safetensors + model.safetensors.index.json   shards and the name -> file map, or
     pytorch_model.bin / pytorch_model-0000N-of-0000M.bin + pytorch_model.bin.index.json   (pickles)
     tokenizer.model and/or tokenizer.json (+ tokenizer_config.json, special_tokens_map.json)
+    chat_template.jinja, generation_config.json         carried as they are (finetune/chat_template.py)
 
 Names, the q/k row permutation and the config keys all come from ``hf_format.py``; this file only finds
 the tensors in the files.

@@ -45,5 +45,5 @@ class LlamaMinSource(Source):
         return self.reader.get(name)
 
     def tokenizer_files(self) -> list[Path]:
-        names = TOKENIZER_FILES + ("tokenizer_config.json",)
+        names = TOKENIZER_FILES + ("tokenizer_config.json", "special_tokens_map.json")  # as HFSource copies them
         return [self.path / n for n in names if (self.path / n).is_file()]

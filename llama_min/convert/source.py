@@ -16,6 +16,8 @@ import torch
 
 from ..cli import UsageError, one_line
 from ..config import ModelConfig
+from ..finetune.chat_template import (CHAT_TEMPLATE_FILE, GENERATION_CONFIG_FILE, read_chat_template,
+                                      read_generation_config)
 
 
 class ConversionError(UsageError):
@@ -54,6 +56,26 @@ class Source:
         for f in files:
             shutil.copyfile(f, directory / f.name)
         return self.tokenizer_note or (None if files else "no tokenizer file in the source; none written")
+
+    def chat_template(self) -> str | None:
+        """The model's Jinja chat template, when the source carries one (finetune/chat_template.py)."""
+        return read_chat_template(self.path) if self.path.is_dir() else None
+
+    def generation_config(self) -> dict | None:
+        """Hugging Face's generation_config.json (eos ids, sampling defaults), when the source has one."""
+        return read_generation_config(self.path) if self.path.is_dir() else None
+
+    def write_chat_files(self, directory: Path) -> None:
+        """Carry the chat template and the generation config into ``directory``, under Hugging Face's
+        file names, which llama_min's checkpoint directory uses too."""
+        try:
+            template, generation = self.chat_template(), self.generation_config()
+        except ValueError as e:
+            raise ConversionError(one_line(e)) from e
+        if template is not None:
+            (directory / CHAT_TEMPLATE_FILE).write_text(template, encoding="utf-8")
+        if generation is not None:
+            (directory / GENERATION_CONFIG_FILE).write_text(json.dumps(generation, indent=2) + "\n")
 
 
 def tokenizer_ids(path: Path | None, default: tuple[int, int] = (1, 2)) -> tuple[int, int]:

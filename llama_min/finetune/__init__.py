@@ -2,6 +2,7 @@
 
     instructions.py    Alpaca records: the prompt masked out of the loss, EOS appended
     templates.py       prompt formats for generation (raw, alpaca, llama2-chat, chatml)
+    chat_template.py   a checkpoint's own Jinja chat template, run as transformers runs it
     exact_match.py     exact-match accuracy of greedy answers
     early_stopping.py  keep the best checkpoint by a dev metric, stop when it stops improving
     l2sp.py            L2-SP: pull the weights toward the pretrained ones

@@ -17,7 +17,11 @@ ending with a user message: the model writes the next assistant message.
 
 Which template a checkpoint wants is recorded in ``DIR/generation.json`` as {"template": NAME}
 (``record_template``); ``template_for_checkpoint`` reads it, and generate.py uses it unless --template
-says otherwise.
+says otherwise. A checkpoint may also carry its own Jinja chat template, as Hugging Face models do
+(chat_template.py); generate.py calls that one ``auto``.
+
+Generation ends at EOS, and at the template's end-of-turn token when the tokenizer has it as one token
+(``stop_ids``: chatml's <|im_end|> in a tokenizer that has it); otherwise at its text (``stop_strings``).
 """
 
 from __future__ import annotations
@@ -41,6 +45,12 @@ class Marker(Enum):
 
 
 Segment = str | Marker
+
+
+def stop_ids(tokenizer, stop_strings: Sequence[str]) -> list[int]:
+    """The ids generation stops at: EOS, and each stop string that is one special token of ``tokenizer``."""
+    specials = tokenizer.special_tokens
+    return [tokenizer.eos_id] + [specials[s] for s in stop_strings if s in specials and specials[s] != tokenizer.eos_id]
 
 
 def split_system(messages: Sequence[Message]) -> tuple[str | None, list[Message]]:
@@ -121,6 +131,9 @@ class Template:
             else:
                 ids += tokenizer.encode(segment, bos=False)
         return ids
+
+    def stop_ids(self, tokenizer) -> list[int]:
+        return stop_ids(tokenizer, self.stop_strings)
 
 
 TEMPLATES = {
