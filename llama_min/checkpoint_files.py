@@ -29,6 +29,11 @@ CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}  # safetensors' dtype codes
 DTYPES = {code: dtype for dtype, code in DTYPE_NAMES.items()}
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+# Files that belong with a tokenizer and travel with it into every checkpoint that copies it (a model
+# fine-tuned from a converted one): its special tokens (a tokenizer.json needs tokenizer_config.json for
+# BOS and EOS) and the chat template and generation config of a chat model (finetune/chat_template.py).
+TOKENIZER_COMPANIONS = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                        "generation_config.json")
 
 
 def check_state_dict(expected: Mapping[str, torch.Size], got: Mapping[str, torch.Tensor], source: str) -> None:
@@ -76,12 +81,17 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
 
 
 def write_model_files(model, directory: Path, tokenizer_path: str | Path | None = None) -> None:
-    """Write config, weights and tokenizer into an existing directory (not atomic on its own)."""
+    """Write config, weights and tokenizer (with the files that belong to it: TOKENIZER_COMPANIONS) into
+    an existing directory (not atomic on its own)."""
     model.config.save(directory / CONFIG_FILE)
     tensors = {k: v.detach().contiguous().cpu() for k, v in stored_state_dict(model).items()}
     save_file(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt"})
     if tokenizer_path is not None:
-        shutil.copyfile(tokenizer_path, directory / Path(tokenizer_path).name)
+        tokenizer_path = Path(tokenizer_path)
+        shutil.copyfile(tokenizer_path, directory / tokenizer_path.name)
+        for name in TOKENIZER_COMPANIONS:
+            if (tokenizer_path.parent / name).is_file():
+                shutil.copyfile(tokenizer_path.parent / name, directory / name)
 
 
 def resolve_checkpoint_dir(directory: str | Path) -> Path:

@@ -99,6 +99,15 @@ class Tokenizer:
     def id_to_piece(self, i: int) -> str:
         return self.sp.id_to_piece(i)
 
+    def text_bytes(self, i: int) -> int:
+        """How many UTF-8 bytes of text token i stands for: a byte-fallback piece one, <s>, </s> and
+        <unk> none, any other piece its own length with "▁" read as a space."""
+        if self.sp.is_byte(i):
+            return 1
+        if self.sp.is_control(i) or self.sp.is_unknown(i):
+            return 0
+        return len(self.sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+
     # Bump when Tokenizer.train changes what it learns, so caches keyed on it (data.train_tokenizer) renew.
     TRAIN_RECIPE = 2
 
@@ -188,6 +197,9 @@ class HFTokenizer(Tokenizer):
         except Exception as e:  # tokenizers raises its own exception types for a malformed file
             raise ValueError(f"{path} is not a tokenizer.json the tokenizers package can read "
                              f"({' '.join(str(e).split())[:120]})") from None
+        spec = json.loads(path.read_text(encoding="utf-8"))
+        self._byte_level = "ByteLevel" in json.dumps(spec.get("decoder"))
+        self._added_ids = {token["id"] for token in spec.get("added_tokens", [])}
         config_file = path.with_name("tokenizer_config.json")
         config = json.loads(config_file.read_text()) if config_file.is_file() else {}
         self._bos, self._eos, self._pad, self._unk = (self._special_id(config.get(k))
@@ -236,3 +248,16 @@ class HFTokenizer(Tokenizer):
 
     def id_to_piece(self, i: int) -> str:
         return self.tok.id_to_token(i)
+
+    def text_bytes(self, i: int) -> int:
+        """As for sentencepiece. A byte-level BPE (GPT-2's scheme: its decoder is ByteLevel) writes every
+        byte as one printable character, so a piece stands for as many bytes as it has characters; a
+        special (added) token stands for no text."""
+        piece = self.tok.id_to_token(i)
+        if piece is None or i in self._added_ids:
+            return 0
+        if self._byte_level:
+            return len(piece)
+        if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):  # sentencepiece-style byte fallback
+            return 1
+        return len(piece.replace("\u2581", " ").encode("utf-8"))

@@ -124,3 +124,33 @@ def test_by_line_is_llamas_own_recipe(trained_tokenizer, line_trained_tokenizer,
     reference = [line_trained_tokenizer.id_to_piece(i) for i in range(line_trained_tokenizer.vocab_size)]
     assert ours == reference, "by_line=True should learn the same pieces as sentencepiece fed the file by lines"
     assert tok.id_to_piece(tok.encode("sea", bos=False)[0]) == "▁sea", "LLaMA's recipe puts a space before the text"
+
+
+def test_training_twice_gives_the_same_file(tmp_path):
+    """No process id or temporary path may end up inside the model: caches are keyed on its bytes."""
+    from conftest import write_training_text
+
+    write_training_text(tmp_path / "corpus.txt")
+    for name in ("a", "b"):
+        Tokenizer.train([tmp_path / "corpus.txt"], tmp_path / name / "tokenizer.model", vocab_size=400)
+    assert (tmp_path / "a" / "tokenizer.model").read_bytes() == (tmp_path / "b" / "tokenizer.model").read_bytes()
+    assert str(tmp_path).encode() not in (tmp_path / "a" / "tokenizer.model").read_bytes()
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "byte-level tokenizer.json"])
+def test_text_bytes_of_the_tokens_add_up_to_the_text(trained_tokenizer, tmp_path, kind):
+    """Bits per byte divides by the text's UTF-8 length, counted token by token: for either kind of
+    tokenizer the counts of a text's tokens must add up to its length in bytes (BOS adds none)."""
+    from convert_helpers import MIXED_TEXT, train_byte_level_bpe
+
+    if kind == "sentencepiece":
+        tok = trained_tokenizer
+    else:
+        pytest.importorskip("tokenizers")
+        train_byte_level_bpe(tmp_path).save(str(tmp_path / "tokenizer.json"))
+        (tmp_path / "tokenizer_config.json").write_text('{"bos_token": "<|begin|>", "eos_token": "<|end|>"}')
+        tok = Tokenizer(tmp_path / "tokenizer.json")
+        assert tok.bos_id >= 0
+    for text in (MIXED_TEXT, "naïve café 1999 — ✓\n\n  x"):
+        ids = tok.encode(text, bos=True)
+        assert sum(tok.text_bytes(i) for i in ids) == len(text.encode("utf-8")), (kind, text)

@@ -212,3 +212,22 @@ def test_short_lab_run_learns_with_full_fine_tuning(tmp_path):
     after = exact_match(load_checkpoint(tmp_path / "full" / "ckpt"), tok, records)["accuracy"]
     assert before == 0 and after > 0, \
         f"full fine-tuning on the lab should answer some records exactly: exact match {before} -> {after}"
+
+
+def test_fine_tuning_keeps_the_tokenizers_companion_files(lab, tmp_path):
+    """A converted chat model's tokenizer_config.json, chat template and generation config belong with its
+    tokenizer: a model fine-tuned from it carries them on."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(lab / "base" / "ckpt", base)
+    companions = {"tokenizer_config.json": '{"bos_token": "<s>", "eos_token": "</s>"}\n',
+                  "chat_template.jinja": "{% for m in messages %}{{ m['content'] }}{% endfor %}",
+                  "generation_config.json": '{"eos_token_id": 2}\n'}
+    for name, text in companions.items():
+        (base / name).write_text(text)
+    train("--init_from", base, "--method", "full", "--data", lab / "lab" / "instructions" / "train.jsonl",
+          "--seq_len", "160", "--batch_size", "4", "--max_steps", "1", "--eval_every", "1", "--sample_tokens", "0",
+          "--out_dir", tmp_path / "run")
+    for name, text in companions.items():
+        assert (tmp_path / "run" / "ckpt" / name).read_text() == text, f"{name} was not carried on"

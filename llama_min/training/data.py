@@ -143,16 +143,9 @@ def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
 
     Summed over the predicted tokens this is the length of the evaluated text, the denominator of
     bits per byte: a tokenizer-independent measure, since a model with a coarser vocabulary predicts
-    fewer, longer tokens. A byte-fallback token is one byte; <s>, </s> and <unk> are no text.
+    fewer, longer tokens (``Tokenizer.text_bytes`` says how each kind of piece counts).
     """
-    sp = tokenizer.sp
-    lengths = np.zeros(tokenizer.vocab_size, dtype=np.int64)
-    for i in range(tokenizer.vocab_size):
-        if sp.is_byte(i):
-            lengths[i] = 1
-        elif not (sp.is_control(i) or sp.is_unknown(i)):
-            lengths[i] = len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
-    return lengths
+    return np.array([tokenizer.text_bytes(i) for i in range(tokenizer.vocab_size)], dtype=np.int64)
 
 
 # ---- batches -------------------------------------------------------------------------------------
