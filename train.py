@@ -50,6 +50,7 @@ def train(cfg: TrainConfig) -> signal.Signals | None:
     """Run the training cfg describes; returns the signal that stopped it early, if one did."""
     # ---- setup ----------------------------------------------------------------------------------------
     check_config(cfg)
+    torch.manual_seed(cfg.seed)  # torch seeds itself at random: one --seed makes every run repeatable
     rt = setup_runtime(cfg.device, cfg.dtype)  # device, autocast dtype, the process group under torchrun
     ckpt_dir = checkpoint_dir(cfg)  # OUT_DIR/ckpt, or OUT_DIR/peft (the adapter only) for a PEFT method
     state = load_train_state(ckpt_dir) if cfg.resume else None

@@ -231,3 +231,27 @@ def test_fine_tuning_keeps_the_tokenizers_companion_files(lab, tmp_path):
           "--out_dir", tmp_path / "run")
     for name, text in companions.items():
         assert (tmp_path / "run" / "ckpt" / name).read_text() == text, f"{name} was not carried on"
+
+
+def test_a_torchrun_resume_continues_each_processs_own_random_stream(lab, tmp_path):
+    """Two processes with instruction batches of different widths and NEFTune noise draw different
+    amounts of randomness, so their generators part ways; resumed, each must continue its own stream
+    (not rank 0's), or the noise and with it the losses change."""
+    import os
+    import subprocess
+    import sys
+
+    from scripts import ROOT
+
+    def torchrun(out, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
+               *map(str, finetune_args(lab, out, "full", "--embed_noise", "5", "--batch_size", "2", "--log_every", "1",
+                                       "--decay_steps", "4", *extra))]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stderr[-2000:]
+
+    torchrun(tmp_path / "straight")
+    torchrun(tmp_path / "halves", "--max_steps", "2")
+    torchrun(tmp_path / "halves", "--resume", "--max_steps", "4")
+    assert train_losses(tmp_path / "halves") == train_losses(tmp_path / "straight"), \
+        "a resumed torchrun run must give the uninterrupted run's losses"
