@@ -311,6 +311,9 @@ def attention_mistakes(c: CaseWriter, q, k, v, mask, *, sdpa: bool = False) -> N
         c.mistake("no_scale", attend(q, k, v, mask, scale="none"), NO_SCALE)
         c.mistake("softmax_axis", attend(q, k, v, mask, softmax_dim=-2), SOFTMAX_AXIS)
         c.mistake("after_softmax", attend(q, k, v, mask, mask_at="after"), AFTER_SOFTMAX)
+        causal = torch.ones(T, S, dtype=torch.bool).tril(S - T) if mask is None else mask
+        c.mistake("inverted", attend(q, k, v, ~causal),
+                  "the mask is used inverted: fill −inf where the mask is False (masked_fill(~mask, −inf))")
     if mask is None:
         c.mistake("no_mask", attend(q, k, v, torch.ones(T, S, dtype=torch.bool)), NO_MASK)
         c.mistake("future", attend(q, k, v, None, diagonal=S - T + 1), MASK_FUTURE)
@@ -548,6 +551,9 @@ def lab05(w: Writer) -> None:
         drop = torch.zeros_like(asc_probs, dtype=torch.bool).scatter(-1, asc_order, asc_probs.cumsum(-1) - asc_probs >= p)
         c.mistake("ascending", logits.masked_fill(drop, float("-inf")),
                   "sorted ascending: the nucleus is made of the MOST probable tokens (descending=True)")
+        c.mistake("sorted_order", logits.masked_fill(probs.cumsum(-1) - probs >= p, float("-inf")),
+                  "the drop mask is in sorted order: scatter it back to vocabulary order (order holds the "
+                  "vocabulary index of each sorted position)")
 
     greedy_logits = randn(g, 4, 12, std=2.0)
     w.case("choose.greedy", {"logits": greedy_logits}, greedy_logits.argmax(-1), params={"temperature": 0.0},
@@ -586,6 +592,7 @@ def lab06(w: Writer) -> None:
     c = w.case("windows", {"tokens": torch.from_numpy(tokens.astype(np.int64)), "starts": torch.from_numpy(starts)},
                (torch.from_numpy(x), torch.from_numpy(y)), params={"seq_len": seq_len},
                hint="inputs tokens[s : s+seq_len], targets tokens[s+1 : s+seq_len+1]",
+               dtype_cause="Return int64 arrays: the token files hold uint16, the embedding and the loss take int64.",
                shape_causes={str([4, seq_len + 1]): "windows of seq_len + 1 tokens: inputs and targets are seq_len "
                              "long each (drop the last token from the inputs, the first from the targets)"})
     rows = np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int64)
@@ -630,6 +637,11 @@ def lab06(w: Writer) -> None:
                   "the cosine starts at step 0: its progress is (step − warmup_steps) / (decay_steps − warmup_steps)")
         c.mistake("no_floor", schedule(lambda s: cfg.lr * (s + 1) / cfg.warmup_steps, low, right, False),
                   "the cosine goes on after decay_steps; from there the rate stays at lr·min_lr_ratio")
+        if cfg.decay_steps:
+            ignored = TrainConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
+                                  min_lr_ratio=cfg.min_lr_ratio)
+            c.mistake("decay_steps_ignored", torch.tensor([get_lr(s, ignored) for s in steps], dtype=torch.float64),
+                      "decay_steps is ignored: the cosine ends at decay_steps (at max_steps only when it is 0)")
 
     shapes = {"tok_embeddings.weight (vocab, dim)": [50, 16], "layers.0.attention.wq.weight (dim, dim)": [16, 16],
               "norm.weight (dim,)": [16], "lora_a (r, in)": [4, 16], "lora_b (out, r)": [16, 4],
@@ -694,6 +706,7 @@ def lab07(w: Writer) -> None:
     c = w.case("unmerge", inputs, lora.weight.detach().clone(), params=params, hint="W <- W − (alpha / r)·B A, once")
     c.mistake("adds", W0 + 2 * delta, "unmerge adds the update again; it subtracts it")
     c.mistake("still_merged", W0 + delta, "unmerge leaves the update in W: W <- W − (alpha / r)·B A")
+    c.mistake("twice", W0 - delta, "LoRA unmerged twice: unmerge() must do nothing unless merged")
 
 
 # ---- lab 8: LLaMA-Adapter ------------------------------------------------------------------------------------

@@ -93,7 +93,7 @@ def _values(t: torch.Tensor, at: tuple[int, ...] | None = None, n: int = 6) -> s
     start = 0 if at is None else max(0, at[-1] - 2)
     vals = flat[start:start + n].tolist()
     fmt = (lambda v: str(v)) if not t.is_floating_point() else (lambda v: f"{v:.4g}")
-    where = "" if at is None else f" at [{', '.join(map(str, at[:-1]))}, {start}:{start + len(vals)}]"
+    where = "" if at is None else f" at [{''.join(f'{i}, ' for i in at[:-1])}{start}:{start + len(vals)}]"
     return "[" + ", ".join(fmt(v) for v in vals) + "]" + where
 
 
@@ -142,21 +142,20 @@ def check(got, case: Case, what: str, field: str = "expected", dtype: bool = Tru
         return
     for name, (output, cause) in case.mistakes().items():
         if len(output) == len(got) and all(matches(g, o, tol) for g, o in zip(got, output)):
-            raise GraderError(f"{what} is wrong.\nLikely mistake: {cause}\n"
-                              + _first_difference(got, want, what, tol))
+            raise GraderError(f"{what}: wrong output.\nLikely mistake: {cause}\n" + _first_difference(got, want, tol))
     shape_causes = case.meta.get("shape_causes", {})
     for g, w in zip(got, want):
         if torch.is_tensor(g) and g.shape != w.shape and str(list(g.shape)) in shape_causes:
             raise GraderError(f"{what} has shape {tuple(g.shape)}; expected {tuple(w.shape)}.\n"
                               f"Likely mistake: {shape_causes[str(list(g.shape))]}")
     hint = case.meta.get("hint")
-    raise GraderError(f"{what} is wrong.\n" + _first_difference(got, want, what, tol) + (f"\nCheck: {hint}" if hint else ""))
+    raise GraderError(f"{what}: wrong output.\n" + _first_difference(got, want, tol) + (f"\nCheck: {hint}" if hint else ""))
 
 
-def _first_difference(got: tuple, want: tuple, what: str, tol: dict) -> str:
+def _first_difference(got: tuple, want: tuple, tol: dict) -> str:
     for i, (g, w) in enumerate(zip(got, want)):
         if not matches(g, w, tol):
-            return explain(g, w, what + (f" [{i}]" if len(want) > 1 else ""))
+            return explain(g, w, "the output" + (f" [{i}]" if len(want) > 1 else ""))
     return ""
 
 

@@ -59,7 +59,12 @@ def test_update_refuses_overflow():
 @pytest.mark.parametrize("k", [4, 20])
 def test_top_k(k):
     case = LAB.case(f"top_k.{k}")
-    check(filter_top_k(case["logits"], k), case, f"filter_top_k(logits (3, 12), k={k})")
+    try:
+        kept = filter_top_k(case["logits"], k)
+    except RuntimeError as e:
+        fail(f"filter_top_k(logits (3, 12), k={k}) raised RuntimeError: {e}" + (
+            ". Likely mistake: k may exceed the vocabulary: keep min(k, V) tokens" if k > 12 else ""))
+    check(kept, case, f"filter_top_k(logits (3, 12), k={k})")
 
 
 @pytest.mark.parametrize("p", [0.6, 0.05])
@@ -70,7 +75,12 @@ def test_top_p(p):
 
 def test_greedy():
     case = LAB.case("choose.greedy")
-    check(choose_next(case["logits"], 0.0, None, None, None), case, "choose_next(logits (4, 12), temperature=0)")
+    try:
+        ids = choose_next(case["logits"], 0.0, None, None, None)
+    except RuntimeError as e:
+        fail(f"choose_next(logits, temperature=0) raised RuntimeError: {e}. Likely mistake: temperature 0 means "
+             "greedy: return the argmax (dividing the logits by 0 gives inf and NaN)")
+    check(ids, case, "choose_next(logits (4, 12), temperature=0)")
 
 
 def test_sampling_distribution():
