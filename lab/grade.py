@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import io
 import json
 import os
@@ -54,20 +55,23 @@ class Collector:
     """A pytest plugin that keeps each test's outcome and, for a failure, a message for the student."""
 
     def __init__(self):
-        self.outcomes: dict[str, tuple[bool, str]] = {}  # node id -> (passed, message)
+        self.outcomes: dict[tuple[Path, str], tuple[bool, str]] = {}  # (file, test name) -> (passed, message)
         self.broken: dict[str, str] = {}  # grader file that failed to import -> the error
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_makereport(self, item, call):
         report = (yield).get_result()
         if report.when == "call" or report.failed:
+            key = (Path(item.path).resolve(), item.nodeid.partition("::")[2])
             message = "" if report.passed else student_message(call.excinfo)
-            if report.nodeid not in self.outcomes or not report.passed:
-                self.outcomes[report.nodeid] = (report.passed and report.when == "call", message)
+            if key not in self.outcomes or not report.passed:
+                self.outcomes[key] = (report.passed and report.when == "call", message)
 
     def pytest_collectreport(self, report):
         if report.failed:
-            self.broken[str(report.fspath)] = report.longreprtext
+            lines = report.longreprtext.splitlines()
+            errors = [line.strip()[2:] for line in lines if line.strip().startswith("E ")]
+            self.broken[str(Path(report.fspath).resolve())] = "\n".join(errors or lines[-8:])
 
 
 def student_message(excinfo) -> str:
@@ -125,6 +129,7 @@ def run_graders(root: Path, labs: list[int], hidden: Path | None = None, echo: b
     args = [str(path) for _, path, _ in files]
     # no:unraisableexception: its gc.collect() passes at the end cost half a second with torch loaded
     args += ["-q", "-p", "no:cacheprovider", "-p", "no:unraisableexception", "--import-mode=importlib",
+             "--continue-on-collection-errors",
              "--rootdir", str(root), "-o", "addopts=", "--tb=no", "-W", "ignore::DeprecationWarning"]
     # The graders need no third-party pytest plugin; loading them all (hypothesis, ...) can cost seconds.
     saved = os.environ.get(NO_PLUGINS)
@@ -138,17 +143,22 @@ def run_graders(root: Path, labs: list[int], hidden: Path | None = None, echo: b
         else:
             os.environ[NO_PLUGINS] = saved
     by_file: dict[Path, dict[str, tuple[bool, str]]] = {}
-    for nodeid, outcome in collector.outcomes.items():
-        file, _, name = nodeid.partition("::")
-        by_file.setdefault((root / file).resolve(), {})[name] = outcome
+    for (file, name), outcome in collector.outcomes.items():
+        by_file.setdefault(file, {})[name] = outcome
     results = []
-    for number, path, is_hidden in files:
-        points = (hidden_rubric if is_hidden else rubric).get(number, {})
-        ran = by_file.get(path, {})
-        missing = (False, f"not run: {path.name} failed to load:\n{collector.broken.get(str(path), '?')}")
-        for name in dict.fromkeys([*points, *ran]):
-            passed, message = ran.get(name, missing)
-            results.append(Result(number, name, passed, message, float(points.get(name, 1.0)), is_hidden))
+    for number in labs:
+        for is_hidden in (False, True):
+            paths = [path for n, path, h in files if n == number and h == is_hidden]
+            ran = {name: outcome for path in paths for name, outcome in by_file.get(path, {}).items()}
+            broken = [f"{path.name} failed to load:\n{collector.broken[str(path)]}" for path in paths
+                      if str(path) in collector.broken]
+            missing = (False, "not run: " + ("\n".join(broken) if broken else "no such test in the grader"))
+            points = (hidden_rubric if is_hidden else rubric).get(number, {}) if paths else {}
+            for name in dict.fromkeys([*points, *ran]):
+                passed, message = ran.get(name, missing)
+                results.append(Result(number, name, passed, message, float(points.get(name, 1.0)), is_hidden))
+            results += [Result(number, f"{path.name} (failed to load)", False, collector.broken[str(path)], 0.0,
+                               is_hidden) for path in paths if str(path) in collector.broken]
     return results
 
 
@@ -195,10 +205,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not (root / "lab" / "manifest.toml").is_file():
         raise SystemExit(f"lab.grade: error: run it from the repository root (no lab/manifest.toml in {root})")
-    import llama_min
-    if Path(llama_min.__file__).resolve().parents[1] != root.resolve():
-        print(f"lab.grade: warning: grading the llama_min in {Path(llama_min.__file__).parent}, not the one in {root}",
-              file=sys.stderr)
+    spec = importlib.util.find_spec("llama_min")  # where it is, without running it (it may not even compile)
+    if spec is None or Path(spec.origin).resolve().parents[1] != root.resolve():
+        where = "nowhere" if spec is None else Path(spec.origin).parent
+        print(f"lab.grade: warning: grading the llama_min found {where}, not the one in {root}", file=sys.stderr)
     manifest = load_labs(root / "lab" / "manifest.toml")
     try:
         labs = [lab.number for lab in choose_labs(args.lab or list(manifest), manifest)]
