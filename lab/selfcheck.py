@@ -99,7 +99,13 @@ def run(jobs: int, workdir: Path) -> dict:
         unexpected_files[number] = same_files(reference, filled)
         tasks[f"blanked {number}"] = (str(blanked), everything, None)
         tasks[f"filled {number}"] = (str(filled), everything, None)
+    stale = {}  # mutations whose patch no longer applies to the reference (it changed under them)
     for mu in CATALOGUE:
+        try:
+            mu.apply((reference / mu.file).read_text(encoding="utf-8"))
+        except (ValueError, LookupError) as e:
+            stale[mu.name] = str(e)
+            continue
         tasks[f"mutation {mu.name}"] = (str(reference), [mu.lab], mu.name)
 
     context = multiprocessing.get_context("fork")
@@ -119,13 +125,14 @@ def run(jobs: int, workdir: Path) -> dict:
             "filled_differs": unexpected_files[number],
             "filled_failures": [f"{r['lab']} {r['name']}" for r in filled if not r["passed"]]}
     for mu in CATALOGUE:
-        results = done[f"mutation {mu.name}"]
+        results = done.get(f"mutation {mu.name}", [{"passed": True, "name": "-",
+                                                    "message": f"stale patch: {stale.get(mu.name)}"}])
         failed = [r for r in results if not r["passed"]]
         named = [r for r in failed if mu.cause.lower() in r["message"].lower()]
         report["mutations"].append({"name": mu.name, "lab": mu.lab, "function": mu.function, "cause": mu.cause,
                                     "caught": bool(failed), "named": bool(named),
                                     "failed_tests": [r["name"] for r in failed],
-                                    "message": (named or failed or [{"message": ""}])[0]["message"][:600]})
+                                    "message": (named or failed or results)[0]["message"][:600]})
     return report
 
 
@@ -140,7 +147,9 @@ def ok(report: dict) -> bool:
 
 def summary(report: dict) -> str:
     lines = ["reference version: " + ("every grader passes" if not report["reference"] else
-                                      f"{len(report['reference'])} FAILURES: " + "; ".join(report["reference"]))]
+                                      f"{len(report['reference'])} FAILURES (if a lab's reference changed on purpose, "
+                                      "regenerate its fixtures: python -m lab.make_fixtures): "
+                                      + "; ".join(report["reference"]))]
     lines.append("\nisolation (only lab N blanked)            lab N failed   others failed   pasted back")
     for number, i in report["isolation"].items():
         back = "identical, passes" if not i["filled_differs"] and not i["filled_failures"] else \

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import pyplot
+from . import pyplot, save
 
 
 def attention_weights(model, tokens: torch.Tensor) -> list[torch.Tensor]:
@@ -60,11 +60,7 @@ def plot_attention(weights: list[torch.Tensor], labels: list[str], out: Path, ti
             ax.set_yticklabels([labels[i] for i in ticks], fontsize=6)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save(fig, out)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from . import pyplot
+from . import pyplot, save
 
 TITLES = {"adapter_gate": ("LLaMA-Adapter: gate factor per layer (mean over heads)", "gate factor"),
           "lora_delta_norm": ("LoRA: ‖(α/r)·B·A‖_F per layer", "Frobenius norm of the update")}
@@ -48,11 +48,7 @@ def plot_peft(metrics: Path, out: Path) -> Path:
         ax.set_ylabel(ylabel)
         ax.axhline(0.0, color="grey", lw=0.5)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save(fig, out)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,7 +19,7 @@ import torch
 
 from llama_min.rope import RotaryEmbedding, apply_rotary
 
-from . import pyplot
+from . import pyplot, save
 
 
 def dot_by_offset(q: torch.Tensor, k: torch.Tensor, rope: RotaryEmbedding, n: int, max_offset: int) -> torch.Tensor:
@@ -54,11 +54,7 @@ def plot_rope(out: Path, head_dim: int = 64, theta: float = 10000.0, max_offset:
     right.set_ylabel("q_m · k_n")
     right.set_title("the dot product depends on the offset only")
     right.legend(fontsize=8)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save(fig, out)
 
 
 def main(argv: list[str] | None = None) -> None:
