@@ -171,7 +171,8 @@ def table(results: list[Result], titles: dict[int, str]) -> str:
         lines.append(f"{number:<4}{titles.get(number, ''):<58}{f'{passed}/{len(mine)}':>14}"
                      f"{f'{sum(r.points for r in mine):g}/{sum(r.max_points for r in mine):g}':>12}")
     total, most = sum(r.points for r in results), sum(r.max_points for r in results)
-    lines.append(f"{'':<4}{'total':<58}{f'{sum(r.passed for r in results)}/{len(results)}':>14}{f'{total:g}/{most:g}':>12}")
+    passed = f"{sum(r.passed for r in results)}/{len(results)}"
+    lines.append(f"{'':<4}{'total':<58}{passed:>14}{f'{total:g}/{most:g}':>12}")
     for r in results:
         if not r.passed:
             body = "\n".join("    " + line for line in r.message.splitlines())

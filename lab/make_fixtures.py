@@ -83,7 +83,8 @@ class CaseWriter:
         output = tuple(output) if isinstance(output, (tuple, list)) else (output,)
         tol = self.writer.cases[self.name].get("tol", {})
         if all(matches(o, e, tol) for o, e in zip(output, self.expected)):
-            raise AssertionError(f"{self.name}: variant {variant!r} gives the reference's output; it cannot be told apart")
+            raise AssertionError(f"{self.name}: variant {variant!r} gives the reference's output; "
+                                 "it cannot be told apart")
         self.writer._put(f"{self.name}.variant.{variant}", output if len(output) > 1 else output[0])
         self.writer.cases[self.name].setdefault("causes", {})[variant] = cause
         return self
@@ -222,7 +223,8 @@ def lab03(w: Writer) -> None:
         c.mistake("positive", theta ** (2 * i / d), POSITIVE)
 
     rope = RotaryEmbedding(16, 10000.0)
-    for name, positions in (("positions", torch.arange(7)), ("batched", torch.tensor([[0, 1, 2, 3, 4], [0, 0, 0, 1, 2]]))):
+    batched = torch.tensor([[0, 1, 2, 3, 4], [0, 0, 0, 1, 2]])  # row 1 left-padded by 2
+    for name, positions in (("positions", torch.arange(7)), ("batched", batched)):
         cos, sin = rope(positions)
         c = w.case(f"forward.{name}", {"positions": positions}, (cos, sin), params={"head_dim": 16, "theta": 10000.0},
                    hint="angles = positions[..., None] · θ (outer product), then their cos and sin, float32",
@@ -237,7 +239,8 @@ def lab03(w: Writer) -> None:
     angles = (torch.rand(6, 8, generator=g) * 2 - 1) * math.pi  # every pair turns by a sizeable angle
     cos, sin = angles.cos(), angles.sin()
     c = w.case("apply_rotary.float32", {"x": x, "cos": cos, "sin": sin}, apply_rotary(x, cos, sin),
-               hint="(x[2i], x[2i+1]) -> (x[2i] cos − x[2i+1] sin, x[2i] sin + x[2i+1] cos), same angles for every head",
+               hint="(x[2i], x[2i+1]) -> (x[2i] cos − x[2i+1] sin, x[2i] sin + x[2i+1] cos), the same angles for "
+                    "every head",
                dtype_cause="Return x's dtype.")
     c.mistake("halves", rotate_halves(x, cos, sin), HALVES)
     c.mistake("sign", apply_rotary(x, cos, -sin), SIGN)
@@ -396,7 +399,8 @@ def attention_forward_cases(w: Writer) -> None:
     config = ModelConfig(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=16, multiple_of=16, max_seq_len=16,
                          attn_impl="plain")
     attn = Attention(config)
-    weights = {name: randn(g, *getattr(attn, name).weight.shape, std=2.0 / 32 ** 0.5) for name in ("wq", "wk", "wv", "wo")}
+    weights = {name: randn(g, *getattr(attn, name).weight.shape, std=2.0 / 32 ** 0.5)
+               for name in ("wq", "wk", "wv", "wo")}
     for name, t in weights.items():
         getattr(attn, name).weight.data.copy_(t)
     rope = RotaryEmbedding(config.head_dim, 100.0)
@@ -470,7 +474,8 @@ def attention_forward_cases(w: Writer) -> None:
                                        "adapter.out": adapter_out}, y,
                    hint=hint + "; add self.prompt_adapter(q, self.wk, self.wv) to the heads' output before wo")
         c.mistake("adapter_ignored", attn(x, cos, sin, None),
-                  "the prompt adapter's output is not added: y = attend(...) + self.prompt_adapter(q, self.wk, self.wv)")
+                  "the prompt adapter's output is not added: y = attend(...) + self.prompt_adapter(q, self.wk, "
+                  "self.wv)")
 
 
 def lab04(w: Writer) -> None:
@@ -548,7 +553,8 @@ def lab05(w: Writer) -> None:
                   "(cumsum − prob), so the nucleus reaches at least p and never is empty")
         asc_logits, asc_order = logits.sort(-1)
         asc_probs = asc_logits.softmax(-1)
-        drop = torch.zeros_like(asc_probs, dtype=torch.bool).scatter(-1, asc_order, asc_probs.cumsum(-1) - asc_probs >= p)
+        drop = torch.zeros_like(asc_probs, dtype=torch.bool).scatter(-1, asc_order,
+                                                                     asc_probs.cumsum(-1) - asc_probs >= p)
         c.mistake("ascending", logits.masked_fill(drop, float("-inf")),
                   "sorted ascending: the nucleus is made of the MOST probable tokens (descending=True)")
         c.mistake("sorted_order", logits.masked_fill(probs.cumsum(-1) - probs >= p, float("-inf")),
@@ -634,7 +640,8 @@ def lab06(w: Writer) -> None:
                   "the cosine decays to 0; it ends at lr·min_lr_ratio (LLaMA: 10% of the peak)")
         c.mistake("warmup_not_subtracted", schedule(lambda s: cfg.lr * (s + 1) / cfg.warmup_steps, low,
                                                     lambda s: s / end, True),
-                  "the cosine starts at step 0: its progress is (step − warmup_steps) / (decay_steps − warmup_steps)")
+                  "the cosine starts at step 0: its progress is (step − warmup_steps) / "
+                  "(decay_steps − warmup_steps)")
         c.mistake("no_floor", schedule(lambda s: cfg.lr * (s + 1) / cfg.warmup_steps, low, right, False),
                   "the cosine goes on after decay_steps; from there the rate stays at lr·min_lr_ratio")
         if cfg.decay_steps:
@@ -680,7 +687,8 @@ def lab07(w: Writer) -> None:
     alpha_cause = "LoRA update scaled by α instead of α/r: ΔW = (alpha / r)·B A"
     c = w.case("delta_weight", inputs, make().delta_weight(), params=params, hint="(alpha / r)·B A, float32 (out, in)",
                dtype_cause="Return the update in float32.",
-               shape_causes={str([n_in, n_in]): "Aᵀ B has shape (in, in); the update is B A, (out, r)·(r, in) = (out, in)"})
+               shape_causes={str([n_in, n_in]): "Aᵀ B has shape (in, in); the update is B A, "
+                                                "(out, r)·(r, in) = (out, in)"})
     c.mistake("alpha", alpha * B @ A, alpha_cause)
     c.mistake("no_scale", B @ A, "the update is not scaled: ΔW = (alpha / r)·B A")
     c.mistake("r_over_alpha", (rank / alpha) * B @ A, "scaled by r/α; it is α/r")
@@ -735,7 +743,8 @@ def lab08(w: Writer) -> None:
         k_kv = (prompt @ wk_w.T).view(K, H_kv, d).transpose(0, 1)  # (H_kv, K, d)
         v_kv = (prompt @ wv_w.T).view(K, H_kv, d).transpose(0, 1)
         c = w.case("prompt_kv", inputs, make(False).prompt_kv(wk, wv), params=params,
-                   hint="wk(P), wv(P) viewed (K, H_kv, d), no rotary, (H_kv, K, d), kv head h // groups for query head h",
+                   hint="wk(P), wv(P) viewed (K, H_kv, d), no rotary, (H_kv, K, d), kv head h // groups for "
+                        "query head h",
                    shape_causes={str([1, H_kv, K, d]): "the kv heads are not repeated for the query heads: "
                                  "(1, n_heads, K, d), kv head h // (n_heads / n_kv_heads) for query head h"})
         c.mistake("repeat", (k_kv.repeat(2, 1, 1)[None], v_kv.repeat(2, 1, 1)[None]),

@@ -44,8 +44,8 @@ def m(name: str, lab: int, function: str, cause: str, *edits: tuple[str, str]) -
 
 RMS = "llama_min/rmsnorm.py::RMSNorm.forward"
 FFN = "llama_min/feedforward.py::FeedForward.forward"
-INV_FREQ, COS_SIN, ROTATE = ("llama_min/rope.py::RotaryEmbedding.inv_freq", "llama_min/rope.py::RotaryEmbedding.forward",
-                             "llama_min/rope.py::apply_rotary")
+INV_FREQ = "llama_min/rope.py::RotaryEmbedding.inv_freq"
+COS_SIN, ROTATE = "llama_min/rope.py::RotaryEmbedding.forward", "llama_min/rope.py::apply_rotary"
 MASK, CAUSAL = "llama_min/attention.py::attention_mask", "llama_min/attention.py::causal_mask"
 PLAIN, SDPA = "llama_min/attention.py::plain_attention", "llama_min/attention.py::sdpa_attention"
 ATTENTION = "llama_min/attention.py::Attention.forward"
@@ -98,7 +98,8 @@ CATALOGUE: list[Mutation] = [
       ("mask = (mask & not_pad) | (k_slots == q_slots)", "mask = mask & not_pad")),
     m("mask_padding_off_by_one", 4, MASK, "padding off by one", ("k_slots >= pad_lens", "k_slots > pad_lens")),
     m("mask_queries_from_zero", 4, MASK, "the queries are numbered from 0",
-      ("torch.arange(start, start + seq_len, device=device)[:, None]", "torch.arange(seq_len, device=device)[:, None]")),
+      ("torch.arange(start, start + seq_len, device=device)[:, None]",
+       "torch.arange(seq_len, device=device)[:, None]")),
     m("mask_top_left", 4, CAUSAL, "causal triangle aligned top-left", ("tril(diagonal=S - T)", "tril()")),
     m("mask_off_by_one_future", 4, CAUSAL, "also sees the next token",
       ("tril(diagonal=S - T)", "tril(diagonal=S - T + 1)")),
@@ -143,7 +144,8 @@ CATALOGUE: list[Mutation] = [
       ("y = y + self.prompt_adapter(q, self.wk, self.wv)", "pass")),
     # lab 5: KV cache and generation
     m("cache_layout", 5, ALLOCATE, "the cache layout is (batch, n_kv_heads, max_seq_len, head_dim)",
-      ("shape = (batch_size, n_kv_heads, max_seq_len, head_dim)", "shape = (batch_size, max_seq_len, n_kv_heads, head_dim)")),
+      ("shape = (batch_size, n_kv_heads, max_seq_len, head_dim)",
+       "shape = (batch_size, max_seq_len, n_kv_heads, head_dim)")),
     m("cache_returns_whole_buffer", 5, UPDATE, "update returns the whole buffer",
       ("return self.k[:, :, :end], self.v[:, :, :end]", "return self.k, self.v")),
     m("cache_returns_only_new", 5, UPDATE, "update returns only the new keys",
@@ -215,7 +217,8 @@ CATALOGUE: list[Mutation] = [
       ("k = wk(self.prompt).view(K, self.n_kv_heads, self.head_dim).transpose(0, 1)",
        "from llama_min.rope import RotaryEmbedding, apply_rotary\n"
        "        cos, sin = RotaryEmbedding(self.head_dim, 10000.0)(torch.arange(K))\n"
-       "        k = apply_rotary(wk(self.prompt).view(1, K, self.n_kv_heads, self.head_dim), cos, sin)[0].transpose(0, 1)")),
+       "        k = apply_rotary(wk(self.prompt).view(1, K, self.n_kv_heads, self.head_dim), cos, sin)[0]"
+       ".transpose(0, 1)")),
     m("adapter_gate_not_tanh", 8, ADAPTER + "forward", "gate not tanh'd",
       ("gate = torch.tanh(self.gate) if self.gate_tanh else self.gate", "gate = self.gate")),
     m("adapter_gate_always_tanh", 8, ADAPTER + "forward", "tanh applied although gate_tanh is False",

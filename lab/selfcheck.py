@@ -160,7 +160,8 @@ def summary(report: dict) -> str:
     lines.append("\nmutations                lab   caught   named")
     for number in sorted({m["lab"] for m in report["mutations"]}):
         mine = [m for m in report["mutations"] if m["lab"] == number]
-        lines.append(f"  lab {number:<20}{len(mine):>4}{sum(m['caught'] for m in mine):>9}{sum(m['named'] for m in mine):>8}")
+        caught, named = sum(m["caught"] for m in mine), sum(m["named"] for m in mine)
+        lines.append(f"  lab {number:<20}{len(mine):>4}{caught:>9}{named:>8}")
     mutations = report["mutations"]
     lines.append(f"  {'total':<24}{len(mutations):>4}{sum(m['caught'] for m in mutations):>9}"
                  f"{sum(m['named'] for m in mutations):>8}")

@@ -42,7 +42,7 @@ def function_span(source: str, qualname: str) -> Span:
     first = node.body[0]
     if first.lineno == node.lineno:
         raise ValueError(f"{qualname}: its body shares the def line; put it on lines of its own")
-    has_doc = isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str)
+    has_doc = ast.get_docstring(node, clean=False) is not None
     body = first.end_lineno + 1 if has_doc else first.lineno
     end = node.end_lineno
     def_indent = node.col_offset

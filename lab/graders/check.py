@@ -121,24 +121,22 @@ def explain(got, want: torch.Tensor, what: str) -> str:
             f"  expected {_values(want, at)}\n  got      {_values(got, at)}")
 
 
-def check(got, case: Case, what: str, field: str = "expected", dtype: bool = True) -> None:
+def check(got, case: Case, what: str) -> None:
     """Fail with a teaching message unless ``got`` (a tensor or a tuple of tensors) equals the case's stored
-    output ``field``: the known mistake it matches, if any, else where it differs."""
+    output, in value and dtype: the known mistake it matches, if any, else where it differs."""
     __tracebackhide__ = True
-    want = case.output(field)
+    want = case.output()
     tol = case.meta.get("tol", {})
     got = _as_tuple(got)
     if len(got) != len(want):
         raise GraderError(f"{what} returned {len(got)} value(s); expected {len(want)}: "
                           + ", ".join(_describe(w) for w in want))
     if all(matches(g, w, tol) for g, w in zip(got, want)):
-        if dtype:
-            for i, (g, w) in enumerate(zip(got, want)):
-                if g.dtype != w.dtype:
-                    cause = case.meta.get("dtype_cause", "")
-                    raise GraderError(f"{what}{f' [{i}]' if len(want) > 1 else ''} has dtype "
-                                      f"{str(g.dtype).removeprefix('torch.')}; expected "
-                                      f"{str(w.dtype).removeprefix('torch.')}. {cause}".rstrip())
+        for i, (g, w) in enumerate(zip(got, want)):
+            if g.dtype != w.dtype:
+                mine, theirs = (str(t.dtype).removeprefix("torch.") for t in (g, w))
+                raise GraderError(f"{what}{f' [{i}]' if len(want) > 1 else ''} has dtype {mine}; expected {theirs}. "
+                                  f"{case.meta.get('dtype_cause', '')}".rstrip())
         return
     for name, (output, cause) in case.mistakes().items():
         if len(output) == len(got) and all(matches(g, o, tol) for g, o in zip(got, output)):
@@ -149,7 +147,8 @@ def check(got, case: Case, what: str, field: str = "expected", dtype: bool = Tru
             raise GraderError(f"{what} has shape {tuple(g.shape)}; expected {tuple(w.shape)}.\n"
                               f"Likely mistake: {shape_causes[str(list(g.shape))]}")
     hint = case.meta.get("hint")
-    raise GraderError(f"{what}: wrong output.\n" + _first_difference(got, want, tol) + (f"\nCheck: {hint}" if hint else ""))
+    raise GraderError(f"{what}: wrong output.\n" + _first_difference(got, want, tol)
+                      + (f"\nCheck: {hint}" if hint else ""))
 
 
 def _first_difference(got: tuple, want: tuple, tol: dict) -> str:

@@ -14,7 +14,8 @@ def normalise(case_name: str):
     norm = RMSNorm(weight.shape[0], case.params["eps"]).to(weight.dtype)
     with torch.no_grad():
         norm.weight.copy_(weight)
-        return case, norm(x), f"RMSNorm(dim={weight.shape[0]}, eps={case.params['eps']:g}) of x {tuple(x.shape)} {x.dtype}"
+        what = f"RMSNorm(dim={weight.shape[0]}, eps={case.params['eps']:g}) of x {tuple(x.shape)} {x.dtype}"
+        return case, norm(x), what
 
 
 def test_float32():

@@ -16,7 +16,8 @@ def test_inv_freq(head_dim):
     """θ_i = theta^(−2i/d) for i = 0 … d/2 − 1."""
     case = LAB.case(f"inv_freq.d{head_dim}")
     rope = RotaryEmbedding(head_dim, case.params["theta"])
-    check(rope.inv_freq(torch.device("cpu")), case, f"RotaryEmbedding({head_dim}, theta={case.params['theta']:g}).inv_freq")
+    what = f"RotaryEmbedding({head_dim}, theta={case.params['theta']:g}).inv_freq"
+    check(rope.inv_freq(torch.device("cpu")), case, what)
 
 
 @pytest.mark.parametrize("name", ["positions", "batched"])

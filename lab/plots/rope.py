@@ -4,9 +4,10 @@ a rotated query and key depends on their distance only.
     python -m lab.plots.rope --out rope.png [--head_dim 64 --theta 10000]
 
 Left: cos(m·θ_i) for every pair i and position m: pair 0 turns by one radian per position, the last pair
-hardly at all, so the low pairs tell near positions apart and the high pairs far ones. Right: q_m · k_n against the offset m − n, for q = k = a vector
-of ones (the curve RoFormer section 3.4.3 bounds: it decays, with oscillations, as the distance grows) and
-for a random q and k, computed at two different absolute positions: the curves lie on top of each other.
+hardly at all, so the low pairs tell near positions apart and the high pairs far ones.
+Right: q_m · k_n against the offset m − n, for q = k = a vector of ones (the curve RoFormer section 3.4.3
+bounds: it decays, with oscillations, as the distance grows) and for a random q and k, computed at two
+different absolute positions: the curves lie on top of each other.
 Everything is computed with your RotaryEmbedding and apply_rotary.
 """
 
