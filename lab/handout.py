@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .manifest import LAB_DIR, REPO, Lab, choose_labs, load_labs
+from .manifest import REPO, Lab, choose_labs, load_labs
 from .source import blank_function, replace_function
 
 # What a student version holds, relative to the repository root.
@@ -137,6 +137,8 @@ def main(argv: list[str] | None = None) -> None:
             return
         if not args.labs or not args.out:
             raise ValueError("give --labs N [N ...] (or `all`) and --out DIR")
+        if args.labs != ["all"] and not all(n.isdigit() for n in args.labs):
+            raise ValueError(f"--labs takes lab numbers or `all`, got {' '.join(args.labs)}")
         numbers = list(labs) if args.labs == ["all"] else [int(n) for n in args.labs]
         chosen = choose_labs(numbers, labs)
         notes = write_handout(chosen, args.out)

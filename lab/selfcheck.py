@@ -30,7 +30,7 @@ from pathlib import Path
 
 from .handout import fill_handout, write_handout
 from .manifest import load_labs
-from .mutations import CATALOGUE, Mutation
+from .mutations import CATALOGUE
 
 NAMED_GOAL = 0.9
 
@@ -75,7 +75,7 @@ def same_files(a: Path, b: Path) -> list[str]:
     return differ
 
 
-def isolation_report(labs: dict, number: int, results: list[dict]) -> list[str]:
+def isolation_report(number: int, results: list[dict]) -> list[str]:
     """What is wrong with a version that blanks lab ``number`` (empty when it is exactly isolated)."""
     problems = [f"lab {number}'s {r['name']} passes although its lab is blanked" for r in results
                 if r["lab"] == number and r["passed"]]
@@ -121,7 +121,7 @@ def run(jobs: int, workdir: Path) -> dict:
             "lab_tests_failed": sum(r["lab"] == number and not r["passed"] for r in blanked),
             "other_tests": sum(r["lab"] != number for r in blanked),
             "other_tests_failed": sum(r["lab"] != number and not r["passed"] for r in blanked),
-            "problems": isolation_report(labs, number, blanked),
+            "problems": isolation_report(number, blanked),
             "filled_differs": unexpected_files[number],
             "filled_failures": [f"{r['lab']} {r['name']}" for r in filled if not r["passed"]]}
     for mu in CATALOGUE:
