@@ -1,0 +1,231 @@
+"""Grade the labs: run each lab's grader, score it with the rubric, print a table, write Gradescope's JSON.
+
+    python -m lab.grade                        # every lab
+    python -m lab.grade --lab 3 --lab 4        # some labs
+    python -m lab.grade --json results.json    # also the results in Gradescope's autograder format
+    python -m lab.grade --hidden DIR           # add an instructor's hidden tests (or LAB_HIDDEN_TESTS=DIR)
+
+Points come from lab/rubric.toml (hidden tests: DIR/rubric.toml; 1 point for a test it does not list). The
+graders run in this process, on the llama_min package of the current directory. The exit status is 0 when
+every test passed.
+
+The JSON follows https://gradescope-autograders.readthedocs.io/en/latest/specs/ (output format): a top-level
+"score", "execution_time", "output", "visibility", "stdout_visibility" and "tests", each test with "name",
+"number", "score", "max_score", "status", "output", "tags" and "visibility". Hidden tests are
+"after_published": students see them once the instructor publishes the grades.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import re
+import sys
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+HIDDEN_ENV = "LAB_HIDDEN_TESTS"
+NO_PLUGINS = "PYTEST_DISABLE_PLUGIN_AUTOLOAD"
+HIDDEN_NAME = re.compile(r"test_lab(\d+)_\w+\.py$")
+
+
+@dataclass
+class Result:
+    lab: int
+    name: str  # the pytest test name, e.g. test_apply_rotary[float32]
+    passed: bool
+    message: str  # why it failed, written for the student; empty when it passed
+    max_points: float
+    hidden: bool = False
+
+    @property
+    def points(self) -> float:
+        return self.max_points if self.passed else 0.0
+
+
+class Collector:
+    """A pytest plugin that keeps each test's outcome and, for a failure, a message for the student."""
+
+    def __init__(self):
+        self.outcomes: dict[tuple[Path, str], tuple[bool, str]] = {}  # (file, test name) -> (passed, message)
+        self.broken: dict[str, str] = {}  # grader file that failed to import -> the error
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_makereport(self, item, call):
+        report = (yield).get_result()
+        if report.when == "call" or report.failed:
+            key = (Path(item.path).resolve(), item.nodeid.partition("::")[2])
+            message = "" if report.passed else student_message(call.excinfo)
+            if key not in self.outcomes or not report.passed:
+                self.outcomes[key] = (report.passed and report.when == "call", message)
+
+    def pytest_collectreport(self, report):
+        if report.failed:
+            lines = report.longreprtext.splitlines()
+            errors = [line.strip()[2:] for line in lines if line.strip().startswith("E ")]
+            self.broken[str(Path(report.fspath).resolve())] = "\n".join(errors or lines[-8:])
+
+
+def student_message(excinfo) -> str:
+    """A grader's own message as it is; any other error with its type, message and the lines of llama_min
+    (the student's code) it passed through."""
+    if excinfo is None:
+        return "failed"
+    error = excinfo.value
+    if isinstance(error, AssertionError) and type(error).__name__ == "GraderError":
+        return str(error)
+    if isinstance(error, NotImplementedError):
+        return f"not written yet. {error}"
+    frames = [f"  llama_min/{Path(str(e.path)).as_posix().split('/llama_min/')[-1]}, line {e.lineno + 1}: "
+              f"{str(e.statement).strip().splitlines()[0]}"
+              for e in excinfo.traceback if "/llama_min/" in Path(str(e.path)).as_posix()]
+    where = ("\nwhere, in your code:\n" + "\n".join(frames[-3:])) if frames else ""
+    return f"{type(error).__name__}: {error}{where}"
+
+
+def read_rubric(path: Path) -> dict[int, dict[str, float]]:
+    if not path.is_file():
+        return {}
+    data = tomllib.loads(path.read_text(encoding="utf-8"))
+    return {int(section.removeprefix("lab")): dict(points) for section, points in data.items()}
+
+
+def hidden_files(hidden: Path | None) -> dict[int, list[Path]]:
+    """DIR/test_labNN_*.py by lab; any other test file there is an error naming the convention."""
+    if hidden is None:
+        return {}
+    hidden = Path(hidden)
+    if not hidden.is_dir():
+        raise FileNotFoundError(f"hidden tests directory {hidden} does not exist")
+    files: dict[int, list[Path]] = {}
+    for path in sorted(hidden.glob("test_*.py")):
+        match = HIDDEN_NAME.match(path.name)
+        if not match:
+            raise ValueError(f"hidden test file {path.name}: name it test_labNN_<topic>.py (NN the lab number) so "
+                             "that its points go to that lab")
+        files.setdefault(int(match.group(1)), []).append(path.resolve())
+    return files
+
+
+def run_graders(root: Path, labs: list[int], hidden: Path | None = None, echo: bool = False) -> list[Result]:
+    """Run the graders of ``labs`` (and their hidden tests) found under ``root`` in this process."""
+    from .manifest import load_labs
+
+    manifest = load_labs(root / "lab" / "manifest.toml")
+    rubric = read_rubric(root / "lab" / "rubric.toml")
+    extra = hidden_files(hidden)
+    hidden_rubric = read_rubric(Path(hidden) / "rubric.toml") if hidden else {}
+    files = [(number, (root / "lab" / manifest[number].grader).resolve(), False) for number in labs]
+    files += [(number, path, True) for number in labs for path in extra.get(number, [])]
+    collector = Collector()
+    args = [str(path) for _, path, _ in files]
+    # no:unraisableexception: its gc.collect() passes at the end cost half a second with torch loaded
+    args += ["-q", "-p", "no:cacheprovider", "-p", "no:unraisableexception", "--import-mode=importlib",
+             "--continue-on-collection-errors",
+             "--rootdir", str(root), "-o", "addopts=", "--tb=no", "-W", "ignore::DeprecationWarning"]
+    # The graders need no third-party pytest plugin; loading them all (hypothesis, ...) can cost seconds.
+    saved = os.environ.get(NO_PLUGINS)
+    os.environ[NO_PLUGINS] = "1"
+    try:
+        with contextlib.nullcontext() if echo else contextlib.redirect_stdout(io.StringIO()):
+            pytest.main(args, plugins=[collector])
+    finally:
+        if saved is None:
+            del os.environ[NO_PLUGINS]
+        else:
+            os.environ[NO_PLUGINS] = saved
+    by_file: dict[Path, dict[str, tuple[bool, str]]] = {}
+    for (file, name), outcome in collector.outcomes.items():
+        by_file.setdefault(file, {})[name] = outcome
+    results = []
+    for number in labs:
+        for is_hidden in (False, True):
+            paths = [path for n, path, h in files if n == number and h == is_hidden]
+            ran = {name: outcome for path in paths for name, outcome in by_file.get(path, {}).items()}
+            broken = [f"{path.name} failed to load:\n{collector.broken[str(path)]}" for path in paths
+                      if str(path) in collector.broken]
+            missing = (False, "not run: " + ("\n".join(broken) if broken else "no such test in the grader"))
+            points = (hidden_rubric if is_hidden else rubric).get(number, {}) if paths else {}
+            for name in dict.fromkeys([*points, *ran]):
+                passed, message = ran.get(name, missing)
+                results.append(Result(number, name, passed, message, float(points.get(name, 1.0)), is_hidden))
+            results += [Result(number, f"{path.name} (failed to load)", False, collector.broken[str(path)], 0.0,
+                               is_hidden) for path in paths if str(path) in collector.broken]
+    return results
+
+
+def table(results: list[Result], titles: dict[int, str]) -> str:
+    """The per-lab score table, then every failure with its message."""
+    lines = [f"{'lab':<4}{'topic':<58}{'tests passed':>14}{'points':>12}"]
+    for number in sorted({r.lab for r in results}):
+        mine = [r for r in results if r.lab == number]
+        passed = sum(r.passed for r in mine)
+        lines.append(f"{number:<4}{titles.get(number, ''):<58}{f'{passed}/{len(mine)}':>14}"
+                     f"{f'{sum(r.points for r in mine):g}/{sum(r.max_points for r in mine):g}':>12}")
+    total, most = sum(r.points for r in results), sum(r.max_points for r in results)
+    passed = f"{sum(r.passed for r in results)}/{len(results)}"
+    lines.append(f"{'':<4}{'total':<58}{passed:>14}{f'{total:g}/{most:g}':>12}")
+    for r in results:
+        if not r.passed:
+            body = "\n".join("    " + line for line in r.message.splitlines())
+            lines.append(f"\nFAILED lab {r.lab} {r.name}{' (hidden)' if r.hidden else ''}\n{body}")
+    return "\n".join(lines)
+
+
+def gradescope(results: list[Result], seconds: float, summary: str) -> dict:
+    """The results in Gradescope's autograder format (see the module docstring)."""
+    tests, counters = [], {}
+    for r in results:
+        counters[r.lab] = counters.get(r.lab, 0) + 1
+        tests.append({"name": f"Lab {r.lab}: {r.name}", "number": f"{r.lab}.{counters[r.lab]}",
+                      "score": r.points, "max_score": r.max_points, "status": "passed" if r.passed else "failed",
+                      "output": r.message, "tags": [f"lab{r.lab}"] + (["hidden"] if r.hidden else []),
+                      "visibility": "after_published" if r.hidden else "visible"})
+    return {"score": sum(r.points for r in results), "execution_time": round(seconds, 1), "output": summary,
+            "visibility": "visible", "stdout_visibility": "hidden", "tests": tests}
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .manifest import choose_labs, load_labs
+
+    root = Path.cwd()
+    parser = argparse.ArgumentParser(prog="python -m lab.grade", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lab", type=int, action="append", help="grade this lab (repeatable); default: every lab")
+    parser.add_argument("--json", type=Path, help="also write the results in Gradescope's format to this file")
+    parser.add_argument("--hidden", type=Path, default=os.environ.get(HIDDEN_ENV) or None,
+                        help=f"a directory of hidden tests test_labNN_*.py (default: ${HIDDEN_ENV})")
+    parser.add_argument("--verbose", action="store_true", help="show pytest's own output too")
+    args = parser.parse_args(argv)
+    if not (root / "lab" / "manifest.toml").is_file():
+        raise SystemExit(f"lab.grade: error: run it from the repository root (no lab/manifest.toml in {root})")
+    spec = importlib.util.find_spec("llama_min")  # where it is, without running it (it may not even compile)
+    if spec is None or Path(spec.origin).resolve().parents[1] != root.resolve():
+        where = "nowhere" if spec is None else Path(spec.origin).parent
+        print(f"lab.grade: warning: grading the llama_min found {where}, not the one in {root}", file=sys.stderr)
+    manifest = load_labs(root / "lab" / "manifest.toml")
+    try:
+        labs = [lab.number for lab in choose_labs(args.lab or list(manifest), manifest)]
+        start = time.time()
+        results = run_graders(root, labs, args.hidden, echo=args.verbose)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"lab.grade: error: {e}") from None
+    summary = table(results, {n: lab.title for n, lab in manifest.items()})
+    print(summary)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(gradescope(results, time.time() - start, summary), indent=1,
+                                        ensure_ascii=False) + "\n", encoding="utf-8")
+        print(f"\nwrote {args.json} (Gradescope's results format)")
+    raise SystemExit(0 if all(r.passed for r in results) else 1)
+
+
+if __name__ == "__main__":
+    main()

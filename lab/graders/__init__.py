@@ -1,0 +1,1 @@
+"""The lab graders: one pytest file per lab, comparing a student's functions with stored reference outputs."""

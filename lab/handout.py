@@ -1,0 +1,154 @@
+"""Make a student version of the repository: a fresh directory (no git history) holding what a student needs,
+with the bodies of the chosen labs' functions replaced by ``raise NotImplementedError("<what to write>")``.
+
+    python -m lab.handout --labs 3 4 --out DIR         # blank labs 3 and 4 (any subset; `all` for every lab)
+    python -m lab.handout --fill DIR                    # paste this repository's reference back into DIR
+
+A handout holds the package, train.py, generate.py, the Shakespeare data, the chosen labs' handouts, every
+lab's grader with its stored reference outputs, the grade and pack tools and the plot scripts. It holds no
+tests/ (they contain the reference formulas), none of the instructor's tools (this generator, the fixture
+script, the mutation catalogue) and no history. DIR/lab/handout.json records which labs are blanked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from .manifest import REPO, Lab, choose_labs, load_labs
+from .source import blank_function, replace_function
+
+# What a student version holds, relative to the repository root.
+PACKAGE = "llama_min"
+SCRIPTS = ("train.py", "generate.py")
+DATA = "data/shakespeare"
+LAB_FILES = ("__init__.py", "manifest.py", "manifest.toml", "grade.py", "rubric.toml", "pack.py")
+LAB_DIRS = ("graders", "fixtures", "plots")
+RECORD = "lab/handout.json"
+
+
+def copy_tree(src: Path, dst: Path) -> None:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache"))
+
+
+def write_handout(labs: list[Lab], out: Path, repo: Path = REPO) -> list[str]:
+    """Write the student version with ``labs`` blanked into ``out`` (which must not exist or be empty).
+    Returns notes for the instructor: other labs' functions that would give a blanked lab's answer away."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; choose a new directory for the handout")
+    out.mkdir(parents=True, exist_ok=True)
+    copy_tree(repo / PACKAGE, out / PACKAGE)
+    for script in SCRIPTS:
+        shutil.copy2(repo / script, out / script)
+    copy_tree(repo / DATA, out / DATA)
+    shutil.copy2(repo / ".gitignore", out / ".gitignore")
+    pyproject = (repo / "pyproject.toml").read_text(encoding="utf-8")
+    (out / "pyproject.toml").write_text(pyproject.replace('testpaths = ["tests"]', 'testpaths = ["lab/graders"]'),
+                                        encoding="utf-8")
+    (out / "lab").mkdir()
+    for name in LAB_FILES:
+        shutil.copy2(repo / "lab" / name, out / "lab" / name)
+    for name in LAB_DIRS:
+        copy_tree(repo / "lab" / name, out / "lab" / name)
+    for lab in labs:
+        shutil.copy2(repo / "lab" / lab.handout, out / "lab" / lab.handout)
+        for blank in lab.blanks:
+            path = out / blank.file
+            path.write_text(blank_function(path.read_text(encoding="utf-8"), blank.qualname,
+                                           f"Lab {lab.number} ({lab.title}): {blank.todo}"), encoding="utf-8")
+    (out / RECORD).write_text(json.dumps({"labs": [lab.number for lab in labs], "source_commit": source_commit(repo)},
+                                         indent=2) + "\n", encoding="utf-8")
+    (out / "README.md").write_text(student_readme(labs), encoding="utf-8")
+    blanked = {b.name for lab in labs for b in lab.blanks}
+    return [f"lab {lab.number}'s answer can be read in {name}, which this handout keeps: blank its lab too to hide it"
+            for lab in labs for name in lab.also_shows if name not in blanked]
+
+
+def fill_handout(out: Path, repo: Path = REPO) -> list[str]:
+    """Paste the reference bodies of every function the handout in ``out`` blanked back from ``repo``.
+    Returns the files changed."""
+    labs = choose_labs(blanked_labs(out), load_labs())
+    changed = []
+    for lab in labs:
+        for blank in lab.blanks:
+            path = out / blank.file
+            path.write_text(replace_function(path.read_text(encoding="utf-8"), blank.qualname,
+                                             (repo / blank.file).read_text(encoding="utf-8")), encoding="utf-8")
+            changed.append(blank.file)
+    return sorted(set(changed))
+
+
+def blanked_labs(root: Path) -> list[int]:
+    """The labs a handout blanks, from its lab/handout.json (empty for the reference repository)."""
+    path = Path(root) / RECORD
+    return json.loads(path.read_text())["labs"] if path.exists() else []
+
+
+def source_commit(repo: Path) -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def student_readme(labs: list[Lab]) -> str:
+    rows = "\n".join(f"| {lab.number} | [{lab.title}](lab/{lab.handout}) | "
+                     + ", ".join(f"`{b.name}`" for b in lab.blanks) + " |" for lab in labs)
+    return f"""# llama_min: course labs
+
+A minimal LLaMA in PyTorch in which some functions are left for you to write. Each lab's handout gives the
+equations, the shapes, the functions and the command that grades them.
+
+| lab | handout | functions to write |
+|---|---|---|
+{rows}
+
+Set up once: `pip install torch numpy sentencepiece safetensors pytest matplotlib` (a CPU build of PyTorch is
+enough). Then, from this directory:
+
+    python -m lab.grade --lab N          # grade one lab: a score table, and what went wrong
+    python -m lab.grade                  # every lab
+    python -m lab.pack                   # submission.zip: your edited files and your hand-in files
+
+Every other part of the model is complete and correct, so each lab can be graded on its own.
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    labs = load_labs()
+    parser = argparse.ArgumentParser(prog="python -m lab.handout", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--labs", nargs="+", help="lab numbers to blank, or `all`: "
+                        + ", ".join(f"{n} {lab.title}" for n, lab in labs.items()))
+    parser.add_argument("--out", type=Path, help="directory to write the student version into (new or empty)")
+    parser.add_argument("--fill", type=Path, metavar="DIR", help="paste the reference back into the handout in DIR")
+    args = parser.parse_args(argv)
+    try:
+        if args.fill:
+            if args.labs or args.out:
+                raise ValueError("--fill DIR takes no --labs or --out: it restores what DIR/lab/handout.json says")
+            changed = fill_handout(args.fill)
+            print(f"pasted the reference back into {len(changed)} files of {args.fill}: {', '.join(changed)}")
+            return
+        if not args.labs or not args.out:
+            raise ValueError("give --labs N [N ...] (or `all`) and --out DIR")
+        if args.labs != ["all"] and not all(n.isdigit() for n in args.labs):
+            raise ValueError(f"--labs takes lab numbers or `all`, got {' '.join(args.labs)}")
+        numbers = list(labs) if args.labs == ["all"] else [int(n) for n in args.labs]
+        chosen = choose_labs(numbers, labs)
+        notes = write_handout(chosen, args.out)
+    except (ValueError, FileExistsError, LookupError) as e:
+        print(f"lab.handout: error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(f"wrote the student version of labs {', '.join(str(lab.number) for lab in chosen)} to {args.out}")
+    for note in notes:
+        print(f"note: {note}")
+
+
+if __name__ == "__main__":
+    main()
