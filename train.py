@@ -167,7 +167,7 @@ def train(cfg: TrainConfig) -> signal.Signals | None:
     if stopped_by is None:
         dev.finish()
     rt.say(f"done in {progress.elapsed():.0f}s: step {step}, held-out loss {val_loss}, bits per byte {val_bpb}; "
-           f"checkpoint {ckpt_dir}")
+           f"checkpoint {ckpt_dir}{rt.memory_note()}")
     if rt.world_size > 1:
         dist.barrier()  # rank 0's last writes done: every process leaves together
     return stopped_by

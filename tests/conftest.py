@@ -106,3 +106,13 @@ def lab(tmp_path_factory):
           "--cache_dir", root / "cache", "--seq_len", "48", "--batch_size", "4", "--max_steps", "4",
           "--eval_every", "4", "--sample_tokens", "0", "--out_dir", root / "base")
     return root
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked cuda run only where CUDA is present (benchmarks/gpu_check.py runs them on a GPU)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

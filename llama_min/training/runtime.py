@@ -48,6 +48,12 @@ class Runtime:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
+    def memory_note(self) -> str:
+        """", peak GPU memory X GB" on CUDA (what a run needed, for sizing the next), else nothing."""
+        if self.device.type != "cuda":
+            return ""
+        return f", peak GPU memory {torch.cuda.max_memory_allocated(self.device) / 2**30:.2f} GB"
+
     @property
     def precision(self) -> str:
         """The arithmetic of this run's forward passes, for messages."""
