@@ -39,8 +39,8 @@ from llama_min.training.optim import get_lr, make_optimizer, set_lr
 from llama_min.training.progress import Progress, TrainingDiverged
 from llama_min.training.robust import DevSelection, make_l2sp
 from llama_min.training.runtime import StopRequest, setup_runtime
-from llama_min.training.state import (all_rng_states, checkpoint_dir, load_train_state, restore_run, resumed_config,
-                                      save_checkpoint, write_merged)
+from llama_min.training.state import (RunCheckpoints, checkpoint_dir, load_train_state, restore_run, resumed_config,
+                                      write_merged)
 from llama_min.training.trainable import build_model, choose_trainable, hold_frozen_in_autocast_dtype
 
 REPO = Path(__file__).resolve().parent
@@ -76,29 +76,13 @@ def train(cfg: TrainConfig) -> signal.Signals | None:
     progress = Progress(cfg, rt, model.config, resumed_at=state["step"] if state else None)
     dev = DevSelection(cfg, rt, data, model, progress)  # --dev_every: keep the best, stop early
     step, best_val_loss = restore_run(state, optimizer, sampler, dev, rt, ckpt_dir) if state else (0, float("inf"))
-    saved_step = step if state else None  # the step the last good checkpoint holds
+    checkpoints = RunCheckpoints(cfg, rt, model, data, optimizer, sampler, dev, saved_step=step if state else None)
     # `model` stays the plain module, for evaluation, samples and checkpoints; `trained` is what steps.
     trained = torch.compile(model) if cfg.compile else model
     if rt.world_size > 1:
         trained = DistributedDataParallel(trained, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.use_grad_scaler)
     describe(cfg, rt, model, data, progress)
-
-    def save(at_step: int) -> None:
-        """A checkpoint of the run after at_step, never of diverged weights (every process calls it)."""
-        nonlocal saved_step
-        rng = all_rng_states(rt)
-        if not all(p.isfinite().all() for p in model.parameters()):
-            raise TrainingDiverged(f"the weights are not finite after step {at_step}; not saved. {last_good()}")
-        if rt.master:
-            save_checkpoint(ckpt_dir, model, data.tokenizer, optimizer, sampler, at_step, best_val_loss, cfg, rng,
-                            data.instructions, dev.state_dict())
-        saved_step = at_step
-
-    def last_good() -> str:
-        return (f"The last good checkpoint, {ckpt_dir}, holds step {saved_step}: continue from it with --resume "
-                "and a lower --lr" if saved_step is not None else
-                "No checkpoint was saved before: lower --lr, or check the data")
 
     # ---- the loop -------------------------------------------------------------------------------------
     val_loss = val_bpb = stopped_by = None
@@ -129,7 +113,8 @@ def train(cfg: TrainConfig) -> signal.Signals | None:
 
             loss = rt.all_sum(loss_sum)  # the global batch's mean loss, the same on every process
             if not math.isfinite(loss):
-                raise TrainingDiverged(f"the training loss is {loss} at step {step}; stopping. {last_good()}")
+                raise TrainingDiverged(f"the training loss is {loss} at step {step}; stopping. "
+                                       f"{checkpoints.last_good()}")
             progress.step(step, loss, lr, tokens=sum(x.numel() for x, _ in batches) * rt.world_size,
                           stats=None if cfg.full_checkpoint else lambda: peft_stats(model))
             dev.maybe_evaluate(step)  # before the checkpoint below, which saves its progress
@@ -139,14 +124,15 @@ def train(cfg: TrainConfig) -> signal.Signals | None:
                     rt.say(f"step {step}: held-out loss {val_loss:.4f}" + (f", {val_bpb:.4f} bits per byte" if val_bpb else ""))
                     progress.record(step=step, val_loss=val_loss, val_bpb=val_bpb)
                     if not math.isfinite(val_loss):
-                        raise TrainingDiverged(f"the held-out loss is {val_loss} at step {step}; not saved. {last_good()}")
+                        raise TrainingDiverged(f"the held-out loss is {val_loss} at step {step}; not saved. "
+                                               f"{checkpoints.last_good()}")
                     best_val_loss = min(best_val_loss, val_loss)
-                    save(step)
+                    checkpoints.save(step, best_val_loss)
                     if step < cfg.max_steps:
                         progress.plot()
             stopped_by = stop.agreed()  # SIGINT / SIGTERM on any process
             if (stopped_by or dev.should_stop) and step < cfg.max_steps:
-                save(step)
+                checkpoints.save(step, best_val_loss)
                 rt.say(f"{stopped_by.name} at step {step}: checkpoint saved to {ckpt_dir}; continue with --resume"
                        if stopped_by else f"early stopping at step {step}: {cfg.patience} dev evaluations without "
                        f"improvement; checkpoint saved to {ckpt_dir}, best model in {dev.best_dir}")

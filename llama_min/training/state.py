@@ -29,6 +29,7 @@ from ..peft import fold_lora, save_peft
 from ..tokenizer import Tokenizer
 from .config import TrainConfig
 from .data import WindowSampler
+from .progress import TrainingDiverged
 from .runtime import Runtime
 
 STATE_FILE = "train_state.pt"  # next to the model's files in the checkpoint directory
@@ -204,3 +205,32 @@ def restore_run(state: dict, optimizer, sampler: WindowSampler, dev, rt: Runtime
         rt.say(f"note: {note}")
     dev.load_state_dict(state.get("early_stopping"))
     return state["step"], state["best_val_loss"]
+
+
+class RunCheckpoints:
+    """The run's checkpoint in OUT_DIR, and the step its last good save holds (for the messages of a
+    run that diverges). Every process calls ``save``; rank 0 writes."""
+
+    def __init__(self, cfg: TrainConfig, rt: Runtime, model: Llama, data, optimizer, sampler: WindowSampler, dev,
+                 saved_step: int | None):
+        self.cfg, self.rt, self.model, self.data, self.optimizer, self.sampler, self.dev = (
+            cfg, rt, model, data, optimizer, sampler, dev)
+        self.directory = checkpoint_dir(cfg)
+        self.saved_step = saved_step
+
+    def save(self, step: int, best_val_loss: float) -> None:
+        """A checkpoint of the run after ``step``, never of weights that are not finite."""
+        rng = all_rng_states(self.rt)  # (a collective: before anything that can raise on one rank only)
+        if not all(p.isfinite().all() for p in self.model.parameters()):
+            raise TrainingDiverged(f"the weights are not finite after step {step}; not saved. {self.last_good()}")
+        if self.rt.master:
+            save_checkpoint(self.directory, self.model, self.data.tokenizer, self.optimizer, self.sampler, step,
+                            best_val_loss, self.cfg, rng, self.data.instructions, self.dev.state_dict())
+        self.saved_step = step
+
+    def last_good(self) -> str:
+        """What is left after a divergence, and what to do."""
+        if self.saved_step is None:
+            return "No checkpoint was saved before: lower --lr, or check the data"
+        return (f"The last good checkpoint, {self.directory}, holds step {self.saved_step}: continue from it with "
+                "--resume and a lower --lr")
