@@ -4,9 +4,9 @@
     python -m experiments.evaluate --checkpoint BASE --peft ADAPTER_DIR --interpolate 0.5 --records ...
     python -m experiments.evaluate --checkpoint TUNED --base BASE --interpolate 0.5 --records ...
 
---interpolate a scores the model θ(a) = (1 − a)·base + a·fine-tuned (``llama_min.interpolate``).
+--interpolate a scores the model θ(a) = (1 − a)·base + a·fine-tuned (``llama_min.finetune.interpolate``).
 
-Answers are generated greedily and compared exactly as ``llama_min.exact_match`` explains; here the
+Answers are generated greedily and compared exactly as ``llama_min.finetune.exact_match`` explains; here the
 score is also broken down per lab task.
 """
 

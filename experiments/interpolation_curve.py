@@ -1,5 +1,5 @@
 """Accuracy, robustness and forgetting along the line from the base to the fine-tuned model,
-θ(a) = (1 − a)·θ₀ + a·θ (WiSE-FT, Wortsman et al. 2022; ``llama_min.interpolate``).
+θ(a) = (1 − a)·θ₀ + a·θ (WiSE-FT, Wortsman et al. 2022; ``llama_min.finetune.interpolate``).
 
     python -m experiments.interpolation_curve --checkpoint BASE --peft ADAPTER --records runs/lab/instructions/eval.jsonl \
         --corpus runs/lab/pretrain --out runs/curve
@@ -7,7 +7,7 @@
 
 For every a (default 0, 0.25, 0.5, 0.75, 1) the model is loaded afresh and moved to θ(a) (the move is
 in place and not exactly undoable), then scored with ``experiments.evaluate``: exact-match accuracy by greedy
-generation on the records and on their perturbed copy (``llama_min.perturb.perturb_for_eval``, seeded
+generation on the records and on their perturbed copy (``llama_min.finetune.perturb.perturb_for_eval``, seeded
 by --perturb_seed), the mean cross-entropy of the answers given their prompts, and with --corpus the
 held-out bits per byte of the pretraining corpus (forgetting). Writes OUT/curve.json (the figures) and
 OUT/curve.png (accuracies and, on the right axis, corpus bits per byte or else the answer loss, against

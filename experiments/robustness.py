@@ -1,6 +1,6 @@
 """The robustness report: each fine-tuning method, plain and with robust options, on the instruction lab.
 
-    python -m experiments.robustness --out runs/robust --seeds 0 1 2       # the README table
+    python -m experiments.robustness --out runs/robust --seeds 0 1 2       # the table in docs/results.md
     python -m experiments.robustness --out /tmp/r --seeds 0 --pretrain_steps 100 --finetune_steps 10 --rows full "full +robust"
 
 For each seed the lab base is pretrained once (``experiments.run_lab.pretrain_base``) and fine-tuned once per row
@@ -8,7 +8,7 @@ of ROWS by train.py, every row for the same steps at the same batch size. Each f
 
     clean        exact match on the held-out words' records (``experiments.evaluate.exact_match``)
     perturbed    exact match on the same records with one perturbation of each instruction (a typo, a case
-                 change, extra spaces or a distractor prefix: ``llama_min.perturb.perturb_for_eval``, the
+                 change, extra spaces or a distractor prefix: ``llama_min.finetune.perturb.perturb_for_eval``, the
                  "eval" stream, which the training perturbations of --perturb never draw from)
     forgetting   held-out bits per byte of the pretraining corpus after minus before fine-tuning
                  (``experiments.evaluate.corpus_bpb``): the base memorised these facts, a rise is knowledge lost
@@ -46,7 +46,7 @@ from .run_lab import PRETRAIN_SEQ_LEN, add_lab_arguments, finetune, load_run, pr
 #                                separate random stream): aimed at perturbed accuracy
 #   --l2sp 0.1 --weight_decay 0  L2-SP pulls the trained base tensors toward the pretrained ones instead
 #                                of toward zero: aimed at forgetting; only where base tensors train
-# Measured on seed 0 and left out (README "Robust, efficient fine-tuning"): NEFTune (--embed_noise 5) lowered
+# Measured on seed 0 and left out (docs/results.md, the robustness report): NEFTune (--embed_noise 5) lowered
 # clean and perturbed accuracy for full fine-tuning and for LoRA; --l2sp 1 cut clean accuracy to .208 (with
 # --perturb 0.5) and --l2sp 10 stopped learning (.003).
 PLAIN = {

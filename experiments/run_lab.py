@@ -1,6 +1,6 @@
 """Run the whole lab: make it, pretrain the lab base, fine-tune it with every method, score, tabulate.
 
-    python -m experiments.run_lab --out runs/lab_table --seeds 0 1 2       # the README table (11 minutes on 2 shared cores)
+    python -m experiments.run_lab --out runs/lab_table --seeds 0 1 2       # the table in docs/results.md
     python -m experiments.run_lab --out /tmp/quick --seeds 0 --pretrain_steps 100 --finetune_steps 20 --methods full
 
 For each seed: ``experiments.make_lab`` writes the lab (words, facts and tokenizer depend on the seed), train.py

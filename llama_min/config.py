@@ -143,10 +143,9 @@ _LLAMA1 = dict(vocab_size=32000, multiple_of=256, norm_eps=1e-6, max_seq_len=204
 _LLAMA2 = dict(vocab_size=32000, multiple_of=256, norm_eps=1e-5, max_seq_len=4096)
 
 PRESETS: dict[str, ModelConfig] = {
-    # A CPU-lab size: `python train.py` trains it in about four and a half minutes on a 2-core CPU and it
-    # learns Shakespeare's spelling and rhythm. At that budget a small model seeing more tokens beats a
-    # larger one seeing fewer (measured with train.py, README "Train": in the same time, dim 96 for 1950
-    # steps reaches 2.199 bits per byte, dim 128 for 1450 steps 2.215). Small vocabulary to match a
+    # A CPU-lab size: `python train.py` trains it in minutes on a laptop-class CPU and it learns
+    # Shakespeare's spelling and rhythm. At that budget a small model seeing more tokens beats a larger
+    # one seeing fewer (docs/results.md, "How the default got there"). Small vocabulary to match a
     # tokenizer trained on ~5 MB.
     "tiny": ModelConfig(dim=96, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=2048, multiple_of=32,
                         norm_eps=1e-5, max_seq_len=256),

@@ -81,7 +81,7 @@ def store_weights_column_major(model: nn.Module) -> nn.Module:
     Why: a decode step multiplies one activation row by every weight, y = x Wᵀ, a matrix-vector product
     whose speed is the speed of reading W. With nn.Linear's row-major W each output is a dot product
     along a row, and the CPU BLAS kernel for that shape reads memory at well under the machine's
-    bandwidth (10 GB/s against 16 GB/s measured here on one core, see benchmarks/decode.py); with W
+    bandwidth (benchmarks/decode.py measures both; docs/results.md has the figures); with W
     stored column-major, x Wᵀ is a vector times a row-major matrix, which streams through memory. The
     numbers are the same tensors, so the model's outputs are unchanged up to float rounding
     (tests/test_generation.py). Large-batch matrix products (training, long prefills) prefer the

@@ -75,7 +75,7 @@ class EarlyStopping:
         return stopper
 
     def summary(self, total_steps: int) -> dict:
-        """What was chosen and what it saved, for the run log and the README table."""
+        """What was chosen and what it saved, for the run log and early_stopping.json."""
         if self.last_step is None:
             raise ValueError("no evaluation was recorded: call update(step, metric) at least once")
         stopped_at = self.last_step if self.should_stop else total_steps

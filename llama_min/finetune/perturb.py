@@ -11,7 +11,7 @@ user types it slightly differently. Six families of small edits imitate what use
     whitespace  extra spaces at a word boundary                "the word" -> "the   word"
     prefix      a neutral distractor sentence before the text  "Please read carefully. Reverse ..."
 
-Applied to a fraction p of the training records (``perturb_records``, the future ``--perturb p``) they
+Applied to a fraction p of the training records (``perturb_records``, train.py's ``--perturb p``) they
 are a data augmentation; applied to every test prompt with held-out seeds (``perturb_for_eval``) they
 measure robustness: exact-match on the perturbed test set against exact-match on the clean one.
 

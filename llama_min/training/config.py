@@ -20,7 +20,7 @@ METHODS = ("full", "partial", *PEFT_METHODS)  # every parameter, the named base 
 FULL_CHECKPOINT_METHODS = ("full", "partial")  # base tensors change: the whole model is saved (OUT_DIR/ckpt)
 PEFT_FIELDS = tuple(f.name for f in fields(PeftConfig) if f.name not in SCRIPT_FIELDS)  # --method, --train_norms: ours
 MODEL, DATA, OPTIM, TUNE, ROBUST, RUN = ("model", "data", "optimisation", "fine-tuning",
-                                         "robust fine-tuning (README: docs/robust.md)", "run")
+                                         "robust fine-tuning (docs/robust.md)", "run")
 
 
 @dataclass
