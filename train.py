@@ -73,7 +73,7 @@ def train(cfg: TrainConfig) -> signal.Signals | None:
         add_embedding_noise(model, cfg.embed_noise)
     optimizer = make_optimizer(model, cfg, rt)
     sampler = make_sampler(data, cfg)
-    progress = Progress(cfg, rt, model.config, resumed_at=state["step"] if state else None)
+    progress = Progress(cfg, rt, model, resumed_at=state["step"] if state else None)
     dev = DevSelection(cfg, rt, data, model, progress)  # --dev_every: keep the best, stop early
     step, best_val_loss = restore_run(state, optimizer, sampler, dev, rt, ckpt_dir) if state else (0, float("inf"))
     checkpoints = RunCheckpoints(cfg, rt, model, data, optimizer, sampler, dev, saved_step=step if state else None)

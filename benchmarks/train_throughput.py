@@ -110,7 +110,7 @@ def main(argv=None):
             rows = torch.randint(0, config.vocab_size, (batch, seq_len + 1), generator=g)
             batches.append((rows[:, :-1], rows[:, 1:]))
         tokens = batch * seq_len
-        flops = flops_per_token(config, seq_len) * tokens
+        flops = flops_per_token(Llama(config), seq_len) * tokens
         torch.manual_seed(0)
         ours_model = Llama(config)
         theirs_model = hf_model(config)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import llama_min.training.progress as progress_module
+from llama_min import Llama
 from llama_min.config import ModelConfig
 from llama_min.training.config import TrainConfig
 from llama_min.training.progress import Progress, datasheet_peak
@@ -28,8 +29,8 @@ def clock(monkeypatch):
 
 def make(tmp_path, **flags) -> Progress:
     cfg = TrainConfig(out_dir=str(tmp_path), peak_flops=1e15, seq_len=8, **flags)
-    config = ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=64, multiple_of=16, max_seq_len=8)
-    return Progress(cfg, Runtime(torch.device("cpu")), config)
+    model = Llama(ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=64, multiple_of=16, max_seq_len=8))
+    return Progress(cfg, Runtime(torch.device("cpu")), model)
 
 
 def eta_printed(capsys) -> float:
@@ -82,3 +83,23 @@ def test_mfu_never_reads_above_100_percent(tmp_path, clock, capsys, monkeypatch)
 ])
 def test_datasheet_peak_takes_the_longest_matching_name(name, peak):
     assert datasheet_peak(name) == peak
+
+
+def test_flops_of_full_training_are_palms_and_frozen_parts_cost_less():
+    """PaLM's count, written out for the tiny shape: 6 per matrix weight plus 12·L·T·dim; a LoRA run pays
+    2 + 2 per frozen weight (no weight gradient), an adapter on the top layer nothing backward below it."""
+    from llama_min.peft import PeftConfig, apply_peft
+    from llama_min.training.progress import flops_per_token
+
+    c = ModelConfig(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=64, multiple_of=16, max_seq_len=16)
+    T, h, kv = 16, c.ffn_hidden_dim, c.n_kv_heads * c.head_dim
+    per_layer = 2 * c.dim * c.dim + 2 * c.dim * kv + 3 * c.dim * h
+    full = 6 * (c.n_layers * per_layer + c.dim * c.vocab_size) + 12 * c.n_layers * T * c.dim
+    assert flops_per_token(Llama(c), T) == full
+    lora = apply_peft(Llama(c), PeftConfig(method="lora", lora_rank=2, lora_targets=("wq",)))
+    lora_ab = 6 * c.n_layers * 2 * (c.dim + c.dim)  # A (2, dim) and B (dim, 2) per layer, trained
+    assert flops_per_token(lora, T) == full - 2 * (c.n_layers * per_layer + c.dim * c.vocab_size) + lora_ab
+    adapter = apply_peft(Llama(c), PeftConfig(method="adapter", adapter_len=10, adapter_layers=1))
+    layer0 = 2 * per_layer + 4 * T * c.dim  # below the adapted layer: forward only
+    layer1 = 4 * per_layer + 6 * 10 * c.dim + 12 * T * c.dim  # frozen matrices, trained prompts (10, dim)
+    assert flops_per_token(adapter, T) == layer0 + layer1 + 4 * c.dim * c.vocab_size

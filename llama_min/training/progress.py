@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 
 from ..cli import UsageError
-from ..config import ModelConfig
 from .config import TrainConfig
 from .runtime import Runtime
 
@@ -30,16 +29,27 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
-def flops_per_token(config: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 per weight (forward 2, backward 4) for every matrix a token goes
-    through (not the embedding lookup), plus attention's scores and weighted sum, 6·2·L·T·dim
-    (Chowdhery et al. 2022, PaLM, appendix B; T/2 on average under the causal mask, as kernels skip
-    nothing here we keep PaLM's count)."""
-    d, L, h = config.dim, config.n_layers, config.ffn_hidden_dim
-    kv = config.n_kv_heads * config.head_dim
-    per_layer = d * d * 2 + d * kv * 2 + 3 * d * h
-    matmul_weights = L * per_layer + d * config.vocab_size
-    return 6 * matmul_weights + 12 * L * seq_len * d
+def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
+    """Training FLOPs per token (Chowdhery et al. 2022, PaLM, appendix B): for every weight of a matrix
+    a token goes through (not the embedding lookup), 2 in the forward pass, 2 for the gradient of its
+    input, 2 for its own gradient; attention's scores and weighted sum add 4·T·dim per layer forward and
+    twice that backward (T/2 on average under the causal mask, but kernels skip nothing: PaLM's count).
+
+    What does not train costs less: a frozen matrix needs no gradient of its own, and a layer with
+    nothing trainable at or below it (LLaMA-Adapter's lower layers) no backward pass at all. For
+    pretraining and full fine-tuning this is PaLM's 6 per weight plus 12·L·T·dim."""
+    layers, dim = model.layers, model.config.dim
+    trains = [any(p.requires_grad for p in layer.parameters()) for layer in layers]
+    lowest = 0 if model.tok_embeddings.weight.requires_grad else next(
+        (i for i, t in enumerate(trains) if t), len(layers))
+
+    def matrices(module: torch.nn.Module, backward: bool) -> int:
+        return sum(p.numel() * (2 + 2 * backward + 2 * p.requires_grad) for p in module.parameters() if p.dim() == 2)
+
+    total = sum(matrices(layer, i >= lowest) + 4 * seq_len * dim * (1 + 2 * (i >= lowest))
+                for i, layer in enumerate(layers))
+    head_backward = lowest < len(layers) or model.output.weight.requires_grad
+    return total + model.output.weight.numel() * (2 + 2 * head_backward + 2 * model.output.weight.requires_grad)
 
 
 # Dense (no sparsity) tensor-core peaks from NVIDIA's datasheets, FLOP/s, in the dtype each GPU trains
@@ -98,10 +108,10 @@ class Progress:
     checkpoints, dev evaluations) at the mean time each kind has taken so far.
     """
 
-    def __init__(self, cfg: TrainConfig, rt: Runtime, config: ModelConfig, resumed_at: int | None = None):
+    def __init__(self, cfg: TrainConfig, rt: Runtime, model: torch.nn.Module, resumed_at: int | None = None):
         self.cfg, self.rt = cfg, rt
         self.out_dir = Path(cfg.out_dir)
-        self.flops_per_token = flops_per_token(config, cfg.seq_len)
+        self.flops_per_token = flops_per_token(model, cfg.seq_len)
         self.peak = peak_flops(cfg, rt) * rt.world_size
         self.t_start = time.time()
         self.step_times = deque(maxlen=21)  # seconds per training step of recent log intervals, for the ETA
