@@ -61,3 +61,12 @@ def train_losses(out_dir: Path) -> list[float]:
 def last(out_dir: Path, key: str):
     """The last logged value of a metric (val_loss, val_bpb, dev_accuracy, ...)."""
     return [r[key] for r in metrics(out_dir) if r[key] is not None][-1]
+
+
+def shakespeare_slice(directory: Path) -> Path:
+    """DIRECTORY/data: train.txt and val.txt cut from the shipped corpus (60 kB and 8 kB), for tiny runs."""
+    data = Path(directory) / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    (data / "train.txt").write_text((ROOT / "data/shakespeare/train.txt").read_text()[:60_000])
+    (data / "val.txt").write_text((ROOT / "data/shakespeare/val.txt").read_text()[:8_000])
+    return data

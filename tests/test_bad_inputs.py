@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import random_model, tiny_config
-from scripts import ROOT, metrics, run_script
+from scripts import ROOT, metrics, run_script, shakespeare_slice
 
 TINY = ["--dim", "32", "--n_layers", "2", "--n_heads", "2", "--n_kv_heads", "1", "--multiple_of", "16"]
 
@@ -42,9 +42,7 @@ def run_args(world, out, *extra):
 def world(tmp_path_factory):
     """A slice of the shipped corpus, a finished 4-step run (OUT_DIR/base, checkpoint at step 4)."""
     root = tmp_path_factory.mktemp("world")
-    (root / "data").mkdir()
-    (root / "data" / "train.txt").write_text((ROOT / "data/shakespeare/train.txt").read_text()[:60_000])
-    (root / "data" / "val.txt").write_text((ROOT / "data/shakespeare/val.txt").read_text()[:8_000])
+    shakespeare_slice(root)
     done = run_script("train.py", *run_args(root, root / "base"))
     assert done.code == 0, done.err
     return root

@@ -26,7 +26,7 @@ from llama_min.training.optim import get_lr, make_optimizer
 from llama_min.training.runtime import Runtime, setup_runtime
 from llama_min.training.state import STATE_FILE
 from llama_min.training.trainable import build_model, choose_trainable
-from scripts import ROOT as REPO, last, metrics, run_script, train, train_losses
+from scripts import ROOT as REPO, last, metrics, run_script, shakespeare_slice, train, train_losses
 
 TINY_MODEL = ["--dim", "32", "--n_layers", "2", "--n_heads", "2", "--n_kv_heads", "1", "--vocab_size", "384",
               "--multiple_of", "16"]
@@ -36,9 +36,7 @@ TINY_MODEL = ["--dim", "32", "--n_layers", "2", "--n_heads", "2", "--n_kv_heads"
 def corpus(tmp_path_factory):
     """A small train/val directory cut from the shipped corpus, and a shared token cache."""
     root = tmp_path_factory.mktemp("corpus")
-    (root / "data").mkdir()
-    (root / "data" / "train.txt").write_text((REPO / "data/shakespeare/train.txt").read_text()[:60_000])
-    (root / "data" / "val.txt").write_text((REPO / "data/shakespeare/val.txt").read_text()[:8_000])
+    shakespeare_slice(root)
     return root
 
 
