@@ -23,7 +23,7 @@ import torch
 
 from llama_min import Llama, ModelConfig
 from llama_min.generation import generate_stream, store_weights_column_major
-from llama_min.convert.hf_format import config_to_hf, state_dict_to_hf
+from llama_min.hf_format import config_to_hf, state_dict_to_hf
 
 # Wall-clock time by default. On a machine shared with other busy processes, `--clock cpu --threads 1`
 # counts only the CPU time this process got, which is what a quiet machine's wall clock would show

@@ -1,8 +1,9 @@
 """llama_min: a minimal, readable LLaMA in PyTorch.
 
 The model first, one idea per file, in the order a forward pass meets them: config, rmsnorm, rope,
-kv_cache, attention, feedforward, block, model; then tokenizer, generation, and checkpoint (with
-checkpoint_files, the directory on disk). What the scripts share is cli.py. Around them, sub-packages
+kv_cache, attention, feedforward, block, model; then tokenizer, generation, checkpoint (with
+checkpoint_files, the directory on disk) and hf_format (the model's Hugging Face names). What the
+scripts share is cli.py. Around them, sub-packages
 named for their job: peft/ (LLaMA-Adapter, LoRA, bottleneck adapters), finetune/ (instruction data,
 templates, robust fine-tuning), training/ (what train.py's loop calls), convert/ (weights_convert.py).
 """

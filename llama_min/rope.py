@@ -7,7 +7,7 @@ position n then depends on m and n only through m - n: attention sees relative p
 
 Pairing: Meta's LLaMA rotates *adjacent* features (2i, 2i+1), which is what this file does. Hugging Face
 rotates the two halves of the head instead and compensates by permuting the rows of wq and wk
-(``convert/hf_format.py`` undoes that permutation). Meta's code writes the rotation with complex
+(``hf_format.py`` undoes that permutation). Meta's code writes the rotation with complex
 numbers; here it is written with real cos/sin, which every backend supports.
 
 Long-context models rescale the frequencies θ_i before use (``ModelConfig.rope_scaling``):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import llama_min.convert.hf_format as hf_format
+import llama_min.hf_format as hf_format
 from llama_min.checkpoint import load_checkpoint
 
 from conftest import max_abs_diff, random_model, random_tokens, tiny_config

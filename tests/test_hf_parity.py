@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from llama_min import Llama, ModelConfig
 from llama_min.config import RopeScaling
-from llama_min.convert.hf_format import config_from_hf, config_to_hf, permute_rope_rows, state_dict_from_hf, state_dict_to_hf
+from llama_min.hf_format import config_from_hf, config_to_hf, permute_rope_rows, state_dict_from_hf, state_dict_to_hf
 
 from conftest import max_abs_diff, random_model, random_tokens
 

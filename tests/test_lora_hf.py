@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from llama_min.convert.hf_format import config_to_hf, state_dict_to_hf
+from llama_min.hf_format import config_to_hf, state_dict_to_hf
 from llama_min.peft.lora import LoRALinear
 from llama_min.peft.export_hf import HF_ADAPTER_CONFIG, export_lora_to_hf
 from llama_min.peft import PeftConfig, apply_peft

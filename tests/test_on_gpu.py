@@ -16,7 +16,7 @@ CUDA = torch.device("cuda")
 
 def test_hugging_face_parity_on_the_gpu():
     from test_hf_parity import TOL, load_fixture
-    from llama_min.convert.hf_format import config_from_hf, state_dict_from_hf
+    from llama_min.hf_format import config_from_hf, state_dict_from_hf
 
     hf_config, hf_state, input_ids, expected = load_fixture()
     config = config_from_hf(hf_config)

@@ -26,7 +26,7 @@ import torch
 from ..checkpoint import CONFIG_FILE, WEIGHTS_FILE, atomic_directory, check_state_dict, stored_state_dict
 from ..cli import UsageError
 from ..model import Llama
-from .hf_format import tensor_to_hf
+from ..hf_format import tensor_to_hf
 from .hf_tokenizer import TOKENIZER_JSON, write_for_transformers
 from .gguf import GGUFSource, is_gguf_file
 from .hf import HFSource, hf_config_json, is_hf_dir

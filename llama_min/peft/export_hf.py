@@ -1,5 +1,5 @@
 """Export a LoRA trained here in the Hugging Face PEFT layout, to load with ``peft`` onto the Hugging Face
-export of its base (``convert.hf_format.state_dict_to_hf`` + ``config_to_hf``), from a model in memory
+export of its base (``hf_format.state_dict_to_hf`` + ``config_to_hf``), from a model in memory
 (``export_lora_to_hf``) or from an adapter directory (``weights_convert.py OUT/peft DST --to peft``):
 
     DIR/adapter_config.json          LoraConfig: r, lora_alpha, lora_dropout, target_modules (q_proj, ...)
@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from ..checkpoint import atomic_directory
 from ..config import ModelConfig
-from ..convert.hf_format import tensor_to_hf
+from ..hf_format import tensor_to_hf
 from ..model import Llama
 from .config import PeftConfig
 from .lora import LoRALinear

@@ -15,7 +15,7 @@ import re
 
 import torch
 
-from ..config import ModelConfig, RopeScaling
+from .config import ModelConfig, RopeScaling
 
 # Our name (with {i} for the layer) -> Hugging Face name. Every tensor of both layouts appears here.
 NAMES = {
