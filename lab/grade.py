@@ -26,7 +26,6 @@ import os
 import re
 import sys
 import time
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +91,8 @@ def student_message(excinfo) -> str:
 
 
 def read_rubric(path: Path) -> dict[int, dict[str, float]]:
+    from .manifest import tomllib
+
     if not path.is_file():
         return {}
     data = tomllib.loads(path.read_text(encoding="utf-8"))

@@ -3,9 +3,16 @@ a student hands in. Every lab tool reads the labs from here."""
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+
+try:
+    import tomllib  # Python 3.11+
+except ModuleNotFoundError:  # Python 3.10: the same parser as a package
+    try:
+        import tomli as tomllib
+    except ModuleNotFoundError:
+        raise SystemExit("the labs read TOML files: on Python 3.10, pip install tomli (3.11 has it built in)") from None
 
 LAB_DIR = Path(__file__).resolve().parent
 REPO = LAB_DIR.parent
