@@ -44,7 +44,7 @@ class GenerateConfig:
     peft: str = flag("", "an adapter directory (peft.json + peft.safetensors from train.py --method ...) to apply "
                      "to the checkpoint's model")
     interpolate: float | None = flag(None, "a in [0, 1]: the model at (1 - a)*base + a*fine-tuned (0: the base, "
-                                     "1: the fine-tuned model; needs --peft or --base)")
+                                     "1: the fine-tuned model; needs --peft or --base); -1 or absent: off")
     base: str = flag("", "with --interpolate: the base checkpoint of a fully or partially fine-tuned --checkpoint")
     allow_other_base: bool = flag(False, "apply --peft even if --checkpoint is not the base it was trained on "
                                   "(its recorded fingerprint differs; same shape required anyway)")
@@ -79,6 +79,8 @@ def load(cfg: GenerateConfig) -> tuple[Llama, Tokenizer, Template | ChatTemplate
     if cfg.dtype not in DTYPES:
         raise UsageError(f"--dtype {cfg.dtype!r}: expected one of {', '.join(DTYPES)}")
     check_sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k or None, cfg.top_p)  # before the slow load
+    if cfg.interpolate == -1:  # "off", as the flag's earlier default read
+        cfg.interpolate = None
     check_interpolation_flags(cfg.interpolate, cfg.peft, cfg.base)
     device = pick_device(cfg.device)
     if cfg.dtype == "float16" and device.type != "cuda":
