@@ -53,7 +53,8 @@ def rng_states(device: torch.device) -> dict:
 
 def all_rng_states(rt: Runtime) -> list[dict]:
     """Each process's rng_states, in rank order (a collective under torchrun: every rank calls it). They
-    travel as bytes in plain tensors on the CPU, each process's padded to the longest."""
+    travel as the bytes of torch.save in plain uint8 tensors (on the GPU under NCCL, which moves nothing
+    else), each process's padded to the longest."""
     mine = rng_states(rt.device)
     if rt.world_size == 1:
         return [mine]
