@@ -29,7 +29,7 @@ from llama_min.tokenizer import Tokenizer
 from llama_min.training import evaluate as training_evaluate
 from llama_min.training.config import TrainConfig
 from llama_min.training.data import split_documents, token_byte_lengths, tokenize_to_memmap
-from llama_min.training.runtime import Runtime
+from llama_min.training.runtime import Runtime, exact_float32
 
 from .tasks import TASKS
 
@@ -38,16 +38,20 @@ _TASK_OF_INSTRUCTION = {t.instruction: name for name, t in TASKS.items()}
 
 def exact_match(model: Llama, tokenizer: Tokenizer, records: Sequence[InstructionRecord],
                 max_new_tokens: int = 16, batch_size: int = 64) -> dict:
-    """{"accuracy": share of records answered exactly, "per_task": {task: accuracy}, "n": records}.
-    Records whose instruction is not a lab task are grouped under "other"."""
-    got = answers(model, tokenizer, records, max_new_tokens, batch_size)
+    """{"accuracy": share of records answered exactly, "per_task": {task: accuracy}, "n": records,
+    "precision"}. Records whose instruction is not a lab task are grouped under "other". Greedy decoding
+    in the model's dtype, float32 computed as float32 (no TF32 on GPUs): the precision train.py's dev
+    scores say they use for a float32 run."""
+    with exact_float32():
+        got = answers(model, tokenizer, records, max_new_tokens, batch_size)
     right, total = Counter(), Counter()
     for record, answer in zip(records, got):
         task = _TASK_OF_INSTRUCTION.get(record.instruction, "other")
         total[task] += 1
         right[task] += is_exact(answer, record)
     return {"accuracy": sum(right.values()) / max(len(records), 1),
-            "per_task": {t: right[t] / total[t] for t in total}, "n": len(records)}
+            "per_task": {t: right[t] / total[t] for t in total}, "n": len(records),
+            "precision": str(next(model.parameters()).dtype).removeprefix("torch.")}
 
 
 def answer_loss(model: Llama, tokenizer: Tokenizer, records: Sequence[InstructionRecord], batch_size: int = 64) -> float:

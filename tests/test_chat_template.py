@@ -166,3 +166,37 @@ def test_missing_jinja2_is_named(checkpoint, monkeypatch):
     monkeypatch.setitem(sys.modules, "jinja2", None)
     done = generate_py("--checkpoint", directory, "--prompt", "hi", "--max_new_tokens", "2")
     assert done.code == 1 and "pip install jinja2" in done.err, done.err
+
+
+# Llama 3's chat format (Meta's Llama 3 model card, "Prompt format"): a header per message, <|eot_id|> ending
+# each turn; written here from that description.
+LLAMA3 = ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+          "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+LLAMA3_SPECIAL = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+
+
+def test_a_llama3_style_tokenizer_json_and_chat_template(tmp_path):
+    """The tokenizer.json path with Llama 3's special tokens and chat format: BOS and EOS from
+    tokenizer_config.json, the template's ids equal to transformers', generation stopping at <|eot_id|>
+    (a single token) and at generation_config.json's eos ids."""
+    from llama_min.finetune.chat_template import generation_eos_ids
+
+    bpe = train_byte_level_bpe(tmp_path, special_tokens=LLAMA3_SPECIAL)
+    bpe.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
+        "chat_template": LLAMA3}))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [
+        bpe.token_to_id("<|end_of_text|>"), bpe.token_to_id("<|eot_id|>")]}))
+    tok = Tokenizer(tmp_path / "tokenizer.json")
+    assert (tok.bos_id, tok.eos_id) == (bpe.token_to_id("<|begin_of_text|>"), bpe.token_to_id("<|eot_id|>"))
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    template = ChatTemplate(LLAMA3, tok)
+    chat = [{"role": role, "content": content} for role, content in CONVERSATION]
+    assert template.encode(tok, CONVERSATION) == hf.apply_chat_template(chat, add_generation_prompt=True,
+                                                                         tokenize=True, return_dict=False)
+    assert tok.special_tokens["<|eot_id|>"] in template.stop_ids(tok)
+    assert set(generation_eos_ids(tmp_path)) == {bpe.token_to_id("<|end_of_text|>"), bpe.token_to_id("<|eot_id|>")}
+    text = "naïve café 1999 — ✓"
+    assert tok.decode(tok.encode(text, bos=True)) == text

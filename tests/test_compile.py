@@ -46,3 +46,18 @@ def test_generating_between_training_steps_does_not_recompile_the_training_graph
     generate(model, [tokens[0, :4].tolist()], 6)  # the plain model, as train.py samples with it
     compiled(tokens, tokens)
     assert backend.graphs == graphs, "generation in between made the training graph recompile"
+
+
+def test_compiled_generation_with_a_full_length_cache_compiles_once_for_every_prompt_length():
+    """generate.py --compile allocates the cache once at max_seq_len and generate_stream reuses it: one
+    dynamic graph over twelve prompt lengths (a cache sized per call recompiled for each, then fell back
+    to eager after about eight)."""
+    torch._dynamo.reset()
+    model = random_model(tiny_config())
+    backend = CountingBackend()
+    model.forward = torch.compile(model.forward, backend=backend, dynamic=True)
+    model.setup_cache(1, model.config.max_seq_len)
+    for length in range(3, 15):
+        generate(model, [random_tokens(model.config, 1, length)[0].tolist()], 4)
+    assert model.layers[0].attention.cache.active, "generation must leave a cache it did not allocate in place"
+    assert backend.graphs <= 2, f"{backend.graphs} graphs for 12 prompt lengths (prefill and decode: 2)"

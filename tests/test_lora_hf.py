@@ -73,3 +73,32 @@ def test_export_refuses_a_model_without_lora(tmp_path):
     model = apply_peft(random_model(tiny_config()), PeftConfig(method="adapter"))
     with pytest.raises(ValueError, match="needs a model with LoRA applied"):
         export_lora_to_hf(model, tmp_path / "x")
+
+
+def test_weights_convert_to_peft_exports_an_adapter_directory(tmp_path):
+    """weights_convert.py OUT/peft DST --to peft: the adapter train.py wrote, in the PEFT layout, without
+    loading its base; peft applies it onto the base's Hugging Face export and gives our logits. Other
+    methods are refused with the reason."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from llama_min.peft import save_peft
+    from scripts import run_script
+
+    base = random_model(tiny_config())
+    base.save_checkpoint(tmp_path / "base")
+    model = apply_peft(random_model(tiny_config()), PeftConfig(method="lora", lora_rank=4, lora_targets=("wq", "wk")))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_b.normal_(0, 0.3)
+    save_peft(model, tmp_path / "peft", base_checkpoint=tmp_path / "base")
+    done = run_script("weights_convert.py", tmp_path / "peft", tmp_path / "hf_lora", "--to", "peft")
+    assert done.code == 0, done.err
+    hf = peft.PeftModel.from_pretrained(hf_base(transformers, model), tmp_path / "hf_lora").eval()
+    tokens = random_tokens(model.config, 2, 12)
+    with torch.no_grad():
+        assert max_abs_diff(model.eval()(tokens)[0], hf(input_ids=tokens).logits.float()) <= TOL
+    adapter = apply_peft(random_model(tiny_config()), PeftConfig(method="adapter"))
+    save_peft(adapter, tmp_path / "adapter")
+    refused = run_script("weights_convert.py", tmp_path / "adapter", tmp_path / "x", "--to", "peft")
+    assert refused.code == 1 and "holds LoRA adapters; this one is adapter" in refused.err, refused.err

@@ -516,3 +516,21 @@ def test_early_stopping_errors():
         EarlyStopping(patience=0)
     with pytest.raises(ValueError, match="no evaluation was recorded"):
         EarlyStopping(patience=1).summary(10)
+
+
+def test_l2sp_adds_the_penalty_gradient_once_per_step():
+    """add_to_gradients gives exactly the gradient autograd computes for the penalty λ·Σ‖θ − θ₀‖² (the
+    reference: backward of L2SP() itself), added once to the task's, whatever the accumulation."""
+    from llama_min.finetune.l2sp import L2SP
+
+    model = random_model(tiny_config())
+    penalty = L2SP(model, 0.3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # moved away from θ₀
+    penalty().backward()
+    reference = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    penalty.add_to_gradients()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, reference[n], rtol=1e-5, atol=1e-7, msg=n)

@@ -32,7 +32,10 @@ from .state import save_model_only
 def make_l2sp(model: Llama, cfg: TrainConfig, rt: Runtime, resumed: bool) -> L2SP | None:
     """--l2sp: the penalty over the tensors choose_trainable left trainable (None when off). θ₀ is the
     --init_from base. A resumed full/partial run has loaded its own, already moved weights, so θ₀ is read
-    again from the base checkpoint's file (a PEFT run rebuilt the base from --init_from: already θ₀)."""
+    again from the base checkpoint's file: those tensors only, not a second model (a PEFT run rebuilt the
+    base from --init_from: already θ₀). θ₀ stays float32 on the training device, deliberately: the
+    differences θ − θ₀ it pulls on are small, and bfloat16 anchors would round them away; on the CPU it
+    would cost a copy to the GPU at every step."""
     if not cfg.l2sp:
         return None
     try:
