@@ -1,6 +1,8 @@
-"""Convert LLaMA checkpoints: Meta, Hugging Face, GGUF or llama_min in; llama_min or Hugging Face out.
+"""Convert LLaMA checkpoints: Meta, Hugging Face, GGUF or llama_min in; llama_min or Hugging Face out
+(and train.py's LoRA adapters out in Hugging Face's PEFT layout).
 
     python weights_convert.py SRC DST [--to llama_min|hf] [--dtype float32|bfloat16|float16] [--verify] [--force]
+    python weights_convert.py OUT_DIR/peft DST --to peft
 
 SRC's format is detected from what it contains (see llama_min/convert/). DST is written atomically: it
 appears complete or not at all. With --verify, the result is compared by logits with Hugging Face
@@ -45,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         if args.to == "peft":
+            if args.verify or args.dtype:
+                raise UsageError("--to peft writes an adapter as it was trained: --verify and --dtype apply to model "
+                                 "checkpoints; drop them")
             written = convert_adapter(args.src, args.dst, force=args.force)
             print(f"wrote {args.dst}: a PEFT LoRA adapter (r {written['r']}, alpha {written['lora_alpha']}, "
                   f"targets {' '.join(written['target_modules'])}) for the Hugging Face export of "

@@ -102,3 +102,5 @@ def test_weights_convert_to_peft_exports_an_adapter_directory(tmp_path):
     save_peft(adapter, tmp_path / "adapter")
     refused = run_script("weights_convert.py", tmp_path / "adapter", tmp_path / "x", "--to", "peft")
     assert refused.code == 1 and "holds LoRA adapters; this one is adapter" in refused.err, refused.err
+    flags = run_script("weights_convert.py", tmp_path / "peft", tmp_path / "y", "--to", "peft", "--verify")
+    assert flags.code == 1 and "drop them" in flags.err and not (tmp_path / "y").exists(), flags.err

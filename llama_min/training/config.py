@@ -95,8 +95,8 @@ class TrainConfig:
     dtype: str = flag("auto", "autocast dtype: auto (bfloat16 on CUDA, or float16 without bf16 support; float32 "
                       "on CPU), float32, bfloat16, float16 (CUDA only)", group=RUN)
     compile: bool = flag(False, "torch.compile the model", group=RUN)
-    peak_flops: float = flag(0.0, "peak FLOP/s for the MFU estimate (0: the GPU's bf16 peak on CUDA, a matmul "
-                             "measured at start on CPU)", group=RUN)
+    peak_flops: float = flag(0.0, "peak FLOP/s for the MFU estimate (0: the GPU's datasheet peak in the dtype it "
+                             "trains in, else a matrix product timed at start, as on the CPU)", group=RUN)
     seed: int = flag(1337, "seed for weights, data order and samples", group=RUN)
 
     @property
