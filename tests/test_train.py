@@ -1,16 +1,13 @@
 """train.py: the loop learns, resumes bit-exactly, survives interruption, agrees across processes,
 and refuses bad input in one line. Everything runs a tiny model on a slice of the shipped corpus."""
 
-import json
 import math
 import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from dataclasses import fields
-from pathlib import Path
 
 import pytest
 import torch
@@ -185,19 +182,22 @@ def test_checkpoint_interrupted_mid_write_is_old_or_new(corpus, tmp_path):
             f"torn checkpoint: weights of step {model.norm.weight[0].item()} with state of step {state['step']}")
 
 
-def test_sigint_saves_and_exits_cleanly(corpus, tmp_path):
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_saves_and_exits_with_128_plus_its_number(corpus, tmp_path, sig, status):
+    """Ctrl-C or a scheduler's SIGTERM: the step ends, the checkpoint is saved, and the exit status is the
+    one a shell or job scheduler expects of a process a signal ended (not 0, which reads as success)."""
     args = tiny_args(corpus, tmp_path, "--max_steps", "100000", "--eval_every", "100000")
     child = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     for line in child.stdout:
         if line.startswith("step 3/"):
             break
-    child.send_signal(signal.SIGINT)
+    child.send_signal(sig)
     out, err = child.communicate(timeout=60)
-    assert child.returncode == 130, f"saved, then ended by SIGINT: exit status 128 + 2, got {child.returncode}: {err}"
-    assert "SIGINT at step" in out and "--resume" in out, out
+    assert child.returncode == status, f"saved, then ended by {sig.name}: expected {status}, got {child.returncode}: {err}"
+    assert f"{sig.name} at step" in out and "--resume" in out, out
     state = torch.load(resolve_checkpoint_dir(tmp_path / "ckpt") / STATE_FILE, weights_only=True)
-    stopped_at = int(out.split("SIGINT at step ")[1].split(":")[0])
+    stopped_at = int(out.split(f"{sig.name} at step ")[1].split(":")[0])
     assert state["step"] == stopped_at >= 3
 
 
