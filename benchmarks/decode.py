@@ -189,7 +189,7 @@ def main() -> None:
     if hf is not None:
         print(f"  transformers  {batched['hf'][1] * args.batch:7.1f} tokens/s")
 
-    del hf, model
+    hf = model = None  # free the float32 copies before the bfloat16 run
     fast = fast.to(torch.bfloat16)
     bf16 = best_runs({"ours": lambda: time_ours(fast, [prompt], args.new_tokens)}, args.repeats)
     print(f"\nbfloat16 weights, batch 1: {bf16['ours'][1]:.1f} tokens/s = {bf16['ours'][1] / ceiling:.0%} of the "

@@ -118,8 +118,8 @@ def table(per_seed: dict[int, dict]) -> str:
     mean = lambda name, key: statistics.mean(per_seed[s][name][key] for s in seeds)  # noqa: E731
     forgetting = lambda name: statistics.mean(  # noqa: E731
         per_seed[s][name]["corpus_bpb"] - per_seed[s]["base"]["corpus_bpb"] for s in seeds)
-    lines = [f"| fine-tuning (train.py flags) | trainable | clean exact match | perturbed exact match | "
-             f"forgetting (Δ bits/byte) | wall time |", "|---|---:|---:|---:|---:|---:|",
+    lines = ["| fine-tuning (train.py flags) | trainable | clean exact match | perturbed exact match | "
+             "forgetting (Δ bits/byte) | wall time |", "|---|---:|---:|---:|---:|---:|",
              f"| base model (before fine-tuning) | 0 | {mean('base', 'clean'):.3f} | {mean('base', 'perturbed'):.3f} | "
              f"0 ({mean('base', 'corpus_bpb'):.3f} bits/byte) | |"]
     for name in [n for n in per_seed[seeds[0]] if n != "base"]:

@@ -5,7 +5,6 @@ the code does with it. benchmarks/gpu_check.py runs the real thing on a GPU."""
 import signal
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch

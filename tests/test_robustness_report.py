@@ -5,7 +5,6 @@ per byte against the figure the base's own pretraining logged."""
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 

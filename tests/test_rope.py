@@ -26,7 +26,7 @@ def complex_rope_reference(x: torch.Tensor, positions: torch.Tensor, theta: floa
 
 @pytest.mark.parametrize("theta", [10000.0, 500000.0])
 def test_rope_matches_complex_reference(theta):
-    head_dim, max_len = 32, 128
+    head_dim = 32
     rope = RotaryEmbedding(head_dim, theta)
     x = torch.randn(2, 7, 3, head_dim)
     positions = torch.tensor([0, 1, 2, 17, 63, 100, 127])  # not contiguous, up to the last slot

@@ -13,6 +13,7 @@ import re
 import torch
 from torch import nn
 
+from ..config import ModelConfig
 from ..model import Llama
 from ..rmsnorm import RMSNorm
 from .adapter import AdapterPrompt
