@@ -22,7 +22,7 @@ from typing import Iterator, Mapping
 import torch
 from safetensors.torch import save_file
 
-from .cli import UsageError
+from .cli import UsageError, one_line
 from .config import ModelConfig
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
@@ -195,7 +195,7 @@ def read_config(path: Path) -> ModelConfig:
     try:
         return ModelConfig.load(path)
     except (ValueError, TypeError) as e:  # not JSON, unknown fields, an impossible shape
-        raise ValueError(f"{path}: not a llama_min model config ({' '.join(str(e).split())[:160]})") from None
+        raise ValueError(f"{path}: not a llama_min model config ({one_line(e, 160)})") from None
 
 
 def load_model(cls, directory: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):

@@ -120,9 +120,15 @@ def pick_device(name: str) -> torch.device:
     raise UsageError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
 
 
-def one_line(error: BaseException) -> str:
-    """An exception's message with its line breaks folded: for errors quoted inside our own."""
-    return " ".join(str(error).split())
+def one_line(error: BaseException, limit: int | None = None) -> str:
+    """An exception's message with its line breaks folded: for errors quoted inside our own. With
+    `limit`, only its first sentence, cut to `limit` characters: a library's message can go on to give
+    advice that is wrong for our files (torch.load's suggests weights_only=False)."""
+    text = " ".join(str(error).split())
+    if limit is None:
+        return text
+    text = text.split(". ")[0]
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def read_text(path: str | Path, what: str = "file") -> str:

@@ -22,6 +22,8 @@ from typing import Iterable, Iterator
 
 import sentencepiece as spm
 
+from .cli import one_line
+
 
 class Tokenizer:
     def __new__(cls, path: str | Path | None = None):
@@ -39,7 +41,7 @@ class Tokenizer:
         try:
             self.sp = spm.SentencePieceProcessor(model_file=str(path))
         except (RuntimeError, OSError) as e:
-            raise ValueError(f"{path} is not a sentencepiece tokenizer model ({' '.join(str(e).split())[:120]}); "
+            raise ValueError(f"{path} is not a sentencepiece tokenizer model ({one_line(e, 120)}); "
                              "copy the tokenizer.model the model was trained with") from None
 
     @property
@@ -196,7 +198,7 @@ class HFTokenizer(Tokenizer):
             self.tok = TokenizersTokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises its own exception types for a malformed file
             raise ValueError(f"{path} is not a tokenizer.json the tokenizers package can read "
-                             f"({' '.join(str(e).split())[:120]})") from None
+                             f"({one_line(e, 120)})") from None
         spec = json.loads(path.read_text(encoding="utf-8"))
         self._byte_level = "ByteLevel" in json.dumps(spec.get("decoder"))
         self._added_ids = {token["id"] for token in spec.get("added_tokens", [])}

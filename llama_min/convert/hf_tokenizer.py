@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..cli import one_line
+
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # GGUF's tokenizer.ggml.token_type codes
 TOKENIZER_JSON, TOKENIZER_CONFIG = "tokenizer.json", "tokenizer_config.json"
 # Text with what tokenizers get wrong first: runs of spaces, a leading space, tabs, newlines, digits,
@@ -104,7 +106,7 @@ def write_for_transformers(model_file: Path, directory: Path, max_len: int | Non
     try:
         tokenizer = Tokenizer(model_file)
     except Exception as e:  # e.g. Llama 3's tokenizer.model, a tiktoken file
-        return f"{model_file.name} is not a sentencepiece model ({' '.join(str(e).split())[:80]}); no tokenizer.json made"
+        return f"{model_file.name} is not a sentencepiece model ({one_line(e, 80)}); no tokenizer.json made"
     sp = tokenizer.sp
     tokens, scores, types = sentencepiece_vocabulary(sp)
     prefix = "".join(sp.encode("a", out_type=str)).startswith("▁")  # the model adds a dummy-prefix space

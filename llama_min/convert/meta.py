@@ -79,7 +79,7 @@ class MetaSource(Source):
         try:
             self.bos_id, self.eos_id = tokenizer_ids(self.tokenizer)
         except Exception as e:  # Llama 3's tokenizer.model is a tiktoken file, not sentencepiece
-            self.tokenizer_note = (f"{self.tokenizer} is not a sentencepiece model ({one_line(e)[:80]}); not copied. "
+            self.tokenizer_note = (f"{self.tokenizer} is not a sentencepiece model ({one_line(e, 80)}); not copied. "
                                    "Llama 3 ships a tiktoken file: take tokenizer.json from its Hugging Face release")
             self.tokenizer = None
 

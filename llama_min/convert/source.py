@@ -117,7 +117,7 @@ def load_pickle(path: Path) -> dict[str, torch.Tensor]:
                                   "loading it could run code (it is read with weights_only=True); get the weights as "
                                   "safetensors, or re-save the state dict alone with torch.save") from e
         raise ConversionError(f"{path}: truncated or corrupt (torch.load could not read it: "
-                              f"{one_line(e).split('. ')[0][:100]}); copy the file again") from e
+                              f"{one_line(e, 100)}); copy the file again") from e
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConversionError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
     return state

@@ -150,7 +150,7 @@ def load_train_state(directory: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a torch file, or holding objects other than tensors and containers
-        raise UsageError(f"--resume: {path} cannot be read ({one_line(e)[:160]}); it is damaged or was not written "
+        raise UsageError(f"--resume: {path} cannot be read ({one_line(e, 160)}); it is damaged or was not written "
                          "by train.py: resume from an intact checkpoint, or train without --resume") from None
 
 
