@@ -39,6 +39,8 @@ from llama_min.training.config import TrainConfig
 from llama_min.training.data import windows
 from llama_min.training.optim import decays, get_lr
 
+from .fixtures_lab10 import lab10
+from .fixtures_lab11 import lab11
 from .graders.check import matches
 from .manifest import LAB_DIR
 
@@ -780,7 +782,7 @@ def lab08(w: Writer) -> None:
                       "to 1 over the K prompts (dim=-1)")
 
 
-LABS = {1: lab01, 2: lab02, 3: lab03, 4: lab04, 5: lab05, 6: lab06, 7: lab07, 8: lab08}
+LABS = {1: lab01, 2: lab02, 3: lab03, 4: lab04, 5: lab05, 6: lab06, 7: lab07, 8: lab08, 10: lab10, 11: lab11}
 
 
 def main(argv: list[str] | None = None) -> None:
