@@ -33,22 +33,25 @@ def describe(t) -> str:
 
 
 class Replay(nn.Module):
-    """Stands for sub-layer ``name``: returns the case's ``name.out`` when called with ``name.in``."""
+    """Stands for sub-layer ``name``: returns the reference's output (``name.out``) when it receives what the
+    reference passed it (item ``index`` of the case's output), and otherwise names the mistake whose recorded
+    input it equals."""
 
-    def __init__(self, case, name: str, what: str):
+    def __init__(self, case, name: str, index: int, what: str):
         super().__init__()
-        self.case, self.name, self.what = case, name, what
-        self.calls = 0
+        self.case, self.name, self.index, self.what = case, name, index, what
+        self.got = None
 
     def receive(self, x):
         __tracebackhide__ = True
-        self.calls += 1
-        want = self.case[f"{self.name}.in"]
+        want = self.case.output()[self.index]
+        self.got = x
         if same(x, want):
             return
-        for variant, cause in self.case.meta["replay"][self.name].get("known", {}).items():
-            if same(x, self.case[f"{self.name}.known.{variant}"]):
-                fail(f"{self.what} received the wrong input.\nLikely mistake: {cause}")
+        causes = [cause for outputs, cause in self.case.mistakes().values()
+                  if len(outputs) > self.index and same(x, outputs[self.index])]
+        if causes:
+            fail(f"{self.what} received the wrong input.\nLikely mistake: " + "\nor: ".join(causes))
         fail(f"{self.what} received {describe(x)} that is not what the reference passes it ({describe(want)}).\n"
              f"Check: {self.case.meta.get('hint', '')}")
 
@@ -71,8 +74,8 @@ class ReplayAttention(Replay):
 class ReplayBlock(Replay):
     """A whole block of the model: checks the stream it receives and the rotary tables, mask and start."""
 
-    def __init__(self, case, name, what, cached: bool):
-        super().__init__(case, name, what)
+    def __init__(self, case, name, index, what, cached: bool):
+        super().__init__(case, name, index, what)
         self.attention = nn.Module()  # Llama.forward asks whether the first layer's cache holds anything
         self.attention.cache = nn.Module()
         self.attention.cache.active = cached
@@ -84,15 +87,21 @@ class ReplayBlock(Replay):
         if not (same(cos, cos_) and same(sin, sin_)):
             fail(f"{self.what} received other cos, sin than self.rope(positions) returned: compute them once, "
                  "before the blocks, and pass them to every block")
-        if "mask" in self.case.tensors:
-            if not same(mask, self.case["mask"]):
-                fail(f"{self.what} received mask {describe(mask) if mask is not None else 'None'}; with left padding "
-                     "pass attention_mask(start_pos, T, pad_lens, device), which also hides the padding")
-        elif mask is not None and not same(mask, self.case["causal"]):
+        if "pad_lens" in self.case.tensors and not same(mask, self.case["mask"]):
+            fail(f"{self.what} received mask {describe(mask) if mask is not None else 'None'}.\nLikely mistake: with "
+                 "left padding pass attention_mask(start_pos, T, pad_lens, device), which hides the padding")
+        if "pad_lens" not in self.case.tensors and mask is not None and not same(mask, self.case["mask"]):
             fail(f"{self.what} received a mask that is not the causal one; without padding pass mask=None")
         if start != self.case.params["start_pos"]:
             fail(f"{self.what} received start={start}; pass start_pos, the cache slot of tokens[:, 0]")
         return self.case[f"{self.name}.out"]
+
+
+def received(case, replays: dict, n_out: int) -> list:
+    """What each stand-in received, in the case's order; NaN for one never called (as the catalogue records)."""
+    want = case.output()
+    return [replays[name].got if replays[name].got is not None else torch.full_like(want[n_out + i], float("nan"))
+            for i, name in enumerate(case.params["parts"])]
 
 
 def replay_mask(case):
@@ -100,9 +109,7 @@ def replay_mask(case):
         __tracebackhide__ = True
         if start != case.params["start_pos"] or seq_len != case["tokens"].shape[1]:
             fail(f"attention_mask was called with start={start}, seq_len={seq_len}; expected start_pos and T")
-        if pad_lens is None:
-            return case["causal"]
-        if not same(pad_lens, case["pad_lens"]):
+        if pad_lens is not None and not same(pad_lens, case["pad_lens"]):
             fail("attention_mask received other pad_lens than Llama.forward's")
         return case["mask"]
     return attention_mask
@@ -114,52 +121,40 @@ def replay_mask(case):
 def test_block_forward(name):
     """One block on x (2, 5, 32) with stand-in sub-layers; the second case has bottleneck adapters installed."""
     case = LAB.case(f"block.{name}")
-    block = Block(ModelConfig(**LAB.case("model.plain").params["config"]))
-    block.attention_norm = Replay(case, "attention_norm", "attention_norm")
-    block.attention = ReplayAttention(case, "attention", "attention")
-    block.ffn_norm = Replay(case, "ffn_norm", "ffn_norm")
-    block.feed_forward = Replay(case, "feed_forward", "feed_forward")
-    if case.params["adapters"]:
-        block.attention_adapter = Replay(case, "attention_adapter", "attention_adapter")
-        block.ffn_adapter = Replay(case, "ffn_adapter", "ffn_adapter")
+    block = Block(ModelConfig(**case.params["config"]))
+    replays = {}
+    for i, part in enumerate(case.params["parts"]):
+        kind = ReplayAttention if part == "attention" else Replay
+        replays[part] = kind(case, part, 1 + i, part)
+        setattr(block, part, replays[part])
     with torch.no_grad():
         out = block(case["x"], case["cos"], case["sin"], None, 0)
-    check(out, case, f"Block.forward(x {tuple(case['x'].shape)}){' with adapters' if case.params['adapters'] else ''}")
+    check((out, *received(case, replays, 1)), case, f"Block.forward(x {tuple(case['x'].shape)})"
+          + (" with adapters" if case.params["adapters"] else "") + " -> (out, then what each sub-layer received)")
 
 
 # ---- Llama.forward ----------------------------------------------------------------------------------------
 
-def stand_in_model(case, monkeypatch) -> Llama:
-    """A Llama whose rotary tables, blocks and final norm are stand-ins; the embedding and output head are the
+def stand_in_model(case, monkeypatch) -> tuple[Llama, dict]:
+    """A Llama whose rotary tables, blocks and final norm are stand-ins; the embedding and output head hold the
     reference's weights (torch's own layers)."""
     config = ModelConfig(**case.params["config"])
     monkeypatch.setattr(Llama, "init_weights", lambda self: None)  # graded on its own, below
     model = Llama(config)
     monkeypatch.setattr(model_module, "attention_mask", replay_mask(case))
     with torch.no_grad():
-        model.tok_embeddings.weight.copy_(case["tok_embeddings"])
-        model.output.weight.copy_(case["output"])
-    model.rope = Replay(case, "rope", "self.rope (the rotary tables)")
-    model.layers = nn.ModuleList(ReplayBlock(case, f"layers.{i}", f"self.layers[{i}]", case.params["start_pos"] > 0)
-                                 for i in range(config.n_layers))
-    model.norm = Replay(case, "norm", "self.norm (the final RMSNorm)")
-    return model
-
-
-def run_model(case, model):
-    kwargs = {"start_pos": case.params["start_pos"], "last_only": case.params["last_only"]}
-    if "pad_lens" in case.tensors:
-        kwargs["pad_lens"] = case["pad_lens"]
-    targets = case["targets"] if "targets" in case.tensors else None
-    with torch.no_grad():
-        try:
-            logits, loss = model(case["tokens"], targets, **kwargs)
-        except IndexError as e:
-            if "out of bounds" in str(e) and targets is not None:
-                fail("the loss failed on the targets equal to IGNORE_INDEX (-100). Likely mistake: positions whose "
-                     "target is IGNORE_INDEX must not count: cross_entropy(..., ignore_index=IGNORE_INDEX)")
-            raise
-    return logits, loss, ", ".join(f"{k}={v}" for k, v in kwargs.items() if not torch.is_tensor(v))
+        model.tok_embeddings.weight.copy_(case["weights.tok_embeddings.weight"])
+        model.output.weight.copy_(case["weights.output.weight"])
+    n_out, replays = case.params["n_out"], {}
+    for i, part in enumerate(case.params["parts"]):
+        if part.startswith("layers."):
+            replays[part] = ReplayBlock(case, part, n_out + i, f"self.layers[{part[7:]}]", case.params["start_pos"] > 0)
+        else:
+            replays[part] = Replay(case, part, n_out + i, "self.rope (the rotary tables)" if part == "rope" else
+                                   "self.norm (the final RMSNorm)")
+    model.rope, model.norm = replays["rope"], replays["norm"]
+    model.layers = nn.ModuleList(replays[p] for p in case.params["parts"] if p.startswith("layers."))
+    return model, replays
 
 
 @pytest.mark.parametrize("name", ["plain", "padded", "last_only", "cached"])
@@ -167,20 +162,27 @@ def test_model_forward(name, monkeypatch):
     """Tokens (2, 6) through 2 stand-in blocks: with targets (two ignored), left padding [0, 2], last_only, and
     2 tokens after 3 cached ones (start_pos=3)."""
     case = LAB.case(f"model.{name}")
-    logits, loss, settings = run_model(case, stand_in_model(case, monkeypatch))
+    model, replays = stand_in_model(case, monkeypatch)
+    kwargs = {"start_pos": case.params["start_pos"], "last_only": case.params["last_only"]}
+    if "pad_lens" in case.tensors:
+        kwargs["pad_lens"] = case["pad_lens"]
+    targets = case["targets"] if "targets" in case.tensors else None
+    with torch.no_grad():
+        logits, loss = model(case["tokens"], targets, **kwargs)
+    settings = ", ".join(f"{k}={v}" for k, v in kwargs.items() if not torch.is_tensor(v))
     what = f"Llama.forward(tokens {tuple(case['tokens'].shape)}, {settings})"
-    if "targets" in case.tensors:
-        check((logits, loss), case, what + " -> (logits, loss)")
-    else:
-        if loss is not None:
-            fail(f"{what} returned a loss {loss!r} without targets; expected None")
-        check(logits, case, what + " -> logits")
+    n_out = case.params["n_out"]
+    if n_out == 1 and loss is not None:
+        fail(f"{what} returned a loss {loss!r} without targets; expected None")
+    outputs = (logits, loss) if n_out == 2 else (logits,)
+    check((*outputs, *received(case, replays, n_out)), case,
+          what + (" -> (logits, loss" if n_out == 2 else " -> (logits") + ", then what each stand-in received)")
 
 
 def test_model_refuses_what_it_cannot_run(monkeypatch):
     """More positions than max_seq_len (16), and start_pos > 0 with no cache holding the earlier tokens."""
     case = LAB.case("model.plain")
-    model = stand_in_model(case, monkeypatch)
+    model, _ = stand_in_model(case, monkeypatch)
     for tokens, start, why in ((torch.zeros(1, 17, dtype=torch.long), 0, "17 tokens for a max_seq_len of 16"),
                                (torch.zeros(1, 2, dtype=torch.long), 3, "start_pos=3 with no active KV cache")):
         try:
