@@ -24,9 +24,11 @@ from safetensors.torch import save_file
 
 from .cli import UsageError, one_line
 from .config import ModelConfig
+from .quantize import prepare_quantized_skeleton, use_kernel_layouts
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
-DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}  # safetensors' dtype codes
+# safetensors' dtype codes; the integer ones hold the codes of quantised checkpoints (quantize.py)
+DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int8: "I8", torch.uint8: "U8"}
 DTYPES = {code: dtype for dtype, code in DTYPE_NAMES.items()}
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 # Files that belong with a tokenizer and travel with it into every checkpoint that copies it (a model
@@ -54,9 +56,10 @@ def check_state_dict(expected: Mapping[str, torch.Size], got: Mapping[str, torch
 
 
 def stored_state_dict(model) -> dict[str, torch.Tensor]:
-    """The tensors a checkpoint stores: the state dict, without the tied output head's second name."""
+    """The tensors a checkpoint stores: the state dict, without the tied output head's second name (a
+    quantised head is a copy of its own, stored)."""
     state = model.state_dict()
-    if model.config.tie_embeddings:
+    if model.output.weight is model.tok_embeddings.weight:
         del state["output.weight"]
     return state
 
@@ -120,7 +123,7 @@ def read_checkpoint(directory: str | Path, device: torch.device | str = "cpu", d
     Tensor by tensor: each is read from the file into memory, checked, converted, and moved, so the
     peak is the converted model plus one tensor, never a whole second copy in the stored dtype. A
     damaged file, a config that is not ours, or a weight that is NaN or infinite is one error naming
-    the file (and the tensor).
+    the file (and the tensor). Integer tensors (a quantised checkpoint's codes) keep their dtype.
     """
     directory = resolve_checkpoint_dir(directory)
     config = read_config(directory / CONFIG_FILE)
@@ -134,10 +137,10 @@ def read_checkpoint(directory: str | Path, device: torch.device | str = "cpu", d
             t = reader.get(name)
             # A non-finite element makes the sum non-finite: one reduction, no tensor-sized temporaries
             # (isfinite would build two); the elementwise check only confirms a suspicious sum.
-            if not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
+            if t.is_floating_point() and not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
                 raise UsageError(f"{weights}: tensor {name} holds NaN or infinite values; this checkpoint cannot be "
                                  "used (saved from a diverged run?): take an earlier one")
-            tensors[name] = t.to(device=device, dtype=dtype or t.dtype)
+            tensors[name] = t.to(device=device, dtype=(dtype if t.is_floating_point() else None) or t.dtype)
             del t  # before the next read: one tensor as stored at a time
     return config, tensors
 
@@ -202,18 +205,24 @@ def load_model(cls, directory: str | Path, device: torch.device | str = "cpu", d
     """Build ``cls(config)`` (a Llama) from DIR, loading its tensors strictly (``Llama.from_checkpoint``).
 
     The model is built on the meta device (no memory, no random init) and the loaded tensors are
-    assigned to it, so loading costs one copy of the weights.
+    assigned to it, so loading costs one copy of the weights. A quantised checkpoint (config.json's
+    ``quantization``) gets its quantised layers before loading, so its codes load as they are.
     """
     config, state = read_checkpoint(directory, device, dtype)
     with torch.device("meta"):
         model = cls(config)
+        if config.quantization:
+            prepare_quantized_skeleton(model, config.quantization)
+    tied = model.output.weight is model.tok_embeddings.weight
     check_state_dict({k: v.shape for k, v in stored_state_dict(model).items()}, state,
                      str(resolve_checkpoint_dir(directory) / WEIGHTS_FILE))
-    if config.tie_embeddings:
+    if tied:
         state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, strict=True, assign=True)
-    if config.tie_embeddings:  # assign=True made two Parameters; make them one again
+    if tied:  # assign=True made two Parameters; make them one again
         model.output.weight = model.tok_embeddings.weight
+    if config.quantization:
+        use_kernel_layouts(model)
     return model
 
 
