@@ -13,7 +13,8 @@ from torch import nn
 
 from conftest import max_abs_diff, random_model, random_tokens, tiny_config
 from scripts import run_script
-from llama_min import Llama, generate
+from llama_min import generate
+from llama_min.checkpoint import load_checkpoint, save_checkpoint
 from llama_min.config import Quantization
 from llama_min.quantize import (Int4Linear, Int8Linear, dequantize_int4, dequantize_int8, int4_kernel_layout,
                                 linear_int4_kernel, linear_int4_reference, linear_int8_kernel,
@@ -133,10 +134,10 @@ def test_quantize_model_swaps_every_linear_and_keeps_the_tied_lookup_exact(kind)
 def test_quantised_checkpoint_loads_as_saved_without_float_weights(kind, tmp_path):
     config = tiny_config(hidden_dim=128, tie_embeddings=True)
     model = quantize_model(random_model(config), kind, 32)
-    model.save_checkpoint(tmp_path / "q")
+    save_checkpoint(model, tmp_path / "q")
     saved = json.loads((tmp_path / "q" / "config.json").read_text())
     assert saved["quantization"] == {"kind": kind, "group_size": None if kind == "int8" else 32}
-    loaded = Llama.from_checkpoint(tmp_path / "q")
+    loaded = load_checkpoint(tmp_path / "q")
     assert loaded.output.weight.dtype == (torch.int8 if kind == "int8" else torch.uint8)
     assert all(p.dim() == 1 or name == "tok_embeddings.weight" for name, p in loaded.named_parameters())
     tokens = random_tokens(config, 1, 10)
@@ -149,11 +150,11 @@ def test_quantised_checkpoint_loads_as_saved_without_float_weights(kind, tmp_pat
 def test_weights_convert_quantize_writes_what_quantize_model_computes(kind, tmp_path):
     config = tiny_config(hidden_dim=128, tie_embeddings=kind == "int8")
     model = random_model(config)
-    model.save_checkpoint(tmp_path / "float")
+    save_checkpoint(model, tmp_path / "float")
     done = run_script("weights_convert.py", tmp_path / "float", tmp_path / "q", "--quantize", kind, "--group_size", 32)
     assert done.code == 0, done.err
     assert kind in done.out
-    converted = Llama.from_checkpoint(tmp_path / "q")
+    converted = load_checkpoint(tmp_path / "q")
     quantize_model(model, kind, 32)
     assert converted.config == model.config
     for (name, a), (_, b) in zip(sorted(converted.state_dict().items()), sorted(model.state_dict().items())):
@@ -163,10 +164,10 @@ def test_weights_convert_quantize_writes_what_quantize_model_computes(kind, tmp_
 
 def test_weights_convert_refuses_to_quantise_for_transformers_and_twice(tmp_path):
     model = random_model(tiny_config())
-    model.save_checkpoint(tmp_path / "float")
+    save_checkpoint(model, tmp_path / "float")
     done = run_script("weights_convert.py", tmp_path / "float", tmp_path / "hf", "--to", "hf", "--quantize", "int8")
     assert done.code == 1 and "--quantize writes a llama_min checkpoint" in done.err
-    quantize_model(model, "int8").save_checkpoint(tmp_path / "q")
+    save_checkpoint(quantize_model(model, "int8"), tmp_path / "q")
     done = run_script("weights_convert.py", tmp_path / "q", tmp_path / "qq", "--quantize", "int8")
     assert done.code == 1 and "already quantised" in done.err
     done = run_script("weights_convert.py", tmp_path / "float", tmp_path / "q4", "--quantize", "int4", "--group_size", 48)
