@@ -176,7 +176,8 @@ def describe(cfg: TrainConfig, rt, model: Llama, data: Data, progress: Progress)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * rt.world_size  # instructions: at most
     rt.say(f"data: {len(data.train):,} training {unit}, {len(data.val):,} held-out {unit}; "
            f"{'up to ' if data.instructions else ''}{tokens_per_step:,} tokens per step on {rt.world_size} x "
-           f"{rt.device} ({str(rt.autocast_dtype or torch.float32).removeprefix('torch.')}); "
+           f"{rt.device}{', sharded (FSDP)' if cfg.fsdp else ''} "
+           f"({str(rt.autocast_dtype or torch.float32).removeprefix('torch.')}); "
            f"MFU against {progress.peak / 1e9:.1f} GFLOP/s")
 
 

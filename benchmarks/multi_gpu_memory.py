@@ -65,8 +65,9 @@ def weight_bytes(model: Llama) -> tuple[int, int, int]:
 
 def saved_bytes(config: ModelConfig, method: str, n_layers: int, seq_len: int, recompute: bool) -> int:
     """Bytes autograd keeps for backward in one forward of (1, seq_len) tokens under bfloat16 autocast."""
-    torch.manual_seed(0)
-    model = build(replace(config, n_layers=n_layers), method, "cpu").train()
+    model = build(replace(config, n_layers=n_layers), method, "meta").to_empty(device="cpu").train()
+    for p in model.parameters():  # what is saved does not depend on the values: skip the random init
+        p.data.fill_(0.01)
     if recompute:
         checkpoint_activations(model)
     storages: dict[int, int] = {}
@@ -80,7 +81,8 @@ def saved_bytes(config: ModelConfig, method: str, n_layers: int, seq_len: int, r
 
     tokens = torch.randint(0, config.vocab_size, (1, seq_len + 1))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
-        model(tokens[:, :-1], tokens[:, 1:])
+        loss = model(tokens[:, :-1], tokens[:, 1:])[1]
+    loss.backward()  # releases what was saved (the hook's references would otherwise keep it alive)
     return sum(storages.values())
 
 

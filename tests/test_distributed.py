@@ -46,7 +46,8 @@ def args(corpus, out_dir, *extra, model=TINY):
 
 
 def torchrun(*argv, timeout=300) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", ROOT / "train.py", *argv]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", ROOT / "train.py",
+           *argv]
     done = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=timeout, env=ENV)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
