@@ -18,11 +18,11 @@ import torch
 from safetensors.torch import load_file
 
 from llama_min import Llama, ModelConfig, generate
+from llama_min.checkpoint import STATE_FILE, load_checkpoint
 from llama_min.peft import PeftConfig, apply_peft
 from llama_min.tokenizer import Tokenizer
 from llama_min.training.distributed import checkpoint_activations, seed_process
 from llama_min.training.runtime import Runtime
-from llama_min.checkpoint import STATE_FILE, load_checkpoint
 from scripts import ROOT, last, run_script, shakespeare_slice, train, train_losses
 
 TINY = ["--dim", "32", "--n_layers", "2", "--n_heads", "2", "--n_kv_heads", "1", "--vocab_size", "384",
