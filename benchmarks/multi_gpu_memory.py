@@ -70,26 +70,23 @@ def saved_bytes(config: ModelConfig, method: str, n_layers: int, seq_len: int, r
         p.data.fill_(0.01)
     if recompute:
         checkpoint_activations(model)
-    storages: dict[int, int] = {}
+    storages: dict[int, torch.UntypedStorage] = {}  # held until the end, so that no address is reused
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
-    def pack(t: torch.Tensor):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            storages[ptr] = t.untyped_storage().nbytes()
-        return t
+    def pack(t: torch.Tensor) -> None:  # (nothing kept in the graph: there is no backward)
+        if t.untyped_storage().data_ptr() not in params:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage()
 
     tokens = torch.randint(0, config.vocab_size, (1, seq_len + 1))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = model(tokens[:, :-1], tokens[:, 1:])[1]
-    loss.backward()  # releases what was saved (the hook's references would otherwise keep it alive)
-    return sum(storages.values())
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda _: None), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(tokens[:, :-1], tokens[:, 1:])
+    return sum(s.nbytes() for s in storages.values())
 
 
 def activation_bytes_per_token(config: ModelConfig, method: str) -> tuple[float, float]:
     """(bytes per token per block, bytes per token outside the blocks), from four small forwards. Terms that do
     not grow with the tokens (autocast's weight copies) cancel in the differences."""
-    short, long = 32, 64
+    short, long = 16, 32
     s = {(n, t): saved_bytes(config, method, n, t, recompute=False) for n in (1, 2) for t in (short, long)}
     per_block = ((s[2, long] - s[1, long]) - (s[2, short] - s[1, short])) / (long - short)
     outside = (s[1, long] - s[1, short]) / (long - short) - per_block
