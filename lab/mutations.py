@@ -141,7 +141,7 @@ CATALOGUE: list[Mutation] = [
     m("attention_cache_start_zero", 4, ATTENTION, "pass Attention.forward's `start` through",
       ("self.cache.update(start, k, v)", "self.cache.update(0, k, v)")),
     m("attention_adapter_ignored", 4, ATTENTION, "the prompt adapter's output is not added",
-      ("y = y + self.prompt_adapter(q, self.wk, self.wv)", "pass")),
+      ("y = y + self.prompt_adapter(q, self.wk, self.wv, visual)", "pass")),
     # lab 5: KV cache and generation
     m("cache_layout", 5, ALLOCATE, "the cache layout is (batch, n_kv_heads, max_seq_len, head_dim)",
       ("shape = (batch_size, n_kv_heads, max_seq_len, head_dim)",

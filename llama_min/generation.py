@@ -150,13 +150,16 @@ def left_pad(prompts: list[list[int]], device: torch.device) -> tuple[torch.Tens
 def generate_stream(model: Llama, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                     temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                     stop_ids: Sequence[int] = (), seed: int | None = None,
-                    truncate: bool = False, bos_id: int | None = None) -> Iterator[list[int | None]]:
+                    truncate: bool = False, bos_id: int | None = None,
+                    images: torch.Tensor | None = None) -> Iterator[list[int | None]]:
     """Generate for a batch of prompts, yielding after every step.
 
     prompts: B lists of token ids. Each step yields a list of B entries: the new token of each prompt,
     or None for a prompt that has already stopped. A prompt stops at any of ``stop_ids`` (the stop id
     itself is not yielded: it ends the text, it is not part of it) or after max_new_tokens tokens.
     seed makes sampling repeatable (greedy needs none). truncate, bos_id: see ``fit_context``.
+    images: (B, C_v) one image's features per prompt, for a multimodal adapter (passed at every step:
+    the adapter's prompts are recomputed at each call).
     The iterator may be abandoned early (``break``); a cache this call allocated is released either way.
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p)
@@ -170,6 +173,9 @@ def generate_stream(model: Llama, prompts: Sequence[Sequence[int]], max_new_toke
     prompts = fit_context(prompts, max_new_tokens, model.config.max_seq_len, truncate, bos_id)
 
     device = model.tok_embeddings.weight.device
+    if images is not None and images.shape[0] != len(prompts):
+        raise ValueError(f"{images.shape[0]} images for {len(prompts)} prompts: give one image per prompt")
+    images = None if images is None else images.to(device)
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     tokens, pad_lens = left_pad(prompts, device)
     batch, prompt_len = tokens.shape
@@ -179,7 +185,7 @@ def generate_stream(model: Llama, prompts: Sequence[Sequence[int]], max_new_toke
     def decode(ids: torch.Tensor, step: int) -> torch.Tensor:
         """One new token per row through the cache -> logits (B, 1, V). Rows that have stopped keep
         decoding (their outputs are ignored): the batch keeps one shape."""
-        return model(ids[:, None], start_pos=prompt_len + step, pad_lens=pad_lens, last_only=True)[0]
+        return model(ids[:, None], start_pos=prompt_len + step, pad_lens=pad_lens, last_only=True, images=images)[0]
 
     # A caller that generates often (a compiled chat) may allocate the cache once, at full length; a
     # cache this call allocates itself is sized for it and released at the end.
@@ -188,7 +194,7 @@ def generate_stream(model: Llama, prompts: Sequence[Sequence[int]], max_new_toke
         model.setup_cache(batch, prompt_len + max_new_tokens)
     ahead = runs_asynchronously(device)
     try:
-        logits, _ = model(tokens, pad_lens=pad_lens, last_only=True)  # prefill: (B, 1, V)
+        logits, _ = model(tokens, pad_lens=pad_lens, last_only=True, images=images)  # prefill: (B, 1, V)
         for step in range(max_new_tokens):
             next_ids = choose_next(logits[:, -1], temperature, top_k, top_p, generator)  # (B,)
             finished |= torch.isin(next_ids, stops)
@@ -214,12 +220,13 @@ def runs_asynchronously(device: torch.device) -> bool:
 
 def generate(model: Llama, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, stop_ids: Sequence[int] = (),
-             seed: int | None = None, truncate: bool = False, bos_id: int | None = None) -> list[list[int]]:
+             seed: int | None = None, truncate: bool = False, bos_id: int | None = None,
+             images: torch.Tensor | None = None) -> list[list[int]]:
     """The new token ids of each prompt (without the stop id that ended it). Same arguments as
     ``generate_stream``; this collects its steps."""
     new: list[list[int]] = [[] for _ in prompts]
     for step in generate_stream(model, prompts, max_new_tokens, temperature, top_k, top_p, stop_ids, seed, truncate,
-                                bos_id):
+                                bos_id, images):
         for row, token in zip(new, step):
             if token is not None:
                 row.append(token)

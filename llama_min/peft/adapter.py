@@ -66,21 +66,32 @@ class AdapterPrompt(nn.Module):
         self.prompt = nn.Parameter(torch.randn(adapter_len, dim, device=device, dtype=dtype))  # P (K, dim)
         self.gate = nn.Parameter(torch.zeros(1, n_heads, 1, 1, device=device, dtype=dtype))  # g, one per head
 
-    def prompt_kv(self, wk: nn.Module, wv: nn.Module,
-                  visual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The prompts (plus the projected image feature visual (B, dim), if given) through the frozen
-        projections, heads repeated for GQA: two (1, H, K, d), or (B, H, K, d) with an image."""
+    def prompt_kv(self, wk: nn.Module, wv: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompts through the frozen projections, heads repeated for GQA: two (1, H, K, d)."""
         K, groups = self.prompt.shape[0], self.n_heads // self.n_kv_heads
-        prompts = self.prompt[None] if visual is None else self.prompt + visual[:, None, :]  # (1|B, K, dim)
-        k = wk(prompts).unflatten(-1, (self.n_kv_heads, self.head_dim)).transpose(1, 2)  # (1|B, H_kv, K, d), no rotary
-        v = wv(prompts).unflatten(-1, (self.n_kv_heads, self.head_dim)).transpose(1, 2)
-        return k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (1|B, H, K, d)
+        k = wk(self.prompt).view(K, self.n_kv_heads, self.head_dim).transpose(0, 1)  # (H_kv, K, d), no rotary
+        v = wv(self.prompt).view(K, self.n_kv_heads, self.head_dim).transpose(0, 1)
+        k = k.repeat_interleave(groups, dim=0)[None]  # (1, H, K, d)
+        v = v.repeat_interleave(groups, dim=0)[None]
+        return k, v
+
+    def visual_kv(self, wk: nn.Module, wv: nn.Module, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The projected image feature visual (B, dim) through the same projections: two (B, H, 1, d).
+        wk and wv are linear without bias, so wk(P + I_p) = wk(P) + wk(I_p): adding these to every one of
+        the K prompt keys/values is adding I_p to every prompt, at the cost of B rows instead of B·K."""
+        B, groups = visual.shape[0], self.n_heads // self.n_kv_heads
+        k = wk(visual).view(B, self.n_kv_heads, 1, self.head_dim)  # (B, H_kv, 1, d)
+        v = wv(visual).view(B, self.n_kv_heads, 1, self.head_dim)
+        return k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, 1, d)
 
     def forward(self, q: torch.Tensor, wk: nn.Module, wv: nn.Module, visual: torch.Tensor | None = None) -> torch.Tensor:
         """q: (B, H, T, d) the layer's queries after rotary; wk, wv: the layer's frozen projections;
-        visual: (B, dim) the projected image features, or None.
+        visual: (B, dim) the projected image features, or None (text only).
         Returns the gated prompt attention (B, H, T, d), to be added to the heads' output."""
-        k, v = self.prompt_kv(wk, wv, visual)
+        k, v = self.prompt_kv(wk, wv)  # (1, H, K, d)
+        if visual is not None:
+            vk, vv = self.visual_kv(wk, wv, visual)
+            k, v = k + vk, v + vv  # (B, H, K, d): the prompts P + I_p, broadcast over K
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, H, T, K)
         weights = F.softmax(scores.float(), dim=-1).type_as(q)  # its own softmax, over the prompts only
         gate = torch.tanh(self.gate) if self.gate_tanh else self.gate
