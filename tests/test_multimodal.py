@@ -1,13 +1,19 @@
 """The multimodal LLaMA-Adapter (llama_min/peft/adapter.py, VisualProjection): image features added to the
 adaption prompts of every adapted layer, zero gates still giving exactly the base."""
 
+import json
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from llama_min import Llama, ModelConfig
+from llama_min import Llama, ModelConfig, generate
 from llama_min.peft import PeftConfig, apply_peft, load_peft, peft_state_dict, save_peft
 
+from llama_min.finetune.images import make_world
+
 from conftest import random_model, random_tokens, tiny_config
+from scripts import run_script, train
 
 C_V = 12  # image feature width of these tests
 MULTIMODAL = PeftConfig(method="adapter", adapter_len=3, adapter_layers=2, visual_dim=C_V)
@@ -132,3 +138,57 @@ def test_llama_7b_with_clip_vit_l14_trainable_count():
     prompts_and_gates = 30 * (10 * 4096 + 32)
     projection = 1024 * 4096 + 4096 + 2 * 4096
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == prompts_and_gates + projection == 5_436_352
+
+
+def test_batched_generation_with_images_equals_each_alone():
+    _, model = adapted()
+    open_gates(model, 0.9)
+    with torch.no_grad():
+        for p in model.visual_proj.parameters():
+            p.add_(torch.randn_like(p))  # a projection that matters
+    prompts = [random_tokens(model.config, 1, n, seed=n)[0].tolist() for n in (5, 9, 3)]
+    feats = images(3)
+    together = generate(model, prompts, 8, temperature=0.0, images=feats)
+    alone = [generate(model, [p], 8, temperature=0.0, images=feats[i:i + 1])[0] for i, p in enumerate(prompts)]
+    assert together == alone
+    swapped = generate(model, prompts[:1], 8, temperature=0.0, images=feats[1:2])[0]
+    assert swapped != alone[0], "the image does not steer generation: the comparison above proves nothing"
+    with pytest.raises(ValueError, match="one image per prompt"):
+        generate(model, prompts, 2, images=feats[:2])
+
+
+# ---- the scripts: train.py --image_root, generate.py --image (a shortened version of the pipeline) -----
+
+def test_train_and_generate_with_images(lab, tmp_path):
+    world = tmp_path / "world"
+    make_world(world, n_train=8, n_test=2, seed=0)
+    base = lab / "base" / "ckpt"
+    common = ["--init_from", base, "--method", "adapter", "--image_root", world, "--seq_len", "160", "--batch_size", "4",
+              "--warmup_steps", "1", "--log_every", "1", "--sample_tokens", "0"]
+    train(*common, "--data", world / "train.json", "--max_steps", "2", "--eval_every", "2", "--out_dir", tmp_path / "mm")
+    meta = json.loads((tmp_path / "mm" / "peft" / "peft.json").read_text())
+    assert (meta["config"]["visual_dim"], meta["config"]["image_encoder"]) == (64, "lab")
+    saved = load_file(tmp_path / "mm" / "peft" / "peft.safetensors")
+    assert {k for k in saved if k.startswith("visual_proj.")} == {
+        "visual_proj.net.weight", "visual_proj.net.bias", "visual_proj.norm.weight", "visual_proj.norm.bias"}
+    ran = run_script("generate.py", "--checkpoint", base, "--peft", tmp_path / "mm" / "peft", "--image_root", world,
+                     "--image", "test/00000.png", "--prompt", "What colour is the shape?", "--temperature", "0",
+                     "--max_new_tokens", "3")
+    assert ran.code == 0, ran.err
+
+    records = json.loads((world / "train.json").read_text())
+    records[3]["image"] = "train/gone.png"
+    (tmp_path / "broken.json").write_text(json.dumps(records))
+    failed = run_script("train.py", *common, "--data", tmp_path / "broken.json", "--out_dir", tmp_path / "x")
+    assert failed.code == 1 and "record 3: image train/gone.png not found" in failed.err
+    assert len(failed.err.strip().splitlines()) == 1, failed.err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train.py", "--init_from", "B", "--method", "adapter", "--image_encoder", "lab"], "--image_root"),
+    (["train.py", "--init_from", "B", "--method", "lora", "--image_root", "W"], "needs --method adapter"),
+    (["generate.py", "--checkpoint", "B", "--image", "x.png", "--prompt", "hi"], "--image needs --peft"),
+])
+def test_image_flags_without_their_method_are_errors(argv, message):
+    ran = run_script(*argv)
+    assert ran.code != 0 and message in ran.err, ran.err

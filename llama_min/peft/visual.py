@@ -124,7 +124,7 @@ def clip_encoder(directory: str | Path, layers: Sequence[int] = ()) -> PixelEnco
         return (x - mean) / std
 
     def network(pixels: torch.Tensor) -> torch.Tensor:
-        tower = model.vision_model
+        tower = getattr(model, "vision_model", model)  # transformers 4 nests the tower; 5 does not
         if not layers:
             return model(pixel_values=pixels).pooler_output  # (B, hidden)
         hidden = model(pixel_values=pixels, output_hidden_states=True).hidden_states
