@@ -8,9 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from llama_min import Llama, ModelConfig, generate
-from llama_min.peft import PeftConfig, apply_peft, load_peft, peft_state_dict, save_peft
-
 from llama_min.finetune.images import make_world
+from llama_min.peft import PeftConfig, apply_peft, load_peft, peft_state_dict, save_peft
 
 from conftest import random_model, random_tokens, tiny_config
 from scripts import run_script, train
