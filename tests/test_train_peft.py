@@ -181,7 +181,7 @@ def test_lora_merge_writes_a_full_checkpoint_equal_to_base_plus_adapter(lab, tmp
 
 def test_bad_peft_flags_are_one_line_errors(lab, tmp_path):
     cases = [(finetune_args(lab, tmp_path, "full", "--lora_rank", "4"), "--method is full"),
-             (finetune_args(lab, tmp_path, "full", "--method", "lora", "--merge", "--lora_rank", "0"),
+             (finetune_args(lab, tmp_path, "lora", "--merge", "--lora_rank", "0"),
               "lora_rank must be >= 1"),
              (finetune_args(lab, tmp_path, "adapter", "--merge"), "--merge folds LoRA"),
              # a directory of instruction records, not the file
