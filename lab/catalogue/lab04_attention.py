@@ -165,7 +165,7 @@ class FixedAdapter(nn.Module):
         super().__init__()
         self.out = out
 
-    def forward(self, q, wk, wv):
+    def forward(self, q, wk, wv, visual=None):
         return self.out
 
 
