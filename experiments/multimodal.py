@@ -24,6 +24,8 @@ import json
 import statistics
 from pathlib import Path
 
+import torch
+
 from llama_min.checkpoint import tokenizer_file
 from llama_min.finetune.exact_match import answers, is_exact
 from llama_min.finetune.images import COLOURS, HELD_OUT_COMBINATIONS, QUESTIONS, make_world, question_type, \
@@ -44,6 +46,14 @@ def finetune(base: Path, world: Path, records: Path, run_dir: Path, seed: int, a
                       "--warmup_steps", "10", "--max_steps", str(args.steps), "--eval_every", str(args.steps),
                       "--log_every", "10", "--sample_tokens", "0", "--seed", str(seed), "--out_dir", str(run_dir)],
                      run_dir / "train.log")
+
+
+def finished(run_dir: Path, steps: int) -> bool:
+    """Whether run_dir holds a run that reached ``steps`` (its metrics.jsonl says so)."""
+    metrics = run_dir / "metrics.jsonl"
+    if not (run_dir / "peft" / "peft.json").is_file() or not metrics.is_file():
+        return False
+    return any(json.loads(line).get("step") == steps for line in metrics.read_text().splitlines() if line.strip())
 
 
 def score(base: Path, run_dir: Path, world: Path, images: bool) -> dict[str, float]:
@@ -113,6 +123,7 @@ def main() -> None:
     parser.add_argument("--n_train", type=int, default=600, help="training pictures (four records each)")
     parser.add_argument("--n_test", type=int, default=120, help="test pictures")
     args = parser.parse_args()
+    torch.set_num_threads(1)  # scoring here, like each train.py child: one thread (see run_lab.py on why)
     out, base = Path(args.out), Path(args.base)
     world = out / "world"
     make_world(world, args.n_train, args.n_test, seed=0)
@@ -125,11 +136,14 @@ def main() -> None:
         for kind in KINDS:
             run_dir = out / f"seed{seed}" / kind
             images = kind == "multimodal"
-            cost = finetune(base, world, world / "train.json" if images else blind_records, run_dir, seed, args, images)
+            if finished(run_dir, args.steps):  # trained by an earlier call of this command: score it again
+                cost = {"wall_s": None, "peak_mb": None}
+            else:
+                cost = finetune(base, world, world / "train.json" if images else blind_records, run_dir, seed, args,
+                                images)
             scores = score(base, run_dir, world, images)
             per_seed[seed][kind] = {"scores": scores, **cost}
-            print(f"seed {seed}: {kind:<10} " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()) +
-                  f"; {cost['wall_s']:.0f} s", flush=True)
+            print(f"seed {seed}: {kind:<10} " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()), flush=True)
     gate_plot(out / f"seed{args.seeds[0]}" / "multimodal", out / "gates.png")
     (out / "results.json").write_text(json.dumps({"args": vars(args), "colours": list(COLOURS),
                                                   "per_seed": per_seed}, indent=2) + "\n")
