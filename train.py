@@ -9,7 +9,7 @@
         --perturb 0.5 --dev_every 25 --patience 4     # robust options; the best dev model kept in OUT/best
 
 ``train`` reads in three parts: the setup (where it runs, the model and its data, what trains, the
-optimiser, the state it resumes), the loop (one optimiser step per iteration, then logging, evaluation
+optimiser; then, for --resume, one block that puts the saved run back), the loop (one optimiser step per iteration, then logging, evaluation
 and checkpoints), and the end (samples, --merge). What it calls lives in ``llama_min/training/``, each
 piece under a name that says what it does; the flags are the fields of ``TrainConfig``
 (``llama_min/training/config.py``), listed by topic in ``python train.py --help``.
@@ -39,8 +39,7 @@ from llama_min.training.optim import get_lr, make_optimizer, set_lr
 from llama_min.training.progress import Progress, TrainingDiverged
 from llama_min.training.robust import DevSelection, make_l2sp
 from llama_min.training.runtime import StopRequest, setup_runtime
-from llama_min.training.state import (RunCheckpoints, checkpoint_dir, load_train_state, restore_run, resumed_config,
-                                      write_merged)
+from llama_min.training.state import RunCheckpoints, checkpoint_dir, resume_run, resumed_config, write_merged
 from llama_min.training.trainable import build_model, choose_trainable, hold_frozen_in_autocast_dtype
 
 REPO = Path(__file__).resolve().parent
@@ -53,11 +52,7 @@ def train(cfg: TrainConfig) -> signal.Signals | None:
     torch.manual_seed(cfg.seed)  # torch seeds itself at random: one --seed makes every run repeatable
     rt = setup_runtime(cfg.device, cfg.dtype)  # device, autocast dtype, the process group under torchrun
     ckpt_dir = checkpoint_dir(cfg)  # OUT_DIR/ckpt, or OUT_DIR/peft (the adapter only) for a PEFT method
-    state = load_train_state(ckpt_dir) if cfg.resume else None
-    # A full or partial run resumes from its own checkpoint; a PEFT run rebuilds the base from --init_from
-    # and loads its own adapter on top (choose_trainable).
-    resume_from = ckpt_dir if state is not None else None
-    model, tokenizer_path = build_model(cfg, rt, resume_from if cfg.full_checkpoint else None)
+    model, tokenizer_path = build_model(cfg, rt)  # --init_from's weights, or random ones
     if cfg.seq_len > model.config.max_seq_len:
         raise UsageError(f"--seq_len {cfg.seq_len} exceeds the model's max_seq_len {model.config.max_seq_len}; "
                          f"lower --seq_len or raise --max_seq_len")
@@ -65,18 +60,22 @@ def train(cfg: TrainConfig) -> signal.Signals | None:
     if data.tokenizer.vocab_size > model.config.vocab_size:
         raise UsageError(f"the tokenizer has {data.tokenizer.vocab_size} tokens but the model only "
                          f"{model.config.vocab_size}; pass --vocab_size {data.tokenizer.vocab_size}")
-    rt.say(choose_trainable(model, cfg, None if cfg.full_checkpoint else resume_from))
+    rt.say(choose_trainable(model, cfg))
     if not cfg.full_checkpoint:
         hold_frozen_in_autocast_dtype(model, rt)  # GPU memory: the frozen base in bf16, not float32 + copies
-    l2sp = make_l2sp(model, cfg, rt, resumed=state is not None and cfg.full_checkpoint)
+    l2sp = make_l2sp(model, cfg)
     if cfg.embed_noise:  # NEFTune: noisy input embeddings, in training mode only
         add_embedding_noise(model, cfg.embed_noise)
     optimizer = make_optimizer(model, cfg, rt)
     sampler = make_sampler(data, cfg)
-    progress = Progress(cfg, rt, model, resumed_at=state["step"] if state else None)
+    progress = Progress(cfg, rt, model)
     dev = DevSelection(cfg, rt, data, model, progress)  # --dev_every: keep the best, stop early
-    step, best_val_loss = restore_run(state, optimizer, sampler, dev, rt, ckpt_dir) if state else (0, float("inf"))
-    checkpoints = RunCheckpoints(cfg, rt, model, data, optimizer, sampler, dev, saved_step=step if state else None)
+    checkpoints = RunCheckpoints(cfg, rt, model, data, optimizer, sampler, dev)
+    step, best_val_loss = 0, float("inf")
+    if cfg.resume:  # continue the saved run exactly: its weights, optimiser, data order, random generators
+        step, best_val_loss = resume_run(cfg, rt, model, optimizer, sampler, dev)
+        progress.forget_after(step)  # the steps after the checkpoint run again
+        checkpoints.saved_step = step
     # `model` stays the plain module, for evaluation, samples and checkpoints; `trained` is what steps.
     trained = torch.compile(model) if cfg.compile else model
     if rt.world_size > 1:
@@ -140,7 +139,7 @@ def train(cfg: TrainConfig) -> signal.Signals | None:
 
     # ---- the end --------------------------------------------------------------------------------------
     note = progress.plot()
-    if note or rt.master and (Path(cfg.out_dir) / "loss.png").exists():
+    if note or (rt.master and (Path(cfg.out_dir) / "loss.png").exists()):
         rt.say(note or f"loss curve: {Path(cfg.out_dir) / 'loss.png'}")
     model.eval()  # no training-only noise (NEFTune, LoRA dropout) in what follows
     if stopped_by is None and rt.master and cfg.sample_tokens > 0:

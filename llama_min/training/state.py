@@ -21,11 +21,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import STATE_FILE, replace_directory, resolve_checkpoint_dir, write_model_files
+from ..checkpoint import (STATE_FILE, WEIGHTS_FILE, put_weights, read_checkpoint, replace_directory,
+                          resolve_checkpoint_dir, tokenizer_file, write_model_files)
 from ..cli import UsageError, one_line
 from ..finetune.templates import record_template
 from ..model import Llama
 from ..peft import fold_lora, save_peft
+from ..peft.save_load import copy_peft_weights
 from ..tokenizer import Tokenizer
 from .config import TrainConfig
 from .data import WindowSampler
@@ -183,7 +185,8 @@ def resume_dir(cfg: TrainConfig, given: set[str]) -> Path:
 
 def resumed_config(cfg: TrainConfig, given: set[str]) -> TrainConfig:
     """For --resume: the saved run's settings, except the flags given again on this command line."""
-    saved = load_train_state(resume_dir(cfg, given))["train_config"]
+    directory = resume_dir(cfg, given)
+    saved = load_train_state(directory)["train_config"]
     changed = sorted(k for k, v in cfg.model_overrides.items() if saved["model_overrides"].get(k) != v)
     changed += sorted(k for k, v in cfg.peft_overrides.items() if saved["peft_overrides"].get(k) != v)
     changed += [k for k in ("train_layers", "train_norms", "train_output")  # the optimiser state is theirs
@@ -191,18 +194,33 @@ def resumed_config(cfg: TrainConfig, given: set[str]) -> TrainConfig:
     if changed or "method" in given and saved["method"] != cfg.method:
         raise UsageError("--resume continues the saved model and its method; model, --method, PEFT and --train_* "
                          f"flags cannot change it (drop {' '.join('--' + k for k in changed or ['method'])})")
-    return replace(TrainConfig(**saved), **{k: getattr(cfg, k) for k in given})
+    resumed = replace(TrainConfig(**saved), **{k: getattr(cfg, k) for k in given})
+    # A full checkpoint holds a copy of its tokenizer: the run continues with the very same ids.
+    own_tokenizer = tokenizer_file(directory) if resumed.full_checkpoint else None
+    return replace(resumed, tokenizer=str(own_tokenizer)) if own_tokenizer else resumed
 
 
-def restore_run(state: dict, optimizer, sampler: WindowSampler, dev, rt: Runtime, directory: Path) -> tuple[int, float]:
-    """Put a run's saved progress back (optimiser, data order, random generators, early stopping) and
-    return its step and best held-out loss."""
+def resume_run(cfg: TrainConfig, rt: Runtime, model: Llama, optimizer, sampler: WindowSampler, dev) -> tuple[int, float]:
+    """Put the run saved in OUT_DIR back into the one just built: the trained weights (a full checkpoint's,
+    or a PEFT run's adapter onto the rebuilt base), the optimiser, the data order, every random generator
+    and the early-stopping progress. Returns the step it had reached and its best held-out loss."""
+    directory = checkpoint_dir(cfg)
+    state = load_train_state(directory)
+    try:
+        if cfg.full_checkpoint:
+            _, weights = read_checkpoint(directory, rt.device, torch.float32)
+            put_weights(model, weights, resolve_checkpoint_dir(directory) / WEIGHTS_FILE)
+        else:
+            copy_peft_weights(model, directory)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(f"--resume: {e}") from None
     restore_optimizer(optimizer, state, directory / STATE_FILE)
     sampler.load_state_dict(state["sampler"])
     note = set_rng_states(state["rng"], rt)
     if note:
         rt.say(f"note: {note}")
     dev.load_state_dict(state.get("early_stopping"))
+    rt.say(f"resuming from step {state['step']}: {directory}")
     return state["step"], state["best_val_loss"]
 
 
@@ -210,12 +228,11 @@ class RunCheckpoints:
     """The run's checkpoint in OUT_DIR, and the step its last good save holds (for the messages of a
     run that diverges). Every process calls ``save``; rank 0 writes."""
 
-    def __init__(self, cfg: TrainConfig, rt: Runtime, model: Llama, data, optimizer, sampler: WindowSampler, dev,
-                 saved_step: int | None):
+    def __init__(self, cfg: TrainConfig, rt: Runtime, model: Llama, data, optimizer, sampler: WindowSampler, dev):
         self.cfg, self.rt, self.model, self.data, self.optimizer, self.sampler, self.dev = (
             cfg, rt, model, data, optimizer, sampler, dev)
         self.directory = checkpoint_dir(cfg)
-        self.saved_step = saved_step
+        self.saved_step: int | None = None  # (a resumed run's: the step it resumed from)
 
     def save(self, step: int, best_val_loss: float) -> None:
         """A checkpoint of the run after ``step``, never of weights that are not finite."""
