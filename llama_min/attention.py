@@ -98,7 +98,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
         self.attend = sdpa_attention if config.attn_impl == "sdpa" else plain_attention
         self.cache = KVCache()  # empty until Llama.setup_cache allocates it for generation
-        # LLaMA-Adapter (llama_min/adapter.py) installs a module here: it adds gated attention over
+        # LLaMA-Adapter (llama_min/peft/adapter.py) installs a module here: it adds gated attention over
         # learned prompts to the output of the heads. None in the base model.
         self.prompt_adapter: nn.Module | None = None
 
