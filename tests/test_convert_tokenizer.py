@@ -22,7 +22,7 @@ TEXTS = ["the quick brown fox jumps over the lazy dog", "in 2023 and 31415926", 
 
 
 def test_tokenizer_json_model_converts_and_loads(tmp_path):
-    """A Hugging Face model that ships only tokenizer.json: copied, and Tokenizer() runs it."""
+    """A Hugging Face model that ships only tokenizer.json: copied, and load_tokenizer() runs it."""
     original = train_byte_level_bpe(tmp_path)
     src = tmp_path / "hf"
     shutil.copytree(FIXTURE, src)
