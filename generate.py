@@ -38,35 +38,47 @@ from llama_min.generation import (TextStream, check_sampling, fit_context, gener
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+MODEL, PROMPT, SAMPLING = "model", "prompt", "sampling"
+
+
 @dataclass
 class GenerateConfig:
-    checkpoint: str = flag("", "checkpoint directory (config.json, model.safetensors, tokenizer), e.g. out/ckpt")
+    # model
+    checkpoint: str = flag("", "checkpoint directory (config.json, model.safetensors, tokenizer), e.g. out/ckpt",
+                           group=MODEL)
     peft: str = flag("", "an adapter directory (peft.json + peft.safetensors from train.py --method ...) to apply "
-                     "to the checkpoint's model")
+                     "to the checkpoint's model", group=MODEL)
     interpolate: float | None = flag(None, "a in [0, 1]: the model at (1 - a)*base + a*fine-tuned (0: the base, "
-                                     "1: the fine-tuned model; needs --peft or --base); -1 or absent: off")
-    base: str = flag("", "with --interpolate: the base checkpoint of a fully or partially fine-tuned --checkpoint")
+                                     "1: the fine-tuned model; needs --peft or --base); -1: off (default: off)",
+                                     group=MODEL)
+    base: str = flag("", "with --interpolate: the base checkpoint of a fully or partially fine-tuned --checkpoint",
+                     group=MODEL)
     allow_other_base: bool = flag(False, "apply --peft even if --checkpoint is not the base it was trained on "
-                                  "(its recorded fingerprint differs; same shape required anyway)")
-    prompt: list[str] = flag([], "a prompt; repeat the flag for several", action="append")
-    prompt_file: str = flag("", "a file with one prompt per line (blank lines skipped); - reads standard input")
+                                  "(its recorded fingerprint differs; same shape required anyway)", group=MODEL)
+    device: str = flag("auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:N", group=MODEL)
+    dtype: str = flag("float32", "weight dtype (float16 on CUDA only)", group=MODEL, choices=list(DTYPES))
+    compile: bool = flag(False, "torch.compile the model's forward pass (slow to start; may help long runs)",
+                         group=MODEL)
+    # prompt
+    prompt: list[str] = flag([], "a prompt; repeat the flag for several", action="append", group=PROMPT)
+    prompt_file: str = flag("", "a file with one prompt per line (blank lines skipped); - reads standard input",
+                            group=PROMPT)
     template: str = flag("", f"prompt format: auto (the checkpoint's own chat_template.jinja, run with jinja2), "
                          f"{', '.join(TEMPLATES)} (default: the one the checkpoint records, else auto when it "
-                         "has a chat template, else raw)")
-    system: str = flag("", "system message for the chat templates")
+                         "has a chat template, else raw: give --template raw to continue a text with a chat model)",
+                         group=PROMPT)
+    system: str = flag("", "system message for the chat templates", group=PROMPT)
+    interactive: bool = flag(False, "chat: each answer stays in the context of the next question", group=PROMPT)
+    truncate: bool = flag(False, "drop the start of a prompt that is too long for the context (its BOS is kept) "
+                          "instead of stopping with an error", group=PROMPT)
+    # sampling
+    max_new_tokens: int = flag(128, "new tokens at most per answer", group=SAMPLING)
+    temperature: float = flag(0.8, "sampling temperature; 0 is greedy", group=SAMPLING)
+    top_k: int = flag(0, "sample only among the k most likely tokens (0: no limit)", group=SAMPLING)
+    top_p: float = flag(1.0, "sample only within the nucleus of this probability mass (1: no limit)", group=SAMPLING)
+    seed: int = flag(-1, "seed for sampling (-1: a different sample every run)", group=SAMPLING)
     stop: list[str] = flag([], "a stop string: the answer ends before it (repeatable; the template adds its own)",
-                           action="append")
-    max_new_tokens: int = flag(128, "new tokens at most per answer")
-    temperature: float = flag(0.8, "sampling temperature; 0 is greedy")
-    top_k: int = flag(0, "sample only among the k most likely tokens (0: no limit)")
-    top_p: float = flag(1.0, "sample only within the nucleus of this probability mass (1: no limit)")
-    seed: int = flag(-1, "seed for sampling (-1: a different sample every run)")
-    device: str = flag("auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
-    dtype: str = flag("float32", f"weight dtype: {', '.join(DTYPES)} (float16 on CUDA only)")
-    interactive: bool = flag(False, "chat: each answer stays in the context of the next question")
-    truncate: bool = flag(False, "drop the start of a prompt that is too long for the context (its BOS is kept; "
-                          "default: stop with an error)")
-    compile: bool = flag(False, "torch.compile the model's forward pass (slow to start; may help long runs)")
+                           action="append", group=SAMPLING)
 
 
 # ---- loading ------------------------------------------------------------------------------------------
@@ -76,9 +88,12 @@ def load(cfg: GenerateConfig) -> tuple[Llama, Tokenizer, Template | ChatTemplate
     token ids that end an answer (EOS, the template's end of turn, generation_config.json's eos ids)."""
     if not cfg.checkpoint:
         raise UsageError("--checkpoint DIR is required (a directory written by train.py or weights_convert.py)")
-    if cfg.dtype not in DTYPES:
-        raise UsageError(f"--dtype {cfg.dtype!r}: expected one of {', '.join(DTYPES)}")
-    check_sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k or None, cfg.top_p)  # before the slow load
+    if cfg.top_k < 0:  # the command line's "no limit" is 0, the library's None
+        raise UsageError(f"--top_k {cfg.top_k}: expected a positive number of tokens, or 0 for no limit")
+    try:
+        check_sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k or None, cfg.top_p)  # before the slow load
+    except ValueError as e:
+        raise UsageError(f"--{e}") from None
     if cfg.interpolate == -1:  # "off", as the flag's earlier default read
         cfg.interpolate = None
     check_interpolation_flags(cfg.interpolate, cfg.peft, cfg.base)
@@ -95,8 +110,9 @@ def load(cfg: GenerateConfig) -> tuple[Llama, Tokenizer, Template | ChatTemplate
     if device.type == "cpu":
         store_weights_column_major(model)  # faster one-row products on CPU BLAS (see its docstring)
     if tokenizer.vocab_size > model.config.vocab_size:
-        raise UsageError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
-                         f"{model.config.vocab_size}: they do not belong together")
+        raise UsageError(f"the tokenizer {tokenizer_path} has {tokenizer.vocab_size} tokens but the model "
+                         f"({resolve_checkpoint_dir(cfg.checkpoint) / 'config.json'}) only {model.config.vocab_size}: "
+                         "they do not belong together; put the tokenizer the model was trained with beside it")
     directory = resolve_checkpoint_dir(cfg.checkpoint)
     name = (cfg.template or template_for_checkpoint(cfg.peft or None, directory)
             or ("auto" if read_chat_template(directory) is not None else "raw"))
@@ -152,16 +168,22 @@ def answer(model: Llama, tokenizer: Tokenizer, template: Template | ChatTemplate
                             top_k=cfg.top_k or None, top_p=cfg.top_p, stop_ids=stop_ids,
                             seed=None if cfg.seed < 0 else cfg.seed)
     start, first, new_tokens = time.perf_counter(), None, 0
-    for step in steps:
-        first = first or time.perf_counter()
-        if step[0] is None:  # EOS: the end of the text, never printed
-            break
-        new_tokens += 1
-        out.write(stream.push(step[0]))
+    try:
+        for step in steps:
+            first = first or time.perf_counter()
+            if step[0] is None:  # EOS: the end of the text, never printed
+                break
+            new_tokens += 1
+            out.write(stream.push(step[0]))
+            out.flush()
+            if stream.stopped:
+                break
+    except KeyboardInterrupt:  # Ctrl-C: what was generated stays on the screen, whole
+        out.write(stream.finish())
         out.flush()
-        if stream.stopped:
-            break
-    steps.close()  # releases the KV cache at once when we stopped early
+        raise
+    finally:
+        steps.close()  # releases the KV cache at once when we stopped early
     out.write(stream.finish())
     out.flush()
     return Answer(stream.text, len(ids), new_tokens, first - start, time.perf_counter() - start)
@@ -241,6 +263,10 @@ def main(argv: list[str] | None = None) -> None:
     except (UsageError, ValueError, FileNotFoundError) as e:
         print(f"generate.py: error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
+    except KeyboardInterrupt:  # Ctrl-C: stop where we are, as a shell expects (128 + SIGINT)
+        print(flush=True)
+        print("generate.py: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -52,6 +52,15 @@ class OneLineParser(argparse.ArgumentParser):
         kwargs.setdefault("usage", "%(prog)s [--flag VALUE ...]  (flags by topic below)")
         super().__init__(*args, **kwargs)
 
+    def parse_known_args(self, args=None, namespace=None):
+        """As argparse, but a flag named in ``self.once`` given twice is an error: argparse would keep the
+        last (``--method lora --method adapter`` trains an adapter) and say nothing."""
+        args = sys.argv[1:] if args is None else list(args)
+        for name in getattr(self, "once", ()):
+            if sum(a.split("=")[0] == name for a in args) > 1:
+                self.error(f"{name} given twice; give it once")
+        return super().parse_known_args(args, namespace)
+
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
@@ -98,7 +107,8 @@ def add_flags(parser: argparse.ArgumentParser, cls, *, dest_prefix: str = "", sk
         else:
             if repeated and options.get("action") != "append":
                 options["nargs"] = "+"
-            target.add_argument(f"--{f.name}", type=kind, metavar=f.name.upper(), help=text, **options)
+            metavar = "{" + ",".join(map(str, options["choices"])) + "}" if "choices" in options else f.name.upper()
+            target.add_argument(f"--{f.name}", type=kind, metavar=metavar, help=text, **options)
 
 
 def given_flags(namespace: argparse.Namespace, dest_prefix: str = "") -> dict[str, Any]:

@@ -9,18 +9,63 @@ from __future__ import annotations
 
 import json
 import math
+import types
+import typing
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+
+
+def short(value, limit: int = 40) -> str:
+    """``repr(value)`` cut to ``limit`` characters: a message quoting a file's value stays one short line
+    even when the file holds a megabyte there."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def dataclass_from_dict(cls, d: dict):
     """Build a config dataclass from a dict (a JSON file), naming any key it does not know rather than
     failing on it with Python's generic TypeError."""
+    if not isinstance(d, dict):
+        raise ValueError(f"expected a JSON object of {cls.__name__} fields, found {type(d).__name__} {short(d)}")
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} fields {unknown}; known fields: {sorted(known)}")
+        raise ValueError(f"unknown {cls.__name__} fields {short(unknown, 120)}; known fields: {sorted(known)}")
     return cls(**d)
+
+
+def type_problems(obj) -> list[str]:
+    """Every field of the dataclass ``obj`` whose value is not of its declared type, as "name must be T,
+    got V": a JSON file can hold "64" or 64.5 where an integer belongs, and nothing else would notice
+    before some arithmetic fails far away."""
+    hints = typing.get_type_hints(type(obj))
+    return [f"{f.name} must be {_type_name(hints[f.name])}, got {short(getattr(obj, f.name))}"
+            for f in fields(obj) if not _is_a(getattr(obj, f.name), hints[f.name])]
+
+
+def _is_a(value, annotation) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_a(value, a) for a in typing.get_args(annotation))
+    if origin in (tuple, list):
+        return isinstance(value, (tuple, list)) and all(_is_a(v, typing.get_args(annotation)[0]) for v in value)
+    if annotation is type(None):
+        return value is None
+    if isinstance(value, bool):  # a bool is an int to Python, never to a config
+        return annotation is bool
+    if annotation is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, annotation)
+
+
+def _type_name(annotation) -> str:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(annotation))
+    if origin in (tuple, list):
+        return f"a list of {_type_name(typing.get_args(annotation)[0])}"
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}
+    return names.get(annotation, getattr(annotation, "__name__", str(annotation)))
 
 
 @dataclass(frozen=True)
@@ -40,6 +85,8 @@ class RopeScaling:
     original_max_seq_len: int = 8192  # llama3 only: the pretraining context
 
     def __post_init__(self):
+        if type_problems(self):
+            raise ValueError(f"rope scaling: {'; '.join(type_problems(self))}")
         if self.kind not in ("linear", "llama3"):
             raise ValueError(f"rope scaling kind {self.kind!r}: expected 'linear' or 'llama3'")
         if not self.factor >= 1 or (self.kind == "llama3" and not 0 < self.low_freq_factor < self.high_freq_factor):
@@ -67,8 +114,18 @@ class ModelConfig:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if isinstance(self.rope_scaling, dict):  # as config.json stores it
-            self.rope_scaling = RopeScaling(**self.rope_scaling)
-        problems = []
+            self.rope_scaling = dataclass_from_dict(RopeScaling, self.rope_scaling)
+        # Types and ranges first: every size below divides or multiplies by these.
+        problems = type_problems(self)
+        if not problems:
+            problems = [f"{name} must be at least 1, got {getattr(self, name)}" for name in
+                        ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_seq_len",
+                         "hidden_dim") if getattr(self, name) is not None and getattr(self, name) < 1]
+            problems += [f"{name} must be a positive finite number, got {getattr(self, name)}" for name in
+                         ("norm_eps", "rope_theta", "ffn_dim_multiplier")
+                         if getattr(self, name) is not None and not 0 < getattr(self, name) < math.inf]
+        if problems:
+            raise ValueError("invalid ModelConfig: " + "; ".join(problems))
         if self.dim % self.n_heads:
             problems.append(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
         elif self.head_dim % 2:
@@ -76,7 +133,7 @@ class ModelConfig:
         if self.n_heads % self.n_kv_heads:
             problems.append(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
         if self.attn_impl not in ("sdpa", "plain"):
-            problems.append(f"attn_impl must be 'sdpa' or 'plain', got {self.attn_impl!r}")
+            problems.append(f"attn_impl must be 'sdpa' or 'plain', got {short(self.attn_impl)}")
         if problems:
             raise ValueError("invalid ModelConfig: " + "; ".join(problems))
 
@@ -122,8 +179,8 @@ class ModelConfig:
         if params.pop("use_scaled_rope", False):
             params["rope_scaling"] = RopeScaling("llama3", float(params.pop("rope_scaling_factor", None) or 8.0))
         params.pop("rope_scaling_factor", None)
-        if params.get("vocab_size", 0) <= 0:
-            raise ValueError(f"{path} has no vocab_size (it is {params.get('vocab_size')}); "
+        if type(params.get("vocab_size")) is not int or params["vocab_size"] <= 0:
+            raise ValueError(f"{path} has no vocab_size (it is {short(params.get('vocab_size'))}); "
                              "pass vocab_size= from the tokenizer")
         params.setdefault("max_seq_len", 2048)
         return cls.from_dict(params)

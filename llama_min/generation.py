@@ -97,14 +97,36 @@ def store_weights_column_major(model: nn.Module) -> nn.Module:
 # ---- checking the request ---------------------------------------------------------------------------
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be a positive number of tokens (or None for no limit), got {top_k}")
+    """Refuse a request that cannot be sampled, naming the argument (a NaN temperature would otherwise
+    fail deep inside torch.multinomial)."""
+    if type(max_new_tokens) is not int or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer of at least 1, got {max_new_tokens!r}")
+    if not 0 <= temperature < float("inf"):  # also false for NaN
+        raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature}")
+    if top_k is not None and (type(top_k) is not int or top_k < 1):
+        raise ValueError(f"top_k must be a positive number of tokens (or None for no limit), got {top_k!r}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] (or None for no limit), got {top_p}")
+
+
+def check_prompts(prompts, vocab_size: int) -> None:
+    """Prompts are a list of token-id lists, each id in the vocabulary: the usual mistakes (a string, a
+    tensor, one flat list of ids) are named with the call that fixes them."""
+    if isinstance(prompts, str) or isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], str):
+        raise TypeError("prompts are token ids, not text: pass [tokenizer.encode(text)]")
+    if isinstance(prompts, torch.Tensor):
+        raise TypeError(f"prompts must be lists of token ids, got a tensor of shape {tuple(prompts.shape)}: pass "
+                        "tensor.tolist() for a (B, T) tensor, [tensor.tolist()] for a (T,) one")
+    if not isinstance(prompts, Sequence) or not all(isinstance(p, Sequence) for p in prompts):
+        raise TypeError("prompts must be a list of token-id lists (one per prompt), e.g. [tokenizer.encode(text)]")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (start it with the tokenizer's BOS id)")
+    if not all(type(t) is int for p in prompts for t in p):
+        raise TypeError("token ids must be Python ints: pass tensor.tolist() rather than a list of tensors")
+    bad = sorted({t for p in prompts for t in p if not 0 <= t < vocab_size})
+    if bad:
+        raise ValueError(f"prompt token ids {bad[:10]} are outside the model's vocabulary of {vocab_size}; "
+                         "was the prompt encoded with this checkpoint's tokenizer?")
 
 
 def fit_context(prompts: Sequence[Sequence[int]], max_new_tokens: int, max_seq_len: int,
@@ -149,7 +171,7 @@ def left_pad(prompts: list[list[int]], device: torch.device) -> tuple[torch.Tens
 @torch.no_grad()  # not inference_mode: tensors a module caches while generating stay usable in training
 def generate_stream(model: Llama, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                     temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                    stop_ids: Sequence[int] = (), seed: int | None = None,
+                    stop_ids: Sequence[int] | None = (), seed: int | None = None,
                     truncate: bool = False, bos_id: int | None = None) -> Iterator[list[int | None]]:
     """Generate for a batch of prompts, yielding after every step.
 
@@ -160,20 +182,14 @@ def generate_stream(model: Llama, prompts: Sequence[Sequence[int]], max_new_toke
     The iterator may be abandoned early (``break``); a cache this call allocated is released either way.
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p)
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token (start it with the tokenizer's BOS id)")
-    vocab = model.config.vocab_size
-    bad = sorted({t for p in prompts for t in p if not 0 <= t < vocab})
-    if bad:
-        raise ValueError(f"prompt token ids {bad[:10]} are outside the model's vocabulary of {vocab}; "
-                         "was the prompt encoded with this checkpoint's tokenizer?")
+    check_prompts(prompts, model.config.vocab_size)
     prompts = fit_context(prompts, max_new_tokens, model.config.max_seq_len, truncate, bos_id)
 
     device = model.tok_embeddings.weight.device
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     tokens, pad_lens = left_pad(prompts, device)
     batch, prompt_len = tokens.shape
-    stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    stops = torch.tensor(sorted(set(stop_ids or ())), dtype=torch.long, device=device)  # None: no stop ids
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
 
     def decode(ids: torch.Tensor, step: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ import re
 
 import torch
 
-from .config import ModelConfig, RopeScaling
+from .config import ModelConfig, RopeScaling, short
 
 # Our name (with {i} for the layer) -> Hugging Face name. Every tensor of both layouts appears here.
 NAMES = {
@@ -133,9 +133,22 @@ def rope_to_hf(config: ModelConfig) -> dict:
             "rope_theta": config.rope_theta}
 
 
+# The sizes a LlamaConfig gives as integers (a file with "64" or 0 there is refused naming the key).
+HF_SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
+            "intermediate_size", "max_position_embeddings")
+
+
 def config_from_hf(hf: dict, max_seq_len: int | None = None) -> ModelConfig:
     """A Hugging Face LlamaConfig (as a dict from config.json) -> ModelConfig. Features this model does
     not implement are refused by name rather than silently ignored."""
+    bad = [f"{k} must be a positive integer, got {short(hf[k])}" for k in HF_SIZES
+           if hf.get(k) is not None and (type(hf[k]) is not int or hf[k] < 1)]
+    bad += [f"{k} must be a positive number, got {short(hf[k])}" for k in ("rms_norm_eps", "rope_theta")
+            if k in hf and (type(hf[k]) not in (int, float) or not hf[k] > 0)]
+    bad += [f"{k} must be a JSON object, got {short(hf[k])}" for k in ("rope_parameters", "rope_scaling")
+            if hf.get(k) is not None and not isinstance(hf[k], dict)]
+    if bad:
+        raise ValueError("; ".join(bad))
     unsupported = []
     if hf.get("model_type", "llama") != "llama":
         unsupported.append(f"model_type {hf['model_type']!r} (only 'llama')")

@@ -23,6 +23,7 @@ from typing import Iterable, Iterator
 import sentencepiece as spm
 
 from .cli import one_line
+from .config import short
 
 
 class Tokenizer:
@@ -34,10 +35,7 @@ class Tokenizer:
         return super().__new__(cls)
 
     def __init__(self, path: str | Path):
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"tokenizer file {path} does not exist")
-        self.path = path
+        path = self.path = existing_file(path)
         try:
             self.sp = spm.SentencePieceProcessor(model_file=str(path))
         except (RuntimeError, OSError) as e:
@@ -186,9 +184,7 @@ class HFTokenizer(Tokenizer):
     """
 
     def __init__(self, path: str | Path):
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"tokenizer file {path} does not exist")
+        path = existing_file(path)
         try:
             from tokenizers import Tokenizer as TokenizersTokenizer
         except ImportError as e:
@@ -203,7 +199,7 @@ class HFTokenizer(Tokenizer):
         self._byte_level = "ByteLevel" in json.dumps(spec.get("decoder"))
         self._added_ids = {token["id"] for token in spec.get("added_tokens", [])}
         config_file = path.with_name("tokenizer_config.json")
-        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        config = read_tokenizer_config(config_file) if config_file.is_file() else {}
         self._bos, self._eos, self._pad, self._unk = (self._special_id(config.get(k))
                                                       for k in ("bos_token", "eos_token", "pad_token", "unk_token"))
 
@@ -212,6 +208,7 @@ class HFTokenizer(Tokenizer):
             token = token.get("content")
         i = self.tok.token_to_id(token) if token else None
         return -1 if i is None else i
+
 
     @property
     def vocab_size(self) -> int:
@@ -263,3 +260,34 @@ class HFTokenizer(Tokenizer):
         if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):  # sentencepiece-style byte fallback
             return 1
         return len(piece.replace("\u2581", " ").encode("utf-8"))
+
+
+def existing_file(path: str | Path) -> Path:
+    """The path of a tokenizer file, or one error saying what is there instead."""
+    path = Path(path)
+    if path.is_dir():
+        found = [n for n in ("tokenizer.model", "tokenizer.json") if (path / n).is_file()]
+        raise ValueError(f"tokenizer {path} is a directory; pass the tokenizer file in it"
+                         + (f" ({path / found[0]})" if found else " (tokenizer.model or tokenizer.json)"))
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer file {path} does not exist")
+    return path
+
+
+def read_tokenizer_config(path: Path) -> dict:
+    """tokenizer_config.json, whose special tokens (bos_token, ...) are each a string, an object with a
+    string "content", or null; anything else is one error naming the file and the key."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path}: not valid JSON ({one_line(e, 80)}); copy it again with its tokenizer.json") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object of tokenizer settings, found {short(config)}")
+    for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        token = config.get(key)
+        if isinstance(token, dict):
+            token = token.get("content")
+        if token is not None and not isinstance(token, str):
+            raise ValueError(f"{path}: {key} must be a token's text (or {{\"content\": text}}), got "
+                             f"{short(config[key])}; fix that key or copy the file again")
+    return config

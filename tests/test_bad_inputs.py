@@ -8,7 +8,11 @@ what it was. A row's message must name the file (or flag) at fault and say what 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -17,8 +21,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from llama_min.checkpoint import save_checkpoint
+
 from conftest import random_model, tiny_config
-from scripts import metrics, run_script, shakespeare_slice
+from scripts import ROOT, metrics, run_script, shakespeare_slice
 
 TINY = ["--dim", "32", "--n_layers", "2", "--n_heads", "2", "--n_kv_heads", "1", "--multiple_of", "16"]
 
@@ -42,6 +48,9 @@ def world(tmp_path_factory):
     shakespeare_slice(root)
     done = run_script("train.py", *run_args(root, root / "base"))
     assert done.code == 0, done.err
+    lora = run_script("train.py", *finetune_args(root, root / "lora", "--init_from", root / "base/ckpt", "--method",
+                                                 "lora", "--max_steps", "2"))
+    assert lora.code == 0, lora.err
     return root
 
 
@@ -74,7 +83,7 @@ def nan_checkpoint(world, tmp_path):
     model = random_model(tiny_config())
     with torch.no_grad():
         model.norm.weight[3] = float("nan")
-    model.save_checkpoint(tmp_path / "nan", tokenizer_path=next((world / "base" / "ckpt").glob("tokenizer.model")))
+    save_checkpoint(model, tmp_path / "nan", tokenizer_path=next((world / "base" / "ckpt").glob("tokenizer.model")))
 
 
 def checkpoint_copy(world, tmp_path, damage=None):
@@ -127,10 +136,100 @@ CASES = [
          ("--vocab_size 500", "has 384 tokens", "drop --vocab_size")),
     Case("a flag's prefix", "train.py", lambda w, t: ["--max_step", "5"], ("unrecognized arguments: --max_step",)),
     Case("sampling flags checked before loading", "generate.py",
-         lambda w, t: ["--checkpoint", t / "nowhere", "--prompt", "KING.", "--top_k", "-3"], ("top_k must be",)),
+         lambda w, t: ["--checkpoint", t / "nowhere", "--prompt", "KING.", "--top_k", "-3"],
+         ("--top_k -3", "0 for no limit"), extra={"not_in_message": "None"}),
+    Case("a NaN temperature", "generate.py",
+         lambda w, t: ["--checkpoint", w / "base/ckpt", "--prompt", "KING.", "--temperature", "nan"],
+         ("--temperature", "finite number")),
+    # -- model sizes that cannot be (each field is checked, named with the flag or the file it came from)
+    *[Case(f"--{name} {value}", "train.py", lambda w, t, name=name, value=value: run_args(w, t / "run", f"--{name}", value),
+           (f"--{name} {value}", f"{name} must be at least 1", "change that flag"))
+      for name, value in (("dim", "0"), ("n_layers", "0"), ("n_heads", "0"), ("n_layers", "-1"))],
+    Case("config.json with a size of the wrong type", "generate.py",
+         lambda w, t: ["--checkpoint", t / "copy", "--prompt", "KING."], ("copy/config.json", "dim must be an integer"),
+         prepare=lambda w, t: checkpoint_copy(w, t, lambda d: edit_json(d / "config.json", dim="32"))),
+    Case("config.json with a megabyte in one value", "generate.py",
+         lambda w, t: ["--checkpoint", t / "copy", "--prompt", "KING."], ("copy/config.json", "attn_impl", "…"),
+         prepare=lambda w, t: checkpoint_copy(w, t, lambda d: edit_json(d / "config.json", attn_impl="x" * 1_300_000)),
+         extra={"max_length": 400}),
+    Case("Hugging Face config.json with 0 attention heads", "weights_convert.py", lambda w, t: [t / "hf", t / "back"],
+         ("hf/config.json", "num_attention_heads must be a positive integer, got 0"),
+         prepare=lambda w, t: hf_copy(w, t, num_attention_heads=0)),
+    Case("Hugging Face config.json with a size as text", "weights_convert.py", lambda w, t: [t / "hf", t / "back"],
+         ("hf/config.json", "hidden_size must be a positive integer, got '32'"),
+         prepare=lambda w, t: hf_copy(w, t, hidden_size="32")),
+    # -- adapters
+    *[Case(f"peft.json {how}", "generate.py", lambda w, t: ["--checkpoint", w / "base/ckpt", "--peft", t / "lora",
+                                                            "--prompt", "KING."], ("lora/peft.json", *expect),
+           prepare=lambda w, t, content=content: peft_copy(w, t, lambda d: (d / "peft.json").write_text(content)))
+      for how, content, expect in (("empty", "", ("not valid JSON", "copy it again")),
+                                   ("a list", "[1, 2]", ("expected a JSON object",)))],
+    Case("peft.json with a rank as text", "generate.py",
+         lambda w, t: ["--checkpoint", w / "base/ckpt", "--peft", t / "lora", "--prompt", "KING."],
+         ("lora/peft.json", "lora_rank must be an integer", "'8'"),
+         prepare=lambda w, t: peft_copy(w, t, lambda d: edit_json(d / "peft.json", config={
+             **json.loads((d / "peft.json").read_text())["config"], "lora_rank": "8"}))),
+    Case("peft.json with a fingerprint of text", "generate.py",
+         lambda w, t: ["--checkpoint", w / "base/ckpt", "--peft", t / "lora", "--prompt", "KING."],
+         ("lora/peft.json", "base_fingerprint", "train the adapter again"),
+         prepare=lambda w, t: peft_copy(w, t, lambda d: edit_json(d / "peft.json", base_fingerprint={"norm.weight": "x"}))),
+    Case("truncated peft.safetensors", "generate.py",
+         lambda w, t: ["--checkpoint", w / "base/ckpt", "--peft", t / "lora", "--prompt", "KING."],
+         ("lora/peft.safetensors", "damaged", "again"),
+         prepare=lambda w, t: peft_copy(w, t, lambda d: damage_weights(d / "peft.safetensors", "truncated"))),
+    Case("--method given twice", "train.py",
+         lambda w, t: finetune_args(w, t / "run", "--init_from", w / "base/ckpt", "--method", "lora", "--method", "adapter"),
+         ("--method given twice",)),
+    Case("a flag of another PEFT method", "train.py",
+         lambda w, t: finetune_args(w, t / "run", "--init_from", w / "base/ckpt", "--method", "lora", "--adapter_len", "5"),
+         ("--adapter_len", "--method adapter", "not by --method lora")),
+    # -- tokenizers
+    Case("a tokenizer of another size in the checkpoint", "generate.py",
+         lambda w, t: ["--checkpoint", t / "copy", "--prompt", "KING."],
+         ("copy/tokenizer.model", "copy/config.json", "do not belong together", "trained with"),
+         prepare=lambda w, t: checkpoint_copy(w, t, lambda d: bigger_tokenizer(w, d))),
+    Case("tokenizer_config.json with a bos_token of the wrong type", "generate.py",
+         lambda w, t: ["--checkpoint", t / "copy", "--prompt", "KING."],
+         ("copy/tokenizer_config.json", "bos_token must be a token's text", "got 5"),
+         prepare=lambda w, t: checkpoint_copy(w, t, lambda d: tokenizer_json_instead(d, bos_token=5))),
+
     Case("an --out_dir that is a file", "train.py", lambda w, t: run_args(w, t / "file"),
          ("--out_dir", "cannot write there"), prepare=lambda w, t: (t / "file").write_text("mine")),
 ]
+
+
+def edit_json(path: Path, **fields) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+
+
+def hf_copy(world, tmp_path, **fields) -> None:
+    """The base exported for transformers (TMP/hf), its config.json then edited."""
+    assert run_script("weights_convert.py", world / "base/ckpt", tmp_path / "hf", "--to", "hf").code == 0
+    edit_json(tmp_path / "hf" / "config.json", **fields)
+
+
+def peft_copy(world, tmp_path, damage) -> None:
+    shutil.copytree(world / "lora" / "peft", tmp_path / "lora")
+    damage(tmp_path / "lora")
+
+
+def bigger_tokenizer(world, directory: Path) -> None:
+    """A tokenizer of 1,000 tokens in place of the checkpoint's 384-token one."""
+    from llama_min import Tokenizer
+
+    Tokenizer.train([world / "data" / "train.txt"], directory / "tokenizer.model", vocab_size=1000)
+
+
+def tokenizer_json_instead(directory: Path, **config) -> None:
+    """A small tokenizer.json (word level) with a tokenizer_config.json of these fields, in place of the
+    checkpoint's tokenizer.model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"<s>": 0, "</s>": 1, "[UNK]": 2, "KING.": 3}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer.model").unlink()
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
 
 
 def damage_state(run: Path, how: str) -> None:
@@ -160,6 +259,7 @@ def test_bad_input_is_one_clear_line_and_loses_nothing(world, tmp_path, case):
     for fragment in case.expect:
         assert fragment in err, f"{case.name}: the message should mention {fragment!r}: {err}"
     assert case.extra.get("not_in_message", "\0") not in err, f"{case.name}: the message gives bad advice: {err}"
+    assert len(err) <= case.extra.get("max_length", 1000), f"{case.name}: a message of {len(err)} characters"
     assert snapshot(*kept) == before, f"{case.name}: an existing file was changed"
 
 
@@ -206,7 +306,7 @@ def test_an_adapter_on_another_base_of_the_same_shape_is_refused(lab, tmp_path):
                      "--sample_tokens", "0", "--out_dir", tmp_path / "lora")
     assert run.code == 0, run.err
     other = random_model(load_file_config(base))
-    other.save_checkpoint(tmp_path / "other", tokenizer_path=base / "tokenizer.model")
+    save_checkpoint(other, tmp_path / "other", tokenizer_path=base / "tokenizer.model")
     done = run_script("generate.py", "--checkpoint", tmp_path / "other", "--peft", tmp_path / "lora" / "peft",
                       "--prompt", "hi", "--max_new_tokens", "2")
     assert done.code == 1 and "another base model" in done.err and str(base.resolve()) in done.err, done.err
@@ -270,3 +370,19 @@ def test_a_legacy_pth_shard_converts(tmp_path):
     assert done.code == 0, done.err
     got = load_file(tmp_path / "out" / "model.safetensors")
     assert all(torch.equal(got[k], v) for k, v in model.state_dict().items()), "the legacy shard's tensors changed"
+
+
+def test_ctrl_c_in_generate_keeps_the_text_and_exits_130(world):
+    """SIGINT while generate.py answers (or waits for the next question): no traceback, the text so far
+    stays on standard output, and the exit status is the one a shell expects of Ctrl-C."""
+    child = subprocess.Popen([sys.executable, str(ROOT / "generate.py"), "--checkpoint", str(world / "base/ckpt"),
+                              "--interactive", "--max_new_tokens", "200", "--seed", "0"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert child.stderr.readline().startswith("chat with"), child.stderr.read()
+    child.stdin.write("KING.\n")
+    child.stdin.flush()
+    child.stdout.read(3)  # "> " and the answer's first character: it is streaming
+    child.send_signal(signal.SIGINT)
+    out, err = child.communicate(timeout=60)
+    assert child.returncode == 130 and "Traceback" not in err and err.strip().endswith("interrupted"), err

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import ModelConfig, RopeScaling
+from ..config import ModelConfig, RopeScaling, short
 from ..rope import scaled_frequencies
 from .source import ConversionError, Source, one_line
 
@@ -112,6 +112,10 @@ class GGUFSource(Source):
         missing = [required[k] for k, v in values.items() if v is None]
         if missing:
             raise ConversionError(f"{self.path}: metadata {missing} missing; a llama GGUF file carries them")
+        bad = [f"{required[k]} = {short(v)}" for k, v in values.items() if type(v) is not int or v < 1]
+        if bad:
+            raise ConversionError(f"{self.path}: metadata {', '.join(bad)}; expected positive integers (a damaged "
+                                  "or hand-edited file: convert the model again)")
         embed_rows = self.shapes.get("tok_embeddings.weight", (0,))[0]
         vocab = self.field("llama.vocab_size") or embed_rows or len(self.field("tokenizer.ggml.tokens", []))
         head_dim = values["dim"] // values["n_heads"]

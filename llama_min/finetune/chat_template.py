@@ -22,10 +22,12 @@ tokens' text read as those tokens, and nothing added: the template writes the bo
 from __future__ import annotations
 
 import json
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Sequence
 
+from ..cli import one_line
 from .templates import Message, stop_ids
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
@@ -81,9 +83,57 @@ def import_jinja2():
     return jinja2
 
 
+# A chat template is a program from a downloaded file: its output, its running time and the size of any
+# value it builds are bounded (a prompt longer than any model's context is already far below these).
+MAX_RENDERED_CHARS = 1_000_000
+MAX_RENDER_SECONDS = 10.0
+
+
+class Budget:
+    """The limits of one rendering: characters written and time spent, checked as the template runs."""
+
+    def __init__(self, origin: str):
+        self.origin, self.deadline = origin, time.monotonic() + MAX_RENDER_SECONDS
+
+    def check_time(self):
+        if time.monotonic() > self.deadline:
+            raise ValueError(f"{self.origin}: the template ran for more than {MAX_RENDER_SECONDS:.0f} s; a chat "
+                             "template that loops this long is broken or hostile: choose one with --template")
+
+    def check_size(self, n: int):
+        if n > MAX_RENDERED_CHARS:
+            raise ValueError(f"{self.origin}: the template builds a text of more than {MAX_RENDERED_CHARS:,} "
+                             "characters; a chat template that does is broken or hostile: choose one with --template")
+
+
 def compile_template(text: str, origin: str):
-    """The template compiled in a Jinja environment set up as transformers sets it up (module docstring)."""
+    """The template compiled in a Jinja environment set up as transformers sets it up (module docstring),
+    within the bounds above: ``range`` and the operators that build large values (``*``, ``**``) are
+    checked against the current rendering's budget (``ChatTemplate.render`` sets it)."""
     jinja2 = import_jinja2()
+
+    class BoundedSandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset(["*", "**"])
+        budget: Budget | None = None
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "*" and isinstance(left, int) and isinstance(right, (str, list, tuple)):
+                left, right = right, left
+            if operator == "*" and isinstance(left, (str, list, tuple)) and isinstance(right, int):
+                self.budget.check_size(len(left) * right)
+            if operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1:
+                self.budget.check_size(right * abs(left).bit_length() // 4)  # about its decimal digits
+            return super().call_binop(context, operator, left, right)
+
+    def bounded_range(*args):
+        env.budget.check_time()  # a loop inside a loop calls range again and again
+
+        def steps():
+            for i, value in enumerate(jinja2.sandbox.safe_range(*args)):
+                if i % 1024 == 0:
+                    env.budget.check_time()
+                yield value
+        return steps()
 
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
@@ -91,15 +141,21 @@ def compile_template(text: str, origin: str):
     def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                       extensions=["jinja2.ext.loopcontrols"])
+    env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt),
+                       range=bounded_range)
     try:
-        return env.from_string(text)
+        tree = env.parse(text)
     except jinja2.exceptions.TemplateSyntaxError as e:
         raise ValueError(f"{origin}: not a valid Jinja template (line {e.lineno}: {e.message})") from None
+    other_files = next(tree.find_all((jinja2.nodes.Include, jinja2.nodes.Import, jinja2.nodes.FromImport,
+                                      jinja2.nodes.Extends)), None)
+    if other_files is not None:
+        raise ValueError(f"{origin}: line {other_files.lineno} reads another template file ({{% "
+                         f"{type(other_files).__name__.lower()} %}}); a chat template must be self-contained: "
+                         "inline that file, or choose a template with --template")
+    return env.from_string(tree)
 
 
 class ChatTemplate:
@@ -127,11 +183,22 @@ class ChatTemplate:
         """The conversation laid out as text, ending where the assistant's answer begins."""
         jinja2 = import_jinja2()
         chat = [{"role": role, "content": content} for role, content in messages]
+        budget = self.program.environment.budget = Budget(self.origin)
+        pieces, size = [], 0
         try:
-            return self.program.render(messages=chat, add_generation_prompt=add_generation_prompt, tools=None,
-                                       documents=None, **self.variables)
+            # Piece by piece, so that the limits hold while the template runs, not after.
+            for piece in self.program.generate(messages=chat, add_generation_prompt=add_generation_prompt,
+                                               tools=None, documents=None, **self.variables):
+                size += len(piece)
+                budget.check_size(size)
+                budget.check_time()
+                pieces.append(piece)
         except jinja2.exceptions.TemplateError as e:
-            raise ValueError(f"{self.origin} refused the conversation: {e}") from None
+            raise ValueError(f"{self.origin} refused the conversation: {one_line(e, 200)}") from None
+        except (RecursionError, OverflowError, MemoryError) as e:
+            raise ValueError(f"{self.origin}: the template failed ({type(e).__name__}); choose one with "
+                             "--template") from None
+        return "".join(pieces)
 
     def encode(self, tokenizer, messages: Sequence[Message]) -> list[int]:
         return tokenizer.encode_with_special_tokens(self.render(messages))

@@ -124,10 +124,9 @@ class Template:
         """The conversation as token ids, ready for generation."""
         ids: list[int] = []
         for segment in self.render(messages):
-            if segment is Marker.BOS:
-                ids.append(tokenizer.bos_id)
-            elif segment is Marker.EOS:
-                ids.append(tokenizer.eos_id)
+            if segment in (Marker.BOS, Marker.EOS):
+                special = tokenizer.bos_id if segment is Marker.BOS else tokenizer.eos_id
+                ids += [special] if special >= 0 else []  # -1: the tokenizer has none (as encode() leaves it out)
             else:
                 ids += tokenizer.encode(segment, bos=False)
         return ids

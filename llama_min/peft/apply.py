@@ -70,22 +70,21 @@ def apply_peft(model: Llama, config: PeftConfig) -> Llama:
     return model
 
 
-FINGERPRINT_TENSORS = ("tok_embeddings.weight", "layers.0.attention.wq.weight", "norm.weight")
-
-
 @torch.no_grad()
 def base_fingerprint(model: Llama) -> dict[str, list[float]] | None:
-    """A few numbers that tell one base model from another of the same shape: for three tensors, their
-    first and last four values and their sum of squares. Cheap, and stable across dtypes (compared with
-    a tolerance), so a bfloat16 copy of a base matches its float32 original. None for a model on the
-    meta device (shapes only)."""
+    """A few numbers per base tensor that tell one base model from another of the same shape, even one
+    where a single layer was fine-tuned: for every parameter, its first and last four values and its sum
+    of squares. One pass over the weights, no tensor-sized temporaries, and stable across dtypes
+    (compared with a tolerance), so a bfloat16 copy of a base matches its float32 original. None for a
+    model on the meta device (shapes only)."""
     params = dict(model.named_parameters())
     if params["tok_embeddings.weight"].is_meta:
         return None
     out = {}
-    for name in FINGERPRINT_TENSORS:
-        flat = params[name].detach().float().flatten()
-        out[name] = [*flat[:4].tolist(), *flat[-4:].tolist(), flat.pow(2).sum().item()]
+    for name, p in params.items():
+        flat = p.detach().flatten()
+        sum_sq = torch.linalg.vector_norm(flat, dtype=torch.float32).item() ** 2
+        out[name] = [*flat[:4].float().tolist(), *flat[-4:].float().tolist(), sum_sq]
     return out
 
 

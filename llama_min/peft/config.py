@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict, dataclass, fields
 
 from ..cli import add_flags, flag, given_flags
-from ..config import dataclass_from_dict
+from ..config import dataclass_from_dict, short, type_problems
 
 METHODS = ("adapter", "lora", "bottleneck")
 # LoRA target -> the submodule of a Block that holds it ("output" is the model's own head).
@@ -43,13 +43,16 @@ class PeftConfig:
                              "train.py's --train_norms", group=GROUP)
 
     def __post_init__(self):
-        self.lora_targets = tuple(self.lora_targets)  # JSON gives a list
-        problems = []
+        if isinstance(self.lora_targets, list):  # as JSON gives it
+            self.lora_targets = tuple(self.lora_targets)
+        problems = type_problems(self)  # first: the checks below compare numbers
+        if problems:
+            raise ValueError("invalid PeftConfig: " + "; ".join(problems))
         if self.method not in METHODS:
-            problems.append(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+            problems.append(f"method must be one of {', '.join(METHODS)}, got {short(self.method)}")
         unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]
         if unknown or not self.lora_targets:
-            problems.append(f"lora_targets {list(self.lora_targets)} must be a non-empty subset of {list(LORA_TARGETS)}")
+            problems.append(f"lora_targets {short(list(self.lora_targets))} must be a non-empty subset of {list(LORA_TARGETS)}")
         for name in ("adapter_len", "lora_rank", "bottleneck_dim"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -80,6 +83,14 @@ class PeftConfig:
     @classmethod
     def from_json(cls, text: str) -> "PeftConfig":
         return cls.from_dict(json.loads(text))
+
+
+def method_reading(field_name: str) -> str | None:
+    """The method that reads the PeftConfig field of this name (its name says which: lora_rank is
+    LoRA's); None for a field every method reads."""
+    if field_name == "gate_tanh":
+        return "adapter"
+    return next((m for m in METHODS if field_name.startswith(m + "_")), None)
 
 
 # Fields a script chooses with its own flags: ``--method`` (which also offers ``full``) and ``--train_norms``

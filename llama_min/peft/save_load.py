@@ -16,15 +16,16 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..checkpoint import atomic_directory, check_state_dict
-from ..config import ModelConfig
+from ..checkpoint import PEFT_CONFIG, PEFT_WEIGHTS, check_state_dict, replace_directory
+from ..cli import one_line
+from ..config import ModelConfig, short
 from ..model import Llama
 from .apply import _peft_config, apply_peft, base_fingerprint, peft_state_dict, remove_peft
 from .config import PeftConfig
 
-PEFT_WEIGHTS, PEFT_CONFIG = "peft.safetensors", "peft.json"
 # ModelConfig fields that change neither a tensor's shape nor what it means: a PEFT checkpoint may be
 # loaded onto a base that differs in these.
 _RUNTIME_FIELDS = ("attn_impl", "max_seq_len")
@@ -38,7 +39,7 @@ def save_peft(model: Llama, directory: str | Path, base_checkpoint: str | Path |
             "base_checkpoint": None if base_checkpoint is None else str(Path(base_checkpoint).resolve()),
             "base_config": model.config.to_dict(), "base_fingerprint": model.peft_base_fingerprint}
     tensors = {k: v.contiguous().cpu() for k, v in peft_state_dict(model).items()}
-    with atomic_directory(directory) as tmp:
+    with replace_directory(directory) as tmp:
         save_file(tensors, tmp / PEFT_WEIGHTS, metadata={"format": "pt"})
         (tmp / PEFT_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
 
@@ -50,10 +51,27 @@ def read_peft_meta(directory: str | Path) -> dict:
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory} is not a PEFT checkpoint: no {name} in it "
                                     f"(expected {PEFT_WEIGHTS} + {PEFT_CONFIG}, as written by save_peft)")
-    meta = json.loads((directory / PEFT_CONFIG).read_text())
+    path = directory / PEFT_CONFIG
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path}: not valid JSON ({one_line(e, 80)}); the adapter is damaged: copy it again or "
+                         "train it again") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: expected a JSON object written by save_peft, found {short(meta)}")
     missing = [k for k in ("method", "config", "base_checkpoint", "base_config") if k not in meta]
     if missing:
-        raise ValueError(f"{directory / PEFT_CONFIG} lacks the fields {missing}; was it written by save_peft?")
+        raise ValueError(f"{path} lacks the fields {missing}; was it written by save_peft?")
+    fingerprint = meta.get("base_fingerprint")
+    wrong = [k for k, want in (("config", dict), ("base_config", dict), ("base_checkpoint", (str, type(None))),
+                               ("base_fingerprint", (dict, type(None)))) if not isinstance(meta[k] if k in meta else None, want)]
+    if not wrong and fingerprint is not None and not all(
+            isinstance(v, list) and all(type(x) in (int, float) for x in v) for v in fingerprint.values()):
+        wrong.append("base_fingerprint")
+    if wrong:
+        raise ValueError(f"{path}: the fields {wrong} are not of the types save_peft writes (found "
+                         f"{short({k: meta.get(k) for k in wrong}, 80)}); the file was edited or damaged: train the "
+                         "adapter again")
     return meta
 
 
@@ -72,8 +90,10 @@ def _check_fingerprint(model: Llama, meta: dict, directory: Path) -> None:
     if recorded is None:  # written before fingerprints were recorded
         return
     current = getattr(model, "peft_base_fingerprint", None) or base_fingerprint(model)
-    differ = [name for name, values in recorded.items()
-              if not torch.allclose(torch.tensor(current[name]), torch.tensor(values), rtol=2e-2, atol=1e-3)]
+    # bfloat16 keeps 8 significant bits: a copy in it differs by at most 2^-8 relative; fine-tuning even one
+    # layer moves its values by far more.
+    differ = [name for name, values in recorded.items() if name not in current or
+              not torch.allclose(torch.tensor(current[name]), torch.tensor(values), rtol=1e-2, atol=1e-6)]
     if differ:
         raise ValueError(f"the adapter {directory} was trained on another base model of the same shape (recorded "
                          f"base: {meta.get('base_checkpoint')}; its {differ[0]} differs from this model's): load it "
@@ -88,11 +108,18 @@ def load_peft(model: Llama, directory: str | Path, check_base: bool = True) -> L
     the recorded one (the config must match in any case)."""
     directory = Path(directory)
     meta = read_peft_meta(directory)
-    config = PeftConfig.from_dict(meta["config"])
+    try:
+        config = PeftConfig.from_dict(meta["config"])
+    except ValueError as e:
+        raise ValueError(f"{directory / PEFT_CONFIG}: {one_line(e)}") from None
     _check_base(model.config, meta, directory)
     if check_base:
         _check_fingerprint(model, meta, directory)
-    state = load_file(directory / PEFT_WEIGHTS)
+    try:
+        state = load_file(directory / PEFT_WEIGHTS)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{directory / PEFT_WEIGHTS}: not a readable safetensors file ({one_line(e, 80)}); the "
+                         "adapter is damaged: copy it again or train it again") from None
     if getattr(model, "peft_config", None) is not None:
         remove_peft(model)
     apply_peft(model, config)

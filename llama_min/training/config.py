@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from ..cli import OneLineParser, UsageError, add_flags, flag, given_flags
 from ..config import PRESETS, ModelConfig
 from ..peft import METHODS as PEFT_METHODS, SCRIPT_FIELDS, PeftConfig
+from ..peft.config import method_reading
 
 METHODS = ("full", "partial", *PEFT_METHODS)  # every parameter, the named base tensors, or one PEFT method
 FULL_CHECKPOINT_METHODS = ("full", "partial")  # base tensors change: the whole model is saved (OUT_DIR/ckpt)
@@ -130,6 +131,11 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.full_checkpoint and cfg.peft_overrides:
         raise UsageError(f"{' '.join(sorted('--' + k for k in cfg.peft_overrides))} configure a PEFT method, but "
                          f"--method is {cfg.method}; add --method {' | '.join(PEFT_METHODS)} or drop them")
+    foreign = sorted(f"--{k}" for k in cfg.peft_overrides if method_reading(k) not in (None, cfg.method))
+    if not cfg.full_checkpoint and foreign:  # one rule for every PEFT flag: given, it must be read
+        readers = sorted({method_reading(k[2:]) for k in foreign})
+        raise UsageError(f"{', '.join(foreign)}: read only by --method {' or '.join(readers)}, not by --method "
+                         f"{cfg.method}; drop {'it' if len(foreign) == 1 else 'them'} or change --method")
     partial_flags = [f"--{k}" for k in ("train_layers", "train_norms", "train_output") if getattr(cfg, k)]
     base_flags = [f for f in partial_flags if f != "--train_norms" or cfg.method not in PEFT_METHODS]
     if cfg.method == "partial" and not partial_flags:
@@ -170,6 +176,7 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     """Every TrainConfig field is a flag, and so is every ModelConfig field (an override of the preset,
     in the model section of ``--help``) and every PeftConfig field (in the fine-tuning section)."""
     parser = OneLineParser(prog="train.py", description=description)
+    parser.once = ("--method",)  # flags that choose what a run is; a second value would silently win
     add_flags(parser, TrainConfig)
     add_flags(parser, ModelConfig, dest_prefix="model.", help=model_flag_help, group=MODEL, show_defaults=False)
     add_flags(parser, PeftConfig, dest_prefix="peft.", skip=SCRIPT_FIELDS, group=TUNE)

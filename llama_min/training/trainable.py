@@ -57,7 +57,9 @@ def build_model(cfg: TrainConfig, rt: Runtime, resume_from: Path | None = None) 
     try:
         model_config = ModelConfig.from_preset(cfg.model, **overrides)
     except (ValueError, TypeError) as e:
-        raise UsageError(str(e)) from None
+        flags = "".join(f" --{k} {v}" for k, v in cfg.model_overrides.items())
+        advice = "; change that flag" if str(e).startswith("invalid ModelConfig") else ""
+        raise UsageError(f"--model {cfg.model}{flags}: {e}{advice}") from None
     torch.manual_seed(cfg.seed)  # same initial weights on every rank and every run
     with torch.device(rt.device):
         model = Llama(model_config)
