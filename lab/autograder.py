@@ -213,16 +213,19 @@ def unpack(submission: Path, dest: Path) -> None:
 
 
 def dry_run(submission: Path, labs: list[int], hidden: Path | None = None, time_s: float = 300.0,
-            memory_mb: int = 4096, keep: Path | None = None) -> dict:
-    """Build the autograder, lay out /autograder in a temporary directory (or ``keep``) with ``submission`` in
-    it, and run its ``run_autograder`` there with this Python. No Docker and no setup.sh: the packages are this
-    environment's. Returns the results JSON."""
+            memory_mb: int = 4096, built: Path | None = None) -> dict:
+    """Build the autograder (or take the zip ``built``), lay out /autograder in a temporary directory with
+    ``submission`` in it, and run its ``run_autograder`` there with this Python. No Docker and no setup.sh:
+    the packages are this environment's. Returns the results JSON."""
     with tempfile.TemporaryDirectory(prefix="lab_dry_run_") as tmp:
-        root = Path(keep) if keep is not None else Path(tmp)
-        root.mkdir(parents=True, exist_ok=True)
+        root = Path(tmp) / "autograder"
+        root.mkdir()
+        Path(tmp).chmod(0o755)
         root.chmod(0o755)  # as /autograder: the unprivileged child may read the handout's data
-        build(labs, Path(tmp) / "autograder.zip", hidden, time_s, memory_mb)
-        with zipfile.ZipFile(Path(tmp) / "autograder.zip") as z:
+        if built is None:
+            built = Path(tmp) / "autograder.zip"
+            build(labs, built, hidden, time_s, memory_mb)
+        with zipfile.ZipFile(built) as z:
             z.extractall(root / "source")
         for name in ("run_autograder", "setup.sh"):
             (root / "source" / name).chmod(0o755)

@@ -260,7 +260,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             # the student grading their own code: no other user to switch to
             results, _ = grade_isolated(root, root, {n: manifest[n] for n in labs}, args.hidden,
-                                        Limits(time_s=args.time_limit), starter=root / STARTER, sandbox=Sandbox())
+                                        Limits(time_s=args.time_limit), starter=root / STARTER, sandbox=Sandbox(),
+                                        workers=min(2, os.cpu_count() or 1))
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"lab.grade: error: {e}") from None
     titles = {n: lab.title for n, lab in manifest.items()}

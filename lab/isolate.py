@@ -30,6 +30,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,10 +83,13 @@ def sandbox_user() -> Sandbox:
                           "import torch"])
 
 
+PROBE = "import importlib.util, safetensors, pytest; assert importlib.util.find_spec('torch'), 'no torch'"
+
+
 def usable(uid: int, gid: int) -> str | None:
     """None when the user can run this Python and import what the graders need, else why not."""
     try:
-        probe = subprocess.run([sys.executable, "-s", "-c", "import torch, safetensors, pytest"], user=uid, group=gid,
+        probe = subprocess.run([sys.executable, "-s", "-c", PROBE], user=uid, group=gid,
                                extra_groups=[], env={"PATH": os.defpath}, cwd="/", capture_output=True, text=True,
                                timeout=120)
     except (OSError, subprocess.SubprocessError) as e:
@@ -183,6 +187,7 @@ def run_child(work: Path, lab: int, hidden: bool, limits: Limits, sandbox: Sandb
     command = [sys.executable, "-s", "-m", "lab.record", "--lab", str(lab), "--out", str(out),
                "--memory-mb", str(limits.memory_mb), "--cpu-s", str(int(limits.time_s) + 1)]
     command += ["--hidden", "hidden"] if hidden else []
+    command += ["--processes", "256"] if sandbox.uid is not None else []  # a fork bomb stops there
     env = {"PATH": os.environ.get("PATH", os.defpath), "HOME": str(work / "tree"), "LANG": "C.UTF-8",
            "PYTHONPATH": str(work / "tree"), "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1",
            "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
@@ -336,12 +341,14 @@ def tamper(outcomes: dict, example: str, count: int) -> tuple[dict, str]:
 
 def grade_isolated(base: Path, source: Path, labs: dict[int, Lab], hidden: Path | None = None,
                    limits: Limits = Limits(), pins: dict | None = None, starter: Path | None = None,
-                   sandbox: Sandbox | None = None) -> tuple[list[Result], list[str]]:
+                   sandbox: Sandbox | None = None, workers: int = 1) -> tuple[list[Result], list[str]]:
     """Grade ``labs`` (number -> Lab) of the student's files in ``source`` on copies of ``base`` (the clean
-    handout), each lab in a child (public graders first, every lab's hidden tests after), judged here.
-    ``pins``: per lab, test -> the comparisons it must make (lab/autograder.py records them on the reference).
+    handout), each lab in a child (public graders first, every lab's hidden tests after; ``workers`` children
+    at a time), judged here. ``pins``: per lab, test -> the comparisons it must make (lab/autograder.py records
+    them on the reference).
     Returns the results and notes for the instructor."""
     sandbox = sandbox or sandbox_user()
+    workers = workers if sandbox.uid is None else 1  # kill_user ends every process of the sandbox user
     notes = list(sandbox.notes)
     guarded = [path for path in (base, hidden) if path is not None]  # the grader's files: students may not touch
     with tempfile.TemporaryDirectory(prefix="lab_grader_") as private:
@@ -362,13 +369,17 @@ def grade_isolated(base: Path, source: Path, labs: dict[int, Lab], hidden: Path 
         if starter is not None and starter.is_dir():
             starter = clean / starter.relative_to(base) if starter.is_relative_to(base) else starter
         results: dict[tuple[int, bool], list[Result]] = {}
-        for is_hidden in (False, True):
+        for is_hidden in (False, True):  # every lab's public graders before any hidden test
+            jobs = {}
             for number, lab in labs.items():
                 files = grader_files(clean, [number], hidden, public=not is_hidden)
                 if files:
                     lab_pins = None if pins is None else pins.get(str(number), {})
-                    results[number, is_hidden] = grade_one(clean, source, lab, files, starter, lab_pins, limits,
-                                                           sandbox, judge, guarded, notes, (rubric, hidden_rubric))
+                    jobs[number, is_hidden] = (clean, source, lab, files, starter, lab_pins, limits, sandbox, judge,
+                                               guarded, notes, (rubric, hidden_rubric))
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                done = {key: pool.submit(grade_one, *job) for key, job in jobs.items()}
+                results.update({key: future.result() for key, future in done.items()})
     return [r for number in labs for h in (False, True) for r in results.get((number, h), [])], notes
 
 

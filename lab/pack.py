@@ -6,6 +6,7 @@ autograder (lab/autograder.py) and try it on a submission.
     python -m lab.pack --labs 3 4 --out my_submission.zip
     python -m lab.pack --autograder --lab 3 --lab 4 [--hidden DIR]          # autograder.zip (--lab all: every lab)
     python -m lab.pack --autograder --lab 3 --dry-run submission.zip          # grade it as Gradescope would
+    python -m lab.pack --autograder --dry-run submission.zip --zip autograder.zip    # ... with a zip built before
 
 A hand-in file that is missing is named, and the zip is written without it. The zip is written whole or not at
 all, and never over a file this tool did not write.
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     group.add_argument("--dry-run", type=Path, metavar="SUBMISSION",
                        help="run the autograder here on SUBMISSION (a zip or a directory) instead of writing it")
     group.add_argument("--json", type=Path, help="with --dry-run: also write the results JSON here")
+    group.add_argument("--zip", type=Path, help="with --dry-run: try this autograder zip instead of building one")
     args = parser.parse_args(argv)
     try:
         if args.autograder:
@@ -90,7 +92,7 @@ def autograder(args) -> None:
 
     manifest = load_labs()
     labs = lab_numbers(args.lab, manifest)
-    if labs is None:
+    if labs is None and not (args.dry_run and args.zip):
         raise ValueError("--autograder needs the labs it grades: --lab N (repeatable) or --lab all")
     if args.dry_run is None:
         out = args.out or Path("autograder.zip")
@@ -102,7 +104,7 @@ def autograder(args) -> None:
         return
     if not args.dry_run.exists():
         raise FileNotFoundError(f"--dry-run {args.dry_run}: no such submission")
-    data = dry_run(args.dry_run, labs, args.hidden, args.time_limit, args.memory_mb)
+    data = dry_run(args.dry_run, labs, args.hidden, args.time_limit, args.memory_mb, args.zip)
     if args.json:
         write_json(args.json, data)
     print(f"score {data['score']:g} of {sum(t['max_score'] for t in data['tests']):g}")

@@ -30,10 +30,12 @@ from pathlib import Path
 OUTPUT_LIMIT = 256 * 2 ** 20  # bytes any one file the child writes may reach
 
 
-def limit(memory_mb: int, cpu_s: int) -> None:
-    """Lower this process's limits for good: an unprivileged process cannot raise a hard limit again."""
-    for which, value in ((resource.RLIMIT_AS, memory_mb * 2 ** 20), (resource.RLIMIT_CPU, cpu_s),
-                         (resource.RLIMIT_FSIZE, OUTPUT_LIMIT), (resource.RLIMIT_CORE, 0)):
+def limit(memory_mb: int, cpu_s: int, processes: int | None = None) -> None:
+    """Lower this process's limits for good: an unprivileged process cannot raise a hard limit again.
+    ``processes`` counts every process and thread of this user, so it is set only for a user of its own."""
+    limits = [(resource.RLIMIT_AS, memory_mb * 2 ** 20), (resource.RLIMIT_CPU, cpu_s),
+              (resource.RLIMIT_FSIZE, OUTPUT_LIMIT), (resource.RLIMIT_CORE, 0)]
+    for which, value in limits + ([(resource.RLIMIT_NPROC, processes)] if processes else []):
         _, hard = resource.getrlimit(which)
         value = value if hard == resource.RLIM_INFINITY else min(value, hard)
         resource.setrlimit(which, (value, value))
@@ -106,8 +108,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hidden", type=Path, help="run this directory's hidden tests of the lab, not its grader")
     parser.add_argument("--memory-mb", type=int, default=4096)
     parser.add_argument("--cpu-s", type=int, default=300)
+    parser.add_argument("--processes", type=int, help="at most this many processes and threads of this user")
     args = parser.parse_args(argv)
-    limit(args.memory_mb, args.cpu_s)
+    limit(args.memory_mb, args.cpu_s, args.processes)
     import pytest
 
     from .grade import Collector, grader_files, run_pytest

@@ -85,22 +85,27 @@ def private_python_prefix() -> Path | None:
     return None
 
 
-def run_autograder(root: Path, user: str | None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "LAB_AUTOGRADER_ROOT": str(root), "LAB_PYTHON": sys.executable}
+def run_sandboxed(command: list[str], env: dict, user: str | None) -> subprocess.CompletedProcess:
+    """Run ``command`` (the autograder, which switches to ``user`` for the students' code); when this Python
+    lives in a private home, in a mount namespace where that home is a readable directory holding only it."""
+    env = {**env, "LAB_PYTHON": sys.executable}
     env.pop("PYTHONPATH", None)  # the autograder finds its own lab package in source/handout
     if user:
         env["LAB_SANDBOX_USER"] = user
-    command = ["bash", str(root / "source" / "run_autograder")]
     hidden_home = private_python_prefix() if user else None
     if hidden_home is not None and shutil.which("unshare"):
-        # a mount namespace in which the private home is a readable directory holding only this Python's prefix
         stand_in = Path(tempfile.mkdtemp(prefix="lab_home_"))
         stand_in.chmod(0o755)
         (stand_in / hidden_home.name).mkdir()
         script = (f'mount --bind "{hidden_home}" "{stand_in / hidden_home.name}" && '
                   f'mount --rbind "{stand_in}" "{hidden_home.parent}" && exec "$@"')
         command = ["unshare", "-m", "sh", "-c", script, "sh", *command]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
+
+
+def run_autograder(root: Path, user: str | None) -> subprocess.CompletedProcess:
+    return run_sandboxed(["bash", str(root / "source" / "run_autograder")],
+                         {**os.environ, "LAB_AUTOGRADER_ROOT": str(root)}, user)
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +185,7 @@ def test_the_zip_holds_what_gradescope_runs_and_no_reference(autograder):
     assert config["pins"]["1"]["test_lab01_rmsnorm.py::test_float32"] == [[1, "forward.float32"]]
 
 
-def test_a_correct_submission_scores_every_point(autograder, tmp_path):
+def test_a_correct_submission_scores_every_point_and_the_dry_run_says_the_same(autograder, tmp_path):
     results, _, run = grade(autograder, CORRECT, tmp_path)
     tests = by_name(results)
     assert all(t["status"] == "passed" for t in tests.values()), run.stdout
@@ -188,6 +193,14 @@ def test_a_correct_submission_scores_every_point(autograder, tmp_path):
     assert len(tests) == pinned_tests(autograder)
     assert tests["Lab 1: test_flattened_rows"]["max_score"] == 2  # the hidden rubric
     assert_nothing_hidden_visible(results)
+    # python -m lab.pack --autograder --dry-run on the same zip and submission: the same JSON
+    submitted = submission(tmp_path / "submitted", CORRECT)
+    dry = run_sandboxed([sys.executable, "-m", "lab.pack", "--autograder", "--dry-run", str(submitted), "--zip",
+                         str(autograder), "--json", str(tmp_path / "dry.json")], dict(os.environ), sandbox_user())
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    ours = json.loads((tmp_path / "dry.json").read_text())
+    assert f"score {ours['score']:g} of {ours['score']:g}" in dry.stdout, dry.stdout
+    assert {**ours, "execution_time": 0} == {**results, "execution_time": 0}
 
 
 def test_a_wrong_submission_loses_its_points_and_one_broken_lab_costs_only_itself(autograder, tmp_path):
