@@ -21,6 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .leaks import duplicated_answers
 from .manifest import REPO, STARTER, Lab, choose_labs, load_labs
 from .source import blank_function, replace_function
 
@@ -67,7 +68,7 @@ def write_handout(labs: list[Lab], out: Path, repo: Path = REPO) -> list[str]:
         raise
     blanked = {b.name for lab in labs for b in lab.blanks}
     return [f"lab {lab.number}'s answer can be read in {name}, which this handout keeps: blank its lab too to hide it"
-            for lab in labs for name in lab.also_shows if name not in blanked]
+            for lab in labs for name in lab.also_shows if name not in blanked] + duplicated_answers(repo, labs)
 
 
 def fill_directory(labs: list[Lab], out: Path, repo: Path) -> None:
