@@ -103,8 +103,8 @@ def test_the_logits_are_not_kept_through_backward(tmp_path, monkeypatch):
 
     def spy_forward(self, *args, **kwargs):
         logits, loss = forward(self, *args, **kwargs)
-        if loss is not None:
-            logits_refs.append(weakref.ref(logits))
+        if loss is not None:  # in training the chunked loss builds no logits at all (None): fine too
+            logits_refs.append(weakref.ref(logits) if logits is not None else lambda: None)
         return logits, loss
 
     def spy_backward(self, *args, **kwargs):
