@@ -3,10 +3,13 @@
     python train.py                                     # the tiny model on the shipped Shakespeare, CPU, ~5 min
     python train.py --device cuda --dim 512 --n_layers 8 --max_steps 5000
     torchrun --nproc_per_node=4 train.py ...           # DistributedDataParallel, one process per GPU
+    torchrun --nproc_per_node=8 train.py --fsdp --activation_checkpointing ...   # too big for one GPU
     python train.py --resume                            # continue out/ckpt exactly where it stopped
     python train.py --init_from runs/base/ckpt --method lora --data alpaca.jsonl   # fine-tune: OUT/peft
     python train.py --init_from runs/base/ckpt --method full --data alpaca.jsonl --l2sp 0.1 --weight_decay 0 \\
         --perturb 0.5 --dev_every 25 --patience 4     # robust options; the best dev model kept in OUT/best
+    python train.py --init_from runs/base/ckpt --method adapter --image_root world --data world/train.json
+                                                        # multimodal LLaMA-Adapter (docs/multimodal.md)
 
 ``train`` reads in three parts: the setup (where it runs, the model and its data, what trains, the
 optimiser, the state it resumes), the loop (one optimiser step per iteration, then logging, evaluation
@@ -20,20 +23,20 @@ from __future__ import annotations
 import math
 import signal
 import sys
-from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
 from llama_min import IGNORE_INDEX, Llama, generate
 from llama_min.cli import UsageError
 from llama_min.finetune.neftune import add_embedding_noise
 from llama_min.peft import peft_stats
-from llama_min.training.batches import Data, count_targets, get_batch, make_sampler, prepare_data
+from llama_min.training.batches import Data, batch_images, count_targets, get_batch, make_sampler, prepare_data
 from llama_min.training.config import TrainConfig, check_config, parse_args
+from llama_min.training.distributed import (checkpoint_activations, gradient_sync, replicate, seed_process,
+                                            shard_model, unsharded)
 from llama_min.training.evaluate import evaluate
 from llama_min.training.optim import get_lr, make_optimizer, set_lr
 from llama_min.training.progress import Progress, TrainingDiverged
@@ -65,22 +68,27 @@ def train(cfg: TrainConfig) -> signal.Signals | None:
     if data.tokenizer.vocab_size > model.config.vocab_size:
         raise UsageError(f"the tokenizer has {data.tokenizer.vocab_size} tokens but the model only "
                          f"{model.config.vocab_size}; pass --vocab_size {data.tokenizer.vocab_size}")
-    rt.say(choose_trainable(model, cfg, None if cfg.full_checkpoint else resume_from))
+    rt.say(choose_trainable(model, cfg, None if cfg.full_checkpoint else resume_from, data.image_encoder))
+    seed_process(cfg.seed, rt)  # under torchrun each process its own dropout and noise
     if not cfg.full_checkpoint:
         hold_frozen_in_autocast_dtype(model, rt)  # GPU memory: the frozen base in bf16, not float32 + copies
     l2sp = make_l2sp(model, cfg, rt, resumed=state is not None and cfg.full_checkpoint)
     if cfg.embed_noise:  # NEFTune: noisy input embeddings, in training mode only
         add_embedding_noise(model, cfg.embed_noise)
+    if cfg.activation_checkpointing:
+        checkpoint_activations(model)  # each block recomputed in backward: one block's activations held, not all
+    if cfg.fsdp:
+        shard_model(model, rt)  # FSDP2: each process holds 1/N of every parameter, gradient and AdamW moment
     optimizer = make_optimizer(model, cfg, rt)
     sampler = make_sampler(data, cfg)
     progress = Progress(cfg, rt, model, resumed_at=state["step"] if state else None)
     dev = DevSelection(cfg, rt, data, model, progress)  # --dev_every: keep the best, stop early
-    step, best_val_loss = restore_run(state, optimizer, sampler, dev, rt, ckpt_dir) if state else (0, float("inf"))
+    step, best_val_loss = restore_run(state, model, optimizer, sampler, dev, rt, ckpt_dir) if state else (0, float("inf"))
     checkpoints = RunCheckpoints(cfg, rt, model, data, optimizer, sampler, dev, saved_step=step if state else None)
     # `model` stays the plain module, for evaluation, samples and checkpoints; `trained` is what steps.
     trained = torch.compile(model) if cfg.compile else model
-    if rt.world_size > 1:
-        trained = DistributedDataParallel(trained, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    if rt.world_size > 1 and not cfg.fsdp:
+        trained = replicate(trained, rt)  # DDP: a whole copy on every process, gradients averaged
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.use_grad_scaler)
     describe(cfg, rt, model, data, progress)
 
@@ -93,13 +101,12 @@ def train(cfg: TrainConfig) -> signal.Signals | None:
             batches = [get_batch(data, sampler, cfg, rt) for _ in range(cfg.grad_accum)]
             n_targets = count_targets(batches, rt)  # the step's loss is the mean over all its target tokens
             loss_sum = torch.zeros((), device=rt.device)
-            for i, (x, y) in enumerate(batches):
-                # DDP averages gradients across processes at each backward: only at the last micro-batch.
-                sync = rt.world_size == 1 or i == len(batches) - 1
-                with (nullcontext() if sync else trained.no_sync()), rt.autocast():
+            for i, (x, y, images) in enumerate(batches):  # images: (B, C_v) features, or None for text
+                # DDP and FSDP average gradients across processes at each backward: only at the last micro-batch.
+                with gradient_sync(model, trained, sync=i == len(batches) - 1), rt.autocast():
                     share = ((y != IGNORE_INDEX).sum() / n_targets).float()  # of the step's targets
-                    loss = trained(x, y)[1] * share  # [1]: the logits are not kept through backward
-                scaler.scale(loss * rt.world_size).backward()  # (DDP's average divides by world_size again)
+                    loss = trained(x, y, images=images)[1] * share  # [1]: the logits are not kept through backward
+                scaler.scale(loss * rt.world_size).backward()  # (the average divides by world_size again)
                 loss_sum += loss.detach()
             scaler.unscale_(optimizer)
             if l2sp is not None:
@@ -115,7 +122,7 @@ def train(cfg: TrainConfig) -> signal.Signals | None:
             if not math.isfinite(loss):
                 raise TrainingDiverged(f"the training loss is {loss} at step {step}; stopping. "
                                        f"{checkpoints.last_good()}")
-            progress.step(step, loss, lr, tokens=sum(x.numel() for x, _ in batches) * rt.world_size,
+            progress.step(step, loss, lr, tokens=sum(x.numel() for x, *_ in batches) * rt.world_size,
                           stats=None if cfg.full_checkpoint else lambda: peft_stats(model))
             dev.maybe_evaluate(step)  # before the checkpoint below, which saves its progress
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
@@ -143,9 +150,10 @@ def train(cfg: TrainConfig) -> signal.Signals | None:
     if note or rt.master and (Path(cfg.out_dir) / "loss.png").exists():
         rt.say(note or f"loss curve: {Path(cfg.out_dir) / 'loss.png'}")
     model.eval()  # no training-only noise (NEFTune, LoRA dropout) in what follows
-    if stopped_by is None and rt.master and cfg.sample_tokens > 0:
-        with rt.autocast():
-            print_samples(model, data, cfg)
+    if stopped_by is None and cfg.sample_tokens > 0:
+        with rt.autocast(), unsharded(model):  # --fsdp: every process holds the whole model meanwhile
+            if rt.master:
+                print_samples(model, data, cfg)
     if stopped_by is None and rt.master and cfg.merge:
         dev.load_best()  # with --dev_every, the run's result is the chosen model
         write_merged(Path(cfg.out_dir) / "merged", model, data.tokenizer, data.instructions)
@@ -170,20 +178,23 @@ def describe(cfg: TrainConfig, rt, model: Llama, data: Data, progress: Progress)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * rt.world_size  # instructions: at most
     rt.say(f"data: {len(data.train):,} training {unit}, {len(data.val):,} held-out {unit}; "
            f"{'up to ' if data.instructions else ''}{tokens_per_step:,} tokens per step on {rt.world_size} x "
-           f"{rt.device} ({str(rt.autocast_dtype or torch.float32).removeprefix('torch.')}); "
+           f"{rt.device}{', sharded (FSDP)' if cfg.fsdp else ''} "
+           f"({str(rt.autocast_dtype or torch.float32).removeprefix('torch.')}); "
            f"MFU against {progress.peak / 1e9:.1f} GFLOP/s")
 
 
 def print_samples(model: Llama, data: Data, cfg: TrainConfig) -> None:
     """A greedy and a temperature-0.8 continuation of --sample_prompt, or for instruction data of the
-    first held-out record's prompt."""
-    prompt = data.tokenizer.encode(cfg.sample_prompt, bos=True)
+    first held-out record's prompt (with its image, for image-instruction data)."""
+    prompt, images = data.tokenizer.encode(cfg.sample_prompt, bos=True), None
     if data.instructions and not cfg.sample_prompt:
-        tokens, targets = data.val[0]
+        tokens, targets = data.val[0][:2]
         prompt = tokens[:next(i for i, t in enumerate(targets) if t != IGNORE_INDEX) + 1]
+        images = batch_images(data.image_features, data.val, [0])
     for temperature in (0.0, 0.8):
         new = generate(model, [prompt], cfg.sample_tokens, temperature=temperature,
-                       stop_ids=[data.tokenizer.eos_id], seed=cfg.seed, truncate=True, bos_id=data.tokenizer.bos_id)[0]
+                       stop_ids=[data.tokenizer.eos_id], seed=cfg.seed, truncate=True, bos_id=data.tokenizer.bos_id,
+                       images=images)[0]
         print(f"--- sample ({'greedy' if temperature == 0 else f'temperature {temperature}'}) ---\n"
               f"{data.tokenizer.decode(prompt)}{data.tokenizer.decode(new)}")
 

@@ -58,7 +58,7 @@ def test_overfits_a_fixed_batch(corpus, tmp_path):
     data = prepare_data(cfg, rt, model.config.vocab_size, tokenizer_path)
     choose_trainable(model, cfg)
     optimizer = make_optimizer(model, cfg, rt)
-    x, y = get_batch(data, WindowSampler(len(data.train), cfg.seq_len, 0), cfg, rt)
+    x, y, _ = get_batch(data, WindowSampler(len(data.train), cfg.seq_len, 0), cfg, rt)
     losses = []
     for _ in range(40):
         _, loss = model(x, y)
@@ -154,7 +154,8 @@ step = 0
 while True:  # every checkpoint stamps its step into a weight, so a mix of two saves is detectable
     with torch.no_grad():
         model.norm.weight.fill_(step)
-    save_run_checkpoint(Path({out!r}), model, Tokenizer({tok!r}), optimizer, sampler, step, 0.0, cfg, [])
+    save_run_checkpoint(Path({out!r}), model, Tokenizer({tok!r}), optimizer.state_dict(), sampler, step, 0.0, cfg,
+                        [])
     if step == 0:
         print("saved", flush=True)
     step += 1

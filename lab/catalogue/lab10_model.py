@@ -61,7 +61,7 @@ MUTATIONS = [
       ("mask = None if pad_lens is None else attention_mask(start_pos, T, pad_lens, tokens.device)", "mask = None"),
       why="it hides the padding from every query"),
     m("model_every_block_reads_embeddings", 10, MODEL, "every block reads the embeddings",
-      ("h = layer(h, cos, sin, mask, start_pos)", "out = layer(h, cos, sin, mask, start_pos)"),
+      ("h = layer(h, cos, sin, mask, start_pos, visual)", "out = layer(h, cos, sin, mask, start_pos, visual)"),
       why="block i + 1 reads block i's output"),
     m("model_scaled_embeddings", 10, MODEL, "the embeddings are scaled by √dim",
       ("h = self.tok_embeddings(tokens)", "h = self.tok_embeddings(tokens) * math.sqrt(self.config.dim)"),

@@ -10,6 +10,7 @@ of override are kept as dicts of the flags actually given, so that ``--resume`` 
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass, field, fields
 
 from ..cli import OneLineParser, UsageError, add_flags, flag, given_flags
@@ -41,6 +42,12 @@ class TrainConfig:
                           "or one trained on the training split (cached)", group=DATA)
     cache_dir: str = flag("", "where the trained tokenizer and token files are cached (default: data/cache "
                           "beside train.py)", group=DATA)
+    image_root: str = flag("", "image-instruction data: --data holds LLaVA-style records {\"image\", \"instruction\", "
+                           "\"input\", \"output\"} whose image paths are relative to this directory; trains the "
+                           "multimodal LLaMA-Adapter (--method adapter; docs/multimodal.md)", group=DATA)
+    image_encoder: str = flag("", "--image_root: the frozen image encoder, lab (the shipped one), clip:DIR[:L1,L2,...] "
+                              "(a local Hugging Face CLIP) or features:FILE (precomputed; llama_min/peft/visual.py); "
+                              "default lab", group=DATA)
     seq_len: int = flag(256, "tokens per training sequence (at most the model's max_seq_len)", group=DATA)
     # optimisation
     max_steps: int = flag(2000, "optimiser steps to run", group=OPTIM)
@@ -96,6 +103,12 @@ class TrainConfig:
     dtype: str = flag("auto", "autocast dtype: auto (bfloat16 on CUDA, or float16 without bf16 support; float32 "
                       "on CPU), float32, bfloat16, float16 (CUDA only)", group=RUN)
     compile: bool = flag(False, "torch.compile the model", group=RUN)
+    fsdp: bool = flag(False, "under torchrun: shard the parameters, gradients and AdamW state across the processes "
+                      "(FSDP2) instead of a whole copy on each (DDP); for models that do not fit one GPU "
+                      "(docs/multi_gpu.md)", group=RUN)
+    activation_checkpointing: bool = flag(False, "keep only each block's input for backward and recompute the "
+                                          "block there: activations of one block instead of all, for about a "
+                                          "third more compute", group=RUN)
     peak_flops: float = flag(0.0, "peak FLOP/s for the MFU estimate (0: the GPU's datasheet peak in the dtype it "
                              "trains in, else a matrix product timed at start, as on the CPU)", group=RUN)
     seed: int = flag(1337, "seed for weights, data order and samples", group=RUN)
@@ -148,16 +161,40 @@ def check_config(cfg: TrainConfig) -> None:
         raise UsageError(f"--method {cfg.method} adapts a trained base model: pass --init_from BASE_CHECKPOINT_DIR")
     if cfg.l2sp and not cfg.init_from:
         raise UsageError(f"--l2sp {cfg.l2sp} pulls toward the pretrained weights: pass --init_from BASE_CHECKPOINT_DIR")
+    if cfg.image_encoder and not cfg.image_root:
+        raise UsageError(f"--image_encoder {cfg.image_encoder} encodes the images of --image_root, which is not given; "
+                         "add --image_root DIR or drop --image_encoder")
+    if cfg.image_root and cfg.method != "adapter":
+        raise UsageError(f"--image_root trains the multimodal LLaMA-Adapter; it needs --method adapter, not {cfg.method}")
     if cfg.merge and cfg.method != "lora":
         raise UsageError(f"--merge folds LoRA into the weights; it needs --method lora, not {cfg.method}")
+    if cfg.fsdp:
+        check_fsdp(cfg)
 
 
-def peft_config(cfg: TrainConfig) -> PeftConfig | None:
-    """The PEFT method's configuration (None for full or partial fine-tuning / pretraining)."""
+def check_fsdp(cfg: TrainConfig) -> None:
+    """--fsdp needs the processes torchrun starts, and a numeric mode and options it supports."""
+    if "RANK" not in os.environ:
+        raise UsageError("--fsdp shards the model across the processes torchrun starts: run torchrun "
+                         "--nproc_per_node=N train.py --fsdp ... (a run saved with --fsdp resumes under torchrun, "
+                         "or add --no-fsdp)")
+    if cfg.dtype == "float16":
+        raise UsageError("--fsdp trains in bfloat16 (CUDA) or float32; float16's gradient scaler does not work on "
+                         "sharded gradients: use --dtype bfloat16 or float32, or drop --fsdp")
+    rank0_only = [f"--{k}" for k in ("dev_every", "merge", "l2sp") if getattr(cfg, k)]
+    if rank0_only:
+        raise UsageError(f"{' '.join(rank0_only)} cannot be combined with --fsdp yet (they need the whole model on one "
+                         "process): drop them or --fsdp")
+
+
+def peft_config(cfg: TrainConfig, image_encoder=None) -> PeftConfig | None:
+    """The PEFT method's configuration (None for full or partial fine-tuning / pretraining); with the
+    image encoder of --image_root, a multimodal adapter that reads its features."""
     if cfg.full_checkpoint:
         return None
+    visual = dict(visual_dim=image_encoder.dim, image_encoder=image_encoder.spec) if image_encoder else {}
     try:
-        return PeftConfig(method=cfg.method, train_norms=cfg.train_norms, **cfg.peft_overrides)
+        return PeftConfig(method=cfg.method, train_norms=cfg.train_norms, **visual, **cfg.peft_overrides)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
