@@ -66,11 +66,11 @@ def build_model(cfg: TrainConfig, rt: Runtime, resume_from: Path | None = None) 
     return model, Path(cfg.tokenizer) if cfg.tokenizer else None
 
 
-def choose_trainable(model: Llama, cfg: TrainConfig, resume_from: Path | None = None) -> str:
+def choose_trainable(model: Llama, cfg: TrainConfig, resume_from: Path | None = None, image_encoder=None) -> str:
     """Set requires_grad on exactly the parameters that train, and return the table of trainable versus
     total parameters per module group. A PEFT method resuming loads the run's own adapter tensors
-    (strictly) on top of the rebuilt base."""
-    config = peft_config(cfg)
+    (strictly) on top of the rebuilt base. With --image_root's encoder the adapter is multimodal."""
+    config = peft_config(cfg, image_encoder)
     if cfg.method == "full":
         model.requires_grad_(True)
     elif cfg.method == "partial":
