@@ -56,7 +56,7 @@ class GenerateConfig:
     allow_other_base: bool = flag(False, "apply --peft even if --checkpoint is not the base it was trained on "
                                   "(its recorded fingerprint differs; same shape required anyway)", group=MODEL)
     device: str = flag("auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:N", group=MODEL)
-    dtype: str = flag("float32", "weight dtype (float16 on CUDA only)", group=MODEL, choices=list(DTYPES))
+    dtype: str = flag("float32", f"weight dtype: {', '.join(DTYPES)} (float16 on CUDA only)", group=MODEL)
     compile: bool = flag(False, "torch.compile the model's forward pass (slow to start; may help long runs)",
                          group=MODEL)
     # prompt
@@ -88,6 +88,8 @@ def load(cfg: GenerateConfig) -> tuple[Llama, Tokenizer, Template | ChatTemplate
     token ids that end an answer (EOS, the template's end of turn, generation_config.json's eos ids)."""
     if not cfg.checkpoint:
         raise UsageError("--checkpoint DIR is required (a directory written by train.py or weights_convert.py)")
+    if cfg.dtype not in DTYPES:
+        raise UsageError(f"--dtype {cfg.dtype!r}: expected one of {', '.join(DTYPES)}")
     if cfg.top_k < 0:  # the command line's "no limit" is 0, the library's None
         raise UsageError(f"--top_k {cfg.top_k}: expected a positive number of tokens, or 0 for no limit")
     try:

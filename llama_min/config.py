@@ -93,6 +93,9 @@ class RopeScaling:
             raise ValueError(f"rope scaling {self}: expected factor >= 1 and 0 < low_freq_factor < high_freq_factor")
 
 
+ATTN_IMPLS = ("sdpa", "plain")  # attention.py: the fused kernel, or scores, mask and softmax written out
+
+
 @dataclass
 class ModelConfig:
     dim: int = 4096  # width of the residual stream
@@ -132,7 +135,7 @@ class ModelConfig:
             problems.append(f"head_dim {self.head_dim} must be even for rotary embeddings")
         if self.n_heads % self.n_kv_heads:
             problems.append(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
-        if self.attn_impl not in ("sdpa", "plain"):
+        if self.attn_impl not in ATTN_IMPLS:
             problems.append(f"attn_impl must be 'sdpa' or 'plain', got {short(self.attn_impl)}")
         if problems:
             raise ValueError("invalid ModelConfig: " + "; ".join(problems))

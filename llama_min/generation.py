@@ -100,9 +100,9 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, t
     """Refuse a request that cannot be sampled, naming the argument (a NaN temperature would otherwise
     fail deep inside torch.multinomial)."""
     if type(max_new_tokens) is not int or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer of at least 1, got {max_new_tokens!r}")
+        raise ValueError(f"max_new_tokens must be at least 1 (an integer), got {max_new_tokens!r}")
     if not 0 <= temperature < float("inf"):  # also false for NaN
-        raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature}")
+        raise ValueError(f"temperature must be >= 0 and finite (0 means greedy), got {temperature}")
     if top_k is not None and (type(top_k) is not int or top_k < 1):
         raise ValueError(f"top_k must be a positive number of tokens (or None for no limit), got {top_k!r}")
     if top_p is not None and not 0 < top_p <= 1:

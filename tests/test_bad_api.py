@@ -77,9 +77,9 @@ def test_stop_ids_none_means_no_stop_ids(model):
     assert generate(model, [[1, 2, 3]], 4, stop_ids=None) == generate(model, [[1, 2, 3]], 4, stop_ids=())
 
 
-@pytest.mark.parametrize("kwargs, message", [({"temperature": math.nan}, "temperature must be a finite"),
-                                             ({"temperature": math.inf}, "temperature must be a finite"),
-                                             ({"max_new_tokens": 2.5}, "max_new_tokens must be an integer"),
+@pytest.mark.parametrize("kwargs, message", [({"temperature": math.nan}, "temperature must be >= 0 and finite"),
+                                             ({"temperature": math.inf}, "temperature must be >= 0 and finite"),
+                                             ({"max_new_tokens": 2.5}, "max_new_tokens must be at least 1"),
                                              ({"top_k": 2.0}, "top_k must be")])
 def test_sampling_arguments_are_checked(model, kwargs, message):
     args = {"max_new_tokens": 4, "temperature": 1.0, **kwargs}

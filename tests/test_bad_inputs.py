@@ -138,7 +138,7 @@ CASES = [
          ("--top_k -3", "0 for no limit"), extra={"not_in_message": "None"}),
     Case("a NaN temperature", "generate.py",
          lambda w, t: ["--checkpoint", w / "base/ckpt", "--prompt", "KING.", "--temperature", "nan"],
-         ("--temperature", "finite number")),
+         ("--temperature", "finite")),
     # -- model sizes that cannot be (each field is checked, named with the flag or the file it came from)
     *[Case(f"--{name} {value}", "train.py", lambda w, t, name=name, value=value: run_args(w, t / "run", f"--{name}", value),
            (f"--{name} {value}", f"{name} must be at least 1", "change that flag"))

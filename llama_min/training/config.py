@@ -13,7 +13,7 @@ import argparse
 from dataclasses import dataclass, field, fields
 
 from ..cli import OneLineParser, UsageError, add_flags, flag, given_flags
-from ..config import PRESETS, ModelConfig
+from ..config import ATTN_IMPLS, PRESETS, ModelConfig
 from ..peft import METHODS as PEFT_METHODS, SCRIPT_FIELDS, PeftConfig
 from ..peft.config import method_reading
 
@@ -94,7 +94,8 @@ class TrainConfig:
                         "optimiser, step, RNG and data order; flags given again override the saved ones", group=RUN)
     device: str = flag("auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:N", group=RUN)
     dtype: str = flag("auto", "autocast dtype: auto (bfloat16 on CUDA, or float16 without bf16 support; float32 "
-                      "on CPU), float32, bfloat16, float16 (CUDA only)", group=RUN)
+                      "on CPU), float32, bfloat16, float16 (CUDA only)", group=RUN,
+                      choices=("auto", "float32", "bfloat16", "float16"))
     compile: bool = flag(False, "torch.compile the model", group=RUN)
     peak_flops: float = flag(0.0, "peak FLOP/s for the MFU estimate (0: the GPU's datasheet peak in the dtype it "
                              "trains in, else a matrix product timed at start, as on the CPU)", group=RUN)
@@ -178,7 +179,8 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     parser = OneLineParser(prog="train.py", description=description)
     parser.once = ("--method",)  # flags that choose what a run is; a second value would silently win
     add_flags(parser, TrainConfig)
-    add_flags(parser, ModelConfig, dest_prefix="model.", help=model_flag_help, group=MODEL, show_defaults=False)
+    add_flags(parser, ModelConfig, dest_prefix="model.", help=model_flag_help, group=MODEL, show_defaults=False,
+              choices={"attn_impl": ATTN_IMPLS})
     add_flags(parser, PeftConfig, dest_prefix="peft.", skip=SCRIPT_FIELDS, group=TUNE)
     return parser
 
