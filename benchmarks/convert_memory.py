@@ -29,7 +29,7 @@ import torch
 
 from llama_min import Llama, ModelConfig
 from llama_min.checkpoint import stored_state_dict
-from llama_min.convert.safetensors_stream import SafetensorsStream
+from llama_min.safetensors_file import SafetensorsStream
 from llama_min.hf_format import config_to_hf, tensor_to_hf
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -22,7 +22,7 @@ import json
 import random
 from pathlib import Path
 
-from llama_min.checkpoint import atomic_directory
+from llama_min.checkpoint import replace_directory
 from llama_min.tokenizer import Tokenizer
 
 from .tasks import TASKS, make_words, records, sentences, split_words
@@ -56,7 +56,7 @@ def make_lab(out: str | Path, n_words: int = 240, n_heldout: int = 60, seed: int
     description = {"seed": seed, "tasks": tasks, "n_words": n_words, "n_heldout": n_heldout,
                    "per_doc": per_doc, "vocab_size": vocab_size,
                    "tune_words": tune_words, "heldout_words": heldout_words}
-    with atomic_directory(out) as tmp:
+    with replace_directory(out, ours=frozenset({"pretrain", "instructions", "tokenizer.model", "lab.json"})) as tmp:
         write_jsonl(tmp / "pretrain" / "train.jsonl", [{"text": d} for d in train_docs])
         write_jsonl(tmp / "pretrain" / "val.jsonl", [{"text": d} for d in val_docs])
         for name, rows in (("train", tune), ("eval", heldout)):

@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import filecmp
 import importlib
+import importlib.abc
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -30,13 +32,34 @@ from pathlib import Path
 
 from .handout import fill_handout, write_handout
 from .manifest import load_labs
-from .mutations import CATALOGUE
+from .mutations import CATALOGUE, Mutation
 
 NAMED_GOAL = 0.9
 
 
+class MutatedModule(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Imports one module of the version in ``root`` from its source with a mutation applied (in memory: the
+    files stay as they are, so every child grades the same directory)."""
+
+    def __init__(self, root: str, mutation: Mutation):
+        self.path = Path(root) / mutation.file
+        self.name = mutation.file.removesuffix(".py").replace("/", ".")
+        self.source = mutation.apply(self.path.read_text(encoding="utf-8"))
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.name:
+            return None
+        return importlib.util.spec_from_file_location(fullname, self.path, loader=self)
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module) -> None:
+        exec(compile(self.source, str(self.path), "exec"), module.__dict__)
+
+
 def grade_in_child(root: str, labs: list[int], mutation: str | None = None) -> list[dict]:
-    """Grade ``labs`` of the student version in ``root`` (with ``mutation`` applied to a private copy) in this
+    """Grade ``labs`` of the student version in ``root`` (with ``mutation`` patched into its module) in this
     process, a fresh fork: it imports that version's llama_min and lab packages, not the parent's."""
     import torch
 
@@ -44,25 +67,18 @@ def grade_in_child(root: str, labs: list[int], mutation: str | None = None) -> l
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
     os.dup2(devnull, 2)
-    work = None
-    if mutation is not None:
-        work = Path(tempfile.mkdtemp(prefix="lab_mutation_"))
-        for part in ("llama_min", "lab"):
-            shutil.copytree(Path(root) / part, work / part, ignore=shutil.ignore_patterns("__pycache__"))
-        chosen = next(mu for mu in CATALOGUE if mu.name == mutation)
-        path = work / chosen.file
-        path.write_text(chosen.apply(path.read_text(encoding="utf-8")), encoding="utf-8")
-        root = str(work)
     for name in [n for n in sys.modules if n.split(".")[0] in ("lab", "llama_min")]:
         del sys.modules[name]
+    if mutation is not None:
+        sys.meta_path.insert(0, MutatedModule(root, next(mu for mu in CATALOGUE if mu.name == mutation)))
     sys.path.insert(0, root)
-    try:
-        grade = importlib.import_module("lab.grade")
-        return [{"lab": r.lab, "name": r.name, "passed": r.passed, "message": r.message}
-                for r in grade.run_graders(Path(root), labs)]
-    finally:
-        if work is not None:
-            shutil.rmtree(work, ignore_errors=True)
+    grade = importlib.import_module("lab.grade")
+    started = time.perf_counter()
+    results = [{"lab": r.lab, "name": r.name, "passed": r.passed, "message": r.message}
+               for r in grade.run_graders(Path(root), labs)]
+    for r in results:
+        r["seconds"] = round(time.perf_counter() - started, 2)
+    return results
 
 
 def same_files(a: Path, b: Path) -> list[str]:
@@ -132,6 +148,7 @@ def run(jobs: int, workdir: Path) -> dict:
         report["mutations"].append({"name": mu.name, "lab": mu.lab, "function": mu.function, "cause": mu.cause,
                                     "caught": bool(failed), "named": bool(named),
                                     "failed_tests": [r["name"] for r in failed],
+                                    "seconds": results[0].get("seconds") if results else None,
                                     "message": (named or failed or results)[0]["message"][:600]})
     return report
 
@@ -157,14 +174,16 @@ def summary(report: dict) -> str:
         lines.append(f"  lab {number:<37}{i['lab_tests_failed']:>5}/{i['lab_tests']:<8}"
                      f"{i['other_tests_failed']:>5}/{i['other_tests']:<10}{back}")
         lines += [f"    problem: {p}" for p in i["problems"]]
-    lines.append("\nmutations                lab   caught   named")
-    for number in sorted({m["lab"] for m in report["mutations"]}):
+    lines.append("\nper lab     blanked tests   mutations   caught   named   grade time (median, s)")
+    for number, i in report["isolation"].items():
         mine = [m for m in report["mutations"] if m["lab"] == number]
-        caught, named = sum(m["caught"] for m in mine), sum(m["named"] for m in mine)
-        lines.append(f"  lab {number:<20}{len(mine):>4}{caught:>9}{named:>8}")
+        times = sorted(m["seconds"] for m in mine if m.get("seconds") is not None)
+        median = f"{times[len(times) // 2]:.2f}" if times else "-"
+        lines.append(f"  lab {number:<10}{i['lab_tests']:>9}{len(mine):>14}{sum(m['caught'] for m in mine):>9}"
+                     f"{sum(m['named'] for m in mine):>8}{median:>14}")
     mutations = report["mutations"]
-    lines.append(f"  {'total':<24}{len(mutations):>4}{sum(m['caught'] for m in mutations):>9}"
-                 f"{sum(m['named'] for m in mutations):>8}")
+    lines.append(f"  {'total':<14}{sum(i['lab_tests'] for i in report['isolation'].values()):>9}{len(mutations):>14}"
+                 f"{sum(m['caught'] for m in mutations):>9}{sum(m['named'] for m in mutations):>8}")
     for m in mutations:
         if not m["named"]:
             state = "NOT CAUGHT" if not m["caught"] else "caught, not named"

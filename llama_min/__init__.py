@@ -1,16 +1,18 @@
 """llama_min: a minimal, readable LLaMA in PyTorch.
 
 The model first, one idea per file, in the order a forward pass meets them: config, rmsnorm, rope,
-kv_cache, attention, feedforward, block, model; then tokenizer, generation, checkpoint (with
-checkpoint_files, the directory on disk) and hf_format (the model's Hugging Face names). What the
+kv_cache, attention, feedforward, block, model; then tokenizer, generation, checkpoint (a model
+directory: load_checkpoint, save_checkpoint; its weights file through safetensors_file) and hf_format
+(the model's Hugging Face names). What the
 scripts share is cli.py. Around them, sub-packages
 named for their job: peft/ (LLaMA-Adapter, LoRA, bottleneck adapters), finetune/ (instruction data,
 templates, robust fine-tuning), training/ (what train.py's loop calls), convert/ (weights_convert.py).
 """
 
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ModelConfig
 from .generation import generate
 from .model import IGNORE_INDEX, Llama
 from .tokenizer import Tokenizer
 
-__all__ = ["IGNORE_INDEX", "Llama", "ModelConfig", "Tokenizer", "generate"]
+__all__ = ["IGNORE_INDEX", "Llama", "ModelConfig", "Tokenizer", "generate", "load_checkpoint", "save_checkpoint"]

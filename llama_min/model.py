@@ -7,8 +7,8 @@ RMSNorm (rmsnorm.py), the SwiGLU feed-forward (feedforward.py) and rotary positi
 (rope.py); grouped-query attention (attention.py) arrived with Llama 2. Parameter names are Meta's
 state-dict keys, so Meta checkpoints load as they are.
 
-This file knows nothing about devices or training: the caller chooses device and dtype (``with
-torch.device(...)``, ``.to(...)``). Checkpoint files are read and written by checkpoint_files.py.
+This file knows nothing about devices, files or training: the caller chooses device and dtype (``with
+torch.device(...)``, ``.to(...)``); checkpoint.py loads and saves a model directory.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from torch import nn
 
 from .attention import attention_mask
 from .block import Block
-from .checkpoint_files import load_model, save_model
 from .config import ModelConfig
 from .rmsnorm import RMSNorm
 from .rope import RotaryEmbedding
@@ -122,14 +121,3 @@ class Llama(nn.Module):
     def drop_cache(self) -> None:
         for layer in self.layers:
             layer.attention.cache.release()
-
-    # ---- checkpoints (the directory format: checkpoint_files.py) --------------------------------------
-
-    @classmethod
-    def from_checkpoint(cls, directory, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> "Llama":
-        """The model stored in a checkpoint directory, loaded strictly, on ``device`` in ``dtype``."""
-        return load_model(cls, directory, device=device, dtype=dtype)
-
-    def save_checkpoint(self, directory, tokenizer_path=None) -> None:
-        """Write config.json, model.safetensors and a copy of the tokenizer to DIR, atomically."""
-        save_model(self, directory, tokenizer_path=tokenizer_path)

@@ -21,6 +21,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from llama_min.checkpoint import save_checkpoint
+
 from conftest import random_model, tiny_config
 from scripts import ROOT, metrics, run_script, shakespeare_slice
 
@@ -81,7 +83,7 @@ def nan_checkpoint(world, tmp_path):
     model = random_model(tiny_config())
     with torch.no_grad():
         model.norm.weight[3] = float("nan")
-    model.save_checkpoint(tmp_path / "nan", tokenizer_path=next((world / "base" / "ckpt").glob("tokenizer.model")))
+    save_checkpoint(model, tmp_path / "nan", tokenizer_path=next((world / "base" / "ckpt").glob("tokenizer.model")))
 
 
 def checkpoint_copy(world, tmp_path, damage=None):
@@ -304,7 +306,7 @@ def test_an_adapter_on_another_base_of_the_same_shape_is_refused(lab, tmp_path):
                      "--sample_tokens", "0", "--out_dir", tmp_path / "lora")
     assert run.code == 0, run.err
     other = random_model(load_file_config(base))
-    other.save_checkpoint(tmp_path / "other", tokenizer_path=base / "tokenizer.model")
+    save_checkpoint(other, tmp_path / "other", tokenizer_path=base / "tokenizer.model")
     done = run_script("generate.py", "--checkpoint", tmp_path / "other", "--peft", tmp_path / "lora" / "peft",
                       "--prompt", "hi", "--max_new_tokens", "2")
     assert done.code == 1 and "another base model" in done.err and str(base.resolve()) in done.err, done.err

@@ -15,6 +15,7 @@ from llama_min import Tokenizer, generate
 from llama_min.convert.hf_tokenizer import write_for_transformers
 from llama_min.finetune.chat_template import ChatTemplate
 from llama_min.finetune.templates import get_template, record_template
+from llama_min.checkpoint import save_checkpoint
 
 from conftest import random_model, tiny_config
 from convert_helpers import CHATML, INST, train_byte_level_bpe
@@ -111,7 +112,7 @@ def prompt_tokens(err: str) -> int:
 @pytest.fixture
 def checkpoint(trained_tokenizer, tmp_path):
     model = random_model(tiny_config(vocab_size=trained_tokenizer.vocab_size, max_seq_len=192))
-    model.save_checkpoint(tmp_path / "ckpt", tokenizer_path=trained_tokenizer.path)
+    save_checkpoint(model, tmp_path / "ckpt", tokenizer_path=trained_tokenizer.path)
     return tmp_path / "ckpt", model
 
 

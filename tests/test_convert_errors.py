@@ -8,6 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from llama_min.checkpoint import save_checkpoint
+
 from conftest import random_model, tiny_config
 from convert_helpers import run, write_gguf, write_meta
 
@@ -15,7 +17,7 @@ from convert_helpers import run, write_gguf, write_meta
 @pytest.fixture
 def hf_dir(tmp_path):
     """A valid Hugging Face directory (our export of a random model), for the tests to damage."""
-    random_model(tiny_config(vocab_size=96)).save_checkpoint(tmp_path / "ours")
+    save_checkpoint(random_model(tiny_config(vocab_size=96)), tmp_path / "ours")
     assert run(tmp_path / "ours", tmp_path / "hf", "--to", "hf")[0] == 0
     return tmp_path / "hf"
 
@@ -192,7 +194,7 @@ def test_a_destination_holding_the_source_is_refused_even_with_force(tmp_path, w
     """weights_convert.py conv/parent/ckpt conv/parent --to hf --force once deleted the source and everything
     beside it. A destination that is the source or contains it is refused, and nothing is touched."""
     parent = tmp_path / "conv" / "parent"
-    random_model(tiny_config()).save_checkpoint(parent / "ckpt")
+    save_checkpoint(random_model(tiny_config()), parent / "ckpt")
     (parent / "notes.txt").write_text("mine")
     dst = parent / "ckpt" if where == "the source itself" else parent
     before = {p: p.read_bytes() for p in parent.rglob("*") if p.is_file()}

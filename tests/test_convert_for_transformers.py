@@ -14,6 +14,8 @@ import pytest
 import sentencepiece as spm
 import torch
 
+from llama_min.checkpoint import save_checkpoint
+
 from conftest import random_model, tiny_config
 from convert_helpers import CHATML, INST, MIXED_TEXT, random_hf_model, run, train_byte_level_bpe
 from scripts import run_script
@@ -25,7 +27,7 @@ TEXTS = ["the quick brown fox jumps over the lazy dog", "in 2023 and 31415926", 
          "   indented", "\nnewline first", " ", "Ж и 😀 ∑ ü café naïve", "Hello, World! (x=1; y=[2])",
          *MIXED_TEXT.splitlines()]
 
-def save_checkpoint(tokenizer, directory: Path, max_seq_len: int = 64, avoid_bytes: bool = False) -> Path:
+def tiny_checkpoint(tokenizer, directory: Path, max_seq_len: int = 64, avoid_bytes: bool = False) -> Path:
     """A tiny random model with ``tokenizer``. ``avoid_bytes``: its output head never picks a byte piece
     (<0xNN>), whose invalid UTF-8 runs transformers and sentencepiece spell differently (one U+FFFD per
     byte, or the valid bytes kept), so that greedy answers can be compared as text."""
@@ -34,7 +36,7 @@ def save_checkpoint(tokenizer, directory: Path, max_seq_len: int = 64, avoid_byt
         byte_ids = [i for i in range(tokenizer.vocab_size) if tokenizer.sp.is_byte(i)]
         with torch.no_grad():
             model.output.weight[byte_ids] = 0.0
-    model.save_checkpoint(directory, tokenizer_path=tokenizer.path)
+    save_checkpoint(model, directory, tokenizer_path=tokenizer.path)
     return directory
 
 
@@ -43,7 +45,7 @@ def test_exported_tokenizer_gives_llama_mins_ids_in_transformers(tmp_path, reque
     """Tokenizer.train's choices (no dummy prefix, digits split, byte fallback, text as it is) and LLaMA's
     own (a dummy-prefix space before the text): AutoTokenizer on the export encodes and decodes alike."""
     tokenizer = request.getfixturevalue(which)
-    code, out, err = run(save_checkpoint(tokenizer, tmp_path / "ckpt"), tmp_path / "hf", "--to", "hf")
+    code, out, err = run(tiny_checkpoint(tokenizer, tmp_path / "ckpt"), tmp_path / "hf", "--to", "hf")
     assert code == 0 and "note" not in out, err + out
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert (hf.bos_token_id, hf.eos_token_id, hf.unk_token_id) == (tokenizer.bos_id, tokenizer.eos_id, 0)
@@ -58,7 +60,7 @@ def test_exported_tokenizer_gives_llama_mins_ids_in_transformers(tmp_path, reque
 def test_without_tokenizers_the_config_still_names_the_class(tmp_path, trained_tokenizer, monkeypatch):
     """transformers can still read tokenizer.model then (with protobuf); the note says what is missing."""
     monkeypatch.setitem(sys.modules, "tokenizers", None)
-    code, out, err = run(save_checkpoint(trained_tokenizer, tmp_path / "ckpt"), tmp_path / "hf", "--to", "hf")
+    code, out, err = run(tiny_checkpoint(trained_tokenizer, tmp_path / "ckpt"), tmp_path / "hf", "--to", "hf")
     assert code == 0, err
     assert "pip install tokenizers" in out, out
     config = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
@@ -74,7 +76,7 @@ def test_a_normalising_sentencepiece_model_gets_no_wrong_tokenizer_json(tmp_path
                                    byte_fallback=True, minloglevel=2)
     from llama_min import Tokenizer
 
-    code, out, err = run(save_checkpoint(Tokenizer(tmp_path / "tokenizer.model"), tmp_path / "ckpt"), tmp_path / "hf",
+    code, out, err = run(tiny_checkpoint(Tokenizer(tmp_path / "tokenizer.model"), tmp_path / "ckpt"), tmp_path / "hf",
                          "--to", "hf")
     assert code == 0, err
     assert "tokenizer.json not written" in out and "normalises" in out, out
@@ -128,7 +130,7 @@ def test_pipeline_on_an_export_answers_as_generate_py(tmp_path, trained_tokenize
     """A model trained here (a tiny random one, Tokenizer.train's tokenizer) with a chat template, exported:
     transformers' chat pipeline and generate.py give the same greedy answer to the same messages."""
     pytest.importorskip("jinja2")
-    ckpt = save_checkpoint(trained_tokenizer, tmp_path / "ckpt", max_seq_len=128, avoid_bytes=True)
+    ckpt = tiny_checkpoint(trained_tokenizer, tmp_path / "ckpt", max_seq_len=128, avoid_bytes=True)
     (ckpt / "chat_template.jinja").write_text(INST)
     code, out, err = run(ckpt, tmp_path / "hf", "--to", "hf")
     assert code == 0 and "note" not in out, err + out
@@ -145,7 +147,7 @@ def test_pipeline_on_an_export_answers_as_generate_py(tmp_path, trained_tokenize
 
 
 def test_an_unreadable_generation_config_is_one_clear_line(tmp_path, trained_tokenizer):
-    ckpt = save_checkpoint(trained_tokenizer, tmp_path / "ckpt")
+    ckpt = tiny_checkpoint(trained_tokenizer, tmp_path / "ckpt")
     (ckpt / "generation_config.json").write_text('{"eos_token_id": [2,')
     code, out, err = run(ckpt, tmp_path / "hf", "--to", "hf")
     assert code == 1 and "generation_config.json: not readable JSON" in err and len(err.splitlines()) == 1, err

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import llama_min.hf_format as hf_format
-from llama_min.checkpoint import load_checkpoint
+from llama_min.checkpoint import load_checkpoint, save_checkpoint
 
 from conftest import max_abs_diff, random_model, random_tokens, tiny_config
 from convert_helpers import config_of, hf_logits, load_hf, random_hf_model, run, tensors_of
@@ -33,7 +33,7 @@ def test_parity_fixture_converts_and_matches_its_logits(tmp_path):
 
 def test_llama_min_to_hf_to_llama_min_is_bit_exact(tmp_path):
     model = random_model(tiny_config(tie_embeddings=True))
-    model.save_checkpoint(tmp_path / "a")
+    save_checkpoint(model, tmp_path / "a")
     assert run(tmp_path / "a", tmp_path / "hf", "--to", "hf")[0] == 0
     assert run(tmp_path / "hf", tmp_path / "b")[0] == 0
     a, b = tensors_of(tmp_path / "a"), tensors_of(tmp_path / "b")
@@ -63,7 +63,7 @@ def test_gqa_tied_model_from_transformers_converts(tmp_path):
 def test_hf_export_loads_in_transformers_with_the_same_logits(tmp_path):
     pytest.importorskip("transformers")
     model = random_model(tiny_config(tie_embeddings=True))
-    model.save_checkpoint(tmp_path / "ours")
+    save_checkpoint(model, tmp_path / "ours")
     code, _, err = run(tmp_path / "ours", tmp_path / "hf", "--to", "hf")
     assert code == 0, err
     ids = random_tokens(model.config, 2, 24)

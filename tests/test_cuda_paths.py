@@ -124,12 +124,12 @@ def test_the_logits_are_not_kept_through_backward(tmp_path, monkeypatch):
 
 RSS_OF_A_LOAD = """
 import sys, torch
-from llama_min import Llama
+from llama_min.checkpoint import load_checkpoint, save_checkpoint
 def rss_kb(key):
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key))
-Llama.from_checkpoint(sys.argv[2], dtype=torch.bfloat16)  # a tiny load first: the code it runs is paged in
+load_checkpoint(sys.argv[2], dtype=torch.bfloat16)  # a tiny load first: the code it runs is paged in
 base = rss_kb("VmRSS:")
-model = Llama.from_checkpoint(sys.argv[1], dtype=torch.bfloat16)
+model = load_checkpoint(sys.argv[1], dtype=torch.bfloat16)
 print(rss_kb("VmHWM:") - base)
 """
 
@@ -138,12 +138,12 @@ print(rss_kb("VmHWM:") - base)
 def test_loading_with_a_dtype_change_never_holds_two_copies(tmp_path):
     """A float32 checkpoint loaded as bfloat16 converts tensor by tensor: the peak is the bfloat16 model
     plus about one float32 tensor, not the whole float32 model besides (measured in a fresh process)."""
-    from llama_min import Llama, ModelConfig
+    from llama_min import Llama, ModelConfig, save_checkpoint
 
     config = ModelConfig(dim=512, n_layers=8, n_heads=8, vocab_size=32000, multiple_of=256, max_seq_len=64)
     model = Llama(config)
-    model.save_checkpoint(tmp_path / "ckpt")
-    random_model(tiny_config()).save_checkpoint(tmp_path / "tiny")
+    save_checkpoint(model, tmp_path / "ckpt")
+    save_checkpoint(random_model(tiny_config()), tmp_path / "tiny")
     float32_mb = sum(p.numel() for p in model.parameters()) * 4 / 2**20  # 127 MB; bfloat16 half of it
     largest_mb = max(p.numel() for p in model.parameters()) * 4 / 2**20  # the 62.5 MB embedding
     peak_mb = int(subprocess.run([sys.executable, "-c", RSS_OF_A_LOAD, str(tmp_path / "ckpt"), str(tmp_path / "tiny")],

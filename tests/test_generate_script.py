@@ -21,13 +21,14 @@ from llama_min.finetune.load import load_finetuned
 from llama_min.generation import store_weights_column_major
 from llama_min.peft import PeftConfig, apply_peft, save_peft
 from llama_min.finetune.templates import get_template, record_template
+from llama_min.checkpoint import save_checkpoint
 
 
 FIGURES = re.compile(r"\[(\d+) prompt tokens, (\d+) new tokens, time to first token \d+ ms, ([\d.]+|n/a) tokens/s\]")
 
 
 def save(model, tokenizer, directory: Path) -> Path:
-    model.save_checkpoint(directory, tokenizer_path=tokenizer.path)
+    save_checkpoint(model, directory, tokenizer_path=tokenizer.path)
     return directory
 
 
@@ -181,7 +182,7 @@ def test_bad_flags_are_one_clear_line(checkpoint, flags, message):
 def test_missing_inputs_are_named(model, tmp_path):
     code, _, err = run("--checkpoint", tmp_path / "nothing", "--prompt", "hi")
     assert code == 1 and "not a llama_min checkpoint" in err
-    model.save_checkpoint(tmp_path / "no_tokenizer")
+    save_checkpoint(model, tmp_path / "no_tokenizer")
     code, _, err = run("--checkpoint", tmp_path / "no_tokenizer", "--prompt", "hi")
     assert code == 1 and "holds no tokenizer.model or tokenizer.json" in err
     code, _, err = run("--checkpoint", tmp_path / "no_tokenizer")

@@ -18,6 +18,7 @@ from llama_min.finetune.exact_match import answers
 from llama_min.finetune.instructions import InstructionRecord
 from llama_min.peft import PeftConfig, apply_peft, save_peft
 from llama_min.finetune.perturb import perturb_for_eval
+from llama_min.checkpoint import save_checkpoint
 
 
 @pytest.fixture
@@ -25,7 +26,7 @@ def lab(trained_tokenizer, tmp_path):
     """(base checkpoint, adapter dir, records file, records, base model, adapted model)."""
     tok = trained_tokenizer
     base = random_model(tiny_config(vocab_size=tok.vocab_size, max_seq_len=256))
-    base.save_checkpoint(tmp_path / "base", tokenizer_path=tok.path)
+    save_checkpoint(base, tmp_path / "base", tokenizer_path=tok.path)
     adapted = apply_peft(random_model(base.config), PeftConfig(method="lora", lora_targets=("wq", "wv", "w2", "output")))
     adapted.load_state_dict(base.state_dict(), strict=False)  # the same base weights under the adapter
     with torch.no_grad():
@@ -113,7 +114,7 @@ def test_curve_bad_flags_are_one_clear_line(lab, tmp_path, capsys, flags, messag
 def test_curve_between_two_full_checkpoints(lab, trained_tokenizer, tmp_path):
     base_dir, _, path, recs, base, _ = lab
     tuned = random_model(base.config, seed=3)  # a "fully fine-tuned" model: every base tensor moved
-    tuned.save_checkpoint(tmp_path / "tuned", tokenizer_path=trained_tokenizer.path)
+    save_checkpoint(tuned, tmp_path / "tuned", tokenizer_path=trained_tokenizer.path)
     points = interpolation_curve.main(["--checkpoint", str(tmp_path / "tuned"), "--base", str(base_dir),
                                        "--records", str(path), "--out", str(tmp_path / "full"),
                                        "--max_new_tokens", "4", "--coefficients", "0", "1"])

@@ -3,6 +3,8 @@ checkpoint, and the PEFT statistics of a real (tiny) adapter run's metrics.jsonl
 
 import pytest
 
+from llama_min.checkpoint import save_checkpoint
+
 from conftest import random_model, tiny_config
 from scripts import train
 
@@ -26,7 +28,7 @@ def test_attention_maps_of_a_checkpoint(tmp_path, trained_tokenizer, capsys):
     from lab.plots.attention_maps import attention_weights, main
 
     model = random_model(tiny_config(vocab_size=trained_tokenizer.vocab_size, attn_impl="plain"))
-    model.save_checkpoint(tmp_path / "ckpt", tokenizer_path=trained_tokenizer.path)
+    save_checkpoint(model, tmp_path / "ckpt", tokenizer_path=trained_tokenizer.path)
     main(["--checkpoint", str(tmp_path / "ckpt"), "--prompt", "the quick brown fox", "--out", str(tmp_path / "a.png")])
     assert_png(tmp_path / "a.png")
     import torch

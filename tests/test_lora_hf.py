@@ -10,6 +10,7 @@ from llama_min.hf_format import config_to_hf, state_dict_to_hf
 from llama_min.peft.lora import LoRALinear
 from llama_min.peft.export_hf import HF_ADAPTER_CONFIG, export_lora_to_hf
 from llama_min.peft import PeftConfig, apply_peft
+from llama_min.checkpoint import save_checkpoint
 
 from conftest import max_abs_diff, random_model, random_tokens, tiny_config
 
@@ -85,7 +86,7 @@ def test_weights_convert_to_peft_exports_an_adapter_directory(tmp_path):
     from scripts import run_script
 
     base = random_model(tiny_config())
-    base.save_checkpoint(tmp_path / "base")
+    save_checkpoint(base, tmp_path / "base")
     model = apply_peft(random_model(tiny_config()), PeftConfig(method="lora", lora_rank=4, lora_targets=("wq", "wk")))
     with torch.no_grad():
         for m in model.modules():
@@ -116,7 +117,7 @@ def test_an_adapter_converted_with_base_hf_loads_with_auto_peft(tmp_path):
     from scripts import run_script
 
     base = random_model(tiny_config())
-    base.save_checkpoint(tmp_path / "base")
+    save_checkpoint(base, tmp_path / "base")
     assert run_script("weights_convert.py", tmp_path / "base", tmp_path / "base_hf", "--to", "hf").code == 0
     model = apply_peft(random_model(tiny_config()), PeftConfig(method="lora", lora_rank=4))
     with torch.no_grad():

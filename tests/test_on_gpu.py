@@ -9,6 +9,7 @@ from llama_min import Llama
 from llama_min.peft import PeftConfig, apply_peft
 from llama_min.training.runtime import Runtime, exact_float32
 from llama_min.training.trainable import hold_frozen_in_autocast_dtype
+from llama_min.checkpoint import load_checkpoint, save_checkpoint
 
 pytestmark = pytest.mark.cuda
 CUDA = torch.device("cuda")
@@ -67,9 +68,9 @@ def test_gradients_on_the_gpu_equal_the_cpus():
 
 def test_loading_as_bfloat16_on_the_gpu_holds_one_copy(tmp_path):
     model = Llama(tiny_config(dim=256, n_layers=4, vocab_size=8000))
-    model.save_checkpoint(tmp_path / "ckpt")
+    save_checkpoint(model, tmp_path / "ckpt")
     torch.cuda.reset_peak_memory_stats()
-    Llama.from_checkpoint(tmp_path / "ckpt", device=CUDA, dtype=torch.bfloat16)
+    load_checkpoint(tmp_path / "ckpt", device=CUDA, dtype=torch.bfloat16)
     bf16 = sum(p.numel() for p in model.parameters()) * 2
     assert torch.cuda.max_memory_allocated() <= 1.1 * bf16 + 2**20, "a float32 copy was held on the GPU"
 

@@ -2,9 +2,9 @@
 was expected and, when the output is that of a known mistake, names the mistake.
 
 A lab's fixtures are two files written by the instructor's ``python -m lab.make_fixtures``:
-``lab/fixtures/labNN.safetensors`` (inputs, reference outputs and the outputs of typical wrong versions,
-under ``CASE.FIELD``) and ``lab/fixtures/labNN.json`` (per case: parameters, tolerances, and for each wrong
-version the mistake it makes). No reference code is shipped: only its outputs.
+``lab/fixtures/labNN.safetensors`` (inputs, reference outputs and the outputs of the instructor's catalogue
+of typical mistakes, under ``CASE.FIELD``) and ``lab/fixtures/labNN.json`` (per case: parameters, tolerances,
+and for each mistake what it gets wrong). No reference code is shipped: only its outputs.
 """
 
 from __future__ import annotations
@@ -123,7 +123,8 @@ def explain(got, want: torch.Tensor, what: str) -> str:
 
 def check(got, case: Case, what: str) -> None:
     """Fail with a teaching message unless ``got`` (a tensor or a tuple of tensors) equals the case's stored
-    output, in value and dtype: the known mistake it matches, if any, else where it differs."""
+    output, in value and dtype. The message names the known mistakes whose output ``got`` equals; otherwise it
+    reports a wrong type, shape or dtype before any value, then where the values differ."""
     __tracebackhide__ = True
     want = case.output()
     tol = case.meta.get("tol", {})
@@ -131,24 +132,48 @@ def check(got, case: Case, what: str) -> None:
     if len(got) != len(want):
         raise GraderError(f"{what} returned {len(got)} value(s); expected {len(want)}: "
                           + ", ".join(_describe(w) for w in want))
+    label = (lambda i: f" [{i}]" if len(want) > 1 else "")
     if all(matches(g, w, tol) for g, w in zip(got, want)):
         for i, (g, w) in enumerate(zip(got, want)):
             if g.dtype != w.dtype:
-                mine, theirs = (str(t.dtype).removeprefix("torch.") for t in (g, w))
-                raise GraderError(f"{what}{f' [{i}]' if len(want) > 1 else ''} has dtype {mine}; expected {theirs}. "
+                raise GraderError(f"{what}{label(i)} has dtype {_dtype(g)}; expected {_dtype(w)}. "
                                   f"{case.meta.get('dtype_cause', '')}".rstrip())
         return
-    for name, (output, cause) in case.mistakes().items():
-        if len(output) == len(got) and all(matches(g, o, tol) for g, o in zip(got, output)):
-            raise GraderError(f"{what}: wrong output.\nLikely mistake: {cause}\n" + _first_difference(got, want, tol))
+    causes = [cause for output, cause in case.mistakes().values()
+              if len(output) == len(got) and all(matches(g, o, tol) for g, o in zip(got, output))]
+    if causes:
+        kind = "".join(_type_note(f"{what}{label(i)}", g, w) for i, (g, w) in enumerate(zip(got, want)))
+        raise GraderError(kind + f"{what}: wrong output.\nLikely mistake: " + "\nor: ".join(causes) + "\n"
+                          + _first_difference(got, want, tol))
     shape_causes = case.meta.get("shape_causes", {})
-    for g, w in zip(got, want):
-        if torch.is_tensor(g) and g.shape != w.shape and str(list(g.shape)) in shape_causes:
-            raise GraderError(f"{what} has shape {tuple(g.shape)}; expected {tuple(w.shape)}.\n"
-                              f"Likely mistake: {shape_causes[str(list(g.shape))]}")
+    for i, (g, w) in enumerate(zip(got, want)):
+        if not torch.is_tensor(g):
+            raise GraderError(f"{what}{label(i)} is {_describe(g)}; expected a tensor {_describe(w)}.")
+        if g.shape != w.shape:
+            cause = shape_causes.get(str(list(g.shape)))
+            raise GraderError(f"{what}{label(i)} has shape {tuple(g.shape)}; expected {tuple(w.shape)}."
+                              + (f"\nLikely mistake: {cause}" if cause else ""))
+    for i, (g, w) in enumerate(zip(got, want)):
+        if g.dtype != w.dtype:
+            raise GraderError(f"{what}{label(i)} has dtype {_dtype(g)}; expected {_dtype(w)}. "
+                              f"{case.meta.get('dtype_cause', '')}".rstrip() + "\nIts values differ too: "
+                              + _first_difference(got, want, tol))
     hint = case.meta.get("hint")
     raise GraderError(f"{what}: wrong output.\n" + _first_difference(got, want, tol)
                       + (f"\nCheck: {hint}" if hint else ""))
+
+
+def _type_note(what: str, got: torch.Tensor, want: torch.Tensor) -> str:
+    """A line saying how got's shape or dtype differs from want's (empty when they agree)."""
+    if got.shape != want.shape:
+        return f"{what} has shape {tuple(got.shape)}; expected {tuple(want.shape)}.\n"
+    if got.dtype != want.dtype:
+        return f"{what} has dtype {_dtype(got)}; expected {_dtype(want)}.\n"
+    return ""
+
+
+def _dtype(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
 
 
 def _first_difference(got: tuple, want: tuple, tol: dict) -> str:

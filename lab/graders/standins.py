@@ -96,3 +96,34 @@ class ReplayAdapter(nn.Module):
             raise GraderError(f"the prompt adapter received other queries than the rotated q as (B, n_heads, T, d) "
                               f"{tuple(rotated.shape)}")
         return self.case["adapter.out"]
+
+
+def position_stamp(x, cos, sin):
+    """A stand-in for ``apply_rotary`` that is not RoPE but, like it, changes x by its positions' angles:
+    x times 1 + mean(cos) of its position. A cached step that skips it, or gives it another position's
+    angles, differs from the full forward."""
+    return x * (1 + cos.mean(-1))[..., None, None]
+
+
+class GrowingCache(nn.Module):
+    """A cache with the contract of ``KVCache.update`` and none of its code: it appends what it is given and
+    returns everything so far."""
+
+    def __init__(self):
+        super().__init__()
+        self.k = self.v = None
+        self.length = 0
+
+    @property
+    def active(self) -> bool:
+        return True
+
+    def update(self, start, k, v):
+        __tracebackhide__ = True
+        if start != self.length:
+            raise GraderError(f"self.cache.update was called with start={start} after {self.length} cached "
+                              f"positions: pass Attention.forward's `start` through")
+        self.k = k if self.k is None else torch.cat((self.k, k), 2)
+        self.v = v if self.v is None else torch.cat((self.v, v), 2)
+        self.length += k.shape[2]
+        return self.k, self.v

@@ -6,17 +6,21 @@ import pytest
 import torch
 
 from lab.graders.check import LabFixtures, check, fail
+from llama_min.config import RopeScaling
 from llama_min.rope import RotaryEmbedding, apply_rotary
 
 LAB = LabFixtures(3)
 
 
-@pytest.mark.parametrize("head_dim", [16, 10])
-def test_inv_freq(head_dim):
-    """θ_i = theta^(−2i/d) for i = 0 … d/2 − 1."""
-    case = LAB.case(f"inv_freq.d{head_dim}")
-    rope = RotaryEmbedding(head_dim, case.params["theta"])
-    what = f"RotaryEmbedding({head_dim}, theta={case.params['theta']:g}).inv_freq"
+@pytest.mark.parametrize("name", ["d16", "d10", "d32_scaled"])
+def test_inv_freq(name):
+    """θ_i = theta^(−2i/d) for i = 0 … d/2 − 1; with Llama 3.1's RoPE scaling, scaled_frequencies of them."""
+    case = LAB.case(f"inv_freq.{name}")
+    p = case.params
+    scaling = RopeScaling(**p["scaling"]) if "scaling" in p else None
+    rope = RotaryEmbedding(p["head_dim"], p["theta"], scaling)
+    what = f"RotaryEmbedding({p['head_dim']}, theta={p['theta']:g}" + (f", scaling={scaling}" if scaling else "") + \
+        ").inv_freq"
     check(rope.inv_freq(torch.device("cpu")), case, what)
 
 
@@ -39,7 +43,7 @@ def test_apply_rotary(name):
 
 def test_dot_product_depends_only_on_the_offset():
     """q rotated to position m and k rotated to position n: q_m · k_n is the same for every m with the same
-    m − n (RoFormer section 3.4), and the rotation keeps each vector's length."""
+    m − n (RoFormer section 3.2.2, eq. 16), and the rotation keeps each vector's length."""
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(16, generator=g), torch.randn(16, generator=g)
     n = 40

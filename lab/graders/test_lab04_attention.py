@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import llama_min.attention as attention_module
-from lab.graders.check import LabFixtures, check
-from lab.graders.standins import ReplayAdapter, ReplayCache, replay_rotary
+from lab.graders.check import LabFixtures, check, fail
+from lab.graders.standins import GrowingCache, ReplayAdapter, ReplayCache, position_stamp, replay_rotary
 from llama_min.attention import Attention, attention_mask, causal_mask, plain_attention, sdpa_attention
 from llama_min.config import ModelConfig
 
@@ -42,9 +42,10 @@ def attention_inputs(case):
     return q, k, case["v"], mask, what
 
 
-@pytest.mark.parametrize("name", ["square", "cached", "padded"])
+@pytest.mark.parametrize("name", ["square", "cached", "padded", "bfloat16"])
 def test_plain_attention(name):
-    """4 query heads sharing 2 kv heads: T = S causal, 3 queries after 4 cached keys, a padding mask."""
+    """4 query heads sharing 2 kv heads: T = S causal, 3 queries after 4 cached keys, a padding mask, and
+    bfloat16 inputs with 48 keys (the softmax must run in float32)."""
     case = LAB.case(f"plain.{name}")
     q, k, v, mask, what = attention_inputs(case)
     check(plain_attention(q, k, v, mask), case, f"plain_attention({what})")
@@ -101,3 +102,29 @@ def test_forward_with_prompt_adapter(monkeypatch):
     attn.prompt_adapter = ReplayAdapter(case, attn.wk, attn.wv)
     with torch.no_grad():
         check(run(), case, "Attention.forward(x (2, 5, 32), cos, sin, mask=None) with a prompt adapter")
+
+
+def test_cached_steps_equal_the_full_forward(monkeypatch):
+    """A prefill of 3 tokens, then 3 single-token steps through a cache, give the full forward's outputs (with
+    stand-ins for the rotation and the cache, so that only this lab's code runs)."""
+    attn = attention_module_for(LAB.case("forward.plain"))
+    monkeypatch.setattr(attention_module, "apply_rotary", position_stamp)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 6, 32, generator=g)
+    angles = torch.arange(6).float()[:, None] * torch.tensor([1.0, 0.3, 0.1, 0.03])  # (T, d/2)
+    cos, sin = angles.cos(), angles.sin()
+    with torch.no_grad():
+        full = attn(x, cos, sin, None, 0)
+        attn.cache = GrowingCache()
+        steps = [attn(x[:, s:e], cos[s:e], sin[s:e], None, s) for s, e in ((0, 3), (3, 4), (4, 5), (5, 6))]
+    if not all(torch.is_tensor(y) and y.shape == (2, e - s, 32) for y, (s, e) in
+               zip(steps, ((0, 3), (3, 4), (4, 5), (5, 6)))):
+        fail("with a cache, Attention.forward of T new tokens must return (B, T, dim) for those tokens only; got "
+             + ", ".join(str(tuple(getattr(y, "shape", ()))) for y in steps))
+    cached = torch.cat(steps, 1)
+    wrong = [t for t in range(6) if not torch.allclose(cached[:, t], full[:, t], atol=1e-5, rtol=1e-4)]
+    if wrong:
+        fail(f"a prefill of 3 tokens then one token at a time through the cache gives other outputs than the full "
+             f"forward at positions {wrong}. Each step must do what the full forward does for its tokens: rotate "
+             "the new q and k with their own cos/sin (the cache never holds keys before the rotation), attend "
+             "over the cached keys and the new ones")

@@ -3,6 +3,7 @@ reference outputs stored in lab/fixtures/lab07.*."""
 
 import math
 
+import pytest
 import torch
 from torch import nn
 
@@ -15,7 +16,7 @@ LAB = LabFixtures(7)
 def wrapped(case, dropout: float = 0.0) -> tuple[nn.Linear, LoRALinear]:
     """A LoRALinear around a bias-free Linear holding the case's W, with the case's A and B."""
     p = case.params
-    base = nn.Linear(p["in"], p["out"], bias=False)
+    base = nn.Linear(p["in"], p["out"], bias=False).to(case["W"].dtype)
     with torch.no_grad():
         base.weight.copy_(case["W"])
     lora = LoRALinear(base, p["rank"], p["alpha"], dropout)
@@ -78,9 +79,11 @@ def test_init_follows_the_weight():
     fail("LoRALinear(nn.Linear(8, 6, bias=True), ...) must raise ValueError: it wraps bias-free projections only")
 
 
-def test_delta_weight():
-    case = LAB.case("delta_weight")
-    check(wrapped(case)[1].delta_weight(), case, "delta_weight() with r = 4, alpha = 8")
+@pytest.mark.parametrize("name", ["delta_weight", "delta_weight.bfloat16"])
+def test_delta_weight(name):
+    """(alpha / r)·B A in float32, from float32 and from bfloat16 A and B."""
+    case = LAB.case(name)
+    check(wrapped(case)[1].delta_weight(), case, f"delta_weight() with r = 4, alpha = 8, {case['A'].dtype} A and B")
 
 
 def test_forward():
@@ -128,3 +131,77 @@ def test_unmerge_is_idempotent():
     check(lora.weight.detach(), case, "W after merge(); unmerge(); unmerge()")
     if lora.merged:
         fail("after unmerge() self.merged is still True")
+
+
+def test_merge_bfloat16():
+    """merge() of a bfloat16 W: the sum is taken in float32 and rounded once into W."""
+    case = LAB.case("merge.bfloat16")
+    _, lora = wrapped(case)
+    with torch.no_grad():
+        lora.merge()
+    check(lora.weight.detach(), case, "W (bfloat16) after merge()")
+
+
+def test_gradients_reach_a_and_b():
+    """With the base frozen: a fresh layer (B = 0) gives B a gradient and A none; once B is non-zero both get
+    one; the frozen W never does."""
+    torch.manual_seed(0)
+    base = nn.Linear(24, 40, bias=False)
+    base.weight.requires_grad_(False)
+    lora = LoRALinear(base, 4, 8.0, 0.0)
+    x = torch.randn(3, 24)
+    for name in ("lora_a", "lora_b"):
+        if not getattr(lora, name).requires_grad:
+            fail(f"{name} does not require grad. Likely mistake: {name} gets no gradient: A and B are the "
+                 "trainable parameters (nn.Parameter, requires_grad=True)")
+    backward(lora(x).pow(2).sum())
+    if lora.lora_b.grad is None or lora.lora_b.grad.abs().max() == 0:
+        fail("a fresh LoRALinear (B = 0): the loss gives lora_b no gradient. Likely mistake: lora_b gets no gradient "
+             "(the low-rank path is detached or computed without autograd)")
+    with torch.no_grad():
+        lora.lora_b.normal_()
+    lora.zero_grad()
+    backward(lora(x).pow(2).sum())
+    for name in ("lora_a", "lora_b"):
+        grad = getattr(lora, name).grad
+        if grad is None or grad.abs().max() == 0:
+            fail(f"with B non-zero, the loss gives {name} no gradient. Likely mistake: {name} gets no gradient: "
+                 "the update must stay in the autograd graph (no .detach(), no torch.no_grad())")
+    if base.weight.grad is not None:
+        fail("the frozen weight W received a gradient: LoRA trains A and B only")
+
+
+def backward(loss: torch.Tensor) -> None:
+    if not loss.requires_grad:
+        fail("with the base weight frozen, the output of LoRALinear does not require grad. Likely mistake: the "
+             "update gets no gradient: the low-rank path must stay in the autograd graph (no .detach(), no "
+             "torch.no_grad(), A and B nn.Parameters that require grad)")
+    loss.backward()
+
+
+class Shapes(torch.overrides.TorchFunctionMode):
+    """Records the shape of every tensor a torch function returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if torch.is_tensor(t):
+                self.shapes.append(tuple(t.shape))
+        return out
+
+
+def test_forward_never_forms_b_a():
+    """In training mode the forward applies A, then B (x Aᵀ Bᵀ): no tensor of W's size (out, in) is made."""
+    torch.manual_seed(0)
+    lora = LoRALinear(nn.Linear(24, 40, bias=False), 4, 8.0, 0.0)
+    x = torch.randn(3, 5, 24)
+    with Shapes() as seen:
+        lora(x)
+    full = [s for s in seen.shapes if s in ((40, 24), (24, 40))]
+    if full:
+        fail(f"LoRALinear.forward made a tensor of shape {full[0]}, the size of W. Likely mistake: builds the full "
+             "(out, in) matrix B A: apply A, then B, to x (two thin matmuls cost r·(in + out) per token)")

@@ -12,7 +12,7 @@ LAB = LabFixtures(8)
 
 
 def projections(case) -> tuple[nn.Linear, nn.Linear]:
-    wk, wv = (nn.Linear(case["wk"].shape[1], case["wk"].shape[0], bias=False) for _ in range(2))
+    wk, wv = (nn.Linear(case["wk"].shape[1], case["wk"].shape[0], bias=False).to(case["wk"].dtype) for _ in range(2))
     with torch.no_grad():
         wk.weight.copy_(case["wk"])
         wv.weight.copy_(case["wv"])
@@ -21,7 +21,8 @@ def projections(case) -> tuple[nn.Linear, nn.Linear]:
 
 def loaded(case, gate_tanh: bool) -> AdapterPrompt:
     p = case.params
-    adapter = AdapterPrompt(p["adapter_len"], p["dim"], p["n_heads"], p["n_kv_heads"], gate_tanh)
+    adapter = AdapterPrompt(p["adapter_len"], p["dim"], p["n_heads"], p["n_kv_heads"], gate_tanh,
+                            dtype=case["prompt"].dtype)
     values = {"prompt": case["prompt"]} | ({"gate": case["gate"]} if "gate" in case.tensors else {})
     for name, value in values.items():
         tensor = getattr(adapter, name, None)
@@ -83,12 +84,48 @@ def test_prompt_kv():
         check(loaded(case, False).prompt_kv(wk, wv), case, "prompt_kv(wk, wv) -> (k, v), each (1, n_heads, K, d)")
 
 
-@pytest.mark.parametrize("name", ["plain", "tanh"])
+@pytest.mark.parametrize("name", ["plain", "tanh", "bfloat16"])
 def test_forward(name):
-    """Queries (2, 4, 5, 8) with gates [0.5, −1, 2, 0.25]: gate · softmax(q P_kᵀ / √d) P_v."""
+    """Queries (2, 4, 5, 8) with gates [0.5, −1, 2, 0.25]: gate · softmax(q P_kᵀ / √d) P_v; in bfloat16 with
+    48 prompts, the softmax in float32."""
     case = LAB.case(f"forward.{name}")
     gate_tanh = case.params["gate_tanh"]
     wk, wv = projections(case)
     with torch.no_grad():
         check(loaded(case, gate_tanh)(case["q"], wk, wv), case,
-              f"AdapterPrompt(gate_tanh={gate_tanh}).forward(q (2, 4, 5, 8), wk, wv)")
+              f"AdapterPrompt(gate_tanh={gate_tanh}).forward(q (2, 4, 5, 8) {case['q'].dtype}, wk, wv)")
+
+
+def backward(loss: torch.Tensor) -> None:
+    if not loss.requires_grad:
+        fail("with wk and wv frozen, the adapter's output does not require grad. Likely mistake: the gate gets no "
+             "gradient (and the prompt gets no gradient): keep the output in the autograd graph (no .detach())")
+    loss.backward()
+
+
+def test_gradients_reach_the_gates_and_prompts():
+    """With wk and wv frozen: a fresh adapter (gates 0) gives the gates a gradient and the prompts none; once
+    the gates are open both get one; the frozen projections never do."""
+    torch.manual_seed(0)
+    adapter = AdapterPrompt(6, 32, 4, 2, False)
+    wk, wv = nn.Linear(32, 16, bias=False).requires_grad_(False), nn.Linear(32, 16, bias=False).requires_grad_(False)
+    q = torch.randn(2, 4, 5, 8)
+    for name in ("gate", "prompt"):
+        if not getattr(adapter, name).requires_grad:
+            fail(f"self.{name} does not require grad. Likely mistake: the {name} gets no gradient: the prompts and "
+                 "the gates are the adapter's trainable parameters")
+    backward(adapter(q, wk, wv).sum())
+    if adapter.gate.grad is None or adapter.gate.grad.abs().max() == 0:
+        fail("a fresh adapter (gates 0): the loss gives the gates no gradient. Likely mistake: the gate gets no "
+             "gradient (detached, or not multiplied into the output)")
+    with torch.no_grad():
+        adapter.gate.fill_(0.5)
+    adapter.zero_grad()
+    backward(adapter(q, wk, wv).sum())
+    for name in ("gate", "prompt"):
+        grad = getattr(adapter, name).grad
+        if grad is None or grad.abs().max() == 0:
+            fail(f"with the gates open, the loss gives the {name}s no gradient. Likely mistake: the {name} gets no "
+                 "gradient: keep the adapter's output in the autograd graph (no .detach())")
+    if wk.weight.grad is not None or wv.weight.grad is not None:
+        fail("the frozen projections wk, wv received a gradient")

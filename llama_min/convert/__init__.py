@@ -6,8 +6,8 @@ Face out. ``weights_convert.py`` is the command line; this package does the work
 
 Everything about the set of tensors is checked before anything is written (``check_state_dict``, the
 same strict check the checkpoint loader uses), the output goes to a temporary directory that replaces
-DST only when complete (``atomic_directory``), and the weights file is written one tensor at a time
-(safetensors_stream.py), so memory holds about one tensor plus whatever the source maps.
+DST only when complete (``replace_directory``), and the weights file is written one tensor at a time
+(safetensors_file.py), so memory holds about one tensor plus whatever the source maps.
 
 Beside the weights go the tokenizer files (for --to hf, a sentencepiece tokenizer.model gets the
 tokenizer.json and tokenizer_config.json transformers needs: hf_tokenizer.py), the chat template and the
@@ -23,26 +23,23 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import CONFIG_FILE, WEIGHTS_FILE, atomic_directory, check_state_dict, stored_state_dict
+from ..checkpoint import (CONFIG_FILE, WEIGHTS_FILE, check_replaceable, check_state_dict, replace_directory,
+                          stored_state_dict)
 from ..cli import UsageError
 from ..model import Llama
 from ..hf_format import tensor_to_hf
+from ..safetensors_file import SafetensorsStream
 from .hf_tokenizer import TOKENIZER_JSON, write_for_transformers
 from .gguf import GGUFSource, is_gguf_file
 from .hf import HFSource, hf_config_json, is_hf_dir
 from .meta import MetaSource, is_meta_dir
 from .native import LlamaMinSource, is_llama_min_dir
-from .safetensors_stream import SafetensorsStream
 from .source import ConversionError, Source, one_line
 
 __all__ = ["ConversionError", "Source", "open_source", "convert", "convert_adapter", "DTYPES", "TARGETS"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TARGETS = ("llama_min", "hf", "peft")  # peft: a LoRA adapter directory of train.py, in Hugging Face's PEFT layout
-# The files a conversion writes: --force replaces a directory that holds these and nothing else.
-WRITTEN_FILES = {CONFIG_FILE, WEIGHTS_FILE, "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-                 "special_tokens_map.json", "generation.json", "generation_config.json", "chat_template.jinja",
-                 "adapter_config.json", "adapter_model.safetensors"}
 
 
 def open_source(path: str | Path) -> Source:
@@ -96,7 +93,7 @@ def check_source(source: Source) -> dict[str, tuple[int, ...]]:
 
 def check_destination(dst: Path, src: Path, force: bool) -> None:
     """Refuse a destination whose replacement would lose anything: the source itself or a directory
-    that contains it, and (even with --force) anything but a checkpoint directory a conversion writes.
+    that contains it, and (even with --force) anything but a directory of files this project writes.
     A destination inside the source directory is fine: nothing of the source is touched."""
     d, s = dst.resolve(), src.resolve()
     if d == s or d in s.parents:
@@ -106,12 +103,7 @@ def check_destination(dst: Path, src: Path, force: bool) -> None:
         return
     if not force:
         raise ConversionError(f"{dst}: already exists; choose another destination or pass --force to replace it")
-    others = sorted(p.name for p in dst.iterdir()) if dst.is_dir() else [dst.name]
-    others = [name for name in others if name not in WRITTEN_FILES]
-    if others or not any((dst / name).is_file() for name in (CONFIG_FILE, "adapter_config.json")):
-        raise ConversionError(f"{dst}: --force replaces only a directory a conversion wrote, and this one holds "
-                              f"{', '.join(others[:4]) or 'no config'}{', ...' if len(others) > 4 else ''}; "
-                              "remove it yourself or choose another destination")
+    check_replaceable(dst)  # even with --force: only a directory of files we write
 
 
 def convert_adapter(src: str | Path, dst: str | Path, force: bool = False, base_hf: str | Path | None = None) -> dict:
@@ -157,9 +149,9 @@ def convert(source: Source, dst: str | Path, to: str = "llama_min", dtype: torch
         return (name, tensor) if to == "llama_min" else tensor_to_hf(name, tensor, config)
 
     layout = {out(name, torch.empty(shape, device="meta"))[0]: (shape, dtype) for name, shape in shapes.items()}
-    with atomic_directory(dst) as tmp:
+    with replace_directory(dst) as tmp:
         stream = SafetensorsStream(tmp / WEIGHTS_FILE, layout, metadata={"format": "pt"})
-        with stream.file:  # closed on an error too, before atomic_directory removes tmp
+        with stream.file:  # closed on an error too, before replace_directory removes tmp
             for name in shapes:  # one tensor in memory at a time
                 try:
                     tensor = source.read(name)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..hf_format import DERIVED_HF_TENSORS, config_from_hf, config_to_hf, tensor_from_hf
-from ..checkpoint_files import SafetensorsReader
+from ..safetensors_file import SafetensorsReader
 from .source import ConversionError, Source, load_pickle, one_line, read_json
 
 HF_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")

@@ -9,7 +9,7 @@ import torch
 
 from ..checkpoint import CONFIG_FILE, TOKENIZER_FILES, WEIGHTS_FILE, tokenizer_file
 from ..config import ModelConfig
-from ..checkpoint_files import SafetensorsReader
+from ..safetensors_file import SafetensorsReader
 from .source import ConversionError, Source, one_line, read_json, tokenizer_ids
 
 

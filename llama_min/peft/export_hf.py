@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..checkpoint import atomic_directory
+from ..checkpoint import replace_directory
 from ..config import ModelConfig
 from ..hf_format import tensor_to_hf
 from ..model import Llama
@@ -93,6 +93,6 @@ def export_adapter_dir_to_hf(source: str | Path, directory: str | Path, base_hf:
 
 
 def write_hf_adapter(adapter_config: dict, tensors: dict, directory: str | Path) -> None:
-    with atomic_directory(directory) as tmp:
+    with replace_directory(directory) as tmp:
         save_file(tensors, tmp / HF_ADAPTER_WEIGHTS, metadata={"format": "pt"})
         (tmp / HF_ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2) + "\n")

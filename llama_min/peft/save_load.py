@@ -19,14 +19,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..checkpoint import atomic_directory, check_state_dict
+from ..checkpoint import PEFT_CONFIG, PEFT_WEIGHTS, check_state_dict, replace_directory
 from ..cli import one_line
 from ..config import ModelConfig, short
 from ..model import Llama
 from .apply import _peft_config, apply_peft, base_fingerprint, peft_state_dict, remove_peft
 from .config import PeftConfig
 
-PEFT_WEIGHTS, PEFT_CONFIG = "peft.safetensors", "peft.json"
 # ModelConfig fields that change neither a tensor's shape nor what it means: a PEFT checkpoint may be
 # loaded onto a base that differs in these.
 _RUNTIME_FIELDS = ("attn_impl", "max_seq_len")
@@ -40,7 +39,7 @@ def save_peft(model: Llama, directory: str | Path, base_checkpoint: str | Path |
             "base_checkpoint": None if base_checkpoint is None else str(Path(base_checkpoint).resolve()),
             "base_config": model.config.to_dict(), "base_fingerprint": model.peft_base_fingerprint}
     tensors = {k: v.contiguous().cpu() for k, v in peft_state_dict(model).items()}
-    with atomic_directory(directory) as tmp:
+    with replace_directory(directory) as tmp:
         save_file(tensors, tmp / PEFT_WEIGHTS, metadata={"format": "pt"})
         (tmp / PEFT_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import atomic_directory, resolve_checkpoint_dir, write_model_files
+from ..checkpoint import STATE_FILE, replace_directory, resolve_checkpoint_dir, write_model_files
 from ..cli import UsageError, one_line
 from ..finetune.templates import record_template
 from ..model import Llama
@@ -31,9 +31,6 @@ from .config import TrainConfig
 from .data import WindowSampler
 from .progress import TrainingDiverged
 from .runtime import Runtime
-
-STATE_FILE = "train_state.pt"  # next to the model's files in the checkpoint directory
-
 
 def checkpoint_dir(cfg: TrainConfig) -> Path:
     """OUT_DIR/ckpt (a full checkpoint: full, partial) or, for a PEFT method, OUT_DIR/peft (the adapter only)."""
@@ -104,15 +101,16 @@ def write_model(directory: Path, model: Llama, tokenizer: Tokenizer, cfg: TrainC
         record_template(directory, "alpaca")
 
 
-def save_checkpoint(directory: Path, model: Llama, tokenizer: Tokenizer, optimizer, sampler: WindowSampler,
+def save_run_checkpoint(directory: Path, model: Llama, tokenizer: Tokenizer, optimizer, sampler: WindowSampler,
                     step: int, best_val_loss: float, cfg: TrainConfig, rng: list[dict], instructions: bool = False,
                     early_stopping: dict | None = None) -> None:
-    """The model (``write_model``) plus train_state.pt, written to DIR.tmp and swapped in by renames,
-    so an interruption at any instant leaves the previous checkpoint or the new one, never a mix.
+    """The model (``write_model``) plus train_state.pt, written beside DIR and swapped in by renames
+    (checkpoint.replace_directory), so an interruption at any instant leaves the previous checkpoint or
+    the new one, never a mix.
     ``rng``: every process's generators (all_rng_states). A full disk or a read-only directory is one
     error, with the previous checkpoint untouched."""
     try:
-        with atomic_directory(directory) as tmp:
+        with replace_directory(directory) as tmp:
             write_model(tmp, model, tokenizer, cfg, instructions)
             torch.save({"step": step, "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(),
                         "rng": rng, "best_val_loss": best_val_loss, "train_config": asdict(cfg),
@@ -125,7 +123,7 @@ def save_checkpoint(directory: Path, model: Llama, tokenizer: Tokenizer, optimiz
 def save_model_only(directory: Path, model: Llama, tokenizer: Tokenizer, cfg: TrainConfig, instructions: bool) -> None:
     """The model alone, in the run's format, replacing DIR atomically: --dev_every's best model (for use,
     not for --resume)."""
-    with atomic_directory(directory) as tmp:
+    with replace_directory(directory) as tmp:
         write_model(tmp, model, tokenizer, cfg, instructions)
 
 
@@ -133,7 +131,7 @@ def write_merged(directory: Path, model: Llama, tokenizer: Tokenizer, instructio
     """--merge: fold (alpha/r)·B·A into W (the adapter is gone from ``model`` afterwards) and write a
     full checkpoint, atomically; it loads as a plain model, with no --peft."""
     fold_lora(model)
-    with atomic_directory(directory) as tmp:
+    with replace_directory(directory) as tmp:
         write_model_files(model, tmp, tokenizer.path)
         if instructions:
             record_template(tmp, "alpaca")
@@ -225,7 +223,7 @@ class RunCheckpoints:
         if not all(p.isfinite().all() for p in self.model.parameters()):
             raise TrainingDiverged(f"the weights are not finite after step {step}; not saved. {self.last_good()}")
         if self.rt.master:
-            save_checkpoint(self.directory, self.model, self.data.tokenizer, self.optimizer, self.sampler, step,
+            save_run_checkpoint(self.directory, self.model, self.data.tokenizer, self.optimizer, self.sampler, step,
                             best_val_loss, self.cfg, rng, self.data.instructions, self.dev.state_dict())
         self.saved_step = step
 
