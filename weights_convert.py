@@ -85,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:  # ConversionError and the checkpoint readers' errors
         print(f"weights_convert.py: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # a full disk, a file size limit, a read-only destination
+        print(f"weights_convert.py: error: could not write {args.dst}: {e.strerror or e}; nothing of it was kept: "
+              "free disk space (or choose another DST) and convert again", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -90,3 +90,27 @@ def test_the_throughput_benchmark_never_reports_mfu_above_100_percent(monkeypatc
     figures = [float(m) for m in re.findall(r"MFU\s+([\d.]+)%", done.out)]
     assert figures and max(figures) <= 100.0, done.out
     assert "MFU is against the step's figure" in done.out
+
+
+def test_a_run_says_its_model_flags_its_last_evaluation_and_takes_threads(tmp_path):
+    """The model line names the flags that changed the preset; the last line gives the held-out figures
+    rounded and with the step they belong to (never "None"); --threads sets torch's CPU threads."""
+    import torch
+
+    from scripts import shakespeare_slice
+
+    shakespeare_slice(tmp_path)
+    threads = torch.get_num_threads()
+    try:
+        done = run_script("train.py", "--dim", "32", "--n_layers", "1", "--n_heads", "2", "--multiple_of", "16",
+                          "--vocab_size", "384", "--data", tmp_path / "data", "--cache_dir", tmp_path / "cache",
+                          "--seq_len", "32", "--batch_size", "2", "--max_steps", "3", "--eval_every", "2",
+                          "--eval_tokens", "256", "--sample_tokens", "0", "--out_dir", tmp_path / "out",
+                          "--threads", "1")
+        assert done.code == 0, done.err
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert "model: tiny --dim 32 --n_layers 1 --n_heads 2 --multiple_of 16 --vocab_size 384," in done.out, done.out
+    last = done.out.strip().splitlines()[-1]
+    assert "None" not in last and re.search(r"held-out loss \d+\.\d{4}, \d+\.\d{4} bits per byte \(at step 3\)", last), last

@@ -39,6 +39,8 @@ class TrainConfig:
                                "records)", group=DATA)
     tokenizer: str = flag("", "a tokenizer.model or tokenizer.json; default: the --init_from checkpoint's, "
                           "or one trained on the training split (cached)", group=DATA)
+    allow_other_tokenizer: bool = flag(False, "with --init_from: train on --tokenizer although the checkpoint has "
+                                       "its own (its embeddings then meet another tokenizer's ids)", group=DATA)
     cache_dir: str = flag("", "where the trained tokenizer and token files are cached (default: data/cache "
                           "beside train.py)", group=DATA)
     seq_len: int = flag(256, "tokens per training sequence (at most the model's max_seq_len)", group=DATA)
@@ -90,6 +92,8 @@ class TrainConfig:
     sample_prompt: str = flag("", "text the end-of-training samples continue", group=RUN)
     out_dir: str = flag("out", "output directory: ckpt/ (the checkpoint; peft/ for a PEFT method: the adapter "
                         "only), metrics.jsonl, loss.png", group=RUN)
+    overwrite: bool = flag(False, "replace the run OUT_DIR holds (its checkpoint, metrics.jsonl and loss.png); "
+                           "without it a new run refuses an OUT_DIR that holds one", group=RUN)
     resume: bool = flag(False, "continue from OUT_DIR/ckpt (or OUT_DIR/peft on the --init_from base): weights, "
                         "optimiser, step, RNG and data order; flags given again override the saved ones", group=RUN)
     device: str = flag("auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:N", group=RUN)
@@ -97,6 +101,8 @@ class TrainConfig:
                       "on CPU), float32, bfloat16, float16 (CUDA only)", group=RUN,
                       choices=("auto", "float32", "bfloat16", "float16"))
     compile: bool = flag(False, "torch.compile the model", group=RUN)
+    threads: int = flag(0, "CPU threads torch computes with (0: its default, one per core); on a machine that other "
+                        "jobs keep busy, 1 can be several times faster (docs/training.md)", group=RUN)
     peak_flops: float = flag(0.0, "peak FLOP/s for the MFU estimate (0: the GPU's datasheet peak in the dtype it "
                              "trains in, else a matrix product timed at start, as on the CPU)", group=RUN)
     seed: int = flag(1337, "seed for weights, data order and samples", group=RUN)
@@ -112,7 +118,7 @@ def check_config(cfg: TrainConfig) -> None:
     positive = ("max_steps", "batch_size", "grad_accum", "seq_len", "eval_every", "eval_tokens", "log_every")
     bad = [f"--{k} {getattr(cfg, k)}" for k in positive if getattr(cfg, k) < 1]
     bad += [f"--{k} {getattr(cfg, k)}" for k in ("lr", "weight_decay", "grad_clip", "warmup_steps", "decay_steps",
-                                                 "sample_tokens", "peak_flops", "l2sp", "embed_noise", "dev_every",
+                                                 "sample_tokens", "peak_flops", "l2sp", "embed_noise", "dev_every", "threads",
                                                  "dev_records", "patience", "min_delta", "train_layers")
             if not getattr(cfg, k) >= 0]
     if not 0 < cfg.val_fraction < 1 or not 0 <= cfg.min_lr_ratio <= 1 or not 0 <= cfg.perturb <= 1:
