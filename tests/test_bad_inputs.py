@@ -370,6 +370,7 @@ def test_a_half_written_metrics_line_does_not_stop_a_resume(world, tmp_path):
     resumed = run_script("train.py", "--resume", "--out_dir", out, "--max_steps", "6")
     assert resumed.code == 0, resumed.err
     assert [r["step"] for r in metrics(out)][-1] == 6
+    assert f"resuming {out / 'ckpt'} from step 4" in resumed.out, resumed.out
 
 
 def under_file_size_limit(limit: int):

@@ -206,6 +206,7 @@ def restore_run(state: dict, optimizer, sampler: WindowSampler, dev, rt: Runtime
     if note:
         rt.say(f"note: {note}")
     dev.load_state_dict(state.get("early_stopping"))
+    rt.say(f"resuming {directory} from step {state['step']}")
     return state["step"], state["best_val_loss"]
 
 
