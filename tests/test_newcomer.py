@@ -112,5 +112,6 @@ def test_a_run_says_its_model_flags_its_last_evaluation_and_takes_threads(tmp_pa
     finally:
         torch.set_num_threads(threads)
     assert "model: tiny --dim 32 --n_layers 1 --n_heads 2 --multiple_of 16 --vocab_size 384," in done.out, done.out
+    assert "training a 384-token tokenizer on" in done.out, "nothing shows while the tokenizer trains"
     last = done.out.strip().splitlines()[-1]
     assert "None" not in last and re.search(r"held-out loss \d+\.\d{4}, \d+\.\d{4} bits per byte \(at step 3\)", last), last
