@@ -186,8 +186,8 @@ CASES = [
     Case("instruction records longer than --seq_len", "train.py",
          lambda w, t: finetune_args(w, t / "run", "--init_from", w / "base/ckpt", "--data", t / "long.jsonl"),
          ("--seq_len 32", "raise --seq_len to at least"),
-         prepare=lambda w, t: (t / "long.jsonl").write_text(json.dumps(
-             {"instruction": "Say it. " * 40, "input": "", "output": "Done."}) + "\n")),
+         prepare=lambda w, t: (t / "long.jsonl").write_text((json.dumps(
+             {"instruction": "Say it. " * 40, "input": "", "output": "Done."}) + "\n") * 30)),
     Case("a 70B model on this machine", "train.py", lambda w, t: ["--model", "llama2-70b", "--out_dir", t / "run",
                                                                   "--data", w / "data", "--cache_dir", w / "cache"],
          ("--model llama2-70b", "needs about 1,0", "GiB free", "smaller --model")),
@@ -435,7 +435,7 @@ def test_a_second_train_py_on_one_out_dir_is_refused_naming_the_first(world, tmp
     with out_dir_lock(tmp_path / "busy", master=True):  # as a train.py still running there holds it
         done = run_script("train.py", *run_args(world, tmp_path / "busy"))
     assert done.code == 1 and "is in use by train.py (pid" in done.err and "\n" not in done.err.strip(), done.err
-    assert [p.name for p in (tmp_path / "busy").iterdir()] == [".train.lock"], "the second run wrote something"
+    assert not (tmp_path / "busy").exists(), "the second run wrote something"
 
 
 def test_a_text_file_without_line_breaks_is_split_by_words(world, tmp_path):

@@ -2,7 +2,8 @@
 checkpoint or append to its metrics.jsonl unless asked (--overwrite), never writes over the checkpoint
 it starts from, and two train.py processes never write into one directory together (a lock file).
 
-    OUT_DIR/.train.lock   held (flock) by the train.py writing OUT_DIR; it names that process
+    OUT_DIR/.train.lock   held (flock) by the train.py writing OUT_DIR; it names that process, and goes
+                          when that process ends
 """
 
 from __future__ import annotations
@@ -64,10 +65,11 @@ def out_dir_lock(out_dir: str | Path, master: bool) -> Iterator[None]:
         yield
         return
     out = Path(out_dir)
-    created = not out.exists()
+    created, lock = not out.exists(), out / LOCK_FILE
+    made_lock = not lock.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
-        handle = open(out / LOCK_FILE, "a+")
+        handle = open(lock, "a+")
     except OSError as e:
         raise UsageError(f"--out_dir {out}: cannot write there ({e.strerror or e}); choose a writable directory") from None
     with handle:
@@ -85,7 +87,8 @@ def out_dir_lock(out_dir: str | Path, master: bool) -> Iterator[None]:
         try:
             yield
         finally:
-            if created and [p.name for p in out.iterdir()] == [LOCK_FILE]:  # a run that wrote nothing: no trace
-                (out / LOCK_FILE).unlink()
+            if made_lock:  # ours: leave no trace of it (a lock file a killed run left stays)
+                lock.unlink()
+            if created and not any(out.iterdir()):  # a run that wrote nothing
                 out.rmdir()
             fcntl.flock(handle, fcntl.LOCK_UN)
