@@ -8,6 +8,7 @@
     python generate.py --checkpoint BASE --peft ADAPTER --prompt "..."      # with a fine-tuned adapter
     python generate.py --checkpoint BASE --peft ADAPTER --interpolate 0.5   # half of the adapter's effect
     python generate.py --checkpoint TUNED --base BASE --interpolate 0.5     # halfway between two checkpoints
+    python generate.py --checkpoint DIR --prompt "ROMEO:" --quantize int8    # weight-only int8 (or int4)
 
 Reading order: the configuration (a dataclass, every field a flag), loading the model, generating one
 answer with its timing, the chat loop, the command line. Generation itself is
@@ -22,7 +23,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Callable, TextIO
 
 import torch
 
@@ -32,8 +33,9 @@ from llama_min.cli import OneLineParser, UsageError, add_flags, flag, pick_devic
 from llama_min.finetune.load import check_interpolation_flags, load_finetuned
 from llama_min.finetune.chat_template import ChatTemplate, generation_eos_ids, read_chat_template
 from llama_min.finetune.templates import TEMPLATES, Message, Template, get_template, template_for_checkpoint
-from llama_min.generation import (TextStream, check_sampling, fit_context, generate_stream,
+from llama_min.generation import (TextStream, check_sampling, decode_step, fit_context, generate_stream,
                                   store_weights_column_major)
+from llama_min.quantize import quantization_scheme, quantize_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -57,8 +59,8 @@ class GenerateConfig:
                                   "(its recorded fingerprint differs; same shape required anyway)", group=MODEL)
     device: str = flag("auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:N", group=MODEL)
     dtype: str = flag("float32", f"weight dtype: {', '.join(DTYPES)} (float16 on CUDA only)", group=MODEL)
-    compile: bool = flag(False, "torch.compile the model's forward pass (slow to start; may help long runs)",
-                         group=MODEL)
+    compile: bool = flag(False, "torch.compile the decode step (llama_min.generation.decode_step; slow to start, "
+                         "its compile time is reported; may help long runs)", group=MODEL)
     # prompt
     prompt: list[str] = flag([], "a prompt; repeat the flag for several", action="append", group=PROMPT)
     prompt_file: str = flag("", "a file with one prompt per line (blank lines skipped); - reads standard input",
@@ -79,6 +81,10 @@ class GenerateConfig:
     seed: int = flag(-1, "seed for sampling (-1: a different sample every run)", group=SAMPLING)
     stop: list[str] = flag([], "a stop string: the answer ends before it (repeatable; the template adds its own)",
                            action="append", group=SAMPLING)
+    quantize: str = flag("", "int8 or int4: quantise every linear layer's weights after loading (weight-only, "
+                         "llama_min/quantize.py; a checkpoint written by weights_convert.py --quantize is quantised "
+                         "already)", choices=["", "int8", "int4"], group=MODEL)
+    group_size: int = flag(32, "inputs per scale with --quantize int4 (32, 64, 128 or 256)", group=MODEL)
 
 
 # ---- loading ------------------------------------------------------------------------------------------
@@ -107,9 +113,14 @@ def load(cfg: GenerateConfig) -> tuple[Llama, Tokenizer, Template | ChatTemplate
         raise UsageError(f"{cfg.checkpoint} holds no tokenizer.model or tokenizer.json; generation needs the "
                          "tokenizer the model was trained with (copy it into the checkpoint directory)")
     tokenizer = Tokenizer(tokenizer_path)
+    scheme = quantization_scheme(cfg.quantize, cfg.group_size)  # a bad choice fails before the slow load
     model = load_finetuned(cfg.checkpoint, cfg.peft, cfg.base, cfg.interpolate, device, DTYPES[cfg.dtype],
                            check_base=not cfg.allow_other_base)
-    if device.type == "cpu":
+    if scheme and model.config.quantization:
+        raise UsageError(f"{cfg.checkpoint} is quantised already ({model.config.quantization.kind}): drop --quantize")
+    if scheme:
+        quantize_model(model, scheme.kind, scheme.group_size)
+    elif device.type == "cpu":
         store_weights_column_major(model)  # faster one-row products on CPU BLAS (see its docstring)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise UsageError(f"the tokenizer {tokenizer_path} has {tokenizer.vocab_size} tokens but the model "
@@ -123,12 +134,24 @@ def load(cfg: GenerateConfig) -> tuple[Llama, Tokenizer, Template | ChatTemplate
     except ImportError as e:  # jinja2 missing
         raise UsageError(str(e)) from None
     stop_ids = list(dict.fromkeys(template.stop_ids(tokenizer) + generation_eos_ids(directory)))
-    if cfg.compile:
-        # dynamic=True: one graph serves every prompt length and cache position; the cache is allocated
-        # once at full length (generate_stream reuses it), as a cache sized per prompt would recompile
-        model.forward = torch.compile(model.forward, dynamic=True)
-        model.setup_cache(1, model.config.max_seq_len)
     return model, tokenizer, template, stop_ids
+
+
+def compile_decode_step(model: Llama) -> Callable:
+    """``decode_step`` compiled for this model, and compiled now, with the time it took on standard error.
+
+    dynamic=True: one graph serves every cache position; the cache is allocated once at full length
+    (generate_stream reuses it), as a cache sized per prompt would recompile. The warm-up writes one
+    slot of the cache, which every later prompt overwrites before reading it.
+    """
+    model.setup_cache(1, model.config.max_seq_len)
+    compiled = torch.compile(decode_step, dynamic=True)
+    start = time.perf_counter()
+    device = model.tok_embeddings.weight.device
+    with torch.no_grad():
+        compiled(model, torch.zeros(1, dtype=torch.long, device=device), 2, None)  # 2: not a specialised 0 or 1
+    print(f"(compiled the decode step in {time.perf_counter() - start:.1f} s)", file=sys.stderr)
+    return compiled
 
 
 def read_prompts(cfg: GenerateConfig) -> list[str]:
@@ -162,13 +185,13 @@ class Answer:
 
 
 def answer(model: Llama, tokenizer: Tokenizer, template: Template | ChatTemplate, stop_ids: list[int],
-           ids: list[int], cfg: GenerateConfig, out: TextIO) -> Answer:
+           ids: list[int], cfg: GenerateConfig, out: TextIO, step: Callable = decode_step) -> Answer:
     """Generate the answer to prompt ``ids``, writing its text to ``out`` as it is produced. It ends at
     one of ``stop_ids``, at a stop string (the template's or --stop) or after --max_new_tokens tokens."""
     stream = TextStream(tokenizer, template.stop_strings + tuple(cfg.stop), anchor=ids[-1])
     steps = generate_stream(model, [ids], cfg.max_new_tokens, temperature=cfg.temperature,
                             top_k=cfg.top_k or None, top_p=cfg.top_p, stop_ids=stop_ids,
-                            seed=None if cfg.seed < 0 else cfg.seed)
+                            seed=None if cfg.seed < 0 else cfg.seed, decode_step=step)
     start, first, new_tokens = time.perf_counter(), None, 0
     try:
         for step in steps:
@@ -202,7 +225,7 @@ def fit(ids: list[int], model: Llama, tokenizer: Tokenizer, cfg: GenerateConfig)
 # ---- the chat loop -------------------------------------------------------------------------------------
 
 def chat(model: Llama, tokenizer: Tokenizer, template: Template | ChatTemplate, stop_ids: list[int],
-         cfg: GenerateConfig) -> None:
+         cfg: GenerateConfig, step: Callable = decode_step) -> None:
     """Read a message per line; the whole conversation is the prompt of each answer. When it would no
     longer fit in the context, the oldest exchanges are forgotten, and the user is told."""
     system: list[Message] = [("system", cfg.system)] if cfg.system else []
@@ -236,7 +259,7 @@ def chat(model: Llama, tokenizer: Tokenizer, template: Template | ChatTemplate, 
                   "write a shorter one or ask for fewer --max_new_tokens)", file=sys.stderr)
             turns.pop()
             continue
-        result = answer(model, tokenizer, template, stop_ids, fit(ids, model, tokenizer, cfg), cfg, sys.stdout)
+        result = answer(model, tokenizer, template, stop_ids, fit(ids, model, tokenizer, cfg), cfg, sys.stdout, step)
         print()
         print(result.figures(), file=sys.stderr)
         turns.append(("assistant", result.text))
@@ -253,15 +276,16 @@ def main(argv: list[str] | None = None) -> None:
         if not prompts and not cfg.interactive:
             raise UsageError("nothing to do: give --prompt TEXT (repeatable), --prompt_file FILE or --interactive")
         model, tokenizer, template, stop_ids = load(cfg)
+        step = compile_decode_step(model) if cfg.compile else decode_step
         system: list[Message] = [("system", cfg.system)] if cfg.system else []
         for i, prompt in enumerate(prompts):
             ids = fit(template.encode(tokenizer, system + [("user", prompt)]), model, tokenizer, cfg)
             print(prompt, end="" if template.name == "raw" else "\n", flush=True)
-            result = answer(model, tokenizer, template, stop_ids, ids, cfg, sys.stdout)
+            result = answer(model, tokenizer, template, stop_ids, ids, cfg, sys.stdout, step)
             print("\n" if i < len(prompts) - 1 else "")
             print(result.figures(), file=sys.stderr)
         if cfg.interactive:
-            chat(model, tokenizer, template, stop_ids, cfg)
+            chat(model, tokenizer, template, stop_ids, cfg, step)
     except (UsageError, ValueError, FileNotFoundError) as e:
         print(f"generate.py: error: {e}", file=sys.stderr)
         raise SystemExit(1) from None

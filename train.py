@@ -3,6 +3,7 @@
     python train.py                                     # the tiny model on the shipped Shakespeare, CPU, ~5 min
     python train.py --device cuda --dim 512 --n_layers 8 --max_steps 5000
     torchrun --nproc_per_node=4 train.py ...           # DistributedDataParallel, one process per GPU
+    torchrun --nproc_per_node=8 train.py --fsdp --activation_checkpointing ...   # too big for one GPU
     python train.py --resume                            # continue out/ckpt exactly where it stopped
     python train.py --init_from runs/base/ckpt --method lora --data alpaca.jsonl   # fine-tune: OUT/peft
     python train.py --init_from runs/base/ckpt --method full --data alpaca.jsonl --l2sp 0.1 --weight_decay 0 \\
@@ -21,13 +22,11 @@ import math
 import os
 import signal
 import sys
-from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
 from llama_min import IGNORE_INDEX, Llama, generate
 from llama_min.cli import UsageError
@@ -35,6 +34,8 @@ from llama_min.finetune.neftune import add_embedding_noise
 from llama_min.peft import peft_stats
 from llama_min.training.batches import Data, count_targets, get_batch, make_sampler, prepare_data
 from llama_min.training.config import TrainConfig, check_config, parse_args
+from llama_min.training.distributed import (checkpoint_activations, gradient_sync, replicate, seed_process,
+                                            shard_model, unsharded)
 from llama_min.training.evaluate import evaluate
 from llama_min.training.optim import get_lr, make_optimizer, set_lr
 from llama_min.training.progress import Progress, TrainingDiverged
@@ -71,21 +72,26 @@ def train(cfg: TrainConfig) -> signal.Signals | None:
         raise UsageError(f"the tokenizer has {data.tokenizer.vocab_size} tokens but the model only "
                          f"{model.config.vocab_size}; pass --vocab_size {data.tokenizer.vocab_size}")
     rt.say(choose_trainable(model, cfg, None if cfg.full_checkpoint else resume_from))
+    seed_process(cfg.seed, rt)  # under torchrun each process its own dropout and noise
     if not cfg.full_checkpoint:
         hold_frozen_in_autocast_dtype(model, rt)  # GPU memory: the frozen base in bf16, not float32 + copies
     l2sp = make_l2sp(model, cfg, rt, resumed=state is not None and cfg.full_checkpoint)
     if cfg.embed_noise:  # NEFTune: noisy input embeddings, in training mode only
         add_embedding_noise(model, cfg.embed_noise)
+    if cfg.activation_checkpointing:
+        checkpoint_activations(model)  # each block recomputed in backward: one block's activations held, not all
+    if cfg.fsdp:
+        shard_model(model, rt)  # FSDP2: each process holds 1/N of every parameter, gradient and AdamW moment
     optimizer = make_optimizer(model, cfg, rt)
     sampler = make_sampler(data, cfg)
     progress = Progress(cfg, rt, model, resumed_at=state["step"] if state else None)
     dev = DevSelection(cfg, rt, data, model, progress)  # --dev_every: keep the best, stop early
-    step, best_val_loss = restore_run(state, optimizer, sampler, dev, rt, ckpt_dir) if state else (0, float("inf"))
+    step, best_val_loss = restore_run(state, model, optimizer, sampler, dev, rt, ckpt_dir) if state else (0, float("inf"))
     checkpoints = RunCheckpoints(cfg, rt, model, data, optimizer, sampler, dev, saved_step=step if state else None)
     # `model` stays the plain module, for evaluation, samples and checkpoints; `trained` is what steps.
     trained = torch.compile(model) if cfg.compile else model
-    if rt.world_size > 1:
-        trained = DistributedDataParallel(trained, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    if rt.world_size > 1 and not cfg.fsdp:
+        trained = replicate(trained, rt)  # DDP: a whole copy on every process, gradients averaged
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.use_grad_scaler)
     describe(cfg, rt, model, data, progress)
 
@@ -99,12 +105,11 @@ def train(cfg: TrainConfig) -> signal.Signals | None:
             n_targets = count_targets(batches, rt)  # the step's loss is the mean over all its target tokens
             loss_sum = torch.zeros((), device=rt.device)
             for i, (x, y) in enumerate(batches):
-                # DDP averages gradients across processes at each backward: only at the last micro-batch.
-                sync = rt.world_size == 1 or i == len(batches) - 1
-                with (nullcontext() if sync else trained.no_sync()), rt.autocast():
+                # DDP and FSDP average gradients across processes at each backward: only at the last micro-batch.
+                with gradient_sync(model, trained, sync=i == len(batches) - 1), rt.autocast():
                     share = ((y != IGNORE_INDEX).sum() / n_targets).float()  # of the step's targets
                     loss = trained(x, y)[1] * share  # [1]: the logits are not kept through backward
-                scaler.scale(loss * rt.world_size).backward()  # (DDP's average divides by world_size again)
+                scaler.scale(loss * rt.world_size).backward()  # (the average divides by world_size again)
                 loss_sum += loss.detach()
             scaler.unscale_(optimizer)
             if l2sp is not None:
@@ -149,9 +154,10 @@ def train(cfg: TrainConfig) -> signal.Signals | None:
     if note or rt.master and (Path(cfg.out_dir) / "loss.png").exists():
         rt.say(note or f"loss curve: {Path(cfg.out_dir) / 'loss.png'}")
     model.eval()  # no training-only noise (NEFTune, LoRA dropout) in what follows
-    if stopped_by is None and rt.master and cfg.sample_tokens > 0:
-        with rt.autocast():
-            print_samples(model, data, cfg)
+    if stopped_by is None and cfg.sample_tokens > 0:
+        with rt.autocast(), unsharded(model):  # --fsdp: every process holds the whole model meanwhile
+            if rt.master:
+                print_samples(model, data, cfg)
     if stopped_by is None and rt.master and cfg.merge:
         dev.load_best()  # with --dev_every, the run's result is the chosen model
         write_merged(Path(cfg.out_dir) / "merged", model, data.tokenizer, data.instructions)
@@ -178,7 +184,8 @@ def describe(cfg: TrainConfig, rt, model: Llama, data: Data, progress: Progress)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * rt.world_size  # instructions: at most
     rt.say(f"data: {len(data.train):,} training {unit}, {len(data.val):,} held-out {unit}; "
            f"{'up to ' if data.instructions else ''}{tokens_per_step:,} tokens per step on {rt.world_size} x "
-           f"{rt.device} ({str(rt.autocast_dtype or torch.float32).removeprefix('torch.')}); "
+           f"{rt.device}{', sharded (FSDP)' if cfg.fsdp else ''} "
+           f"({str(rt.autocast_dtype or torch.float32).removeprefix('torch.')}); "
            f"MFU against {progress.peak / 1e9:.1f} GFLOP/s")
 
 

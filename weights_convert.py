@@ -2,6 +2,7 @@
 (and train.py's LoRA adapters out in Hugging Face's PEFT layout).
 
     python weights_convert.py SRC DST [--to llama_min|hf] [--dtype float32|bfloat16|float16] [--verify] [--force]
+    python weights_convert.py SRC DST --quantize int8|int4 [--group_size 32]     # for generate.py
     python weights_convert.py OUT_DIR/peft DST --to peft [--base_hf HF_EXPORT_OF_THE_BASE]
 
 SRC's format is detected from what it contains (see llama_min/convert/). DST is written atomically: it
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 from llama_min.cli import OneLineParser, UsageError, add_flags, flag, peak_rss_mb
 from llama_min.convert import DTYPES, TARGETS, convert, convert_adapter, open_source
+from llama_min.quantize import quantization_scheme
 
 
 @dataclass
@@ -27,6 +29,10 @@ class ConvertConfig:
                    "LoRA adapter directory of train.py (OUT_DIR/peft) in Hugging Face's PEFT layout", choices=TARGETS)
     dtype: str | None = flag(None, "dtype of the written weights (default: the source's; float32 for quantised "
                              "GGUF)", choices=list(DTYPES))
+    quantize: str = flag("", "int8 or int4: store every linear layer's weights quantised (int8 per output channel, "
+                         "int4 in groups of --group_size; llama_min/quantize.py); embeddings and norms keep --dtype",
+                         choices=["", "int8", "int4"])
+    group_size: int = flag(32, "inputs per scale with --quantize int4 (32, 64, 128 or 256)")
     verify: bool = flag(False, "compare logits with Hugging Face transformers; exit 1 when they differ")
     force: bool = flag(False, "replace DST if it exists")
     base_hf: str = flag("", "--to peft: the --to hf export of the adapter's base, recorded as base_model_name_or_path "
@@ -36,7 +42,8 @@ class ConvertConfig:
 
 def parse_args(argv: list[str] | None = None) -> ConvertConfig:
     parser = OneLineParser(prog="weights_convert.py", description=__doc__.split("\n\n")[0],
-                           usage="%(prog)s SRC DST [--to llama_min|hf|peft] [--dtype DTYPE] [--verify] [--force]")
+                           usage="%(prog)s SRC DST [--to llama_min|hf|peft] [--dtype DTYPE] [--quantize int8|int4] "
+                                 "[--verify] [--force]")
     add_flags(parser, ConvertConfig)
     return ConvertConfig(**vars(parser.parse_args(argv)))
 
@@ -67,8 +74,13 @@ def main(argv: list[str] | None = None) -> int:
         c = source.config
         print(f"source: {source.format_name} checkpoint {source.path} ({c.n_layers} layers, dim {c.dim}, "
               f"{c.n_heads} heads / {c.n_kv_heads} kv heads, vocab {c.vocab_size}, {dtype_name(source.dtype)})")
-        done = convert(source, args.dst, to=args.to, dtype=DTYPES.get(args.dtype), force=args.force)
-        print(f"wrote {done.path} ({done.to}, {dtype_name(done.dtype)}, {done.n_tensors} tensors, "
+        scheme = quantization_scheme(args.quantize, args.group_size)
+        if scheme and args.verify:
+            raise UsageError("--verify compares float logits with transformers, which cannot load a quantised "
+                             "checkpoint; measure a quantised model with benchmarks/quantize_quality.py")
+        done = convert(source, args.dst, to=args.to, dtype=DTYPES.get(args.dtype), force=args.force, quantize=scheme)
+        print(f"wrote {done.path} ({done.to}, {dtype_name(done.dtype)}{', ' + args.quantize if scheme else ''}, "
+              f"{done.n_tensors} tensors, "
               f"{done.n_bytes / 2**30:.2f} GiB) in {time.perf_counter() - start:.1f} s; peak RSS {peak_rss_mb():.0f} MB")
         if done.note:
             print(f"note: {done.note}")

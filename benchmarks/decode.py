@@ -1,9 +1,11 @@
-"""Decode speed of llama_min's generate() against Hugging Face transformers and the memory-bandwidth limit.
+"""Decode speed of llama_min's generate() against Hugging Face transformers and the memory-bandwidth limit,
+for each weight format generate.py offers: float32, bfloat16, int8 and int4 (--quantize).
 
 The model has the shape of a real small LLaMA-family model (dim 576, 30 layers, 9 query heads, 3 kv
 heads, hidden 1536, vocabulary 49152, tied embeddings, rope_theta 100000: 135M parameters) with random
 weights. Decoding one token reads every weight once, so on a CPU its speed is bounded by memory
-bandwidth: ceiling tokens/s = measured read bandwidth / weight bytes per token.
+bandwidth: ceiling tokens/s = measured read bandwidth / weight bytes per token, each format against its
+own bytes (4, 2, about 1 and about 0.5 per weight).
 
 When transformers is installed the same weights are exported in this process (hf_format) into a
 LlamaForCausalLM, whose generate() runs on the same prompt; runs alternate between the two so that load
@@ -11,6 +13,7 @@ from other processes hits both alike, and the best of the repeats is reported.
 
     python benchmarks/decode.py                 # the full report
     python benchmarks/decode.py --repeats 1     # quicker, noisier
+    python benchmarks/decode.py --repeats 1 --formats_only --new_tokens 64   # the table of formats only
 """
 
 from __future__ import annotations
@@ -18,11 +21,13 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+from dataclasses import replace
 
 import torch
 
 from llama_min import Llama, ModelConfig
 from llama_min.generation import generate_stream, store_weights_column_major
+from llama_min.quantize import Int4Linear, Int8Linear, quantize_model
 from llama_min.hf_format import config_to_hf, state_dict_to_hf
 
 # Wall-clock time by default. On a machine shared with other busy processes, `--clock cpu --threads 1`
@@ -122,6 +127,32 @@ def best_runs(fns: dict, repeats: int) -> dict:
     return {name: (min(r[0] for r in runs), max(r[1] for r in runs), runs[-1][2]) for name, runs in results.items()}
 
 
+def bytes_read_per_token(model: torch.nn.Module) -> int:
+    """Bytes one decode step reads: every weight once, in the form the forward pass reads it (an int4
+    layer's kernel copy on a CPU, not the portable one it also keeps), and the embedding table only
+    when it is also the output head (otherwise its lookup reads one row)."""
+    read: dict[int, torch.Tensor] = {}  # by identity: a tied head and embedding are one tensor, read once
+    for name, module in model.named_modules():
+        if isinstance(module, Int4Linear) and module.kernel_codes is not None:
+            tensors = [module.kernel_codes, module.kernel_scales_zeros]
+        elif isinstance(module, (Int8Linear, Int4Linear)):
+            tensors = list(module.buffers())
+        elif name == "tok_embeddings" and model.output.weight is not module.weight:
+            tensors = []
+        else:
+            tensors = list(module.parameters(recurse=False))
+        read.update((id(t), t) for t in tensors)
+    return sum(t.numel() * t.element_size() for t in read.values())
+
+
+def per_token_overhead(new_tokens: int) -> float:
+    """Seconds per decoded token of a model of the benchmark's depth and head count with almost no
+    arithmetic (dim 72, vocabulary 256): what the framework's calls cost, whatever the weights."""
+    thin = Llama(replace(SMALL_LLAMA, dim=72, hidden_dim=64, vocab_size=256)).eval()
+    _, tps, _ = time_ours(thin, [[1, 2, 3]], new_tokens)
+    return 1 / tps
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -132,6 +163,9 @@ def main() -> None:
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--prefill_len", type=int, default=512)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--group_size", type=int, default=32, help="int4 group size")
+    parser.add_argument("--formats_only", action="store_true",
+                        help="only the table of weight formats (skip prefill and batched decoding)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     global clock
@@ -145,36 +179,43 @@ def main() -> None:
     long_prompt = torch.randint(3, SMALL_LLAMA.vocab_size, (args.prefill_len,), generator=gen).tolist()
     batch = [torch.randint(3, SMALL_LLAMA.vocab_size, (args.prompt_len,), generator=gen).tolist() for _ in range(args.batch)]
     hf = hf_twin(model)
-    fast = store_weights_column_major(copy.deepcopy(model))  # what generate.py runs on a CPU
+    formats = {  # what generate.py runs on a CPU for --dtype float32 / bfloat16 / --quantize int8 / int4
+        "float32": store_weights_column_major(copy.deepcopy(model)),
+        "float32 row-major": model,  # nn.Linear's own layout, without store_weights_column_major
+        "bfloat16": store_weights_column_major(copy.deepcopy(model).to(torch.bfloat16)),
+        "int8": quantize_model(copy.deepcopy(model), "int8"),
+        f"int4 (groups of {args.group_size})": quantize_model(copy.deepcopy(model), "int4", args.group_size),
+    }
+    fast = formats["float32"]
 
     bandwidth = read_bandwidth()
-    bytes_fp32 = weight_bytes(model)
-    ceiling = bandwidth / bytes_fp32
-    print(f"model: {n_params / 1e6:.1f}M parameters, {bytes_fp32 / 2**20:.0f} MiB of float32 weights; "
+    print(f"model: {n_params / 1e6:.1f}M parameters, {weight_bytes(model) / 2**20:.0f} MiB of float32 weights; "
           f"{args.threads} threads, {args.clock} clock")
-    print(f"memory-read bandwidth {bandwidth / 1e9:.1f} GB/s -> float32 decode ceiling {ceiling:.1f} tokens/s")
+    print(f"memory-read bandwidth {bandwidth / 1e9:.1f} GB/s; a format's ceiling = bandwidth / bytes it reads per token")
+    overhead = per_token_overhead(args.new_tokens)
+    print(f"per-token overhead (same depth, dim 72, vocabulary 256): {overhead * 1e3:.1f} ms per token")
 
-    runs = {"ours": lambda: time_ours(fast, [prompt], args.new_tokens),
-            "plain": lambda: time_ours(model, [prompt], args.new_tokens)}
+    runs = {name: (lambda m=m: time_ours(m, [prompt], args.new_tokens)) for name, m in formats.items()}
     if hf is not None:
-        runs["hf"] = lambda: time_hf(hf, [prompt], args.new_tokens)
+        runs["transformers float32"] = lambda: time_hf(hf, [prompt], args.new_tokens)
     decode = best_runs(runs, args.repeats)
-    ours_tps, plain_tps = decode["ours"][1], decode["plain"][1]
-    print(f"\ndecode, batch 1, {args.prompt_len}-token prompt, {args.new_tokens} new tokens, greedy, float32:")
-    print(f"  llama_min     {ours_tps:7.1f} tokens/s  ({ours_tps / ceiling:.0%} of the bandwidth ceiling)")
-    print(f"  (row-major)   {plain_tps:7.1f} tokens/s  (nn.Linear's own layout, without store_weights_column_major)")
-    if hf is not None:
-        hf_tps = decode["hf"][1]
-        same = sum(a == b for a, b in zip(decode["ours"][2], decode["hf"][2]))
-        print(f"  transformers  {hf_tps:7.1f} tokens/s  ({hf_tps / ceiling:.0%} of the ceiling)")
-        print(f"  ratio llama_min / transformers: {ours_tps / hf_tps:.2f}x   "
-              f"(greedy tokens identical: {same}/{args.new_tokens})")
+    hf_tps = decode["transformers float32"][1] if hf is not None else float("nan")
+    print(f"\ndecode, batch 1, {args.prompt_len}-token prompt, {args.new_tokens} new tokens, greedy, best of {args.repeats}:")
+    print(f"  {'weights':<22} {'tokens/s':>8} {'x HF fp32':>9} {'ceiling':>8} {'of it':>6} {'ms/token':>8}  greedy = float32")
+    for name, (_, tps, tokens) in decode.items():
+        m = formats.get(name, model)
+        ceiling = bandwidth / bytes_read_per_token(m)
+        same = sum(a == b for a, b in zip(tokens, decode["float32"][2]))
+        print(f"  {name:<22} {tps:8.1f} {tps / hf_tps:8.2f}x {ceiling:8.1f} {tps / ceiling:6.0%} {1e3 / tps:8.1f}  "
+              f"{same}/{args.new_tokens}")
+    if args.formats_only:
+        return
 
     runs = {"ours": lambda: time_ours(fast, [long_prompt], 1)[:1] + (0.0, None)}
     if hf is not None:
         runs["hf"] = lambda: time_hf(hf, [long_prompt], 1)[:1] + (0.0, None)
     prefill = best_runs(runs, args.repeats)
-    print(f"\nprefill of a {args.prefill_len}-token prompt (time to first token):")
+    print(f"\nprefill of a {args.prefill_len}-token prompt (time to first token), float32:")
     print(f"  llama_min     {prefill['ours'][0] * 1e3:7.0f} ms  ({args.prefill_len / prefill['ours'][0]:.0f} tokens/s)")
     if hf is not None:
         print(f"  transformers  {prefill['hf'][0] * 1e3:7.0f} ms  ({args.prefill_len / prefill['hf'][0]:.0f} tokens/s)"
@@ -184,16 +225,10 @@ def main() -> None:
     if hf is not None:
         runs["hf"] = lambda: time_hf(hf, batch, args.new_tokens)
     batched = best_runs(runs, args.repeats)
-    print(f"\nbatch {args.batch}, aggregate tokens/s over the whole generate() call, prefill included:")
+    print(f"\nbatch {args.batch}, float32, aggregate tokens/s over the whole generate() call, prefill included:")
     print(f"  llama_min     {batched['ours'][1] * args.batch:7.1f} tokens/s")
     if hf is not None:
         print(f"  transformers  {batched['hf'][1] * args.batch:7.1f} tokens/s")
-
-    hf = model = None  # free the float32 copies before the bfloat16 run
-    fast = fast.to(torch.bfloat16)
-    bf16 = best_runs({"ours": lambda: time_ours(fast, [prompt], args.new_tokens)}, args.repeats)
-    print(f"\nbfloat16 weights, batch 1: {bf16['ours'][1]:.1f} tokens/s = {bf16['ours'][1] / ceiling:.0%} of the "
-          f"float32 ceiling ({bf16['ours'][1] / (2 * ceiling):.0%} of the bfloat16 ceiling of {2 * ceiling:.1f})")
 
 
 if __name__ == "__main__":

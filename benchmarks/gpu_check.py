@@ -9,6 +9,9 @@
 3. a resume: N/2 steps, then --resume to N, gives the losses of N straight steps
 4. generation tokens/s (bf16 on the GPU)
 5. the greedy text of the trained model on the GPU (float32) equals the CPU's
+6. --fsdp under torchrun on the one GPU (FSDP2's bfloat16 policy): it trains, near the unsharded run's losses
+7. peak GPU memory of full, LoRA and LLaMA-Adapter training of the 135M shape, without and with
+   --activation_checkpointing (benchmarks/peft_memory.py)
 
 Every step runs the project's own commands (train.py, generate.py, pytest) in child processes; their
 figures are read from what they print and from metrics.jsonl. Exit status 1 if any check fails.
@@ -104,6 +107,30 @@ def main(argv=None) -> int:
           + ("" if gpu else " (both on the CPU here)"))
     if not equal:
         failures.append("greedy text")
+
+    # 6. FSDP on one GPU (the CPU runs it with two processes in tests/test_distributed.py)
+    if gpu:
+        sharded = work / "fsdp"
+        t = time.perf_counter()
+        done = run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "train.py", *common,
+                   "--out_dir", sharded, "--dtype", "bfloat16", "--fsdp")
+        gap = max(abs(a - b) / abs(b) for a, b in zip(losses(sharded), straight))
+        peak = re.search(r"peak GPU memory [\d.]+ GB", done.stdout)
+        print(f"6. --fsdp, one process, {steps} steps in {time.perf_counter() - t:.0f} s: losses within {gap:.1%} of "
+              f"the unsharded run's" + (f", {peak.group()}" if peak else ""))
+        if not gap < 0.05:
+            failures.append("fsdp")
+    else:
+        print("6. --fsdp on the GPU: skipped (no GPU; tests/test_distributed.py runs it on two CPU processes)")
+
+    # 7. activation checkpointing's memory on the GPU
+    if gpu:
+        done = run("benchmarks/peft_memory.py", "--methods", "full", "lora", "adapter", "--device", "cuda",
+                   "--steps", 2 if args.quick else 3)
+        print("7. training memory with and without --activation_checkpointing:\n   " +
+              "\n   ".join(done.stdout.strip().splitlines()))
+    else:
+        print("7. activation checkpointing memory on the GPU: skipped (no GPU)")
     print("all checks passed" if not failures else f"FAILED: {', '.join(failures)}")
     return 1 if failures else 0
 

@@ -3,6 +3,7 @@
     python benchmarks/train_throughput.py              # tiny preset and the 15M shape, float32 and bf16 autocast
     python benchmarks/train_throughput.py --steps 10 --threads 2
     python benchmarks/train_throughput.py --threads 1 --clock cpu   # on a machine busy with other jobs
+    python benchmarks/train_throughput.py --shapes 128k-vocab --dtypes float32 --memory   # Llama 3's vocabulary
 
 One training step is what train.py does: forward with the loss, backward, gradient clipping, AdamW
 (the optimiser train.py builds). Hugging Face's ``LlamaForCausalLM`` of the same configuration runs the
@@ -29,7 +30,33 @@ SHAPES = {
     "tiny": (ModelConfig.from_preset("tiny"), TrainConfig().batch_size, TrainConfig().seq_len),
     # llama2.c's "stories15M" shape: 15.2M parameters with the embedding shared by the output head
     "15M": (ModelConfig(dim=288, n_layers=6, n_heads=6, vocab_size=32000, max_seq_len=256, tie_embeddings=True), 8, 256),
+    # Llama 3's 128,256-token vocabulary on a small body: the output head and the loss dominate, which is
+    # where llama_min's chunked head + loss (llama_min/chunked_loss.py) never builds the full logits
+    "128k-vocab": (ModelConfig(dim=512, n_layers=8, n_heads=8, n_kv_heads=8, vocab_size=128256, max_seq_len=512), 4, 512),
 }
+
+
+def peak_memory_of_a_step(step, batches) -> float:
+    """MB by which the resident set grows at its peak over two steps (the first makes the optimiser's
+    state), in a forked child so that each model's peak is its own: the child starts with the parent's
+    resident set, and its peak less that start is what the steps added."""
+    import multiprocessing
+    import resource
+
+    def child(queue):
+        with open("/proc/self/statm") as f:
+            start = int(f.read().split()[1]) * resource.getpagesize() / 2**20
+        for x, y in batches[:2]:
+            step(x, y)
+        queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - start)
+
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    process = context.Process(target=child, args=(queue,))
+    process.start()
+    grown = queue.get()
+    process.join()
+    return grown
 
 
 def hf_model(config: ModelConfig):
@@ -85,7 +112,11 @@ def fastest_step(step, batches, steps: int, clock=time.perf_counter) -> float:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--shapes", nargs="+", default=["tiny", "15M"], choices=list(SHAPES))
+    parser.add_argument("--batch", type=int, default=0, help="override the shape's batch size (0: the shape's)")
+    parser.add_argument("--seq_len", type=int, default=0, help="override the shape's sequence length (0: the shape's)")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bf16"], choices=["float32", "bf16"])
+    parser.add_argument("--memory", action="store_true", help="also the peak memory of each model's step (forked)")
     parser.add_argument("--steps", type=int, default=4, help="timed steps per round (after one warm-up step)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of ours and Hugging Face")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -105,6 +136,7 @@ def main(argv=None):
           f"{peak / 1e9:.1f} GFLOP/s float32, {peak_bf16 / 1e9:.1f} GFLOP/s bfloat16")
     for name in args.shapes:
         config, batch, seq_len = SHAPES[name]
+        batch, seq_len = args.batch or batch, args.seq_len or seq_len
         g = torch.Generator().manual_seed(0)
         batches = []
         for _ in range(2):
@@ -119,6 +151,8 @@ def main(argv=None):
         print(f"\n{name}: {n_params / 1e6:.1f}M parameters, dim {config.dim}, {config.n_layers} layers, "
               f"vocab {config.vocab_size}, batch {batch} x seq {seq_len}")
         for dtype_name, dtype, dtype_peak in (("float32", None, peak), ("bf16 autocast", torch.bfloat16, peak_bf16)):
+            if dtype_name.split()[0] not in args.dtypes:
+                continue
             contenders = {"llama_min": make_step(ours_model, False, dtype)}
             if theirs_model is not None:
                 contenders["transformers"] = make_step(theirs_model, True, dtype)
@@ -138,6 +172,10 @@ def main(argv=None):
                       f"   ({1000 * t:.0f} ms/step)")
             if "transformers" in best:
                 print(f"  {dtype_name:14s} ratio llama_min / transformers: {best['transformers'] / best['llama_min']:.2f}x")
+            if args.memory:
+                grown = {k: peak_memory_of_a_step(step, batches) for k, step in contenders.items()}
+                print(f"  {dtype_name:14s} peak memory added by a step: " + ", ".join(f"{k} {mb:,.0f} MB" for k, mb in grown.items())
+                      + (f"; ratio {grown['llama_min'] / grown['transformers']:.2f}" if "transformers" in grown else ""))
         if theirs_model is None:
             print("  (transformers is not installed: pip install transformers to compare)")
 

@@ -19,6 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .leaks import duplicated_answers
 from .manifest import REPO, Lab, choose_labs, load_labs
 from .source import blank_function, replace_function
 
@@ -66,7 +67,7 @@ def write_handout(labs: list[Lab], out: Path, repo: Path = REPO) -> list[str]:
     (out / "README.md").write_text(student_readme(labs), encoding="utf-8")
     blanked = {b.name for lab in labs for b in lab.blanks}
     return [f"lab {lab.number}'s answer can be read in {name}, which this handout keeps: blank its lab too to hide it"
-            for lab in labs for name in lab.also_shows if name not in blanked]
+            for lab in labs for name in lab.also_shows if name not in blanked] + duplicated_answers(repo, labs)
 
 
 def fill_handout(out: Path, repo: Path = REPO) -> list[str]:

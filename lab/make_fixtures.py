@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> None:
         writer = lab_fixtures(labs[number])
         writer.save(args.out / f"lab{number:02d}")
         n_variants = sum(len(c.get("causes", {})) for c in writer.cases.values())
-        print(f"lab {number}: {len(writer.cases)} cases, {n_variants} wrong outputs -> {args.out / f'lab{number:02d}'}.*")
+        print(f"lab {number}: {len(writer.cases)} cases, {n_variants} wrong outputs -> "
+              f"{args.out / f'lab{number:02d}'}.*")
 
 
 if __name__ == "__main__":

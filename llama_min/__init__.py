@@ -6,7 +6,8 @@ directory: load_checkpoint, save_checkpoint; its weights file through safetensor
 (the model's Hugging Face names). What the
 scripts share is cli.py. Around them, sub-packages
 named for their job: peft/ (LLaMA-Adapter, LoRA, bottleneck adapters), finetune/ (instruction data,
-templates, robust fine-tuning), training/ (what train.py's loop calls), convert/ (weights_convert.py).
+templates, robust fine-tuning), training/ (what train.py's loop calls), from_scratch/ (what the rest takes from a library, written out:
+byte-level BPE, cross-entropy, AdamW, clipping, a training loop), convert/ (weights_convert.py).
 """
 
 from .checkpoint import load_checkpoint, save_checkpoint

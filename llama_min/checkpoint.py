@@ -35,6 +35,7 @@ from safetensors.torch import save_file
 from .cli import UsageError, one_line
 from .config import ModelConfig
 from .model import Llama
+from .quantize import prepare_quantized_skeleton, use_kernel_layouts
 from .safetensors_file import SafetensorsReader
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
@@ -54,17 +55,23 @@ OUR_FILES = frozenset({CONFIG_FILE, WEIGHTS_FILE, *TOKENIZER_FILES, *TOKENIZER_C
 
 def load_checkpoint(directory: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Llama:
     """The model stored in DIR, loaded strictly, on ``device``, its floating tensors in ``dtype`` (default:
-    as stored)."""
+    as stored). A quantised checkpoint (config.json's ``quantization``) gets its quantised layers before
+    loading, so that its codes load as they are, never through a float copy (quantize.py)."""
     config, state = read_checkpoint(directory, device, dtype)
     with torch.device("meta"):
         model = Llama(config)
+        if config.quantization:
+            prepare_quantized_skeleton(model, config.quantization)
+    tied = model.output.weight is model.tok_embeddings.weight  # a quantised head is a copy of its own
     check_state_dict({k: v.shape for k, v in stored_state_dict(model).items()}, state,
                      str(resolve_checkpoint_dir(directory) / WEIGHTS_FILE))
-    if config.tie_embeddings:
+    if tied:
         state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, strict=True, assign=True)
-    if config.tie_embeddings:  # assign=True made two Parameters; make them one again
+    if tied:  # assign=True made two Parameters; make them one again
         model.output.weight = model.tok_embeddings.weight
+    if config.quantization:
+        use_kernel_layouts(model)
     return model
 
 
@@ -84,7 +91,7 @@ def read_checkpoint(directory: str | Path, device: torch.device | str = "cpu", d
     Tensor by tensor: each is read from the file into memory, checked, converted, and moved, so the
     peak is the converted model plus one tensor, never a whole second copy in the stored dtype. A
     damaged file, a config that is not ours, or a weight that is NaN or infinite is one error naming
-    the file (and the tensor).
+    the file (and the tensor). Integer tensors (a quantised checkpoint's codes) keep their dtype.
     """
     directory = resolve_checkpoint_dir(directory)
     config = read_config(directory / CONFIG_FILE)
@@ -98,10 +105,10 @@ def read_checkpoint(directory: str | Path, device: torch.device | str = "cpu", d
             t = reader.get(name)
             # A non-finite element makes the sum non-finite: one reduction, no tensor-sized temporaries
             # (isfinite would build two); the elementwise check only confirms a suspicious sum.
-            if not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
+            if t.is_floating_point() and not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
                 raise UsageError(f"{weights}: tensor {name} holds NaN or infinite values; this checkpoint cannot be "
                                  "used (saved from a diverged run?): take an earlier one")
-            tensors[name] = t.to(device=device, dtype=dtype or t.dtype)
+            tensors[name] = t.to(device=device, dtype=(dtype if t.is_floating_point() else None) or t.dtype)
             del t  # before the next read: one tensor as stored at a time
     return config, tensors
 
@@ -151,9 +158,10 @@ def check_state_dict(expected: Mapping[str, torch.Size], got: Mapping[str, torch
 
 
 def stored_state_dict(model: Llama) -> dict[str, torch.Tensor]:
-    """The tensors a checkpoint stores: the state dict, without the tied output head's second name."""
+    """The tensors a checkpoint stores: the state dict, without the tied output head's second name (a
+    quantised head is a copy of its own, stored)."""
     state = model.state_dict()
-    if model.config.tie_embeddings:
+    if model.output.weight is model.tok_embeddings.weight:
         del state["output.weight"]
     return state
 

@@ -93,6 +93,29 @@ class RopeScaling:
             raise ValueError(f"rope scaling {self}: expected factor >= 1 and 0 < low_freq_factor < high_freq_factor")
 
 
+@dataclass(frozen=True)
+class Quantization:
+    """Weight-only quantisation of a checkpoint's linear layers (llama_min/quantize.py has the formulas).
+
+    kind "int8":  one scale per output channel.
+    kind "int4":  4-bit codes with a scale and zero point per group of ``group_size`` inputs (32, 64, 128
+                  or 256: the sizes PyTorch's 4-bit kernel takes; smaller groups are more accurate).
+    """
+    kind: str
+    group_size: int | None = None  # int4 only
+
+    def __post_init__(self):
+        if self.kind not in ("int8", "int4"):
+            raise ValueError(f"quantization kind {self.kind!r}: expected 'int8' or 'int4'")
+        if self.kind == "int4" and self.group_size not in INT4_GROUP_SIZES:
+            raise ValueError(f"int4 group size {self.group_size}: expected one of {', '.join(map(str, INT4_GROUP_SIZES))}")
+        if self.kind == "int8" and self.group_size is not None:
+            raise ValueError("int8 quantisation has one scale per output channel: no group size")
+
+
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+
+
 ATTN_IMPLS = ("sdpa", "plain")  # attention.py: the fused kernel, or scores, mask and softmax written out
 
 
@@ -112,12 +135,15 @@ class ModelConfig:
     tie_embeddings: bool = False  # share the token embedding with the output head
     hidden_dim: int | None = None  # explicit SwiGLU hidden size, overriding the rule below
     attn_impl: str = "sdpa"  # "sdpa" (fused kernel) or "plain" (scores, mask, softmax written out)
+    quantization: Quantization | None = None  # how a quantised checkpoint stores its linear layers (quantize.py)
 
     def __post_init__(self):
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if isinstance(self.rope_scaling, dict):  # as config.json stores it
             self.rope_scaling = dataclass_from_dict(RopeScaling, self.rope_scaling)
+        if isinstance(self.quantization, dict):
+            self.quantization = dataclass_from_dict(Quantization, self.quantization)
         # Types and ranges first: every size below divides or multiplies by these.
         problems = type_problems(self)
         if not problems:

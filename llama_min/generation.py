@@ -27,7 +27,7 @@ this file, which turns a row's ids into text for a tokenizer (generate.py uses i
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -168,17 +168,26 @@ def left_pad(prompts: list[list[int]], device: torch.device) -> tuple[torch.Tens
 
 # ---- the decode loop ----------------------------------------------------------------------------------
 
+def decode_step(model: Llama, ids: torch.Tensor, start_pos: int, pad_lens: torch.Tensor | None) -> torch.Tensor:
+    """One new token per row through the KV cache: ids (B,) at cache slot ``start_pos`` -> logits
+    (B, 1, V). The function a compiled generation compiles (generate.py --compile)."""
+    return model(ids[:, None], start_pos=start_pos, pad_lens=pad_lens, last_only=True)[0]
+
+
 @torch.no_grad()  # not inference_mode: tensors a module caches while generating stay usable in training
 def generate_stream(model: Llama, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                     temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                     stop_ids: Sequence[int] | None = (), seed: int | None = None,
-                    truncate: bool = False, bos_id: int | None = None) -> Iterator[list[int | None]]:
+                    truncate: bool = False, bos_id: int | None = None,
+                    decode_step: Callable = decode_step) -> Iterator[list[int | None]]:
     """Generate for a batch of prompts, yielding after every step.
 
     prompts: B lists of token ids. Each step yields a list of B entries: the new token of each prompt,
     or None for a prompt that has already stopped. A prompt stops at any of ``stop_ids`` (the stop id
     itself is not yielded: it ends the text, it is not part of it) or after max_new_tokens tokens.
     seed makes sampling repeatable (greedy needs none). truncate, bos_id: see ``fit_context``.
+    decode_step: the function that runs one token through the cache (``decode_step`` below, or a
+    compiled version of it: ``torch.compile(decode_step, dynamic=True)``, as generate.py --compile does).
     The iterator may be abandoned early (``break``); a cache this call allocated is released either way.
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p)
@@ -193,9 +202,8 @@ def generate_stream(model: Llama, prompts: Sequence[Sequence[int]], max_new_toke
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
 
     def decode(ids: torch.Tensor, step: int) -> torch.Tensor:
-        """One new token per row through the cache -> logits (B, 1, V). Rows that have stopped keep
-        decoding (their outputs are ignored): the batch keeps one shape."""
-        return model(ids[:, None], start_pos=prompt_len + step, pad_lens=pad_lens, last_only=True)[0]
+        # Rows that have stopped keep decoding (their outputs are ignored): the batch keeps one shape.
+        return decode_step(model, ids, prompt_len + step, pad_lens)
 
     # A caller that generates often (a compiled chat) may allocate the cache once, at full length; a
     # cache this call allocates itself is sized for it and released at the end.
@@ -230,12 +238,13 @@ def runs_asynchronously(device: torch.device) -> bool:
 
 def generate(model: Llama, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, stop_ids: Sequence[int] = (),
-             seed: int | None = None, truncate: bool = False, bos_id: int | None = None) -> list[list[int]]:
+             seed: int | None = None, truncate: bool = False, bos_id: int | None = None,
+             decode_step: Callable = decode_step) -> list[list[int]]:
     """The new token ids of each prompt (without the stop id that ended it). Same arguments as
     ``generate_stream``; this collects its steps."""
     new: list[list[int]] = [[] for _ in prompts]
     for step in generate_stream(model, prompts, max_new_tokens, temperature, top_k, top_p, stop_ids, seed, truncate,
-                                bos_id):
+                                bos_id, decode_step):
         for row, token in zip(new, step):
             if token is not None:
                 row.append(token)

@@ -21,11 +21,10 @@ from torch import nn
 
 from .attention import attention_mask
 from .block import Block
+from .chunked_loss import IGNORE_INDEX, chunked_head_loss
 from .config import ModelConfig
 from .rmsnorm import RMSNorm
 from .rope import RotaryEmbedding
-
-IGNORE_INDEX = -100  # target value whose position does not count in the loss (padding, prompt tokens)
 
 
 class Llama(nn.Module):
@@ -69,7 +68,9 @@ class Llama(nn.Module):
             lengths; row b's first real token gets rotary position 0 and padding is never attended to.
         last_only: compute logits for the last position only (all generation needs).
         Returns (logits, loss): logits float32 (B, T, vocab_size), or (B, 1, vocab_size) with last_only;
-        loss the mean cross-entropy over counted positions, or None without targets.
+        loss the mean cross-entropy over counted positions, or None without targets. In training mode
+        with targets, logits is None: the loss is computed a chunk of positions at a time without ever
+        holding them (chunked_loss.py; the same loss and gradients as the plain lines below).
         """
         B, T = tokens.shape
         if start_pos + T > self.config.max_seq_len:
@@ -90,7 +91,10 @@ class Llama(nn.Module):
             h = layer(h, cos, sin, mask, start_pos)
         if last_only:
             h = h[:, -1:]  # (B, 1, dim): skip the output head's work for positions nobody reads
-        logits = self.output(self.norm(h)).float()  # (B, T, vocab_size)
+        h = self.norm(h)
+        if targets is not None and self.training and type(self.output) is nn.Linear:
+            return None, chunked_head_loss(h, self.output.weight, targets)
+        logits = self.output(h).float()  # (B, T, vocab_size)
 
         loss = None
         if targets is not None:

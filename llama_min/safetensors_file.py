@@ -29,7 +29,8 @@ from safetensors import SafetensorError, safe_open
 
 from .cli import UsageError
 
-DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}  # safetensors' dtype codes
+# safetensors' dtype codes; the integer ones hold the codes of quantised checkpoints (quantize.py)
+DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int8: "I8", torch.uint8: "U8"}
 DTYPES = {code: dtype for dtype, code in DTYPE_NAMES.items()}
 
 

@@ -5,6 +5,7 @@ import torch
 
 from conftest import random_model, random_tokens, tiny_config
 from llama_min import generate
+from llama_min.generation import decode_step
 
 
 class CountingBackend:
@@ -48,16 +49,19 @@ def test_generating_between_training_steps_does_not_recompile_the_training_graph
     assert backend.graphs == graphs, "generation in between made the training graph recompile"
 
 
-def test_compiled_generation_with_a_full_length_cache_compiles_once_for_every_prompt_length():
-    """generate.py --compile allocates the cache once at max_seq_len and generate_stream reuses it: one
-    dynamic graph over twelve prompt lengths (a cache sized per call recompiled for each, then fell back
-    to eager after about eight)."""
+def test_compiled_decode_step_with_a_full_length_cache_compiles_once_for_every_prompt_length():
+    """generate.py --compile compiles the named ``decode_step`` (never the model's forward in place),
+    allocates the cache once at max_seq_len and generate_stream reuses it: one dynamic graph over twelve
+    prompt lengths (a cache sized per call recompiled for each, then fell back to eager after about
+    eight), and the same tokens as the plain step."""
     torch._dynamo.reset()
     model = random_model(tiny_config())
     backend = CountingBackend()
-    model.forward = torch.compile(model.forward, backend=backend, dynamic=True)
+    step = torch.compile(decode_step, backend=backend, dynamic=True)
     model.setup_cache(1, model.config.max_seq_len)
     for length in range(3, 15):
-        generate(model, [random_tokens(model.config, 1, length)[0].tolist()], 4)
+        prompt = random_tokens(model.config, 1, length, seed=length)[0].tolist()
+        assert generate(model, [prompt], 4, decode_step=step) == generate(model, [prompt], 4)
     assert model.layers[0].attention.cache.active, "generation must leave a cache it did not allocate in place"
-    assert backend.graphs <= 2, f"{backend.graphs} graphs for 12 prompt lengths (prefill and decode: 2)"
+    assert "forward" not in vars(model), "the model's forward was replaced on the instance"
+    assert backend.graphs == 1, f"{backend.graphs} graphs of the decode step for 12 prompt lengths"

@@ -2,7 +2,6 @@
 needs (a torch.device("cuda") object needs no GPU; CUDA queries are monkeypatched) and watches what
 the code does with it. benchmarks/gpu_check.py runs the real thing on a GPU."""
 
-import signal
 import subprocess
 import sys
 
@@ -12,7 +11,7 @@ import torch
 import llama_min.training.state as state_module
 from conftest import random_model, tiny_config
 from llama_min.peft import PeftConfig, apply_peft
-from llama_min.training.runtime import Runtime, StopRequest, choose_autocast_dtype, exact_float32
+from llama_min.training.runtime import Runtime, choose_autocast_dtype, exact_float32
 from llama_min.training.trainable import hold_frozen_in_autocast_dtype
 from scripts import ROOT
 
@@ -80,15 +79,6 @@ def test_each_process_restores_its_own_generators(monkeypatch):
     assert note and "1 process(es) cannot continue in 2" in note
 
 
-def test_sigterm_is_left_to_its_default_action_under_torchrun():
-    """torchrun sends SIGTERM to survivors when a worker fails; caught, it would leave them waiting in
-    the next collective for SIGKILL. Ctrl-C (SIGINT) is still caught, for a saved, agreed stop."""
-    for world_size, caught in ((1, {signal.SIGINT, signal.SIGTERM}), (2, {signal.SIGINT})):
-        with StopRequest(Runtime(torch.device("cpu"), world_size=world_size)) as stop:
-            handled = {s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) == stop.handle}
-        assert handled == caught, f"world size {world_size}: catches {handled}"
-
-
 def test_the_logits_are_not_kept_through_backward(tmp_path, monkeypatch):
     """A training step takes only the loss from the model: the (B, T, vocab) float32 logits (4.2 GB at
     8 x 4096 x 32k) must be freed before backward, not held by a name in the loop."""
@@ -103,8 +93,8 @@ def test_the_logits_are_not_kept_through_backward(tmp_path, monkeypatch):
 
     def spy_forward(self, *args, **kwargs):
         logits, loss = forward(self, *args, **kwargs)
-        if loss is not None:
-            logits_refs.append(weakref.ref(logits))
+        if loss is not None:  # in training the chunked loss builds no logits at all (None): fine too
+            logits_refs.append(weakref.ref(logits) if logits is not None else lambda: None)
         return logits, loss
 
     def spy_backward(self, *args, **kwargs):

@@ -259,3 +259,45 @@ def test_interpolate_between_two_full_checkpoints(model, trained_tokenizer, chec
 def test_bad_interpolation_flags_are_one_clear_line(checkpoint, flags, message):
     code, out, err = run("--checkpoint", checkpoint, "--prompt", "the", *flags)
     assert code == 1 and err.count("\n") == 1 and re.search(message, err), err
+
+
+def test_quantize_flag_generates_what_the_quantised_model_generates(model, trained_tokenizer, checkpoint, tmp_path):
+    from llama_min.quantize import quantize_model
+
+    prompt = "the quick brown fox"
+    ids = trained_tokenizer.encode(prompt, bos=True)
+    float_text = expected_text(model, trained_tokenizer, ids, 10)[0]
+    text = expected_text(quantize_model(model, "int8"), trained_tokenizer, ids, 10)[0]
+    code, out, err = run("--checkpoint", checkpoint, "--prompt", prompt, "--temperature", "0",
+                         "--max_new_tokens", "10", "--quantize", "int8")
+    assert code == 0, err
+    assert out == prompt + text + "\n"
+    assert text[:8] == float_text[:8], "int8 changed even the first greedy tokens of this model"
+    save(model, trained_tokenizer, tmp_path / "q")  # a quantised checkpoint: no second quantisation
+    code, out, err = run("--checkpoint", tmp_path / "q", "--prompt", prompt, "--temperature", "0",
+                         "--max_new_tokens", "10")
+    assert code == 0 and out == prompt + text + "\n", err
+    code, _, err = run("--checkpoint", tmp_path / "q", "--prompt", prompt, "--quantize", "int8")
+    assert code == 1 and "quantised already (int8): drop --quantize" in err
+    code, _, err = run("--checkpoint", checkpoint, "--prompt", prompt, "--quantize", "int4", "--group_size", 32)
+    assert code == 1 and "do not divide every layer's input width" in err and len(err.splitlines()) == 1
+
+
+def test_compile_flag_compiles_the_named_decode_step(model, trained_tokenizer, checkpoint, monkeypatch):
+    compiled = []
+    real_compile = torch.compile
+
+    def eager_compile(fn, **kwargs):  # capture graphs but generate no code: seconds, not minutes
+        compiled.append(fn)
+        return real_compile(fn, backend="eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    torch._dynamo.reset()
+    prompt = "the sea"
+    text = expected_text(model, trained_tokenizer, trained_tokenizer.encode(prompt, bos=True), 6)[0]
+    code, out, err = run("--checkpoint", checkpoint, "--prompt", prompt, "--temperature", "0",
+                         "--max_new_tokens", "6", "--compile")
+    assert code == 0, err
+    assert out == prompt + text + "\n"
+    assert [fn.__name__ for fn in compiled] == ["decode_step"]
+    assert re.search(r"compiled the decode step in [\d.]+ s", err)

@@ -62,8 +62,8 @@ def test_the_handout_holds_what_a_student_needs_and_no_answers(tmp_path):
                    *(f"lab/{lab.grader}" for lab in LABS.values()), *(f"lab/fixtures/lab{n:02d}.json" for n in LABS)):
         assert needed in present, f"the handout lacks {needed}"
     for absent in ("tests/", "experiments/", ".git/", ".ci/", "lab/make_fixtures.py", "lab/mutations.py",
-                   "lab/catalogue/", "lab/selfcheck.py", "lab/handout.py", "lab/source.py", "lab/README.md",
-                   "lab/01_rmsnorm.md"):
+                   "lab/catalogue/", "lab/leaks.py", "lab/selfcheck.py", "lab/handout.py", "lab/source.py",
+                   "lab/README.md", "lab/01_rmsnorm.md"):
         assert not any(p.startswith(absent) for p in present), f"the handout ships {absent}"
     assert json.loads((out / "lab/handout.json").read_text())["labs"] == [3, 7]
     assert 'testpaths = ["lab/graders"]' in (out / "pyproject.toml").read_text()

@@ -51,7 +51,7 @@ def test_catalogue_covers_every_lab():
     labs = load_labs()
     assert {mu.lab for mu in CATALOGUE} == set(labs)
     for mu in CATALOGUE:
-        assert any(b.name == mu.function for b in labs[mu.lab].blanks), f"{mu.name}: {mu.function} is not lab {mu.lab}'s"
+        assert any(b.name == mu.function for b in labs[mu.lab].blanks), f"{mu.name}: {mu.function} not in lab {mu.lab}"
 
 
 def test_fixtures_are_what_the_script_writes(tmp_path):

@@ -154,7 +154,8 @@ step = 0
 while True:  # every checkpoint stamps its step into a weight, so a mix of two saves is detectable
     with torch.no_grad():
         model.norm.weight.fill_(step)
-    save_run_checkpoint(Path({out!r}), model, Tokenizer({tok!r}), optimizer, sampler, step, 0.0, cfg, [])
+    save_run_checkpoint(Path({out!r}), model, Tokenizer({tok!r}), optimizer.state_dict(), sampler, step, 0.0, cfg,
+                        [])
     if step == 0:
         print("saved", flush=True)
     step += 1

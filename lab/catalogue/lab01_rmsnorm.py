@@ -40,6 +40,9 @@ MUTATIONS = [
       why="cast the normalised x back to x's dtype (normed.type_as(x)) before the gain"),
     m("rmsnorm_mean_of_abs", 1, RMS, "mean of |x| instead of the root mean square", ("x32.pow(2)", "x32.abs()"),
       why="RMS(x) = sqrt(mean(x²))"),
+    m("rmsnorm_mean_over_wrong_length", 1, RMS, "the mean is over the wrong length",
+      ("x32.pow(2).mean(dim=-1, keepdim=True)", "x32.pow(2).sum(dim=-1, keepdim=True) / (x.shape[-1] - 1)"),
+      why="mean(x²) divides the sum of squares by dim, the number of features (.mean(dim=-1))"),
     m("rmsnorm_std_not_rms", 1, RMS, "the standard deviation instead of the root mean square",
       ("x32.pow(2).mean(dim=-1, keepdim=True)", "x32.var(dim=-1, keepdim=True)"),
       why="RMSNorm divides by sqrt(mean(x²) + eps); the variance subtracts the mean first"),
@@ -66,7 +69,8 @@ def cases():
     yield rms_case("forward.float32", x, weight, 1e-5, hint="y = x / sqrt(mean(x², last axis) + eps) · weight")
     # A large eps on small inputs: a hard-coded one shows.
     yield rms_case("forward.eps", randn(g, 2, 4, dim, std=0.05), weight, 0.1,
-                   hint="use the module's own eps (self.eps), under the square root")
+                   hint="y = x / sqrt(mean(x², last axis) + self.eps) · weight: the mean over all dim features, "
+                        "the module's own eps under the square root")
     dim = 256
     x = randn(g, 3, 4, dim, std=3.0).bfloat16()
     weight = (torch.rand(dim, generator=g) + 0.5).bfloat16()

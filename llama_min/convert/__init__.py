@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -26,8 +26,10 @@ import torch
 from ..checkpoint import (CONFIG_FILE, WEIGHTS_FILE, check_replaceable, check_state_dict, replace_directory,
                           stored_state_dict)
 from ..cli import UsageError
+from ..config import Quantization
 from ..model import Llama
 from ..hf_format import tensor_to_hf
+from ..quantize import prepare_quantized_skeleton, quantized_layer_names, quantized_tensors
 from ..safetensors_file import SafetensorsStream
 from .hf_tokenizer import TOKENIZER_JSON, write_for_transformers
 from .gguf import GGUFSource, is_gguf_file
@@ -134,21 +136,55 @@ def complete_for_transformers(directory: Path, config) -> str | None:
     return write_for_transformers(model_file, directory, config.max_seq_len)
 
 
+def quantized_layout(config, scheme: Quantization, dtype: torch.dtype) -> tuple[dict, dict[str, list[str]]]:
+    """For --quantize: the quantised checkpoint's layout (name -> (shape, dtype); floating tensors outside
+    the quantised layers in ``dtype``) and, per source tensor, the quantised layers made from it (a tied
+    head is made from the embedding, which is stored as well)."""
+    with torch.device("meta"):
+        skeleton = Llama(config)
+        tied = skeleton.output.weight is skeleton.tok_embeddings.weight
+        prepare_quantized_skeleton(skeleton, scheme)
+    layers = quantized_layer_names(skeleton)
+    made_from: dict[str, list[str]] = {}
+    for layer in layers:
+        made_from.setdefault("tok_embeddings.weight" if tied and layer == "output" else f"{layer}.weight", []).append(layer)
+    layout = {name: (tuple(t.shape), t.dtype if name.rpartition(".")[0] in layers else dtype)
+              for name, t in stored_state_dict(skeleton).items()}
+    return layout, made_from
+
+
 def convert(source: Source, dst: str | Path, to: str = "llama_min", dtype: torch.dtype | None = None,
-            force: bool = False) -> Converted:
-    """Write ``source`` to directory ``dst`` as a llama_min checkpoint or a Hugging Face model."""
+            force: bool = False, quantize: Quantization | None = None) -> Converted:
+    """Write ``source`` to directory ``dst`` as a llama_min checkpoint or a Hugging Face model; with
+    ``quantize``, a llama_min checkpoint whose linear layers are quantised (quantize.py)."""
     if to not in ("llama_min", "hf"):
         raise ConversionError(f"unknown target {to!r}; choose one of {TARGETS}")
+    if quantize and to != "llama_min":
+        raise ConversionError("--quantize writes a llama_min checkpoint (for generate.py); drop --to hf or --quantize")
+    if source.config.quantization:
+        raise ConversionError(f"{source.path} is already quantised ({source.config.quantization.kind}); convert the "
+                              "float checkpoint it was made from instead")
     dst = Path(dst)
     check_destination(dst, Path(source.path), force)
     dtype = dtype or source.dtype
     shapes = check_source(source)
     config = source.config
 
-    def out(name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor]:
-        return (name, tensor) if to == "llama_min" else tensor_to_hf(name, tensor, config)
+    def out(name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """The tensor(s) written for source tensor ``name``."""
+        if to == "hf":
+            return [tensor_to_hf(name, tensor, config)]
+        if not quantize:
+            return [(name, tensor)]
+        layers = made_from.get(name, [])
+        kept = [(name, tensor)] if not layers or name == "tok_embeddings.weight" else []  # a tied embedding stays
+        return kept + [kv for layer in layers for kv in quantized_tensors(layer, tensor.float(), quantize).items()]
 
-    layout = {out(name, torch.empty(shape, device="meta"))[0]: (shape, dtype) for name, shape in shapes.items()}
+    if quantize:
+        layout, made_from = quantized_layout(config, quantize, dtype)
+        config = replace(config, quantization=quantize)
+    else:
+        layout = {out(name, torch.empty(shape, device="meta"))[0][0]: (shape, dtype) for name, shape in shapes.items()}
     with replace_directory(dst) as tmp:
         stream = SafetensorsStream(tmp / WEIGHTS_FILE, layout, metadata={"format": "pt"})
         with stream.file:  # closed on an error too, before replace_directory removes tmp
@@ -159,7 +195,8 @@ def convert(source: Source, dst: str | Path, to: str = "llama_min", dtype: torch
                     raise
                 except Exception as e:  # a damaged file that passed the header checks
                     raise ConversionError(f"{source.weights_file}: tensor {name} cannot be read: {one_line(e)}") from e
-                stream.write(*out(name, tensor.to(dtype)))
+                for written_name, written in out(name, tensor):
+                    stream.write(written_name, written.to(layout[written_name][1]))
         stream.close()
         if to == "llama_min":
             config.save(tmp / CONFIG_FILE)
@@ -169,5 +206,5 @@ def convert(source: Source, dst: str | Path, to: str = "llama_min", dtype: torch
         source.write_chat_files(tmp)
         if to == "hf":
             note = complete_for_transformers(tmp, config) or note
-    n_bytes = sum(math.prod(shape) * dtype.itemsize for shape in shapes.values())
-    return Converted(dst, to, dtype, len(shapes), n_bytes, note)
+    n_bytes = sum(math.prod(shape) * tensor_dtype.itemsize for shape, tensor_dtype in layout.values())
+    return Converted(dst, to, dtype, len(layout), n_bytes, note)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..config import ModelConfig, RopeScaling, short
-from ..rope import scaled_frequencies
+from ..rope import RotaryEmbedding, scaled_frequencies
 from .source import ConversionError, Source, one_line
 
 # GGUF tensor name -> ours ({i} is the layer).
@@ -153,7 +153,7 @@ class GGUFSource(Source):
         factors = torch.from_numpy(np.array(self.rope_factors.data, dtype=np.float32)).flatten()
         scaling = RopeScaling("llama3", float(factors.max()),
                               original_max_seq_len=int(self.field("llama.rope.scaling.original_context_length", 8192)))
-        base = theta ** (-torch.arange(0, head_dim, 2).float() / head_dim)
+        base = RotaryEmbedding(head_dim, theta).inv_freq(torch.device("cpu"))  # the unscaled θ_i
         if factors.shape != base.shape or not torch.allclose(base / scaled_frequencies(base, scaling), factors, rtol=1e-4):
             raise ConversionError(f"{self.path}: tensor rope_freqs.weight holds rotary frequency factors that do not "
                                   "follow Llama 3's rule; llama_min implements linear and Llama 3's rope scaling")

@@ -31,14 +31,17 @@ from .config import PeftConfig
 _RUNTIME_FIELDS = ("attn_impl", "max_seq_len")
 
 
-def save_peft(model: Llama, directory: str | Path, base_checkpoint: str | Path | None = None) -> None:
+def save_peft(model: Llama, directory: str | Path, base_checkpoint: str | Path | None = None,
+              tensors: dict[str, torch.Tensor] | None = None) -> None:
     """Write DIR/peft.safetensors and DIR/peft.json (replacing DIR atomically). ``base_checkpoint`` is
-    recorded so that the adapter can be found with the base it was trained on."""
+    recorded so that the adapter can be found with the base it was trained on. ``tensors``: the
+    adapter's tensors when the model does not hold them whole (a model sharded across processes, whose
+    trainable tensors were gathered first); by default ``peft_state_dict(model)``."""
     config = _peft_config(model)
     meta = {"method": config.method, "config": config.to_dict(),
             "base_checkpoint": None if base_checkpoint is None else str(Path(base_checkpoint).resolve()),
             "base_config": model.config.to_dict(), "base_fingerprint": model.peft_base_fingerprint}
-    tensors = {k: v.contiguous().cpu() for k, v in peft_state_dict(model).items()}
+    tensors = {k: v.contiguous().cpu() for k, v in (peft_state_dict(model) if tensors is None else tensors).items()}
     with replace_directory(directory) as tmp:
         save_file(tensors, tmp / PEFT_WEIGHTS, metadata={"format": "pt"})
         (tmp / PEFT_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")

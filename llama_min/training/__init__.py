@@ -1,8 +1,9 @@
 """What train.py's loop calls, one job per file, in the order the loop meets them:
 
     config.py     TrainConfig (every field a flag, by topic), its checks, the command line
-    runtime.py    device, dtype and processes (DDP under torchrun); stop signals
+    runtime.py    device, dtype and processes (under torchrun); stop signals
     trainable.py  the model to train and which of its parameters learn
+    distributed.py  DDP or FSDP2 across processes, activation checkpointing, per-process seeds
     data.py       text in, token ids out: documents, the cached tokenizer and token files, windows
     batches.py    plain text or instruction records, split, sampled and batched
     optim.py      AdamW and the learning-rate schedule

@@ -10,6 +10,7 @@ of override are kept as dicts of the flags actually given, so that ``--resume`` 
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass, field, fields
 
 from ..cli import OneLineParser, UsageError, add_flags, flag, given_flags
@@ -103,6 +104,12 @@ class TrainConfig:
     compile: bool = flag(False, "torch.compile the model", group=RUN)
     threads: int = flag(0, "CPU threads torch computes with (0: its default, one per core); on a machine that other "
                         "jobs keep busy, 1 can be several times faster (docs/training.md)", group=RUN)
+    fsdp: bool = flag(False, "under torchrun: shard the parameters, gradients and AdamW state across the processes "
+                      "(FSDP2) instead of a whole copy on each (DDP); for models that do not fit one GPU "
+                      "(docs/multi_gpu.md)", group=RUN)
+    activation_checkpointing: bool = flag(False, "keep only each block's input for backward and recompute the "
+                                          "block there: activations of one block instead of all, for about a "
+                                          "third more compute", group=RUN)
     peak_flops: float = flag(0.0, "peak FLOP/s for the MFU estimate (0: the GPU's datasheet peak in the dtype it "
                              "trains in, else a matrix product timed at start, as on the CPU)", group=RUN)
     seed: int = flag(1337, "seed for weights, data order and samples", group=RUN)
@@ -157,6 +164,23 @@ def check_config(cfg: TrainConfig) -> None:
         raise UsageError(f"--l2sp {cfg.l2sp} pulls toward the pretrained weights: pass --init_from BASE_CHECKPOINT_DIR")
     if cfg.merge and cfg.method != "lora":
         raise UsageError(f"--merge folds LoRA into the weights; it needs --method lora, not {cfg.method}")
+    if cfg.fsdp:
+        check_fsdp(cfg)
+
+
+def check_fsdp(cfg: TrainConfig) -> None:
+    """--fsdp needs the processes torchrun starts, and a numeric mode and options it supports."""
+    if "RANK" not in os.environ:
+        raise UsageError("--fsdp shards the model across the processes torchrun starts: run torchrun "
+                         "--nproc_per_node=N train.py --fsdp ... (a run saved with --fsdp resumes under torchrun, "
+                         "or add --no-fsdp)")
+    if cfg.dtype == "float16":
+        raise UsageError("--fsdp trains in bfloat16 (CUDA) or float32; float16's gradient scaler does not work on "
+                         "sharded gradients: use --dtype bfloat16 or float32, or drop --fsdp")
+    rank0_only = [f"--{k}" for k in ("dev_every", "merge", "l2sp") if getattr(cfg, k)]
+    if rank0_only:
+        raise UsageError(f"{' '.join(rank0_only)} cannot be combined with --fsdp yet (they need the whole model on one "
+                         "process): drop them or --fsdp")
 
 
 def peft_config(cfg: TrainConfig) -> PeftConfig | None:

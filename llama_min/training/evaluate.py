@@ -19,15 +19,18 @@ from ..model import IGNORE_INDEX, Llama
 from .batches import Data
 from .config import TrainConfig
 from .data import windows
+from .distributed import unsharded
 from .runtime import Runtime
 
 
 def evaluate(model: Llama, data: Data, cfg: TrainConfig, rt: Runtime) -> tuple[float, float | None]:
     """Mean held-out loss per token (nats) and bits per byte; for instruction data the answer loss and
-    None (the answers are a sliver of the text; a per-byte figure means little)."""
-    if data.instructions:
-        return answer_loss(model, data.val, data.tokenizer.eos_id, cfg.batch_size, rt), None
-    return bits_per_byte(model, data.val, data.byte_lengths, cfg.seq_len, cfg.batch_size, cfg.eval_tokens, rt)
+    None (the answers are a sliver of the text; a per-byte figure means little). A model sharded with
+    --fsdp is gathered whole on every process meanwhile: their shares differ by a batch."""
+    with unsharded(model):
+        if data.instructions:
+            return answer_loss(model, data.val, data.tokenizer.eos_id, cfg.batch_size, rt), None
+        return bits_per_byte(model, data.val, data.byte_lengths, cfg.seq_len, cfg.batch_size, cfg.eval_tokens, rt)
 
 
 @torch.no_grad()

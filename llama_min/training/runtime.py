@@ -131,10 +131,11 @@ class StopRequest:
     128 + the signal's number (130, 143), as shells and job schedulers expect of a process a signal
     ended. A second signal during that save is ignored: the save is atomic anyway, so nothing can tear.
 
-    Under torchrun SIGTERM is left to its default action, immediate termination: torchrun sends it to
-    the surviving workers when one has failed, and a worker that caught it would go on to its next
-    collective, waiting for the dead one until torchrun's SIGKILL. What remains is the last periodic
-    checkpoint. Ctrl-C (SIGINT, which reaches every worker) still stops them together, after a save.
+    Under torchrun both are caught too. Ctrl-C reaches torchrun, which forwards SIGINT to its workers;
+    a scheduler's SIGTERM (preemption, a time limit) reaches torchrun or every process. A signal that
+    reaches one process only still stops them all after the same step (``agreed``). When a worker has
+    crashed, torchrun sends SIGTERM to the others: their next collective fails (gloo) or waits until
+    torchrun's SIGKILL 30 s later (NCCL); in both cases the last good checkpoint stays on disk.
     """
 
     def __init__(self, rt: Runtime):
@@ -143,8 +144,7 @@ class StopRequest:
         self.previous = {}
 
     def __enter__(self):
-        signals = (signal.SIGINT,) if self.rt.world_size > 1 else (signal.SIGINT, signal.SIGTERM)
-        for sig in signals:
+        for sig in (signal.SIGINT, signal.SIGTERM):
             self.previous[sig] = signal.signal(sig, self.handle)
         return self
 

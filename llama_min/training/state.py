@@ -24,12 +24,14 @@ from safetensors import SafetensorError
 
 from ..checkpoint import STATE_FILE, replace_directory, resolve_checkpoint_dir, write_model_files
 from ..cli import UsageError, one_line
+from ..config import ModelConfig
 from ..finetune.templates import record_template
 from ..model import Llama
 from ..peft import fold_lora, save_peft
 from ..tokenizer import Tokenizer
 from .config import TrainConfig
 from .data import WindowSampler
+from .distributed import FSDPModule, full_tensors, load_optimizer
 from .progress import TrainingDiverged
 from .runtime import Runtime
 
@@ -90,21 +92,35 @@ def set_rng_states(saved: list[dict] | dict, rt: Runtime) -> str | None:
     return None
 
 
-def write_model(directory: Path, model: Llama, tokenizer: Tokenizer, cfg: TrainConfig, instructions: bool) -> None:
+def write_model(directory: Path, model: Llama, tokenizer: Tokenizer, cfg: TrainConfig, instructions: bool,
+                tensors: dict | None = None) -> None:
     """The model part of a checkpoint, into an existing directory: the core format (full, partial) or,
     for a PEFT method, the adapter-only peft.safetensors + peft.json naming the base --init_from.
-    A model tuned on instruction data records the Alpaca template, which generate.py then uses."""
+    A model tuned on instruction data records the Alpaca template, which generate.py then uses.
+    ``tensors``: the tensors to write when the model is sharded (--fsdp; gathered by full_tensors)."""
     if cfg.full_checkpoint:
-        write_model_files(model, directory, tokenizer.path)
+        write_model_files(model if tensors is None else holding(model.config, tensors), directory, tokenizer.path)
     else:
-        save_peft(model, directory, base_checkpoint=cfg.init_from)  # (atomic on its own, inside ours)
+        save_peft(model, directory, base_checkpoint=cfg.init_from, tensors=tensors)  # (atomic on its own, inside ours)
     if instructions:
         record_template(directory, "alpaca")
 
 
-def save_run_checkpoint(directory: Path, model: Llama, tokenizer: Tokenizer, optimizer, sampler: WindowSampler,
-                    step: int, best_val_loss: float, cfg: TrainConfig, rng: list[dict], instructions: bool = False,
-                    early_stopping: dict | None = None) -> None:
+def holding(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> Llama:
+    """A plain Llama made of ``tensors`` (a whole state dict), built on the meta device: no second copy,
+    no random initialisation. What a sharded model's gathered tensors are written as."""
+    with torch.device("meta"):
+        model = Llama(config)
+    model.load_state_dict(tensors, strict=True, assign=True)
+    if config.tie_embeddings:  # assign=True made two Parameters of the one tensor
+        model.output.weight = model.tok_embeddings.weight
+    return model
+
+
+def save_run_checkpoint(directory: Path, model: Llama, tokenizer: Tokenizer, optimizer_state: dict,
+                        sampler: WindowSampler, step: int, best_val_loss: float, cfg: TrainConfig, rng: list[dict],
+                        instructions: bool = False, early_stopping: dict | None = None,
+                        tensors: dict | None = None) -> None:
     """The model (``write_model``) plus train_state.pt, written beside DIR and swapped in by renames
     (checkpoint.replace_directory), so an interruption at any instant leaves the previous checkpoint or
     the new one, never a mix.
@@ -112,8 +128,8 @@ def save_run_checkpoint(directory: Path, model: Llama, tokenizer: Tokenizer, opt
     error, with the previous checkpoint untouched."""
     try:
         with replace_directory(directory) as tmp:
-            write_model(tmp, model, tokenizer, cfg, instructions)
-            torch.save({"step": step, "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(),
+            write_model(tmp, model, tokenizer, cfg, instructions, tensors)
+            torch.save({"step": step, "optimizer": optimizer_state, "sampler": sampler.state_dict(),
                         "rng": rng, "best_val_loss": best_val_loss, "train_config": asdict(cfg),
                         "early_stopping": early_stopping}, tmp / STATE_FILE)
     except (OSError, RuntimeError, SafetensorError) as e:  # torch.save and safetensors wrap a failed write in their own
@@ -155,13 +171,21 @@ def load_train_state(directory: Path) -> dict:
                          "by train.py: resume from an intact checkpoint, or train without --resume") from None
 
 
-def restore_optimizer(optimizer: torch.optim.Optimizer, state: dict, path: Path) -> None:
+def restore_optimizer(model: Llama, optimizer: torch.optim.Optimizer, state: dict, path: Path) -> None:
     """Load the optimiser state after checking that it belongs to these parameters (its moments have
-    their shapes), so that a mismatch is named here, not at the first step."""
+    their shapes), so that a mismatch is named here, not at the first step. A run sharded with --fsdp
+    saved it keyed by parameter name, whole: it loads into any number of processes."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     saved = state["optimizer"]
+    by_name = all(isinstance(k, str) for k in saved["state"])
+    if isinstance(model, FSDPModule) and not by_name:
+        raise UsageError(f"--resume: {path} was saved without --fsdp, keyed by position on one process; resume it "
+                         "without --fsdp (--no-fsdp)")
     try:
-        optimizer.load_state_dict(saved)
+        if by_name:
+            load_optimizer(model, optimizer, saved)
+        else:
+            optimizer.load_state_dict(saved)
     except ValueError as e:
         raise UsageError(f"--resume: the optimiser state in {path} does not fit this model ({e}); was it written "
                          "by another run?") from None
@@ -197,10 +221,11 @@ def resumed_config(cfg: TrainConfig, given: set[str]) -> TrainConfig:
     return replace(TrainConfig(**saved), **{k: getattr(cfg, k) for k in given})
 
 
-def restore_run(state: dict, optimizer, sampler: WindowSampler, dev, rt: Runtime, directory: Path) -> tuple[int, float]:
+def restore_run(state: dict, model: Llama, optimizer, sampler: WindowSampler, dev, rt: Runtime,
+                directory: Path) -> tuple[int, float]:
     """Put a run's saved progress back (optimiser, data order, random generators, early stopping) and
     return its step and best held-out loss."""
-    restore_optimizer(optimizer, state, directory / STATE_FILE)
+    restore_optimizer(model, optimizer, state, directory / STATE_FILE)
     sampler.load_state_dict(state["sampler"])
     note = set_rng_states(state["rng"], rt)
     if note:
@@ -224,11 +249,14 @@ class RunCheckpoints:
     def save(self, step: int, best_val_loss: float) -> None:
         """A checkpoint of the run after ``step``, never of weights that are not finite."""
         rng = all_rng_states(self.rt)  # (a collective: before anything that can raise on one rank only)
-        if not all(p.isfinite().all() for p in self.model.parameters()):
+        if not all(p.isfinite().all() for p in self.model.parameters()):  # (sharded: every rank the same answer)
             raise TrainingDiverged(f"the weights are not finite after step {step}; not saved. {self.last_good()}")
+        tensors, optimizer_state = None, self.optimizer.state_dict()
+        if self.cfg.fsdp:  # rank 0 gathers the whole tensors (only the trainable ones of a PEFT method)
+            tensors, optimizer_state = full_tensors(self.model, self.optimizer, trainable_only=not self.cfg.full_checkpoint)
         if self.rt.master:
-            save_run_checkpoint(self.directory, self.model, self.data.tokenizer, self.optimizer, self.sampler, step,
-                            best_val_loss, self.cfg, rng, self.data.instructions, self.dev.state_dict())
+            save_run_checkpoint(self.directory, self.model, self.data.tokenizer, optimizer_state, self.sampler, step,
+                                best_val_loss, self.cfg, rng, self.data.instructions, self.dev.state_dict(), tensors)
         self.saved_step = step
 
     def last_good(self) -> str:

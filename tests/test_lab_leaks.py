@@ -1,0 +1,26 @@
+"""lab.handout names reference code that a handout keeps and that repeats a blanked lab's computation."""
+
+from lab.handout import write_handout
+from lab.leaks import duplicated_answers
+from lab.manifest import REPO, load_labs
+
+LABS = load_labs()
+
+
+def test_a_repeated_computation_is_named():
+    """peft_stats computes LLaMA-Adapter's gate factor with lab 8's own line; its attribute owner differs
+    (prompt.gate, not self.gate), which the comparison ignores."""
+    notes = duplicated_answers(REPO, [LABS[8]])
+    assert any("llama_min/peft/apply.py:" in n and "AdapterPrompt.forward" in n for n in notes), notes
+
+
+def test_no_note_without_a_repetition_or_inside_blanked_code():
+    assert duplicated_answers(REPO, [LABS[2]]) == []  # SwiGLU is written once
+    assert not any("rope.py" in n for n in duplicated_answers(REPO, [LABS[3]]))  # its own body is not a leak
+    both = duplicated_answers(REPO, [LABS[4], LABS[8]])  # the adapter's softmax line is blanked with lab 8
+    assert not any("again at llama_min/peft/adapter.py" in n for n in both), both
+
+
+def test_the_handout_prints_it(tmp_path):
+    notes = write_handout([LABS[8]], tmp_path / "out")
+    assert any("llama_min/peft/apply.py" in n for n in notes), notes
