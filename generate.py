@@ -9,6 +9,7 @@
     python generate.py --checkpoint BASE --peft ADAPTER --interpolate 0.5   # half of the adapter's effect
     python generate.py --checkpoint TUNED --base BASE --interpolate 0.5     # halfway between two checkpoints
     python generate.py --checkpoint DIR --prompt "ROMEO:" --quantize int8    # weight-only int8 (or int4)
+    python generate.py --checkpoint BASE --peft MM_ADAPTER --image cat.png --prompt "What colour is it?"
 
 Reading order: the configuration (a dataclass, every field a flag), loading the model, generating one
 answer with its timing, the chat loop, the command line. Generation itself is
@@ -35,6 +36,7 @@ from llama_min.finetune.chat_template import ChatTemplate, generation_eos_ids, r
 from llama_min.finetune.templates import TEMPLATES, Message, Template, get_template, template_for_checkpoint
 from llama_min.generation import (TextStream, check_sampling, decode_step, fit_context, generate_stream,
                                   store_weights_column_major)
+from llama_min.peft.visual import load_encoder
 from llama_min.quantize import quantization_scheme, quantize_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -85,6 +87,11 @@ class GenerateConfig:
                          "llama_min/quantize.py; a checkpoint written by weights_convert.py --quantize is quantised "
                          "already)", choices=["", "int8", "int4"], group=MODEL)
     group_size: int = flag(32, "inputs per scale with --quantize int4 (32, 64, 128 or 256)", group=MODEL)
+    # images (a multimodal adapter)
+    image: list[str] = flag([], "an image (PNG) for a multimodal adapter (--peft trained with --image_root): one for "
+                            "every prompt, or repeat the flag for one per prompt", action="append", group=PROMPT)
+    image_root: str = flag("", "--image: the directory the image paths are relative to (their ids in a features: "
+                           "file, as in the training records)", group=PROMPT)
 
 
 # ---- loading ------------------------------------------------------------------------------------------
@@ -185,13 +192,16 @@ class Answer:
 
 
 def answer(model: Llama, tokenizer: Tokenizer, template: Template | ChatTemplate, stop_ids: list[int],
-           ids: list[int], cfg: GenerateConfig, out: TextIO, step: Callable = decode_step) -> Answer:
-    """Generate the answer to prompt ``ids``, writing its text to ``out`` as it is produced. It ends at
-    one of ``stop_ids``, at a stop string (the template's or --stop) or after --max_new_tokens tokens."""
+           ids: list[int], cfg: GenerateConfig, out: TextIO, step: Callable = decode_step,
+           image: torch.Tensor | None = None) -> Answer:
+    """Generate the answer to prompt ``ids`` (about ``image``, (C_v,) features, if given), writing its text
+    to ``out`` as it is produced. It ends at one of ``stop_ids``, at a stop string (the template's or
+    --stop) or after --max_new_tokens tokens."""
     stream = TextStream(tokenizer, template.stop_strings + tuple(cfg.stop), anchor=ids[-1])
     steps = generate_stream(model, [ids], cfg.max_new_tokens, temperature=cfg.temperature,
                             top_k=cfg.top_k or None, top_p=cfg.top_p, stop_ids=stop_ids,
-                            seed=None if cfg.seed < 0 else cfg.seed, decode_step=step)
+                            seed=None if cfg.seed < 0 else cfg.seed, decode_step=step,
+                            images=None if image is None else image[None])
     start, first, new_tokens = time.perf_counter(), None, 0
     try:
         for step in steps:
@@ -225,9 +235,10 @@ def fit(ids: list[int], model: Llama, tokenizer: Tokenizer, cfg: GenerateConfig)
 # ---- the chat loop -------------------------------------------------------------------------------------
 
 def chat(model: Llama, tokenizer: Tokenizer, template: Template | ChatTemplate, stop_ids: list[int],
-         cfg: GenerateConfig, step: Callable = decode_step) -> None:
-    """Read a message per line; the whole conversation is the prompt of each answer. When it would no
-    longer fit in the context, the oldest exchanges are forgotten, and the user is told."""
+         cfg: GenerateConfig, step: Callable = decode_step, image: torch.Tensor | None = None) -> None:
+    """Read a message per line; the whole conversation is the prompt of each answer (about ``image``, if
+    given). When it would no longer fit in the context, the oldest exchanges are forgotten, and the user
+    is told."""
     system: list[Message] = [("system", cfg.system)] if cfg.system else []
     turns: list[Message] = []
     room = model.config.max_seq_len - cfg.max_new_tokens
@@ -259,10 +270,26 @@ def chat(model: Llama, tokenizer: Tokenizer, template: Template | ChatTemplate, 
                   "write a shorter one or ask for fewer --max_new_tokens)", file=sys.stderr)
             turns.pop()
             continue
-        result = answer(model, tokenizer, template, stop_ids, fit(ids, model, tokenizer, cfg), cfg, sys.stdout, step)
+        result = answer(model, tokenizer, template, stop_ids, fit(ids, model, tokenizer, cfg), cfg, sys.stdout, step,
+                        image)
         print()
         print(result.figures(), file=sys.stderr)
         turns.append(("assistant", result.text))
+
+
+# ---- images for a multimodal adapter ------------------------------------------------------------------------
+
+def encode_images(model: Llama, cfg: GenerateConfig) -> torch.Tensor | None:
+    """(N, C_v) features of the --image files, by the frozen encoder the adapter was trained with (its
+    peft.json names it), or None without --image."""
+    if not cfg.image:
+        return None
+    config = getattr(model, "peft_config", None)
+    if config is None or not config.visual_dim or not config.image_encoder:
+        raise UsageError("--image needs a multimodal adapter: --peft DIR written by train.py --method adapter "
+                         "--image_root ... (its peft.json names the image encoder)")
+    encoder = load_encoder(config.image_encoder)
+    return encoder.features(cfg.image_root, cfg.image).to(model.tok_embeddings.weight.device)
 
 
 # ---- the command line ------------------------------------------------------------------------------------
@@ -275,17 +302,26 @@ def main(argv: list[str] | None = None) -> None:
         prompts = read_prompts(cfg)
         if not prompts and not cfg.interactive:
             raise UsageError("nothing to do: give --prompt TEXT (repeatable), --prompt_file FILE or --interactive")
+        if cfg.image and not cfg.peft:
+            raise UsageError("--image needs --peft DIR, a multimodal adapter (train.py --method adapter --image_root)")
+        if len(cfg.image) > 1 and (cfg.interactive or len(cfg.image) != len(prompts)):
+            raise UsageError(f"{len(cfg.image)} --image flags for {len(prompts)} prompts"
+                             f"{' and a chat' if cfg.interactive else ''}: give one image for all, or one per prompt")
+        if cfg.image_root and not cfg.image:
+            raise UsageError("--image_root locates --image files; add --image PATH or drop --image_root")
         model, tokenizer, template, stop_ids = load(cfg)
         step = compile_decode_step(model) if cfg.compile else decode_step
+        images = encode_images(model, cfg)
         system: list[Message] = [("system", cfg.system)] if cfg.system else []
         for i, prompt in enumerate(prompts):
             ids = fit(template.encode(tokenizer, system + [("user", prompt)]), model, tokenizer, cfg)
             print(prompt, end="" if template.name == "raw" else "\n", flush=True)
-            result = answer(model, tokenizer, template, stop_ids, ids, cfg, sys.stdout, step)
+            image = None if images is None else images[i if len(images) > 1 else 0]
+            result = answer(model, tokenizer, template, stop_ids, ids, cfg, sys.stdout, step, image)
             print("\n" if i < len(prompts) - 1 else "")
             print(result.figures(), file=sys.stderr)
         if cfg.interactive:
-            chat(model, tokenizer, template, stop_ids, cfg, step)
+            chat(model, tokenizer, template, stop_ids, cfg, step, None if images is None else images[0])
     except (UsageError, ValueError, FileNotFoundError) as e:
         print(f"generate.py: error: {e}", file=sys.stderr)
         raise SystemExit(1) from None

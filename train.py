@@ -8,6 +8,8 @@
     python train.py --init_from runs/base/ckpt --method lora --data alpaca.jsonl   # fine-tune: OUT/peft
     python train.py --init_from runs/base/ckpt --method full --data alpaca.jsonl --l2sp 0.1 --weight_decay 0 \\
         --perturb 0.5 --dev_every 25 --patience 4     # robust options; the best dev model kept in OUT/best
+    python train.py --init_from runs/base/ckpt --method adapter --image_root world --data world/train.json
+                                                        # multimodal LLaMA-Adapter (docs/multimodal.md)
 
 ``train`` reads in three parts: the setup (where it runs, the model and its data, what trains, the
 optimiser, the state it resumes), the loop (one optimiser step per iteration, then logging, evaluation
@@ -32,7 +34,7 @@ from llama_min import IGNORE_INDEX, Llama, generate
 from llama_min.cli import UsageError
 from llama_min.finetune.neftune import add_embedding_noise
 from llama_min.peft import peft_stats
-from llama_min.training.batches import Data, count_targets, get_batch, make_sampler, prepare_data
+from llama_min.training.batches import Data, batch_images, count_targets, get_batch, make_sampler, prepare_data
 from llama_min.training.config import TrainConfig, check_config, parse_args
 from llama_min.training.distributed import (checkpoint_activations, gradient_sync, replicate, seed_process,
                                             shard_model, unsharded)
@@ -71,7 +73,7 @@ def train(cfg: TrainConfig) -> signal.Signals | None:
     if data.tokenizer.vocab_size > model.config.vocab_size:
         raise UsageError(f"the tokenizer has {data.tokenizer.vocab_size} tokens but the model only "
                          f"{model.config.vocab_size}; pass --vocab_size {data.tokenizer.vocab_size}")
-    rt.say(choose_trainable(model, cfg, None if cfg.full_checkpoint else resume_from))
+    rt.say(choose_trainable(model, cfg, None if cfg.full_checkpoint else resume_from, data.image_encoder))
     seed_process(cfg.seed, rt)  # under torchrun each process its own dropout and noise
     if not cfg.full_checkpoint:
         hold_frozen_in_autocast_dtype(model, rt)  # GPU memory: the frozen base in bf16, not float32 + copies
@@ -104,11 +106,11 @@ def train(cfg: TrainConfig) -> signal.Signals | None:
             batches = [get_batch(data, sampler, cfg, rt) for _ in range(cfg.grad_accum)]
             n_targets = count_targets(batches, rt)  # the step's loss is the mean over all its target tokens
             loss_sum = torch.zeros((), device=rt.device)
-            for i, (x, y) in enumerate(batches):
+            for i, (x, y, images) in enumerate(batches):  # images: (B, C_v) features, or None for text
                 # DDP and FSDP average gradients across processes at each backward: only at the last micro-batch.
                 with gradient_sync(model, trained, sync=i == len(batches) - 1), rt.autocast():
                     share = ((y != IGNORE_INDEX).sum() / n_targets).float()  # of the step's targets
-                    loss = trained(x, y)[1] * share  # [1]: the logits are not kept through backward
+                    loss = trained(x, y, images=images)[1] * share  # [1]: the logits are not kept through backward
                 scaler.scale(loss * rt.world_size).backward()  # (the average divides by world_size again)
                 loss_sum += loss.detach()
             scaler.unscale_(optimizer)
@@ -125,7 +127,7 @@ def train(cfg: TrainConfig) -> signal.Signals | None:
             if not math.isfinite(loss):
                 raise TrainingDiverged(f"the training loss is {loss} at step {step}; stopping. "
                                        f"{checkpoints.last_good()}")
-            progress.step(step, loss, lr, tokens=sum(x.numel() for x, _ in batches) * rt.world_size,
+            progress.step(step, loss, lr, tokens=sum(x.numel() for x, *_ in batches) * rt.world_size,
                           stats=None if cfg.full_checkpoint else lambda: peft_stats(model))
             dev.maybe_evaluate(step)  # before the checkpoint below, which saves its progress
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
@@ -191,14 +193,16 @@ def describe(cfg: TrainConfig, rt, model: Llama, data: Data, progress: Progress)
 
 def print_samples(model: Llama, data: Data, cfg: TrainConfig) -> None:
     """A greedy and a temperature-0.8 continuation of --sample_prompt, or for instruction data of the
-    first held-out record's prompt."""
-    prompt = data.tokenizer.encode(cfg.sample_prompt, bos=True)
+    first held-out record's prompt (with its image, for image-instruction data)."""
+    prompt, images = data.tokenizer.encode(cfg.sample_prompt, bos=True), None
     if data.instructions and not cfg.sample_prompt:
-        tokens, targets = data.val[0]
+        tokens, targets = data.val[0][:2]
         prompt = tokens[:next(i for i, t in enumerate(targets) if t != IGNORE_INDEX) + 1]
+        images = batch_images(data.image_features, data.val, [0])
     for temperature in (0.0, 0.8):
         new = generate(model, [prompt], cfg.sample_tokens, temperature=temperature,
-                       stop_ids=[data.tokenizer.eos_id], seed=cfg.seed, truncate=True, bos_id=data.tokenizer.bos_id)[0]
+                       stop_ids=[data.tokenizer.eos_id], seed=cfg.seed, truncate=True, bos_id=data.tokenizer.bos_id,
+                       images=images)[0]
         print(f"--- sample ({'greedy' if temperature == 0 else f'temperature {temperature}'}) ---\n"
               f"{data.tokenizer.decode(prompt)}{data.tokenizer.decode(new)}")
 

@@ -98,15 +98,16 @@ class Attention(nn.Module):
         self.wo = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
         self.attend = sdpa_attention if config.attn_impl == "sdpa" else plain_attention
         self.cache = KVCache()  # empty until Llama.setup_cache allocates it for generation
-        # LLaMA-Adapter (llama_min/adapter.py) installs a module here: it adds gated attention over
+        # LLaMA-Adapter (llama_min/peft/adapter.py) installs a module here: it adds gated attention over
         # learned prompts to the output of the heads. None in the base model.
         self.prompt_adapter: nn.Module | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None, start: int = 0) -> torch.Tensor:
+                mask: torch.Tensor | None, start: int = 0, visual: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, T, dim); cos, sin: rotary tables at the tokens' positions, (T, d/2) or (B, T, d/2);
         mask: bool (B|1, 1, T, S) or None for causal (aligned bottom-right when a cache holds earlier
-        positions); start: cache slot of the first token.
+        positions); start: cache slot of the first token; visual: (B, dim) projected image features for
+        the prompt adapter (multimodal LLaMA-Adapter), or None.
         Returns (B, T, dim)."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
@@ -118,5 +119,5 @@ class Attention(nn.Module):
             k, v = self.cache.update(start, k, v)  # (B, n_kv_heads, start+T, d)
         y = self.attend(q, k, v, mask)  # (B, H, T, d)
         if self.prompt_adapter is not None:
-            y = y + self.prompt_adapter(q, self.wk, self.wv)
+            y = y + self.prompt_adapter(q, self.wk, self.wv, visual)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, H·d) -> (B, T, dim)

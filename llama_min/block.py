@@ -29,9 +29,9 @@ class Block(nn.Module):
         self.ffn_adapter: nn.Module | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None, start: int = 0) -> torch.Tensor:
+                mask: torch.Tensor | None, start: int = 0, visual: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, T, dim) -> (B, T, dim); the other arguments are passed to Attention."""
-        a = self.attention(self.attention_norm(x), cos, sin, mask, start)
+        a = self.attention(self.attention_norm(x), cos, sin, mask, start, visual)
         if self.attention_adapter is not None:
             a = self.attention_adapter(a)
         h = x + a

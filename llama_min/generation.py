@@ -168,10 +168,12 @@ def left_pad(prompts: list[list[int]], device: torch.device) -> tuple[torch.Tens
 
 # ---- the decode loop ----------------------------------------------------------------------------------
 
-def decode_step(model: Llama, ids: torch.Tensor, start_pos: int, pad_lens: torch.Tensor | None) -> torch.Tensor:
-    """One new token per row through the KV cache: ids (B,) at cache slot ``start_pos`` -> logits
-    (B, 1, V). The function a compiled generation compiles (generate.py --compile)."""
-    return model(ids[:, None], start_pos=start_pos, pad_lens=pad_lens, last_only=True)[0]
+def decode_step(model: Llama, ids: torch.Tensor, start_pos: int, pad_lens: torch.Tensor | None,
+                images: torch.Tensor | None = None) -> torch.Tensor:
+    """One new token per row through the KV cache: ids (B,) at cache slot ``start_pos`` (with images
+    (B, C_v) for a multimodal adapter) -> logits (B, 1, V). The function a compiled generation compiles
+    (generate.py --compile)."""
+    return model(ids[:, None], start_pos=start_pos, pad_lens=pad_lens, last_only=True, images=images)[0]
 
 
 @torch.no_grad()  # not inference_mode: tensors a module caches while generating stay usable in training
@@ -179,7 +181,8 @@ def generate_stream(model: Llama, prompts: Sequence[Sequence[int]], max_new_toke
                     temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                     stop_ids: Sequence[int] | None = (), seed: int | None = None,
                     truncate: bool = False, bos_id: int | None = None,
-                    decode_step: Callable = decode_step) -> Iterator[list[int | None]]:
+                    decode_step: Callable = decode_step,
+                    images: torch.Tensor | None = None) -> Iterator[list[int | None]]:
     """Generate for a batch of prompts, yielding after every step.
 
     prompts: B lists of token ids. Each step yields a list of B entries: the new token of each prompt,
@@ -188,6 +191,8 @@ def generate_stream(model: Llama, prompts: Sequence[Sequence[int]], max_new_toke
     seed makes sampling repeatable (greedy needs none). truncate, bos_id: see ``fit_context``.
     decode_step: the function that runs one token through the cache (``decode_step`` below, or a
     compiled version of it: ``torch.compile(decode_step, dynamic=True)``, as generate.py --compile does).
+    images: (B, C_v) one image's features per prompt, for a multimodal adapter (passed at every step:
+    the adapter's prompts are recomputed at each call).
     The iterator may be abandoned early (``break``); a cache this call allocated is released either way.
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p)
@@ -195,6 +200,9 @@ def generate_stream(model: Llama, prompts: Sequence[Sequence[int]], max_new_toke
     prompts = fit_context(prompts, max_new_tokens, model.config.max_seq_len, truncate, bos_id)
 
     device = model.tok_embeddings.weight.device
+    if images is not None and images.shape[0] != len(prompts):
+        raise ValueError(f"{images.shape[0]} images for {len(prompts)} prompts: give one image per prompt")
+    images = None if images is None else images.to(device)
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     tokens, pad_lens = left_pad(prompts, device)
     batch, prompt_len = tokens.shape
@@ -203,7 +211,7 @@ def generate_stream(model: Llama, prompts: Sequence[Sequence[int]], max_new_toke
 
     def decode(ids: torch.Tensor, step: int) -> torch.Tensor:
         # Rows that have stopped keep decoding (their outputs are ignored): the batch keeps one shape.
-        return decode_step(model, ids, prompt_len + step, pad_lens)
+        return decode_step(model, ids, prompt_len + step, pad_lens, images)
 
     # A caller that generates often (a compiled chat) may allocate the cache once, at full length; a
     # cache this call allocates itself is sized for it and released at the end.
@@ -212,7 +220,7 @@ def generate_stream(model: Llama, prompts: Sequence[Sequence[int]], max_new_toke
         model.setup_cache(batch, prompt_len + max_new_tokens)
     ahead = runs_asynchronously(device)
     try:
-        logits, _ = model(tokens, pad_lens=pad_lens, last_only=True)  # prefill: (B, 1, V)
+        logits, _ = model(tokens, pad_lens=pad_lens, last_only=True, images=images)  # prefill: (B, 1, V)
         for step in range(max_new_tokens):
             next_ids = choose_next(logits[:, -1], temperature, top_k, top_p, generator)  # (B,)
             finished |= torch.isin(next_ids, stops)
@@ -239,12 +247,12 @@ def runs_asynchronously(device: torch.device) -> bool:
 def generate(model: Llama, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, stop_ids: Sequence[int] = (),
              seed: int | None = None, truncate: bool = False, bos_id: int | None = None,
-             decode_step: Callable = decode_step) -> list[list[int]]:
+             decode_step: Callable = decode_step, images: torch.Tensor | None = None) -> list[list[int]]:
     """The new token ids of each prompt (without the stop id that ended it). Same arguments as
     ``generate_stream``; this collects its steps."""
     new: list[list[int]] = [[] for _ in prompts]
     for step in generate_stream(model, prompts, max_new_tokens, temperature, top_k, top_p, stop_ids, seed, truncate,
-                                bos_id, decode_step):
+                                bos_id, decode_step, images):
         for row, token in zip(new, step):
             if token is not None:
                 row.append(token)

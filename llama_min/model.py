@@ -39,6 +39,9 @@ class Llama(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.rope = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
         self.init_weights()
+        # The multimodal LLaMA-Adapter (llama_min/peft/adapter.py) installs its projection here: image
+        # features (B, C_v) -> (B, dim), added to every adapted layer's prompts. None in the base model.
+        self.visual_proj: nn.Module | None = None
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -58,7 +61,7 @@ class Llama(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=0.02)
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *, start_pos: int = 0,
-                pad_lens: torch.Tensor | None = None, last_only: bool = False):
+                pad_lens: torch.Tensor | None = None, last_only: bool = False, images: torch.Tensor | None = None):
         """Run the model.
 
         tokens: (B, T) int64 token ids.
@@ -67,6 +70,7 @@ class Llama(nn.Module):
         pad_lens: (B,) number of left-padding tokens per row, for batches of prompts of different
             lengths; row b's first real token gets rotary position 0 and padding is never attended to.
         last_only: compute logits for the last position only (all generation needs).
+        images: (B, C_v) one image's features per row, for a multimodal LLaMA-Adapter (visual_proj).
         Returns (logits, loss): logits float32 (B, T, vocab_size), or (B, 1, vocab_size) with last_only;
         loss the mean cross-entropy over counted positions, or None without targets. In training mode
         with targets, logits is None: the loss is computed a chunk of positions at a time without ever
@@ -86,9 +90,16 @@ class Llama(nn.Module):
         # fast causal path); left padding must also be hidden from every query.
         mask = None if pad_lens is None else attention_mask(start_pos, T, pad_lens, tokens.device)
 
+        visual = None
+        if images is not None:
+            if self.visual_proj is None:
+                raise ValueError("images were given, but this model has no visual projection: apply a multimodal "
+                                 "adapter (PeftConfig(method='adapter', visual_dim=C_v)) or load one")
+            visual = self.visual_proj(images)  # (B, dim), added to the adapter prompts of every adapted layer
+
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:
-            h = layer(h, cos, sin, mask, start_pos)
+            h = layer(h, cos, sin, mask, start_pos, visual)
         if last_only:
             h = h[:, -1:]  # (B, 1, dim): skip the output head's work for positions nobody reads
         h = self.norm(h)

@@ -58,7 +58,7 @@ def test_overfits_a_fixed_batch(corpus, tmp_path):
     data = prepare_data(cfg, rt, model.config.vocab_size, tokenizer_path)
     choose_trainable(model, cfg)
     optimizer = make_optimizer(model, cfg, rt)
-    x, y = get_batch(data, WindowSampler(len(data.train), cfg.seq_len, 0), cfg, rt)
+    x, y, _ = get_batch(data, WindowSampler(len(data.train), cfg.seq_len, 0), cfg, rt)
     losses = []
     for _ in range(40):
         _, loss = model(x, y)

@@ -142,7 +142,7 @@ def test_instruction_batches_mask_the_prompt_and_end_with_eos(lab, tmp_path):
     records = read_records(cfg.data)
     sampler = make_sampler(data, cfg)
     picks = make_sampler(data, cfg).starts(cfg.batch_size)  # the same seeded draws the loop makes
-    x, y = get_batch(data, sampler, cfg, rt)
+    x, y, _ = get_batch(data, sampler, cfg, rt)
     for row, i in enumerate(picks):
         prompt = tok.encode(records[i].prompt(), bos=True)
         answer = tok.encode(records[i].output, bos=False) + [tok.eos_id]

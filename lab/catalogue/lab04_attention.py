@@ -111,10 +111,10 @@ MUTATIONS = [
     m("attention_cache_start_zero", 4, ATTENTION, "pass Attention.forward's `start` through",
       ("self.cache.update(start, k, v)", "self.cache.update(0, k, v)"), why="the new tokens go to slots start …"),
     m("attention_adapter_ignored", 4, ATTENTION, "the prompt adapter's output is not added",
-      ("y = y + self.prompt_adapter(q, self.wk, self.wv)", "pass"),
+      ("y = y + self.prompt_adapter(q, self.wk, self.wv, visual)", "pass"),
       why="y = attend(...) + self.prompt_adapter(q, self.wk, self.wv)"),
     m("attention_adapter_after_wo", 4, ATTENTION, "the prompt adapter's output is added after wo",
-      ("y = y + self.prompt_adapter(q, self.wk, self.wv)", "pass"),
+      ("y = y + self.prompt_adapter(q, self.wk, self.wv, visual)", "pass"),
       ("return self.wo(y.transpose(1, 2).reshape(B, T, -1))",
        "out = self.wo(y.transpose(1, 2).reshape(B, T, -1))\n        if self.prompt_adapter is not None:\n"
        "            out = out + self.prompt_adapter(q, self.wk, self.wv).transpose(1, 2).reshape(B, T, -1)\n"
@@ -165,7 +165,7 @@ class FixedAdapter(nn.Module):
         super().__init__()
         self.out = out
 
-    def forward(self, q, wk, wv):
+    def forward(self, q, wk, wv, visual=None):
         return self.out
 
 

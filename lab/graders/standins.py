@@ -84,10 +84,11 @@ class ReplayAdapter(nn.Module):
         super().__init__()
         self.case, self.wk, self.wv = case, [wk], [wv]  # in lists: not registered as submodules twice
 
-    def forward(self, q, wk, wv):
+    def forward(self, q, wk, wv, visual=None):
         __tracebackhide__ = True
-        if wk is not self.wk[0] or wv is not self.wv[0]:
-            raise GraderError("the prompt adapter must be called as self.prompt_adapter(q, self.wk, self.wv)")
+        if wk is not self.wk[0] or wv is not self.wv[0] or visual is not None:
+            raise GraderError("the prompt adapter must be called as self.prompt_adapter(q, self.wk, self.wv, visual), "
+                              "visual being Attention.forward's own argument (None here)")
         rotated = self.case["rotary.q_out"].transpose(1, 2)
         if same(q, self.case["rotary.q_in"].transpose(1, 2)):
             raise GraderError("the prompt adapter received the queries before the rotation: it takes q after "

@@ -63,11 +63,13 @@ class Replay(nn.Module):
 
 
 class ReplayAttention(Replay):
-    def forward(self, x, cos=None, sin=None, mask=None, start=0):
+    def forward(self, x, cos=None, sin=None, mask=None, start=0, visual=None):
         __tracebackhide__ = True
         self.receive(x)
-        if not (same(cos, self.case["cos"]) and same(sin, self.case["sin"])) or mask is not None or start != 0:
-            fail(f"{self.what} must receive the block's cos, sin, mask and start unchanged (here mask=None, start=0)")
+        if not (same(cos, self.case["cos"]) and same(sin, self.case["sin"])) or mask is not None or start != 0 \
+                or visual is not None:
+            fail(f"{self.what} must receive the block's cos, sin, mask, start and visual unchanged (here mask=None, "
+                 "start=0, visual=None)")
         return self.case[f"{self.name}.out"]
 
 
@@ -80,9 +82,11 @@ class ReplayBlock(Replay):
         self.attention.cache = nn.Module()
         self.attention.cache.active = cached
 
-    def forward(self, x, cos=None, sin=None, mask=None, start=0):
+    def forward(self, x, cos=None, sin=None, mask=None, start=0, visual=None):
         __tracebackhide__ = True
         self.receive(x)
+        if visual is not None:
+            fail(f"{self.what} received image features, but no images were given: pass visual=None through")
         cos_, sin_ = self.case.output("rope.out")
         if not (same(cos, cos_) and same(sin, sin_)):
             fail(f"{self.what} received other cos, sin than self.rope(positions) returned: compute them once, "
@@ -154,7 +158,7 @@ def stand_in_model(case, monkeypatch) -> tuple[Llama, dict]:
                                    "self.norm (the final RMSNorm)")
     model.rope, model.norm = replays["rope"], replays["norm"]
     model.layers = nn.ModuleList(replays[p] for p in case.params["parts"] if p.startswith("layers."))
-    return model, replays
+    return model.eval(), replays  # eval: the logits and the loss from them
 
 
 @pytest.mark.parametrize("name", ["plain", "padded", "last_only", "cached"])

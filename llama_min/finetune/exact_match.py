@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import torch
+
 from ..generation import generate
 from .instructions import InstructionRecord
 from ..model import Llama
@@ -18,15 +20,18 @@ from ..tokenizer import Tokenizer
 
 
 def answers(model: Llama, tokenizer: Tokenizer, records: Sequence[InstructionRecord], max_new_tokens: int = 16,
-            batch_size: int = 64) -> list[str]:
-    """The model's greedy answer to every record, decoded, generation stopped at EOS."""
+            batch_size: int = 64, image_features: dict[str, torch.Tensor] | None = None) -> list[str]:
+    """The model's greedy answer to every record, decoded, generation stopped at EOS. Records about
+    images (finetune/images.py's ImageRecord) are answered with image_features[record.image]."""
     was_training = model.training
     model.eval()  # no dropout or embedding noise while answering
     out = []
     try:
         for i in range(0, len(records), batch_size):
-            prompts = [tokenizer.encode(r.prompt(), bos=True) for r in records[i:i + batch_size]]
-            new = generate(model, prompts, max_new_tokens, temperature=0.0, stop_ids=[tokenizer.eos_id])
+            chunk = records[i:i + batch_size]
+            prompts = [tokenizer.encode(r.prompt(), bos=True) for r in chunk]
+            images = None if image_features is None else torch.stack([image_features[r.image] for r in chunk])
+            new = generate(model, prompts, max_new_tokens, temperature=0.0, stop_ids=[tokenizer.eos_id], images=images)
             out += [tokenizer.decode(ids) for ids in new]
     finally:
         model.train(was_training)
@@ -38,7 +43,8 @@ def is_exact(answer: str, record: InstructionRecord) -> bool:
 
 
 def exact_match_accuracy(model: Llama, tokenizer: Tokenizer, records: Sequence[InstructionRecord],
-                         max_new_tokens: int = 16, batch_size: int = 64) -> float:
+                         max_new_tokens: int = 16, batch_size: int = 64,
+                         image_features: dict[str, torch.Tensor] | None = None) -> float:
     """Share of the records answered exactly (0 for no records)."""
-    got = answers(model, tokenizer, records, max_new_tokens, batch_size)
+    got = answers(model, tokenizer, records, max_new_tokens, batch_size, image_features)
     return sum(is_exact(a, r) for a, r in zip(got, records)) / max(len(records), 1)

@@ -61,6 +61,8 @@ def _record(obj, where: str) -> InstructionRecord:
         raise DataError(f"{where}: expected an object {{\"instruction\", \"input\", \"output\"}}, got {type(obj).__name__}")
     unknown = sorted(set(obj) - {"instruction", "input", "output"})
     problems = [f"unknown fields {unknown}"] if unknown else []
+    if "image" in unknown:
+        problems.append("records with images need --image_root DIR (the directory their paths are relative to)")
     for key in ("instruction", "output"):
         if not isinstance(obj.get(key), str):
             problems.append(f"\"{key}\" must be a string")
@@ -71,26 +73,32 @@ def _record(obj, where: str) -> InstructionRecord:
     return InstructionRecord(obj["instruction"], obj["output"], obj.get("input", ""))
 
 
-def read_records(path: str | Path) -> list[InstructionRecord]:
-    """Records from a .json file (one list of objects) or a .jsonl file (one object per line)."""
+def read_objects(path: str | Path) -> list[tuple[str, object]]:
+    """(where, value) for each record of a .json file (one list of objects) or a .jsonl file (one object
+    per line); ``where`` names the file and the record for error messages."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"instruction data {path} does not exist; expected a .json or .jsonl file of Alpaca records")
     if path.suffix == ".jsonl":
-        records = [_record(obj, f"{path}:{n}") for n, obj in read_jsonl(path, "one Alpaca record")]
+        objs = [(f"{path}:{n}", obj) for n, obj in read_jsonl(path, "one Alpaca record")]
     elif path.suffix == ".json":
         try:
-            objs = json.loads(read_text(path, "instruction data"))
+            values = json.loads(read_text(path, "instruction data"))
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); expected a list of Alpaca records") from None
-        if not isinstance(objs, list):
-            raise DataError(f"{path}: expected a JSON list of Alpaca records, got a {type(objs).__name__}")
-        records = [_record(obj, f"{path}: record {i}") for i, obj in enumerate(objs)]
+        if not isinstance(values, list):
+            raise DataError(f"{path}: expected a JSON list of Alpaca records, got a {type(values).__name__}")
+        objs = [(f"{path}: record {i}", obj) for i, obj in enumerate(values)]
     else:
         raise DataError(f"{path}: expected a .json (a list of records) or .jsonl (one record per line) file")
-    if not records:
+    if not objs:
         raise DataError(f"{path} holds no records")
-    return records
+    return objs
+
+
+def read_records(path: str | Path) -> list[InstructionRecord]:
+    """Records from a .json file (one list of objects) or a .jsonl file (one object per line)."""
+    return [_record(obj, where) for where, obj in read_objects(path)]
 
 
 def build_example(prompt_ids: Sequence[int], answer_ids: Sequence[int]) -> tuple[list[int], list[int]]:
@@ -129,7 +137,7 @@ def instruction_batch(examples: Sequence[tuple[list[int], list[int]]], indices: 
     """The chosen examples as (B, T) tokens and targets, padded on the right to the longest one.
     Right padding needs no attention mask: causal attention never lets a real token see the padding
     after it, and the padding's targets are IGNORE_INDEX. pad_id is any valid id (LLaMA has none)."""
-    rows = [examples[i] for i in indices]
+    rows = [examples[i][:2] for i in indices]  # (an image example carries its image id third)
     width = max(len(tokens) for tokens, _ in rows)
     tokens = torch.tensor([t + [pad_id] * (width - len(t)) for t, _ in rows], dtype=torch.long)
     targets = torch.tensor([y + [IGNORE_INDEX] * (width - len(y)) for _, y in rows], dtype=torch.long)

@@ -29,6 +29,17 @@ records an operation only when one of its inputs requires a gradient. Below the 
 input does (the embedding is frozen), so nothing there is recorded and no activation is kept for the
 backward pass; tests/test_peft.py proves it by watching what autograd saves.
 
+Multimodal (section 4.3 of v1, "Multi-modal Reasoning"): a frozen image encoder gives each example a
+global feature I (B, C_v), M scales concatenated along the channels. A learnable projection maps it to
+the model width, I_p = Projection(I) (B, dim), which is repeated over the K prompt positions and added
+element-wise to the prompts of *every* adapted layer:  P_b = P + I_p[b]  (B, K, dim). The paper leaves
+the network open ("a learnable projection network"); ``VisualProjection`` is a linear layer (or, with a
+hidden width, two with a SiLU between them) followed by LayerNorm, so that I_p has the unit scale of
+the N(0, 1) prompts it is added to, as the official v2 code's clip_proj + clip_proj_norm do. One
+projection serves all layers (the paper's single I_p). The image enters the gated branch only, so with
+zero gates the model is still exactly the base, with or without images; without an image the prompts
+are P alone (text-only use of a multimodal adapter).
+
 The prompt keys and values are computed at every call, also while generating, where they do not change
 from one token to the next: K rows through two projections whose weights each decode step reads anyway,
 against a cache that would have to notice every way P or wk/wv can change (an optimiser step, a load, a
@@ -64,10 +75,23 @@ class AdapterPrompt(nn.Module):
         v = v.repeat_interleave(groups, dim=0)[None]
         return k, v
 
-    def forward(self, q: torch.Tensor, wk: nn.Module, wv: nn.Module) -> torch.Tensor:
-        """q: (B, H, T, d) the layer's queries after rotary; wk, wv: the layer's frozen projections.
+    def visual_kv(self, wk: nn.Module, wv: nn.Module, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The projected image feature visual (B, dim) through the same projections: two (B, H, 1, d).
+        wk and wv are linear without bias, so wk(P + I_p) = wk(P) + wk(I_p): adding these to every one of
+        the K prompt keys/values is adding I_p to every prompt, at the cost of B rows instead of B·K."""
+        B, groups = visual.shape[0], self.n_heads // self.n_kv_heads
+        k = wk(visual).view(B, self.n_kv_heads, 1, self.head_dim)  # (B, H_kv, 1, d)
+        v = wv(visual).view(B, self.n_kv_heads, 1, self.head_dim)
+        return k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, 1, d)
+
+    def forward(self, q: torch.Tensor, wk: nn.Module, wv: nn.Module, visual: torch.Tensor | None = None) -> torch.Tensor:
+        """q: (B, H, T, d) the layer's queries after rotary; wk, wv: the layer's frozen projections;
+        visual: (B, dim) the projected image features, or None (text only).
         Returns the gated prompt attention (B, H, T, d), to be added to the heads' output."""
-        k, v = self.prompt_kv(wk, wv)
+        k, v = self.prompt_kv(wk, wv)  # (1, H, K, d)
+        if visual is not None:
+            vk, vv = self.visual_kv(wk, wv, visual)
+            k, v = k + vk, v + vv  # (B, H, K, d): the prompts P + I_p, broadcast over K
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, H, T, K)
         weights = F.softmax(scores.float(), dim=-1).type_as(q)  # its own softmax, over the prompts only
         gate = torch.tanh(self.gate) if self.gate_tanh else self.gate
@@ -75,3 +99,23 @@ class AdapterPrompt(nn.Module):
 
     def extra_repr(self) -> str:
         return f"adapter_len={self.prompt.shape[0]}, dim={self.prompt.shape[1]}, gate_tanh={self.gate_tanh}"
+
+
+class VisualProjection(nn.Module):
+    """The multimodal adapter's learnable projection (section 4.3): image features (B, C_v), M scales
+    concatenated, to the model width (B, dim). Linear (or Linear, SiLU, Linear with ``hidden`` > 0),
+    then LayerNorm. Shared by every adapted layer; its output is added to their prompts."""
+
+    def __init__(self, in_dim: int, dim: int, hidden: int = 0,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        factory = dict(device=device, dtype=dtype)
+        if hidden:
+            self.net = nn.Sequential(nn.Linear(in_dim, hidden, **factory), nn.SiLU(), nn.Linear(hidden, dim, **factory))
+        else:
+            self.net = nn.Linear(in_dim, dim, **factory)
+        self.norm = nn.LayerNorm(dim, **factory)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """features: (B, C_v) -> (B, dim)."""
+        return self.norm(self.net(features.to(self.norm.weight.dtype)))

@@ -16,7 +16,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..model import Llama
 from ..rmsnorm import RMSNorm
-from .adapter import AdapterPrompt
+from .adapter import AdapterPrompt, VisualProjection
 from .bottleneck import Bottleneck
 from .config import LORA_TARGETS, PeftConfig
 from .lora import LoRALinear
@@ -51,6 +51,8 @@ def apply_peft(model: Llama, config: PeftConfig) -> Llama:
         for layer in model.layers[mc.n_layers - n_adapted:]:  # the top L layers (section 3.1)
             layer.attention.prompt_adapter = AdapterPrompt(config.adapter_len, mc.dim, mc.n_heads,
                                                            mc.n_kv_heads, config.gate_tanh, **factory)
+        if config.visual_dim:  # multimodal (section 4.3): one projection for every adapted layer's prompts
+            model.visual_proj = VisualProjection(config.visual_dim, mc.dim, config.visual_hidden, **factory)
     elif config.method == "lora":
         for parent, name in _lora_sites(model, config.lora_targets):
             setattr(parent, name, LoRALinear(getattr(parent, name), config.lora_rank, config.lora_alpha,
@@ -108,6 +110,7 @@ def remove_peft(model: Llama) -> Llama:
         _unwrap_lora(model)
     for layer in model.layers:
         layer.attention.prompt_adapter = layer.attention_adapter = layer.ffn_adapter = None
+    model.visual_proj = None
     base_norms = getattr(model, "peft_base_norms", None)
     if base_norms is not None:
         params = dict(model.named_parameters())

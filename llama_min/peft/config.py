@@ -30,6 +30,15 @@ class PeftConfig:
                                       "30 of 32 at 7B); default: all", group=GROUP)
     gate_tanh: bool = flag(False, "adapter: scale the prompt attention by tanh(gate) as the official code does, "
                            "instead of by the gate itself as the paper's section 3.2 does", group=GROUP)
+    visual_dim: int = flag(0, "adapter: width C_v of the image features its visual projection reads (M scales "
+                           "concatenated; multimodal LLaMA-Adapter, section 4.3); 0: text only. train.py takes it "
+                           "from --image_encoder", group=GROUP)
+    visual_hidden: int = flag(0, "adapter: hidden width of the visual projection (Linear, SiLU, Linear, "
+                              "LayerNorm); 0: one Linear, then LayerNorm", group=GROUP)
+    image_encoder: str = flag("", "adapter: the frozen image encoder whose features the visual projection reads "
+                              "(llama_min/peft/visual.py: lab, clip:DIR[:LAYERS], features:FILE); recorded so that "
+                              "generation encodes images the same way; empty: the caller passes features itself",
+                              group=GROUP)
     lora_rank: int = flag(8, "lora: rank r of the update B A", group=GROUP)
     lora_alpha: float = flag(16.0, "lora: the update is scaled by alpha / r", group=GROUP)
     lora_dropout: float = flag(0.05, "lora: dropout probability on the input of the low-rank path (training only)",
@@ -56,6 +65,14 @@ class PeftConfig:
         for name in ("adapter_len", "lora_rank", "bottleneck_dim"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.visual_dim < 0 or self.visual_hidden < 0:
+            problems.append(f"visual_dim and visual_hidden must be >= 0, got {self.visual_dim}, {self.visual_hidden}")
+        if (self.visual_dim or self.visual_hidden or self.image_encoder) and self.method != "adapter":
+            problems.append(f"visual_dim, visual_hidden and image_encoder belong to the multimodal adapter, not to "
+                            f"method {self.method!r}")
+        if (self.visual_hidden or self.image_encoder) and not self.visual_dim:
+            problems.append("visual_hidden and image_encoder describe the visual projection, which a text-only adapter "
+                            "(visual_dim 0) lacks")
         if self.adapter_layers is not None and self.adapter_layers < 1:
             problems.append(f"adapter_layers must be >= 1 or None (all layers), got {self.adapter_layers}")
         if not 0.0 <= self.lora_dropout < 1.0:
@@ -88,14 +105,15 @@ class PeftConfig:
 def method_reading(field_name: str) -> str | None:
     """The method that reads the PeftConfig field of this name (its name says which: lora_rank is
     LoRA's); None for a field every method reads."""
-    if field_name == "gate_tanh":
+    if field_name in ("gate_tanh", "visual_dim", "visual_hidden", "image_encoder"):
         return "adapter"
     return next((m for m in METHODS if field_name.startswith(m + "_")), None)
 
 
 # Fields a script chooses with its own flags: ``--method`` (which also offers ``full``) and ``--train_norms``
 # (which also serves ``--method partial``).
-SCRIPT_FIELDS = ("method", "train_norms")
+# train.py takes the visual width and the encoder from its own --image_encoder flag.
+SCRIPT_FIELDS = ("method", "train_norms", "visual_dim", "image_encoder")
 
 
 def add_peft_arguments(parser: argparse.ArgumentParser) -> None:

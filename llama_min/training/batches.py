@@ -16,9 +16,11 @@ import torch
 import torch.distributed as dist
 
 from ..cli import DataError, UsageError
-from ..finetune.instructions import InstructionRecord, encode_records, instruction_batch, read_records
+from ..finetune.images import ImageRecord, read_image_records
+from ..finetune.instructions import InstructionRecord, encode_record, encode_records, instruction_batch, read_records
 from ..finetune.perturb import perturb_records
 from ..model import IGNORE_INDEX
+from ..peft.visual import load_encoder
 from ..tokenizer import Tokenizer
 from .config import TrainConfig
 from .data import WindowSampler, split_documents, token_byte_lengths, tokenize_to_memmap, train_tokenizer, windows
@@ -54,6 +56,10 @@ class Data:
     val: np.ndarray | list  # (N_val,) token ids, or instruction examples
     byte_lengths: np.ndarray | None  # (vocab_size,) UTF-8 bytes per token, for bits per byte (plain text only)
     dev: list[InstructionRecord] | None = None  # instruction data: the held-out records themselves (--dev_every)
+    # image-instruction data (--image_root): the frozen encoder, and every record's image features,
+    # computed once (image id -> (C_v,)); examples then carry their image id third: (tokens, targets, id)
+    image_encoder: object | None = None
+    image_features: dict[str, torch.Tensor] | None = None
 
     @property
     def instructions(self) -> bool:
@@ -67,18 +73,47 @@ def prepare_instructions(cfg: TrainConfig, tokenizer_path: Path | None, say) -> 
         raise UsageError("instruction data needs the tokenizer of the model it fine-tunes: pass --init_from "
                          "(a checkpoint with its tokenizer.model) or --tokenizer")
     tokenizer = Tokenizer(tokenizer_path)
-    records = read_records(cfg.data)
+    records = read_image_records(cfg.data, cfg.image_root) if cfg.image_root else read_records(cfg.data)
     if len(records) < 2:
         raise DataError(f"{cfg.data} holds {len(records)} record; at least 2 are needed (one is held out)")
     cut = len(records) - max(1, round(len(records) * cfg.val_fraction))
     # --perturb: text-level augmentation of the training prompts only (perturb.py); the held-out records
     # stay clean, so the held-out loss measures the same thing with and without it.
     train_records = perturb_records(records[:cut], cfg.perturb, cfg.seed) if cfg.perturb else records[:cut]
-    train_examples, dropped_train = encode_records(train_records, tokenizer, cfg.seq_len)
-    val_examples, dropped_val = encode_records(records[cut:], tokenizer, cfg.seq_len)
+    if cfg.image_root:  # drop the records that do not fit first, so that the rest keep their images
+        def fits(rs: list[ImageRecord]) -> list[ImageRecord]:
+            return [r for r in rs if len(encode_record(r, tokenizer)[0]) <= cfg.seq_len]
+
+        train_fit, val_fit = fits(train_records), fits(records[cut:])
+        dropped_train, dropped_val = len(train_records) - len(train_fit), len(records) - cut - len(val_fit)
+        train_examples = [(*ex, r.image) for ex, r in zip(encode_records(train_fit, tokenizer, cfg.seq_len)[0], train_fit)]
+        val_examples = [(*ex, r.image) for ex, r in zip(encode_records(val_fit, tokenizer, cfg.seq_len)[0], val_fit)]
+    else:
+        train_examples, dropped_train = encode_records(train_records, tokenizer, cfg.seq_len)
+        val_examples, dropped_val = encode_records(records[cut:], tokenizer, cfg.seq_len)
     if dropped_train or dropped_val:
         say(f"dropped {dropped_train} training and {dropped_val} held-out records longer than --seq_len {cfg.seq_len}")
-    return Data(tokenizer, train_examples, val_examples, None, dev=records[cut:])
+    data = Data(tokenizer, train_examples, val_examples, None, dev=records[cut:])
+    if cfg.image_root:
+        encode_images(data, records, cfg, say)
+    return data
+
+
+def encode_images(data: Data, records: list[ImageRecord], cfg: TrainConfig, say) -> None:
+    """Load the frozen image encoder and compute every record's image features once: the encoder never
+    trains, so the loop reads them from memory (the paper's frozen CLIP, section 4.3)."""
+    encoder = load_encoder(cfg.image_encoder or "lab")
+    ids = sorted({r.image for r in records})
+    data.image_encoder = encoder
+    data.image_features = dict(zip(ids, encoder.features(cfg.image_root, ids)))
+    say(f"images: {len(ids)} encoded by {encoder.spec} into {encoder.dim} features each (frozen, computed once)")
+
+
+def batch_images(image_features: dict[str, torch.Tensor] | None, examples: list, indices) -> torch.Tensor | None:
+    """(B, C_v) image features of the chosen examples (each carries its image id third), or None for text."""
+    if image_features is None:
+        return None
+    return torch.stack([image_features[examples[i][2]] for i in indices])
 
 
 def prepare_data(cfg: TrainConfig, rt: Runtime, vocab_size: int, tokenizer_path: Path | None) -> Data:
@@ -124,25 +159,30 @@ def dev_split(data: Data, cfg: TrainConfig, max_seq_len: int) -> list[Instructio
     return fits[:cfg.dev_records]
 
 
-def get_batch(data: Data, sampler: WindowSampler, cfg: TrainConfig, rt: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and targets for this rank, on its device: (batch_size, seq_len) windows of the token
-    stream, or (batch_size, longest) instruction examples padded on the right (targets IGNORE_INDEX)."""
+def get_batch(data: Data, sampler: WindowSampler, cfg: TrainConfig,
+              rt: Runtime) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Inputs, targets and images for this rank, on its device: (batch_size, seq_len) windows of the
+    token stream, or (batch_size, longest) instruction examples padded on the right (targets
+    IGNORE_INDEX); images (batch_size, C_v) for image-instruction data, else None."""
     picks = sampler.starts(cfg.batch_size, rt.rank, rt.world_size)
+    images = None
     if data.instructions:
         x, y = instruction_batch(data.train, picks, data.tokenizer.eos_id)
+        images = batch_images(data.image_features, data.train, picks)
     else:
         x, y = windows(data.train, picks, cfg.seq_len)
         x, y = torch.from_numpy(x), torch.from_numpy(y)
+    images = None if images is None else images.to(rt.device)
     if rt.device.type == "cuda":  # pinned memory lets the copy overlap with compute
-        return x.pin_memory().to(rt.device, non_blocking=True), y.pin_memory().to(rt.device, non_blocking=True)
-    return x, y
+        return x.pin_memory().to(rt.device, non_blocking=True), y.pin_memory().to(rt.device, non_blocking=True), images
+    return x, y, images
 
 
-def count_targets(batches: list[tuple[torch.Tensor, torch.Tensor]], rt: Runtime) -> torch.Tensor:
+def count_targets(batches: list[tuple[torch.Tensor, ...]], rt: Runtime) -> torch.Tensor:
     """How many target tokens count in the loss over a step's micro-batches on every process: the mean
     of the step's loss is taken over all of them, so that N micro-batches of B rows give exactly the loss
     and gradient of one batch of N·B rows, even when the rows hold answers of different lengths."""
-    total = sum((y != IGNORE_INDEX).sum() for _, y in batches).double()
+    total = sum((y != IGNORE_INDEX).sum() for _, y, *_ in batches).double()
     if rt.world_size > 1:
         dist.all_reduce(total)
     return total

@@ -44,6 +44,12 @@ class TrainConfig:
                                        "its own (its embeddings then meet another tokenizer's ids)", group=DATA)
     cache_dir: str = flag("", "where the trained tokenizer and token files are cached (default: data/cache "
                           "beside train.py)", group=DATA)
+    image_root: str = flag("", "image-instruction data: --data holds LLaVA-style records {\"image\", \"instruction\", "
+                           "\"input\", \"output\"} whose image paths are relative to this directory; trains the "
+                           "multimodal LLaMA-Adapter (--method adapter; docs/multimodal.md)", group=DATA)
+    image_encoder: str = flag("", "--image_root: the frozen image encoder, lab (the shipped one), clip:DIR[:L1,L2,...] "
+                              "(a local Hugging Face CLIP) or features:FILE (precomputed; llama_min/peft/visual.py); "
+                              "default lab", group=DATA)
     seq_len: int = flag(256, "tokens per training sequence (at most the model's max_seq_len)", group=DATA)
     # optimisation
     max_steps: int = flag(2000, "optimiser steps to run", group=OPTIM)
@@ -162,6 +168,11 @@ def check_config(cfg: TrainConfig) -> None:
         raise UsageError(f"--method {cfg.method} adapts a trained base model: pass --init_from BASE_CHECKPOINT_DIR")
     if cfg.l2sp and not cfg.init_from:
         raise UsageError(f"--l2sp {cfg.l2sp} pulls toward the pretrained weights: pass --init_from BASE_CHECKPOINT_DIR")
+    if cfg.image_encoder and not cfg.image_root:
+        raise UsageError(f"--image_encoder {cfg.image_encoder} encodes the images of --image_root, which is not given; "
+                         "add --image_root DIR or drop --image_encoder")
+    if cfg.image_root and cfg.method != "adapter":
+        raise UsageError(f"--image_root trains the multimodal LLaMA-Adapter; it needs --method adapter, not {cfg.method}")
     if cfg.merge and cfg.method != "lora":
         raise UsageError(f"--merge folds LoRA into the weights; it needs --method lora, not {cfg.method}")
     if cfg.fsdp:
@@ -183,12 +194,14 @@ def check_fsdp(cfg: TrainConfig) -> None:
                          "process): drop them or --fsdp")
 
 
-def peft_config(cfg: TrainConfig) -> PeftConfig | None:
-    """The PEFT method's configuration (None for full or partial fine-tuning / pretraining)."""
+def peft_config(cfg: TrainConfig, image_encoder=None) -> PeftConfig | None:
+    """The PEFT method's configuration (None for full or partial fine-tuning / pretraining); with the
+    image encoder of --image_root, a multimodal adapter that reads its features."""
     if cfg.full_checkpoint:
         return None
+    visual = dict(visual_dim=image_encoder.dim, image_encoder=image_encoder.spec) if image_encoder else {}
     try:
-        return PeftConfig(method=cfg.method, train_norms=cfg.train_norms, **cfg.peft_overrides)
+        return PeftConfig(method=cfg.method, train_norms=cfg.train_norms, **visual, **cfg.peft_overrides)
     except ValueError as e:
         raise UsageError(str(e)) from None
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ..cli import DataError
 from ..finetune.instructions import instruction_batch
 from ..model import IGNORE_INDEX, Llama
-from .batches import Data
+from .batches import Data, batch_images
 from .config import TrainConfig
 from .data import windows
 from .distributed import unsharded
@@ -29,7 +29,7 @@ def evaluate(model: Llama, data: Data, cfg: TrainConfig, rt: Runtime) -> tuple[f
     --fsdp is gathered whole on every process meanwhile: their shares differ by a batch."""
     with unsharded(model):
         if data.instructions:
-            return answer_loss(model, data.val, data.tokenizer.eos_id, cfg.batch_size, rt), None
+            return answer_loss(model, data.val, data.tokenizer.eos_id, cfg.batch_size, rt, data.image_features), None
         return bits_per_byte(model, data.val, data.byte_lengths, cfg.seq_len, cfg.batch_size, cfg.eval_tokens, rt)
 
 
@@ -67,9 +67,10 @@ def bits_per_byte(model: Llama, tokens: np.ndarray, byte_lengths: np.ndarray, se
 
 @torch.no_grad()
 def answer_loss(model: Llama, examples: Sequence[tuple[list[int], list[int]]], pad_id: int, batch_size: int,
-                rt: Runtime | None = None) -> float:
+                rt: Runtime | None = None, image_features: dict[str, torch.Tensor] | None = None) -> float:
     """Mean cross-entropy per answer token (EOS included) of encoded instruction examples given their
-    prompts: the loss fine-tuning minimises, measured on held-out records."""
+    prompts (and images: image_features by the id each example carries third): the loss fine-tuning
+    minimises, measured on held-out records."""
     rt = rt or Runtime(model.tok_embeddings.weight.device)
     was_training = model.training
     model.eval()
@@ -78,8 +79,9 @@ def answer_loss(model: Llama, examples: Sequence[tuple[list[int], list[int]]], p
     for i in range(0, len(mine), batch_size):
         x, y = instruction_batch(examples, mine[i:i + batch_size], pad_id)
         x, y = x.to(rt.device), y.to(rt.device)
+        images = batch_images(image_features, examples, mine[i:i + batch_size])
         with rt.autocast():
-            logits, _ = model(x)
+            logits, _ = model(x, images=None if images is None else images.to(rt.device))
         totals[0] += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE_INDEX,
                                      reduction="sum").double()
         totals[1] += (y != IGNORE_INDEX).sum()

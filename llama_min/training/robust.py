@@ -86,7 +86,7 @@ class DevSelection:
             if self.rt.master:  # greedy decoding in the run's precision; float32 is float32 (no TF32), as in experiments/
                 with torch.no_grad(), self.rt.autocast(), exact_float32():
                     accuracy.fill_(exact_match_accuracy(self.model, self.data.tokenizer, self.records,
-                                                        DEV_ANSWER_TOKENS))
+                                                        DEV_ANSWER_TOKENS, image_features=self.data.image_features))
             if self.rt.world_size > 1:
                 dist.broadcast(accuracy, src=0)
             accuracy = accuracy.item()

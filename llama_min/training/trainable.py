@@ -84,7 +84,7 @@ def check_memory(config: ModelConfig, cfg: TrainConfig, rt: Runtime) -> None:
         meminfo = Path("/proc/meminfo")
         lines = meminfo.read_text().splitlines() if meminfo.exists() else []
         free = next((int(line.split()[1]) * 1024 for line in lines if line.startswith("MemAvailable:")), None)
-    need = 16 * n_params
+    need = 16 * n_params // (rt.world_size if cfg.fsdp else 1)  # FSDP shards all of it across the processes
     if free is not None and need > free:
         raise UsageError(f"--model {cfg.model}: training its {n_params / 1e9:.2f}B parameters needs about "
                          f"{need / 2**30:,.0f} GiB (16 bytes each: float32 weights, gradients and AdamW's two moments) "
@@ -92,11 +92,11 @@ def check_memory(config: ModelConfig, cfg: TrainConfig, rt: Runtime) -> None:
                          "--n_layers / a smaller --dim")
 
 
-def choose_trainable(model: Llama, cfg: TrainConfig, resume_from: Path | None = None) -> str:
+def choose_trainable(model: Llama, cfg: TrainConfig, resume_from: Path | None = None, image_encoder=None) -> str:
     """Set requires_grad on exactly the parameters that train, and return the table of trainable versus
     total parameters per module group. A PEFT method resuming loads the run's own adapter tensors
-    (strictly) on top of the rebuilt base."""
-    config = peft_config(cfg)
+    (strictly) on top of the rebuilt base. With --image_root's encoder the adapter is multimodal."""
+    config = peft_config(cfg, image_encoder)
     if cfg.method == "full":
         model.requires_grad_(True)
     elif cfg.method == "partial":

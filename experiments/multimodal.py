@@ -1,0 +1,156 @@
+"""The multimodal LLaMA-Adapter against a blind one, on the image world: the table and gate plot of docs/multimodal.md.
+
+    python -m experiments.multimodal --base runs/base/ckpt --out runs/multimodal --seeds 0 1 2
+    python -m experiments.multimodal --base B --out /tmp/quick --seeds 0 --steps 20 --n_train 40 --n_test 8
+
+BASE is any checkpoint of train.py with its tokenizer, e.g. the default ``python train.py`` on the shipped
+Shakespeare, whose vocabulary has every answer word. For each seed, two LLaMA-Adapters are trained by
+``python train.py`` (a child process each) on the same image-world records for the same steps:
+
+    multimodal   --image_root WORLD: the lab encoder's features projected into every adapted layer's prompts
+    blind        the same records without their "image" field: a text-only adapter, which can learn no more
+                 than the most frequent answer to each question
+
+and both are scored by exact match on the test pictures (never seen in training; half of them of colour-shape
+combinations no training picture has), per question type, and for colour and shape also on the held-out
+combinations alone. Writes OUT/results.json, OUT/table.md and OUT/gates.png (the adapter's mean gate per layer
+over the multimodal run of the first seed, from its metrics.jsonl).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+from llama_min.checkpoint import tokenizer_file
+from llama_min.finetune.exact_match import answers, is_exact
+from llama_min.finetune.images import COLOURS, HELD_OUT_COMBINATIONS, QUESTIONS, make_world, question_type, \
+    read_image_records
+from llama_min.finetune.load import load_finetuned
+from llama_min.peft.visual import load_encoder
+from llama_min.tokenizer import Tokenizer
+
+from .run_lab import run_child
+
+KINDS = ("multimodal", "blind")
+
+
+def finetune(base: Path, world: Path, records: Path, run_dir: Path, seed: int, args, images: bool) -> dict:
+    flags = ["--image_root", str(world)] if images else []
+    return run_child(["--init_from", str(base), "--method", "adapter", "--data", str(records), *flags,
+                      "--seq_len", "128", "--batch_size", str(args.batch_size), "--lr", str(args.lr),
+                      "--warmup_steps", "10", "--max_steps", str(args.steps), "--eval_every", str(args.steps),
+                      "--log_every", "10", "--sample_tokens", "0", "--seed", str(seed), "--out_dir", str(run_dir)],
+                     run_dir / "train.log")
+
+
+def finished(run_dir: Path, steps: int) -> bool:
+    """Whether run_dir holds a run that reached ``steps`` (its metrics.jsonl says so)."""
+    metrics = run_dir / "metrics.jsonl"
+    if not (run_dir / "peft" / "peft.json").is_file() or not metrics.is_file():
+        return False
+    return any(json.loads(line).get("step") == steps for line in metrics.read_text().splitlines() if line.strip())
+
+
+def score(base: Path, run_dir: Path, world: Path, images: bool) -> dict[str, float]:
+    """Exact match per question type on the test pictures; colour and shape also on the held-out
+    combinations alone (keys colour@held_out, shape@held_out)."""
+    model = load_finetuned(base, peft=run_dir / "peft")
+    tokenizer = Tokenizer(tokenizer_file(base))
+    records = read_image_records(world / "test.json", world)
+    features = None
+    if images:
+        ids = sorted({r.image for r in records})
+        features = dict(zip(ids, load_encoder(model.peft_config.image_encoder).features(world, ids)))
+    got = answers(model, tokenizer, records, max_new_tokens=4, image_features=features)
+    truth = {}  # picture -> its colour and shape
+    for r in records:
+        truth.setdefault(r.image, {})[question_type(r)] = r.output
+    groups: dict[str, list[bool]] = {}
+    for answer, r in zip(got, records):
+        kind = question_type(r)
+        groups.setdefault(kind, []).append(is_exact(answer, r))
+        if kind in ("colour", "shape") and (truth[r.image]["colour"], truth[r.image]["shape"]) in HELD_OUT_COMBINATIONS:
+            groups.setdefault(f"{kind}@held_out", []).append(is_exact(answer, r))
+    return {k: sum(v) / len(v) for k, v in groups.items()}
+
+
+def gate_plot(run_dir: Path, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r.get("peft")]
+    steps = [r["step"] for r in rows]
+    gates = [r["peft"]["adapter_gate"] for r in rows]  # (logged steps, layers)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for layer in range(len(gates[0])):
+        ax.plot(steps, [g[layer] for g in gates], label=f"layer {layer}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("gate (mean over heads)")
+    ax.set_title("multimodal LLaMA-Adapter: gates per layer while training")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def table(per_seed: dict[int, dict]) -> str:
+    seeds = sorted(per_seed)
+    columns = [*QUESTIONS, "colour@held_out", "shape@held_out"]
+    lines = [f"| adapter | {' | '.join(columns)} |", "|---|" + "---:|" * len(columns)]
+    for kind in KINDS:
+        cells = []
+        for c in columns:
+            values = [per_seed[s][kind]["scores"][c] for s in seeds]
+            cells.append(f"{statistics.mean(values):.3f} ({', '.join(f'{v:.2f}' for v in values)})")
+        lines.append(f"| {kind} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", required=True, help="base checkpoint directory (with its tokenizer)")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--n_train", type=int, default=600, help="training pictures (four records each)")
+    parser.add_argument("--n_test", type=int, default=120, help="test pictures")
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # scoring here, like each train.py child: one thread (see run_lab.py on why)
+    out, base = Path(args.out), Path(args.base)
+    world = out / "world"
+    make_world(world, args.n_train, args.n_test, seed=0)
+    blind_records = out / "train_blind.json"  # the same records, their images taken away
+    blind_records.write_text(json.dumps([{k: v for k, v in r.items() if k != "image"}
+                                         for r in json.loads((world / "train.json").read_text())]))
+    per_seed = {}
+    for seed in args.seeds:
+        per_seed[seed] = {}
+        for kind in KINDS:
+            run_dir = out / f"seed{seed}" / kind
+            images = kind == "multimodal"
+            if finished(run_dir, args.steps):  # trained by an earlier call of this command: score it again
+                cost = {"wall_s": None, "peak_mb": None}
+            else:
+                cost = finetune(base, world, world / "train.json" if images else blind_records, run_dir, seed, args,
+                                images)
+            scores = score(base, run_dir, world, images)
+            per_seed[seed][kind] = {"scores": scores, **cost}
+            print(f"seed {seed}: {kind:<10} " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()), flush=True)
+    gate_plot(out / f"seed{args.seeds[0]}" / "multimodal", out / "gates.png")
+    (out / "results.json").write_text(json.dumps({"args": vars(args), "colours": list(COLOURS),
+                                                  "per_seed": per_seed}, indent=2) + "\n")
+    text = table(per_seed)
+    (out / "table.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
