@@ -153,7 +153,7 @@ def train(cfg: TrainConfig) -> signal.Signals | None:
 
     # ---- the end --------------------------------------------------------------------------------------
     note = progress.plot()
-    if note or rt.master and (Path(cfg.out_dir) / "loss.png").exists():
+    if note or (rt.master and (Path(cfg.out_dir) / "loss.png").exists()):
         rt.say(note or f"loss curve: {Path(cfg.out_dir) / 'loss.png'}")
     model.eval()  # no training-only noise (NEFTune, LoRA dropout) in what follows
     if stopped_by is None and cfg.sample_tokens > 0:

@@ -1,7 +1,7 @@
 """Model configuration: the numbers that define a LLaMA, named as in Meta's ``params.json``.
 
-Every size the model uses is derived here, once, from these fields (STYLE habit 4: no number hides
-in a class default). The presets carry the published hyper-parameters of LLaMA (Touvron et al. 2023,
+Every size the model uses is derived here, once, from these fields: no number hides in a class
+default that happens to fit one model. The presets carry the published hyper-parameters of LLaMA (Touvron et al. 2023,
 Table 2) and Llama 2 (Touvron et al. 2023b, Table 1 and the released ``params.json`` files).
 """
 

@@ -82,9 +82,9 @@ def tokenizer_ids(path: Path | None, default: tuple[int, int] = (1, 2)) -> tuple
     """bos and eos ids of a tokenizer file, or ``default`` when there is none."""
     if path is None:
         return default
-    from ..tokenizer import Tokenizer
+    from ..tokenizer import load_tokenizer
 
-    tok = Tokenizer(path)
+    tok = load_tokenizer(path)
     return tok.bos_id, tok.eos_id
 
 

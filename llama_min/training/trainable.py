@@ -21,7 +21,7 @@ from ..model import Llama
 from ..peft import apply_peft, load_peft, parameter_table
 from ..peft.lora import LoRALinear
 from ..rmsnorm import RMSNorm
-from ..tokenizer import Tokenizer
+from ..tokenizer import load_tokenizer
 from .config import TrainConfig, peft_config
 from .runtime import Runtime
 
@@ -54,7 +54,7 @@ def build_model(cfg: TrainConfig, rt: Runtime, resume_from: Path | None = None) 
         return model, tokenizer_path
     overrides = dict(cfg.model_overrides)
     if cfg.tokenizer:
-        size = Tokenizer(cfg.tokenizer).vocab_size  # the model's vocabulary is the tokenizer's
+        size = load_tokenizer(cfg.tokenizer).vocab_size  # the model's vocabulary is the tokenizer's
         if overrides.get("vocab_size", size) != size:
             raise UsageError(f"--vocab_size {overrides['vocab_size']} but --tokenizer {cfg.tokenizer} has {size} tokens; "
                              "drop --vocab_size (the model takes the tokenizer's) or pass another tokenizer")
