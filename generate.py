@@ -30,6 +30,7 @@ import torch
 
 from llama_min import Llama, Tokenizer
 from llama_min.checkpoint import resolve_checkpoint_dir, tokenizer_file
+from llama_min.tokenizer import load_tokenizer
 from llama_min.cli import OneLineParser, UsageError, add_flags, flag, pick_device, read_text
 from llama_min.finetune.load import check_interpolation_flags, load_finetuned
 from llama_min.finetune.chat_template import ChatTemplate, generation_eos_ids, read_chat_template
@@ -119,7 +120,7 @@ def load(cfg: GenerateConfig) -> tuple[Llama, Tokenizer, Template | ChatTemplate
     if tokenizer_path is None:
         raise UsageError(f"{cfg.checkpoint} holds no tokenizer.model or tokenizer.json; generation needs the "
                          "tokenizer the model was trained with (copy it into the checkpoint directory)")
-    tokenizer = Tokenizer(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path)
     scheme = quantization_scheme(cfg.quantize, cfg.group_size)  # a bad choice fails before the slow load
     model = load_finetuned(cfg.checkpoint, cfg.peft, cfg.base, cfg.interpolate, device, DTYPES[cfg.dtype],
                            check_base=not cfg.allow_other_base)

@@ -21,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from llama_min import Tokenizer, generate
+from llama_min import Tokenizer, generate, load_tokenizer
 from llama_min.checkpoint import load_checkpoint, tokenizer_file
 from llama_min.quantize import quantize_model
 
@@ -59,7 +59,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
 
-    tokenizer = Tokenizer(tokenizer_file(args.checkpoint))
+    tokenizer = load_tokenizer(tokenizer_file(args.checkpoint))
     base = load_checkpoint(args.checkpoint).eval()
     with open(args.text, encoding="utf-8") as f:
         ids = tokenizer.encode(f.read(), bos=False)

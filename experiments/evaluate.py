@@ -25,7 +25,7 @@ from llama_min.finetune.exact_match import answers, is_exact
 from llama_min.finetune.instructions import InstructionRecord, encode_records, read_records
 from llama_min.finetune.load import load_finetuned
 from llama_min.model import Llama
-from llama_min.tokenizer import Tokenizer
+from llama_min.tokenizer import load_tokenizer
 from llama_min.training import evaluate as training_evaluate
 from llama_min.training.config import TrainConfig
 from llama_min.training.data import split_documents, token_byte_lengths, tokenize_to_memmap
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"{args.checkpoint} holds no tokenizer; pass --tokenizer")
     records = read_records(args.records)
     records = records[:args.limit] if args.limit else records
-    result = exact_match(model, Tokenizer(tok_path), records, args.max_new_tokens, args.batch_size)
+    result = exact_match(model, load_tokenizer(tok_path), records, args.max_new_tokens, args.batch_size)
     print(json.dumps(result))
     return result
 

@@ -27,7 +27,7 @@ from llama_min.checkpoint import tokenizer_file
 from llama_min.finetune.instructions import read_records
 from llama_min.finetune.load import check_interpolation_flags, load_finetuned
 from llama_min.finetune.perturb import perturb_for_eval
-from llama_min.tokenizer import Tokenizer
+from llama_min.tokenizer import load_tokenizer
 
 from .evaluate import answer_loss, corpus_bpb, exact_match
 
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     records = read_records(args.records)
     records = records[:args.limit] if args.limit else records
     try:
-        points = curve(args.checkpoint, records, Tokenizer(tok_path), args.peft, args.base, args.coefficients,
+        points = curve(args.checkpoint, records, load_tokenizer(tok_path), args.peft, args.base, args.coefficients,
                        args.max_new_tokens, args.batch_size, args.device, args.perturb_seed, args.corpus,
                        args.cache_dir or str(Path(args.out) / "cache"), args.corpus_seq_len)
     except (ValueError, FileNotFoundError) as e:

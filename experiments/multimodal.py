@@ -32,7 +32,7 @@ from llama_min.finetune.images import COLOURS, HELD_OUT_COMBINATIONS, QUESTIONS,
     read_image_records
 from llama_min.finetune.load import load_finetuned
 from llama_min.peft.visual import load_encoder
-from llama_min.tokenizer import Tokenizer
+from llama_min.tokenizer import load_tokenizer
 
 from .run_lab import run_child
 
@@ -60,7 +60,7 @@ def score(base: Path, run_dir: Path, world: Path, images: bool) -> dict[str, flo
     """Exact match per question type on the test pictures; colour and shape also on the held-out
     combinations alone (keys colour@held_out, shape@held_out)."""
     model = load_finetuned(base, peft=run_dir / "peft")
-    tokenizer = Tokenizer(tokenizer_file(base))
+    tokenizer = load_tokenizer(tokenizer_file(base))
     records = read_image_records(world / "test.json", world)
     features = None
     if images:

@@ -32,7 +32,7 @@ import torch
 from llama_min.checkpoint import load_checkpoint, tokenizer_file
 from llama_min.finetune.instructions import read_records
 from llama_min.finetune.perturb import perturb_for_eval
-from llama_min.tokenizer import Tokenizer
+from llama_min.tokenizer import load_tokenizer
 
 from .evaluate import corpus_bpb, exact_match
 from .run_lab import PRETRAIN_SEQ_LEN, add_lab_arguments, finetune, load_run, pretrain_base, trainable_count
@@ -86,7 +86,7 @@ def run_seed(out: Path, seed: int, rows: list[str], args) -> dict:
     base = lab / "base" / "ckpt"
     if not (base / "config.json").is_file():
         pretrain_base(lab, seed, args.pretrain_steps, args.batch_size)
-    tokenizer = Tokenizer(tokenizer_file(base))
+    tokenizer = load_tokenizer(tokenizer_file(base))
     clean = read_records(lab / "lab" / "instructions" / "eval.jsonl")
     perturbed = perturb_for_eval(clean, seed)
     results = {}

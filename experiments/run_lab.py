@@ -37,7 +37,7 @@ from llama_min.checkpoint import load_checkpoint, tokenizer_file
 from llama_min.finetune.instructions import read_records
 from llama_min.finetune.load import load_finetuned
 from llama_min.model import Llama
-from llama_min.tokenizer import Tokenizer
+from llama_min.tokenizer import load_tokenizer
 from llama_min.training.config import parse_args
 from llama_min.training.trainable import choose_trainable
 
@@ -112,7 +112,7 @@ def run_seed(out: Path, seed: int, args) -> dict:
     lab = out / f"seed{seed}"
     base = pretrain_base(lab, seed, args.pretrain_steps, args.batch_size)
     eval_records = read_records(lab / "lab" / "instructions" / "eval.jsonl")
-    tokenizer = Tokenizer(tokenizer_file(base))
+    tokenizer = load_tokenizer(tokenizer_file(base))
     before = exact_match(load_checkpoint(base), tokenizer, eval_records)["accuracy"]
     print(f"seed {seed}: base exact match {before:.3f}", flush=True)
     results = {}

@@ -5,21 +5,23 @@
     python -m lab.grade --json results.json    # also the results in Gradescope's autograder format
     python -m lab.grade --hidden DIR           # add an instructor's hidden tests (or LAB_HIDDEN_TESTS=DIR)
 
-Points come from lab/rubric.toml (hidden tests: DIR/rubric.toml; 1 point for a test it does not list). The
-graders run in this process, on the llama_min package of the current directory. The exit status is 0 when
-every test passed.
+Points come from lab/rubric.toml (hidden tests: DIR/rubric.toml; 1 point for a test it does not list). Each
+lab is graded in a child process of its own on a copy of the current directory in which every other lab's
+files are as handed out (lab/starter), so one lab's broken file cannot fail another, and an ``os._exit`` or an
+endless loop costs only that lab (lab/isolate.py; ``--in-process`` runs every grader in this process instead).
+The exit status is 0 when every test passed.
 
 The JSON follows https://gradescope-autograders.readthedocs.io/en/latest/specs/ (output format): a top-level
 "score", "execution_time", "output", "visibility", "stdout_visibility" and "tests", each test with "name",
 "number", "score", "max_score", "status", "output", "tags" and "visibility". Hidden tests are
-"after_published": students see them once the instructor publishes the grades.
+"after_published": students see them once the instructor publishes the grades, and the top-level "output",
+which students see at once, covers the visible tests only.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import io
 import json
 import os
@@ -51,26 +53,31 @@ class Result:
 
 
 class Collector:
-    """A pytest plugin that keeps each test's outcome and, for a failure, a message for the student."""
+    """A pytest plugin that keeps each test's outcome and, for a failure, a message for the student. Tests are
+    keyed by (grader file name, test name); ``on_outcome`` sees each outcome as it is made."""
 
     def __init__(self):
-        self.outcomes: dict[tuple[Path, str], tuple[bool, str]] = {}  # (file, test name) -> (passed, message)
-        self.broken: dict[str, str] = {}  # grader file that failed to import -> the error
+        self.outcomes: dict[tuple[str, str], tuple[bool, str]] = {}  # (file name, test name) -> (passed, message)
+        self.broken: dict[str, str] = {}  # grader file name that failed to import -> the error
+
+    def on_outcome(self, key: tuple[str, str], outcome: tuple[bool, str]) -> None:
+        """Called with every new outcome (a subclass records it)."""
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_makereport(self, item, call):
         report = (yield).get_result()
         if report.when == "call" or report.failed:
-            key = (Path(item.path).resolve(), item.nodeid.partition("::")[2])
+            key = (Path(item.path).name, item.nodeid.partition("::")[2])
             message = "" if report.passed else student_message(call.excinfo)
             if key not in self.outcomes or not report.passed:
                 self.outcomes[key] = (report.passed and report.when == "call", message)
+                self.on_outcome(key, self.outcomes[key])
 
     def pytest_collectreport(self, report):
         if report.failed:
             lines = report.longreprtext.splitlines()
             errors = [line.strip()[2:] for line in lines if line.strip().startswith("E ")]
-            self.broken[str(Path(report.fspath).resolve())] = "\n".join(errors or lines[-8:])
+            self.broken[Path(report.fspath).name] = "\n".join(errors or lines[-8:])
 
 
 def student_message(excinfo) -> str:
@@ -116,18 +123,21 @@ def hidden_files(hidden: Path | None) -> dict[int, list[Path]]:
     return files
 
 
-def run_graders(root: Path, labs: list[int], hidden: Path | None = None, echo: bool = False) -> list[Result]:
-    """Run the graders of ``labs`` (and their hidden tests) found under ``root`` in this process."""
+def grader_files(root: Path, labs: list[int], hidden: Path | None = None, public: bool = True
+                 ) -> list[tuple[int, Path, bool]]:
+    """(lab, test file, is hidden) for the public graders of ``labs`` (unless ``public`` is false) and their
+    hidden tests in ``hidden``."""
     from .manifest import load_labs
 
     manifest = load_labs(root / "lab" / "manifest.toml")
-    rubric = read_rubric(root / "lab" / "rubric.toml")
     extra = hidden_files(hidden)
-    hidden_rubric = read_rubric(Path(hidden) / "rubric.toml") if hidden else {}
-    files = [(number, (root / "lab" / manifest[number].grader).resolve(), False) for number in labs]
-    files += [(number, path, True) for number in labs for path in extra.get(number, [])]
-    collector = Collector()
-    args = [str(path) for _, path, _ in files]
+    files = [(number, (root / "lab" / manifest[number].grader).resolve(), False) for number in labs if public]
+    return files + [(number, path, True) for number in labs for path in extra.get(number, [])]
+
+
+def run_pytest(root: Path, paths: list[Path], collector: Collector, echo: bool = False) -> None:
+    """Run the test files ``paths`` with pytest in this process, reporting to ``collector``."""
+    args = [str(path) for path in paths]
     # no:unraisableexception: its gc.collect() passes at the end cost half a second with torch loaded
     args += ["-q", "-p", "no:cacheprovider", "-p", "no:unraisableexception", "--import-mode=importlib",
              "--continue-on-collection-errors",
@@ -143,24 +153,42 @@ def run_graders(root: Path, labs: list[int], hidden: Path | None = None, echo: b
             del os.environ[NO_PLUGINS]
         else:
             os.environ[NO_PLUGINS] = saved
-    by_file: dict[Path, dict[str, tuple[bool, str]]] = {}
-    for (file, name), outcome in collector.outcomes.items():
-        by_file.setdefault(file, {})[name] = outcome
+
+
+def score(labs: list[int], files: list[tuple[int, Path, bool]], outcomes: dict[tuple[str, str], tuple[bool, str]],
+          broken: dict[str, str], rubric: dict, hidden_rubric: dict, expected: dict[str, list[str]] | None = None,
+          missing: str = "not run: no such test in the grader") -> list[Result]:
+    """The results of ``labs``: every test the rubric lists, ran, or ``expected`` names (file name -> test
+    names), with its points; a test that did not run fails with ``missing`` (or the load error of its file)."""
     results = []
     for number in labs:
         for is_hidden in (False, True):
-            paths = [path for n, path, h in files if n == number and h == is_hidden]
-            ran = {name: outcome for path in paths for name, outcome in by_file.get(path, {}).items()}
-            broken = [f"{path.name} failed to load:\n{collector.broken[str(path)]}" for path in paths
-                      if str(path) in collector.broken]
-            missing = (False, "not run: " + ("\n".join(broken) if broken else "no such test in the grader"))
-            points = (hidden_rubric if is_hidden else rubric).get(number, {}) if paths else {}
-            for name in dict.fromkeys([*points, *ran]):
-                passed, message = ran.get(name, missing)
+            names = [path.name for n, path, h in files if n == number and h == is_hidden]
+            ran = {test: outcome for (file, test), outcome in outcomes.items() if file in names}
+            broken_here = [f"{name} failed to load:\n{broken[name]}" for name in names if name in broken]
+            not_run = (False, "not run: " + "\n".join(broken_here) if broken_here else missing)
+            points = (hidden_rubric if is_hidden else rubric).get(number, {}) if names else {}
+            listed = [test for name in names for test in (expected or {}).get(name, [])]
+            for name in dict.fromkeys([*points, *listed, *ran]):
+                passed, message = ran.get(name, not_run)
                 results.append(Result(number, name, passed, message, float(points.get(name, 1.0)), is_hidden))
-            results += [Result(number, f"{path.name} (failed to load)", False, collector.broken[str(path)], 0.0,
-                               is_hidden) for path in paths if str(path) in collector.broken]
+            results += [Result(number, f"{name} (failed to load)", False, broken[name], 0.0, is_hidden)
+                        for name in names if name in broken]
     return results
+
+
+def rubrics(root: Path, hidden: Path | None) -> tuple[dict, dict]:
+    """The points of the public graders (root/lab/rubric.toml) and of the hidden tests (hidden/rubric.toml)."""
+    return read_rubric(root / "lab" / "rubric.toml"), read_rubric(Path(hidden) / "rubric.toml") if hidden else {}
+
+
+def run_graders(root: Path, labs: list[int], hidden: Path | None = None, echo: bool = False) -> list[Result]:
+    """Run the graders of ``labs`` (and their hidden tests) found under ``root`` in this process: fast, and
+    trusting the code it grades (lab/isolate.py grades code it does not trust)."""
+    files = grader_files(root, labs, hidden)
+    collector = Collector()
+    run_pytest(root, [path for _, path, _ in files], collector, echo)
+    return score(labs, files, collector.outcomes, collector.broken, *rubrics(root, hidden))
 
 
 def table(results: list[Result], titles: dict[int, str]) -> str:
@@ -181,8 +209,10 @@ def table(results: list[Result], titles: dict[int, str]) -> str:
     return "\n".join(lines)
 
 
-def gradescope(results: list[Result], seconds: float, summary: str) -> dict:
-    """The results in Gradescope's autograder format (see the module docstring)."""
+def gradescope(results: list[Result], seconds: float, titles: dict[int, str]) -> dict:
+    """The results in Gradescope's autograder format (see the module docstring). The top-level ``output``,
+    which students see at once, holds the table and failures of the visible tests only: a hidden test's name
+    and message appear only in its own after_published entry."""
     tests, counters = [], {}
     for r in results:
         counters[r.lab] = counters.get(r.lab, 0) + 1
@@ -190,12 +220,22 @@ def gradescope(results: list[Result], seconds: float, summary: str) -> dict:
                       "score": r.points, "max_score": r.max_points, "status": "passed" if r.passed else "failed",
                       "output": r.message, "tags": [f"lab{r.lab}"] + (["hidden"] if r.hidden else []),
                       "visibility": "after_published" if r.hidden else "visible"})
-    return {"score": sum(r.points for r in results), "execution_time": round(seconds, 1), "output": summary,
+    visible = table([r for r in results if not r.hidden], titles)
+    return {"score": sum(r.points for r in results), "execution_time": round(seconds, 1), "output": visible,
             "visibility": "visible", "stdout_visibility": "hidden", "tests": tests}
 
 
+def write_json(path: Path, data: dict) -> None:
+    """Write ``data`` to ``path`` whole or not at all (a temporary file renamed over it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(partial, path)
+
+
 def main(argv: list[str] | None = None) -> None:
-    from .manifest import choose_labs, load_labs
+    from .isolate import Limits, Sandbox, grade_isolated
+    from .manifest import STARTER, choose_labs, load_labs
 
     root = Path.cwd()
     parser = argparse.ArgumentParser(prog="python -m lab.grade", description=__doc__.split("\n\n")[0])
@@ -203,27 +243,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, help="also write the results in Gradescope's format to this file")
     parser.add_argument("--hidden", type=Path, default=os.environ.get(HIDDEN_ENV) or None,
                         help=f"a directory of hidden tests test_labNN_*.py (default: ${HIDDEN_ENV})")
-    parser.add_argument("--verbose", action="store_true", help="show pytest's own output too")
+    parser.add_argument("--time-limit", type=float, default=Limits.time_s, help="seconds per lab (default %(default)g)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run every grader in this process: faster, but one lab's broken file fails them all "
+                             "and the code graded can change the verdict")
+    parser.add_argument("--verbose", action="store_true", help="show pytest's own output too (with --in-process)")
     args = parser.parse_args(argv)
     if not (root / "lab" / "manifest.toml").is_file():
         raise SystemExit(f"lab.grade: error: run it from the repository root (no lab/manifest.toml in {root})")
-    spec = importlib.util.find_spec("llama_min")  # where it is, without running it (it may not even compile)
-    if spec is None or Path(spec.origin).resolve().parents[1] != root.resolve():
-        where = "nowhere" if spec is None else Path(spec.origin).parent
-        print(f"lab.grade: warning: grading the llama_min found {where}, not the one in {root}", file=sys.stderr)
     manifest = load_labs(root / "lab" / "manifest.toml")
     try:
         labs = [lab.number for lab in choose_labs(args.lab or list(manifest), manifest)]
         start = time.time()
-        results = run_graders(root, labs, args.hidden, echo=args.verbose)
+        if args.in_process:
+            results = run_graders(root, labs, args.hidden, echo=args.verbose)
+        else:
+            # the student grading their own code: no other user to switch to
+            results, _ = grade_isolated(root, root, {n: manifest[n] for n in labs}, args.hidden,
+                                        Limits(time_s=args.time_limit), starter=root / STARTER, sandbox=Sandbox(),
+                                        workers=min(2, os.cpu_count() or 1))
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"lab.grade: error: {e}") from None
-    summary = table(results, {n: lab.title for n, lab in manifest.items()})
-    print(summary)
+    titles = {n: lab.title for n, lab in manifest.items()}
+    print(table(results, titles))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(gradescope(results, time.time() - start, summary), indent=1,
-                                        ensure_ascii=False) + "\n", encoding="utf-8")
+        write_json(args.json, gradescope(results, time.time() - start, titles))
         print(f"\nwrote {args.json} (Gradescope's results format)")
     raise SystemExit(0 if all(r.passed for r in results) else 1)
 

@@ -14,20 +14,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from .leaks import duplicated_answers
-from .manifest import REPO, Lab, choose_labs, load_labs
+from .manifest import REPO, STARTER, Lab, choose_labs, load_labs
 from .source import blank_function, replace_function
 
 # What a student version holds, relative to the repository root.
 PACKAGE = "llama_min"
 SCRIPTS = ("train.py", "generate.py")
 DATA = "data/shakespeare"
-LAB_FILES = ("__init__.py", "manifest.py", "manifest.toml", "grade.py", "rubric.toml", "pack.py")
+LAB_FILES = ("__init__.py", "manifest.py", "manifest.toml", "grade.py", "isolate.py", "record.py", "autograder.py",
+             "rubric.toml", "pack.py")
 LAB_DIRS = ("graders", "fixtures", "plots")
 RECORD = "lab/handout.json"
 
@@ -36,13 +39,40 @@ def copy_tree(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache"))
 
 
-def write_handout(labs: list[Lab], out: Path, repo: Path = REPO) -> list[str]:
-    """Write the student version with ``labs`` blanked into ``out`` (which must not exist or be empty).
-    Returns notes for the instructor: other labs' functions that would give a blanked lab's answer away."""
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
+def check_out(out: Path, repo: Path) -> None:
+    """Refuse an ``out`` that is not empty or that lies inside what a handout copies (the copy would copy
+    itself)."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not empty; choose a new directory for the handout")
-    out.mkdir(parents=True, exist_ok=True)
+    target = out.resolve()
+    for part in (repo, repo / PACKAGE, repo / DATA, repo / "lab"):
+        if target == part.resolve() or (part != repo and target.is_relative_to(part.resolve())):
+            raise ValueError(f"--out {out} is inside {part}, which the handout copies; choose a directory outside it")
+
+
+def write_handout(labs: list[Lab], out: Path, repo: Path = REPO) -> list[str]:
+    """Write the student version with ``labs`` blanked into ``out`` (which must not exist or be empty): into a
+    temporary directory beside it, renamed to ``out`` once complete, so that a failure (a full disk) leaves
+    nothing behind. Returns notes for the instructor: other labs' functions that would give a blanked lab's
+    answer away."""
+    out = Path(out)
+    check_out(out, repo)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        fill_directory(labs, work, repo)
+        work.chmod(0o755)
+        os.rename(work, out)  # replaces an empty directory, fails on one that filled meanwhile
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    blanked = {b.name for lab in labs for b in lab.blanks}
+    return [f"lab {lab.number}'s answer can be read in {name}, which this handout keeps: blank its lab too to hide it"
+            for lab in labs for name in lab.also_shows if name not in blanked] + duplicated_answers(repo, labs)
+
+
+def fill_directory(labs: list[Lab], out: Path, repo: Path) -> None:
+    """The handout's files, written into the existing empty directory ``out``."""
     copy_tree(repo / PACKAGE, out / PACKAGE)
     for script in SCRIPTS:
         shutil.copy2(repo / script, out / script)
@@ -62,12 +92,14 @@ def write_handout(labs: list[Lab], out: Path, repo: Path = REPO) -> list[str]:
             path = out / blank.file
             path.write_text(blank_function(path.read_text(encoding="utf-8"), blank.qualname,
                                            f"Lab {lab.number} ({lab.title}): {blank.todo}"), encoding="utf-8")
+    # The blanked files as handed out: lab.grade grades each lab with every other lab's files as they are
+    # here, so that one lab's broken file cannot fail another lab.
+    for file in sorted({f for lab in labs for f in lab.files}):
+        (out / STARTER / file).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(out / file, out / STARTER / file)
     (out / RECORD).write_text(json.dumps({"labs": [lab.number for lab in labs], "source_commit": source_commit(repo)},
                                          indent=2) + "\n", encoding="utf-8")
     (out / "README.md").write_text(student_readme(labs), encoding="utf-8")
-    blanked = {b.name for lab in labs for b in lab.blanks}
-    return [f"lab {lab.number}'s answer can be read in {name}, which this handout keeps: blank its lab too to hide it"
-            for lab in labs for name in lab.also_shows if name not in blanked] + duplicated_answers(repo, labs)
 
 
 def fill_handout(out: Path, repo: Path = REPO) -> list[str]:
@@ -145,6 +177,9 @@ def main(argv: list[str] | None = None) -> None:
         notes = write_handout(chosen, args.out)
     except (ValueError, FileExistsError, LookupError) as e:
         print(f"lab.handout: error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except OSError as e:
+        print(f"lab.handout: error: could not write {args.out}: {e.strerror or e}; nothing was written", file=sys.stderr)
         raise SystemExit(1) from None
     print(f"wrote the student version of labs {', '.join(str(lab.number) for lab in chosen)} to {args.out}")
     for note in notes:

@@ -14,6 +14,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ModelConfig
 from .generation import generate
 from .model import IGNORE_INDEX, Llama
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, load_tokenizer
 
-__all__ = ["IGNORE_INDEX", "Llama", "ModelConfig", "Tokenizer", "generate", "load_checkpoint", "save_checkpoint"]
+__all__ = ["IGNORE_INDEX", "Llama", "ModelConfig", "Tokenizer", "generate", "load_checkpoint", "load_tokenizer",
+           "save_checkpoint"]

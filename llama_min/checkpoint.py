@@ -62,14 +62,7 @@ def load_checkpoint(directory: str | Path, device: torch.device | str = "cpu", d
         model = Llama(config)
         if config.quantization:
             prepare_quantized_skeleton(model, config.quantization)
-    tied = model.output.weight is model.tok_embeddings.weight  # a quantised head is a copy of its own
-    check_state_dict({k: v.shape for k, v in stored_state_dict(model).items()}, state,
-                     str(resolve_checkpoint_dir(directory) / WEIGHTS_FILE))
-    if tied:
-        state["output.weight"] = state["tok_embeddings.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
-    if tied:  # assign=True made two Parameters; make them one again
-        model.output.weight = model.tok_embeddings.weight
+    put_weights(model, state, resolve_checkpoint_dir(directory) / WEIGHTS_FILE, assign=True)
     if config.quantization:
         use_kernel_layouts(model)
     return model
@@ -119,6 +112,18 @@ def read_config(path: Path) -> ModelConfig:
         return ModelConfig.load(path)
     except (ValueError, TypeError) as e:  # not JSON, unknown fields, an impossible shape
         raise ValueError(f"{path}: not a llama_min model config ({one_line(e, 160)})") from None
+
+
+def put_weights(model: Llama, state: dict[str, torch.Tensor], source: Path, assign: bool = False) -> None:
+    """Load a checkpoint's tensors into ``model``, strictly: copied into its tensors, or with ``assign``
+    made its tensors (a model built on the meta device). A tied output head is stored once."""
+    tied = model.output.weight is model.tok_embeddings.weight  # a quantised head is a copy of its own
+    check_state_dict({k: v.shape for k, v in stored_state_dict(model).items()}, state, str(source))
+    if tied:
+        state = {**state, "output.weight": state["tok_embeddings.weight"]}
+    model.load_state_dict(state, strict=True, assign=assign)
+    if assign and tied:  # assign made two Parameters; make them one again
+        model.output.weight = model.tok_embeddings.weight
 
 
 def resolve_checkpoint_dir(directory: str | Path) -> Path:

@@ -299,10 +299,21 @@ class TextStream:
         if hits:
             self.stopped = True
             return self._emit(decoded[:min(hits)])
-        final = len(decoded.rstrip("\ufffd"))
-        final -= max((n for s in self.stop_strings for n in range(1, min(len(s), final + 1))
-                      if decoded[final - n:final] == s[:n]), default=0)  # a tail a stop string starts with
+        final = len(decoded.rstrip("\ufffd"))  # an incomplete UTF-8 character may still change
+        final -= stop_string_prefix(decoded[:final], self.stop_strings)
         return self._emit(decoded[:max(final, len(self.text))])
 
     def finish(self) -> str:
         return "" if self.stopped else self._emit(self._decoded())
+
+
+def stop_string_prefix(text: str, stop_strings: Sequence[str]) -> int:
+    """The length of the longest tail of ``text`` that some stop string starts with (0 if none): that
+    much must be held back, since the next tokens may complete the stop string. E.g. "Hello ##" with
+    the stop string "###" holds back 2 characters."""
+    longest = 0
+    for stop in stop_strings:
+        for n in range(1, min(len(stop), len(text) + 1)):  # n < len(stop): a whole stop string is a hit
+            if text.endswith(stop[:n]):
+                longest = max(longest, n)
+    return longest

@@ -7,8 +7,9 @@ ever out of vocabulary). Ids 0, 1, 2 are <unk>, <s> (bos), </s> (eos); there is 
 what it learns from, explained in its docstring: paragraphs with their newlines, not single lines.
 
 Models that ship only a ``tokenizer.json`` (Hugging Face's format: Llama 3 and many small LLaMA-shaped
-models use byte-level BPE) load through the optional ``tokenizers`` package behind the same interface:
-``Tokenizer(path)`` picks the implementation from the file (``HFTokenizer`` below for ``.json``).
+models use byte-level BPE) load through the optional ``tokenizers`` package behind the same interface
+(``HFTokenizer`` below). ``load_tokenizer(path)`` picks the class from the file's name: use it wherever
+the file may be either, as a checkpoint's may.
 """
 
 from __future__ import annotations
@@ -26,16 +27,18 @@ from .cli import one_line
 from .config import short
 
 
-class Tokenizer:
-    def __new__(cls, path: str | Path | None = None):
-        # A tokenizer.json is read by HFTokenizer; callers need not know which file a model ships.
-        # (path is optional only for copy and pickle, which create the object without arguments.)
-        if cls is Tokenizer and path is not None and Path(path).suffix == ".json":
-            cls = HFTokenizer
-        return super().__new__(cls)
+def load_tokenizer(path: str | Path) -> "Tokenizer":
+    """The tokenizer in a file: a sentencepiece ``tokenizer.model`` (``Tokenizer``) or a Hugging Face
+    ``tokenizer.json`` (``HFTokenizer``)."""
+    return HFTokenizer(path) if Path(path).suffix == ".json" else Tokenizer(path)
 
+
+class Tokenizer:
     def __init__(self, path: str | Path):
         path = self.path = existing_file(path)
+        if type(self) is Tokenizer and path.suffix == ".json":
+            raise ValueError(f"{path} is a Hugging Face tokenizer.json, not a sentencepiece model: load it with "
+                             "llama_min.tokenizer.load_tokenizer(path) (or HFTokenizer(path))")
         try:
             self.sp = spm.SentencePieceProcessor(model_file=str(path))
         except (RuntimeError, OSError) as e:
@@ -126,7 +129,7 @@ class Tokenizer:
         encoded stream holds "\nWhat"; there every line's first word falls apart into short pieces.
         Here the sentences are paragraphs (up to a blank line) with their newlines, and no dummy
         prefix is added: on the Shakespeare held-out plays that means longer pieces and a lower held-out
-        bits per byte for train.py's default (docs/results.md, "How the default got here").
+        bits per byte for train.py's default (docs/results.md, "How the default got there").
 
         ``by_line=True`` is LLaMA's own recipe instead (lines, a dummy-prefix space before each); the
         word-task lab uses it (experiments/make_lab.py says why).

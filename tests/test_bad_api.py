@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import random_model, tiny_config
-from llama_min import Tokenizer, generate
+from llama_min import Tokenizer, generate, load_tokenizer
 from llama_min.config import ModelConfig
 from llama_min.finetune.chat_template import ChatTemplate
 from llama_min.finetune.templates import get_template
@@ -101,7 +101,7 @@ def test_a_tokenizer_without_bos_gets_no_id_minus_one_from_a_template(tmp_path):
     raw = Raw(models.WordLevel({"[UNK]": 0, "hello": 1}, unk_token="[UNK]"))
     raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     raw.save(str(tmp_path / "tokenizer.json"))
-    tok = Tokenizer(tmp_path / "tokenizer.json")
+    tok = load_tokenizer(tmp_path / "tokenizer.json")
     assert tok.bos_id == -1
     for name in ("raw", "alpaca", "llama2-chat"):
         ids = get_template(name).encode(tok, [("user", "hello")])

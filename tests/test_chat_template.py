@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from llama_min import Tokenizer, generate
+from llama_min import Tokenizer, generate, load_tokenizer
 from llama_min.convert.hf_tokenizer import write_for_transformers
 from llama_min.finetune.chat_template import ChatTemplate
 from llama_min.finetune.templates import get_template, record_template
@@ -65,8 +65,8 @@ def tokenizer_dirs(trained_tokenizer, line_trained_tokenizer, tmp_path_factory):
 
 
 def ours(directory) -> Tokenizer:
-    return Tokenizer(directory / "tokenizer.model" if (directory / "tokenizer.model").exists() else
-                     directory / "tokenizer.json")
+    return load_tokenizer(directory / "tokenizer.model" if (directory / "tokenizer.model").exists() else
+                          directory / "tokenizer.json")
 
 
 @pytest.mark.parametrize("kind", ["sentencepiece", "sentencepiece-prefix", "byte-level"])
@@ -190,7 +190,7 @@ def test_a_llama3_style_tokenizer_json_and_chat_template(tmp_path):
         "chat_template": LLAMA3}))
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [
         bpe.token_to_id("<|end_of_text|>"), bpe.token_to_id("<|eot_id|>")]}))
-    tok = Tokenizer(tmp_path / "tokenizer.json")
+    tok = load_tokenizer(tmp_path / "tokenizer.json")
     assert (tok.bos_id, tok.eos_id) == (bpe.token_to_id("<|begin_of_text|>"), bpe.token_to_id("<|eot_id|>"))
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
     template = ChatTemplate(LLAMA3, tok)

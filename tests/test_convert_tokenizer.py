@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from llama_min import Tokenizer
+from llama_min import load_tokenizer
 from llama_min.checkpoint import tokenizer_file
 
 from conftest import random_model, tiny_config
@@ -22,7 +22,7 @@ TEXTS = ["the quick brown fox jumps over the lazy dog", "in 2023 and 31415926", 
 
 
 def test_tokenizer_json_model_converts_and_loads(tmp_path):
-    """A Hugging Face model that ships only tokenizer.json: copied, and Tokenizer() runs it."""
+    """A Hugging Face model that ships only tokenizer.json: copied, and load_tokenizer() runs it."""
     original = train_byte_level_bpe(tmp_path)
     src = tmp_path / "hf"
     shutil.copytree(FIXTURE, src)
@@ -31,7 +31,7 @@ def test_tokenizer_json_model_converts_and_loads(tmp_path):
     assert run(src, tmp_path / "out")[0] == 0
     path = tokenizer_file(tmp_path / "out")
     assert path is not None and path.name == "tokenizer.json", f"tokenizer.json was not copied: {path}"
-    tok = Tokenizer(path)
+    tok = load_tokenizer(path)
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, -1), "bos/eos should come from tokenizer_config.json"
     assert tok.vocab_size == original.get_vocab_size()
     for text in TEXTS:
@@ -70,7 +70,7 @@ def test_gguf_sentencepiece_vocab_encodes_like_sentencepiece(tmp_path, request, 
     write_gguf(model, tmp_path / "m.gguf", add_vocab=sentencepiece_fields(trained_tokenizer))
     code, out, err = run(tmp_path / "m.gguf", tmp_path / "out")
     assert code == 0, err
-    tok = Tokenizer(tmp_path / "out" / "tokenizer.json")
+    tok = load_tokenizer(tmp_path / "out" / "tokenizer.json")
     assert (tok.bos_id, tok.eos_id) == (trained_tokenizer.bos_id, trained_tokenizer.eos_id)
     for text in TEXTS:
         expected = trained_tokenizer.encode(text, bos=True)
@@ -89,7 +89,7 @@ def test_gguf_byte_level_vocab_encodes_like_the_original(tmp_path):
     write_gguf(model, tmp_path / "m.gguf", add_vocab=byte_level_gguf_vocab(original, "gpt2", "<|begin|>", "<|end|>"))
     code, _, err = run(tmp_path / "m.gguf", tmp_path / "out")
     assert code == 0, err
-    tok = Tokenizer(tmp_path / "out" / "tokenizer.json")
+    tok = load_tokenizer(tmp_path / "out" / "tokenizer.json")
     assert (tok.bos_id, tok.eos_id) == (vocab["<|begin|>"], vocab["<|end|>"])
     for text in TEXTS:
         assert tok.encode(text, bos=False) == original.encode(text).ids, f"{text!r} encodes differently"

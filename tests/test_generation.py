@@ -10,7 +10,7 @@ import torch
 
 from conftest import random_model, random_tokens, tiny_config
 from llama_min import generate
-from llama_min.generation import (TextStream, choose_next, filter_top_k, filter_top_p, fit_context, generate_stream,
+from llama_min.generation import (TextStream, choose_next, stop_string_prefix, filter_top_k, filter_top_p, fit_context, generate_stream,
                                   store_weights_column_major)
 from llama_min.finetune.instructions import InstructionRecord, encode_record
 from llama_min.finetune.templates import get_template, record_template, template_for_checkpoint
@@ -313,3 +313,15 @@ def test_on_an_asynchronous_device_the_next_step_is_queued_before_a_token_is_han
     assert len(calls) == 2, f"model calls before the first token was handed out: {calls} (prefill and the next step)"
     assert [first[0], *(step[0] for step in stream)] == expected
     assert len(calls) == 1 + 4, "max_new_tokens 5: a prefill and four decode steps, none wasted after the last token"
+
+
+@pytest.mark.parametrize("text, stops, held", [
+    ("Hello ##", ["###"], 2),  # "##" may become "###"
+    ("Hello #", ["###", "#!"], 1),
+    ("ab", ["abc", "bx"], 2),  # the longer of two candidate tails
+    ("a##", ["##"], 1),  # a whole stop string is a hit, found before; only its proper prefixes are held
+    ("xyz", ["abc"], 0),
+    ("", ["abc"], 0),
+])
+def test_the_hold_back_is_the_longest_tail_a_stop_string_starts_with(text, stops, held):
+    assert stop_string_prefix(text, stops) == held

@@ -13,7 +13,7 @@ import json
 
 import pytest
 
-from llama_min import Tokenizer
+from llama_min import load_tokenizer
 
 from conftest import random_model, tiny_config
 from convert_helpers import CHATML, MIXED_TEXT, byte_level_gguf_vocab, run, train_byte_level_bpe, write_gguf
@@ -91,7 +91,7 @@ def test_each_pre_tokenizer_encodes_like_the_family_tokenizer(tmp_path, pre, fam
     path, original = gguf_with_vocab(tmp_path, pre, family)
     code, out, err = run(path, tmp_path / "out")
     assert code == 0 and "note" not in out, f"{err}{out}"
-    tok = Tokenizer(tmp_path / "out" / "tokenizer.json")
+    tok = load_tokenizer(tmp_path / "out" / "tokenizer.json")
     for text in TEXTS:
         got, expected = tok.encode(text, bos=False), original.encode(text).ids
         assert got == expected, (f"{pre}: {text!r} encodes as {[tok.id_to_piece(i) for i in got]}, the family's "

@@ -13,7 +13,7 @@ import zipfile
 import pytest
 
 from lab.handout import write_handout
-from lab.manifest import load_labs
+from lab.manifest import REPO, load_labs
 from lab.pack import pack
 
 LABS = load_labs()
@@ -87,6 +87,28 @@ def test_scores_follow_the_rubric_and_the_blanked_lab(graded):
     assert hidden["Lab 1: test_always_fails"]["max_score"] == 1.0  # not in the hidden rubric: 1 point
     assert all(t["visibility"] == "after_published" for t in hidden.values())
     assert "2   SwiGLU feed-forward" in run.stdout and "0/10" in run.stdout
+
+
+def test_hidden_tests_stay_out_of_what_students_see_at_once(graded):
+    run, results = graded
+    assert "a hidden failure" in run.stdout, "the instructor's own table shows the hidden failure"
+    visible = results["output"] + json.dumps([t for t in results["tests"] if t["visibility"] == "visible"])
+    for marker in ("a hidden failure", "test_always_fails", "test_unit_gain_keeps_unit_rms", "(hidden)"):
+        assert marker not in visible, f"{marker!r} is visible before the grades are published"
+
+
+def test_one_labs_broken_file_costs_only_that_lab(tmp_path):
+    """llama_min/__init__.py imports every module: a SyntaxError in lab 2's file must not fail lab 1."""
+    write_handout([LABS[1], LABS[2]], tmp_path / "h")
+    rmsnorm = tmp_path / "h/llama_min/rmsnorm.py"
+    rmsnorm.write_text((REPO / "llama_min/rmsnorm.py").read_text())
+    feedforward = tmp_path / "h/llama_min/feedforward.py"
+    feedforward.write_text(feedforward.read_text().replace("def forward(", "def forward((", 1))
+    run = subprocess.run([sys.executable, "-m", "lab.grade", "--lab", "1", "--lab", "2", "--json",
+                          str(tmp_path / "r.json")], cwd=tmp_path / "h", capture_output=True, text=True, timeout=600)
+    tests = {t["name"]: t for t in json.loads((tmp_path / "r.json").read_text())["tests"]}
+    assert all(t["status"] == "passed" for name, t in tests.items() if name.startswith("Lab 1")), run.stdout
+    assert tests["Lab 2: test_forward"]["status"] == "failed" and "SyntaxError" in tests["Lab 2: test_forward"]["output"]
 
 
 def test_pack_bundles_the_edited_files_and_names_missing_hand_ins(tmp_path):

@@ -19,8 +19,8 @@ from llama_min import Llama, ModelConfig
 from llama_min.checkpoint import load_checkpoint, save_checkpoint
 from llama_min.peft.adapter import AdapterPrompt
 from llama_min.peft.lora import LoRALinear
-from llama_min.peft import (PEFT_CONFIG, PEFT_WEIGHTS, PeftConfig, add_peft_arguments, apply_peft, fold_lora, peft_stats,
-                            load_peft, merge_lora, parameter_table, peft_config_from_args, peft_state_dict,
+from llama_min.peft import (PEFT_CONFIG, PEFT_WEIGHTS, PeftConfig, apply_peft, fold_lora, peft_stats,
+                            load_peft, merge_lora, parameter_table, peft_state_dict,
                             remove_peft, save_peft, unmerge_lora)
 
 from conftest import max_abs_diff, random_model, random_tokens, tiny_config
@@ -372,16 +372,9 @@ def test_apply_twice_and_bad_config_are_clear():
         fold_lora(adapted(PeftConfig(method="adapter"))[1])
 
 
-def test_config_json_and_flags_round_trip():
+def test_config_json_round_trip():
     config = PeftConfig(method="adapter", adapter_len=7, adapter_layers=3, gate_tanh=True, lora_targets=["wq", "w2"])
     assert PeftConfig.from_json(config.to_json()) == config
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    add_peft_arguments(parser)
-    args = parser.parse_args("--adapter_len 7 --adapter_layers 3 --gate_tanh --lora_targets wq w2".split())
-    assert peft_config_from_args(args, "adapter") == config
-    assert peft_config_from_args(parser.parse_args([]), "lora") == PeftConfig(method="lora")
 
 
 # ---- counts ----------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The robustness report (lab/robustness.py), shortened for CI: a few fine-tuning steps on the session's
+"""The robustness report (experiments/robustness.py), shortened for CI: a few fine-tuning steps on the session's
 tiny lab base. Every figure it tabulates is recomputed here independently: exact match by the lab
 evaluator on the models the runs wrote, the perturbed test set by perturb_for_eval, and corpus bits
 per byte against the figure the base's own pretraining logged."""

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from llama_min import Tokenizer
+from llama_min import Tokenizer, load_tokenizer
 
 BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
 
@@ -149,7 +149,7 @@ def test_text_bytes_of_the_tokens_add_up_to_the_text(trained_tokenizer, tmp_path
         pytest.importorskip("tokenizers")
         train_byte_level_bpe(tmp_path).save(str(tmp_path / "tokenizer.json"))
         (tmp_path / "tokenizer_config.json").write_text('{"bos_token": "<|begin|>", "eos_token": "<|end|>"}')
-        tok = Tokenizer(tmp_path / "tokenizer.json")
+        tok = load_tokenizer(tmp_path / "tokenizer.json")
         assert tok.bos_id >= 0
     for text in (MIXED_TEXT, "naïve café 1999 — ✓\n\n  x"):
         ids = tok.encode(text, bos=True)

@@ -66,7 +66,7 @@ MUTATIONS = [
     m("model_scaled_embeddings", 10, MODEL, "the embeddings are scaled by √dim",
       ("h = self.tok_embeddings(tokens)", "h = self.tok_embeddings(tokens) * math.sqrt(self.config.dim)"),
       why="(a Transformer-paper habit) LLaMA feeds the embedding rows as they are"),
-    m("model_no_final_norm", 10, MODEL, "the final RMSNorm is skipped", ("self.output(self.norm(h))", "self.output(h)"),
+    m("model_no_final_norm", 10, MODEL, "the final RMSNorm is skipped", ("h = self.norm(h)", "pass"),
       why="logits = output(norm(h))"),
     m("model_targets_shifted_again", 10, MODEL, "the targets are shifted again",
       ("F.cross_entropy(logits.flatten(0, 1), targets.flatten(),",
@@ -145,6 +145,7 @@ def run_model(code, t, settings):
     """Llama.forward with the case's weights, recording what the rotary tables, each block and the final norm got."""
     model = code.Llama(ModelConfig(**CONFIG))
     model.load_state_dict({k[len("weights."):]: v for k, v in t.items() if k.startswith("weights.")})
+    model.eval()  # the plain path: logits and the loss from them (training mode chunks the loss instead)
     tokens = t["tokens"]
     if settings["start_pos"]:  # the earlier tokens in the cache, before the recorders go in
         model.setup_cache(tokens.shape[0], CONFIG["max_seq_len"])

@@ -158,7 +158,7 @@ def stand_in_model(case, monkeypatch) -> tuple[Llama, dict]:
                                    "self.norm (the final RMSNorm)")
     model.rope, model.norm = replays["rope"], replays["norm"]
     model.layers = nn.ModuleList(replays[p] for p in case.params["parts"] if p.startswith("layers."))
-    return model, replays
+    return model.eval(), replays  # eval: the logits and the loss from them
 
 
 @pytest.mark.parametrize("name", ["plain", "padded", "last_only", "cached"])

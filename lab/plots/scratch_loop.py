@@ -57,7 +57,8 @@ def scratch_losses(args: list[str]) -> list[float]:
     model, tokenizer_path = build_model(cfg, rt)
     data = prepare_data(cfg, rt, model.config.vocab_size, tokenizer_path)
     sampler = make_sampler(data, cfg)
-    steps = [[get_batch(data, sampler, cfg, rt) for _ in range(cfg.grad_accum)] for _ in range(cfg.max_steps)]
+    steps = [[get_batch(data, sampler, cfg, rt)[:2] for _ in range(cfg.grad_accum)]  # (x, y); no images here
+             for _ in range(cfg.max_steps)]
     groups = make_optimizer(model, cfg, rt).param_groups  # decay on the matrices only, as train.py
     optimizer = AdamW([{"params": g["params"], "weight_decay": g["weight_decay"]} for g in groups], lr=cfg.lr,
                       betas=(cfg.beta1, cfg.beta2))

@@ -12,11 +12,11 @@ Hugging Face PEFT layout.
 
 from .apply import (apply_peft, fold_lora, merge_lora, parameter_table, peft_state_dict, peft_stats, remove_peft,
                     unmerge_lora)
-from .config import LORA_TARGETS, METHODS, SCRIPT_FIELDS, PeftConfig, add_peft_arguments, peft_config_from_args
+from .config import LORA_TARGETS, METHODS, SCRIPT_FIELDS, PeftConfig
 from .export_hf import export_lora_to_hf
 from .save_load import PEFT_CONFIG, PEFT_WEIGHTS, load_peft, read_peft_meta, save_peft
 
 __all__ = ["LORA_TARGETS", "METHODS", "PEFT_CONFIG", "PEFT_WEIGHTS", "SCRIPT_FIELDS", "PeftConfig",
-           "add_peft_arguments", "apply_peft", "export_lora_to_hf", "fold_lora", "load_peft", "merge_lora",
-           "parameter_table", "peft_config_from_args", "peft_state_dict", "peft_stats", "read_peft_meta", "remove_peft",
+           "apply_peft", "export_lora_to_hf", "fold_lora", "load_peft", "merge_lora",
+           "parameter_table", "peft_state_dict", "peft_stats", "read_peft_meta", "remove_peft",
            "save_peft", "unmerge_lora"]

@@ -1,16 +1,15 @@
 """The configuration of a parameter-efficient fine-tuning method: which method, and its sizes.
 
-Every field carries its help text, so that scripts make one flag of each (``add_peft_arguments``) and a
+Every field carries its help text, so that train.py makes one flag of each (training/config.py) and a
 saved adapter records the whole configuration in ``peft.json``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
-from ..cli import add_flags, flag, given_flags
+from ..cli import flag
 from ..config import dataclass_from_dict, short, type_problems
 
 METHODS = ("adapter", "lora", "bottleneck")
@@ -114,15 +113,3 @@ def method_reading(field_name: str) -> str | None:
 # (which also serves ``--method partial``).
 # train.py takes the visual width and the encoder from its own --image_encoder flag.
 SCRIPT_FIELDS = ("method", "train_norms", "visual_dim", "image_encoder")
-
-
-def add_peft_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--adapter_len``, ``--lora_rank``, ... (every field but the SCRIPT_FIELDS) to a parser."""
-    add_flags(parser, PeftConfig, skip=SCRIPT_FIELDS)
-
-
-def peft_config_from_args(args: argparse.Namespace, method: str, train_norms: bool = False) -> PeftConfig:
-    """The PeftConfig of parsed flags (``add_peft_arguments``); flags not given keep their defaults."""
-    known = {f.name for f in fields(PeftConfig)}
-    return PeftConfig(method=method, train_norms=train_norms,
-                      **{k: v for k, v in given_flags(args).items() if k in known})

@@ -118,18 +118,25 @@ def load_peft(model: Llama, directory: str | Path, check_base: bool = True) -> L
     _check_base(model.config, meta, directory)
     if check_base:
         _check_fingerprint(model, meta, directory)
-    try:
-        state = load_file(directory / PEFT_WEIGHTS)
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{directory / PEFT_WEIGHTS}: not a readable safetensors file ({one_line(e, 80)}); the "
-                         "adapter is damaged: copy it again or train it again") from None
     if getattr(model, "peft_config", None) is not None:
         remove_peft(model)
     apply_peft(model, config)
+    copy_peft_weights(model, directory)
+    return model
+
+
+def copy_peft_weights(model: Llama, directory: str | Path) -> None:
+    """Copy DIR/peft.safetensors into the adapter ``model`` already carries, strictly and in place (an
+    optimiser holding those tensors keeps them: train.py --resume)."""
+    path = Path(directory) / PEFT_WEIGHTS
+    try:
+        state = load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({one_line(e, 80)}); the adapter is damaged: copy "
+                         "it again or train it again") from None
     expected = peft_state_dict(model)
-    check_state_dict({k: v.shape for k, v in expected.items()}, state, f"{directory / PEFT_WEIGHTS} ({config.method})")
+    check_state_dict({k: v.shape for k, v in expected.items()}, state, f"{path} ({model.peft_config.method})")
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in state.items():
             params[name].copy_(value)
-    return model

@@ -21,7 +21,7 @@ from ..finetune.instructions import InstructionRecord, encode_record, encode_rec
 from ..finetune.perturb import perturb_records
 from ..model import IGNORE_INDEX
 from ..peft.visual import load_encoder
-from ..tokenizer import Tokenizer
+from ..tokenizer import Tokenizer, load_tokenizer
 from .config import TrainConfig
 from .data import WindowSampler, split_documents, token_byte_lengths, tokenize_to_memmap, train_tokenizer, windows
 from .runtime import Runtime
@@ -72,7 +72,7 @@ def prepare_instructions(cfg: TrainConfig, tokenizer_path: Path | None, say) -> 
     if tokenizer_path is None:
         raise UsageError("instruction data needs the tokenizer of the model it fine-tunes: pass --init_from "
                          "(a checkpoint with its tokenizer.model) or --tokenizer")
-    tokenizer = Tokenizer(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path)
     records = read_image_records(cfg.data, cfg.image_root) if cfg.image_root else read_records(cfg.data)
     if len(records) < 2:
         raise DataError(f"{cfg.data} holds {len(records)} record; at least 2 are needed (one is held out)")
@@ -130,7 +130,7 @@ def prepare_data(cfg: TrainConfig, rt: Runtime, vocab_size: int, tokenizer_path:
     cache = Path(cfg.cache_dir)
 
     def tokenizer() -> Tokenizer:
-        return Tokenizer(tokenizer_path) if tokenizer_path else train_tokenizer(train_docs, cache, vocab_size)
+        return load_tokenizer(tokenizer_path) if tokenizer_path else train_tokenizer(train_docs, cache, vocab_size)
 
     if rt.master:
         tokenize_to_memmap(train_docs, tokenizer(), cache, "train")
