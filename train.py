@@ -21,6 +21,7 @@ piece under a name that says what it does; the flags are the fields of ``TrainCo
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 from dataclasses import replace
@@ -40,6 +41,7 @@ from llama_min.training.distributed import (checkpoint_activations, gradient_syn
 from llama_min.training.evaluate import evaluate
 from llama_min.training.optim import get_lr, make_optimizer, set_lr
 from llama_min.training.progress import Progress, TrainingDiverged
+from llama_min.training.out_dir import check_out_dir, out_dir_lock
 from llama_min.training.robust import DevSelection, make_l2sp
 from llama_min.training.runtime import StopRequest, setup_runtime
 from llama_min.training.state import (RunCheckpoints, checkpoint_dir, load_train_state, restore_run, resumed_config,
@@ -54,8 +56,11 @@ def train(cfg: TrainConfig) -> signal.Signals | None:
     # ---- setup ----------------------------------------------------------------------------------------
     check_config(cfg)
     torch.manual_seed(cfg.seed)  # torch seeds itself at random: one --seed makes every run repeatable
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     rt = setup_runtime(cfg.device, cfg.dtype)  # device, autocast dtype, the process group under torchrun
     ckpt_dir = checkpoint_dir(cfg)  # OUT_DIR/ckpt, or OUT_DIR/peft (the adapter only) for a PEFT method
+    check_out_dir(cfg, ckpt_dir)  # not over another run (unless --overwrite), nor over its own base
     state = load_train_state(ckpt_dir) if cfg.resume else None
     # A full or partial run resumes from its own checkpoint; a PEFT run rebuilds the base from --init_from
     # and loads its own adapter on top (choose_trainable).
@@ -93,7 +98,7 @@ def train(cfg: TrainConfig) -> signal.Signals | None:
     describe(cfg, rt, model, data, progress)
 
     # ---- the loop -------------------------------------------------------------------------------------
-    val_loss = val_bpb = stopped_by = None
+    val_loss = val_bpb = val_step = stopped_by = None
     model.train()
     with StopRequest(rt) as stop:
         while step < cfg.max_steps and not dev.should_stop:
@@ -128,6 +133,7 @@ def train(cfg: TrainConfig) -> signal.Signals | None:
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
                 with progress.periodic_work("eval", cfg.eval_every):
                     val_loss, val_bpb = evaluate(model, data, cfg, rt)
+                    val_step = step
                     rt.say(f"step {step}: held-out loss {val_loss:.4f}" + (f", {val_bpb:.4f} bits per byte" if val_bpb else ""))
                     progress.record(step=step, val_loss=val_loss, val_bpb=val_bpb)
                     if not math.isfinite(val_loss):
@@ -160,8 +166,9 @@ def train(cfg: TrainConfig) -> signal.Signals | None:
         rt.say(f"merged LoRA into the weights: full checkpoint {Path(cfg.out_dir) / 'merged'}")
     if stopped_by is None:
         dev.finish()
-    rt.say(f"done in {progress.elapsed():.0f}s: step {step}, held-out loss {val_loss}, bits per byte {val_bpb}; "
-           f"checkpoint {ckpt_dir}{rt.memory_note()}")
+    held_out = ("no held-out evaluation" if val_loss is None else f"held-out loss {val_loss:.4f}"
+                + (f", {val_bpb:.4f} bits per byte" if val_bpb is not None else "") + f" (at step {val_step})")
+    rt.say(f"done in {progress.elapsed():.0f}s: step {step}, {held_out}; checkpoint {ckpt_dir}{rt.memory_note()}")
     if rt.world_size > 1:
         dist.barrier()  # rank 0's last writes done: every process leaves together
     return stopped_by
@@ -172,7 +179,8 @@ def describe(cfg: TrainConfig, rt, model: Llama, data: Data, progress: Progress)
     n_params = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     mc = model.config
-    rt.say(f"model: {cfg.init_from or cfg.model}, {n_params / 1e6:.2f}M parameters ({n_trainable / 1e6:.2f}M "
+    changed = "".join(f" --{k} {v}" for k, v in cfg.model_overrides.items())
+    rt.say(f"model: {cfg.init_from or cfg.model + changed}, {n_params / 1e6:.2f}M parameters ({n_trainable / 1e6:.2f}M "
            f"trainable), dim {mc.dim}, {mc.n_layers} layers, vocab {mc.vocab_size}")
     unit = "instruction records" if data.instructions else "tokens"
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * rt.world_size  # instructions: at most
@@ -205,7 +213,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = replace(cfg, data=cfg.data or str(REPO / "data" / "shakespeare"),
                   cache_dir=cfg.cache_dir or str(REPO / "data" / "cache"))
     try:
-        stopped_by = train(resumed_config(cfg, given) if cfg.resume else cfg)
+        with out_dir_lock(cfg.out_dir, master=int(os.environ.get("RANK", 0)) == 0):  # one train.py per OUT_DIR
+            stopped_by = train(resumed_config(cfg, given) if cfg.resume else cfg)
     except (UsageError, ValueError, OSError, TrainingDiverged) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -3,7 +3,7 @@
 
     python weights_convert.py SRC DST [--to llama_min|hf] [--dtype float32|bfloat16|float16] [--verify] [--force]
     python weights_convert.py SRC DST --quantize int8|int4 [--group_size 32]     # for generate.py
-    python weights_convert.py OUT_DIR/peft DST --to peft
+    python weights_convert.py OUT_DIR/peft DST --to peft [--base_hf HF_EXPORT_OF_THE_BASE]
 
 SRC's format is detected from what it contains (see llama_min/convert/). DST is written atomically: it
 appears complete or not at all. With --verify, the result is compared by logits with Hugging Face
@@ -35,6 +35,9 @@ class ConvertConfig:
     group_size: int = flag(32, "inputs per scale with --quantize int4 (32, 64, 128 or 256)")
     verify: bool = flag(False, "compare logits with Hugging Face transformers; exit 1 when they differ")
     force: bool = flag(False, "replace DST if it exists")
+    base_hf: str = flag("", "--to peft: the --to hf export of the adapter's base, recorded as base_model_name_or_path "
+                        "so that AutoPeftModelForCausalLM finds it (default: the llama_min base the adapter records, "
+                        "which transformers cannot load)")
 
 
 def parse_args(argv: list[str] | None = None) -> ConvertConfig:
@@ -57,11 +60,16 @@ def main(argv: list[str] | None = None) -> int:
             if args.verify or args.dtype:
                 raise UsageError("--to peft writes an adapter as it was trained: --verify and --dtype apply to model "
                                  "checkpoints; drop them")
-            written = convert_adapter(args.src, args.dst, force=args.force)
+            written = convert_adapter(args.src, args.dst, force=args.force, base_hf=args.base_hf or None)
             print(f"wrote {args.dst}: a PEFT LoRA adapter (r {written['r']}, alpha {written['lora_alpha']}, "
-                  f"targets {' '.join(written['target_modules'])}) for the Hugging Face export of "
-                  f"{written['base_model_name_or_path']}")
+                  f"targets {' '.join(written['target_modules'])}) for base {written['base_model_name_or_path']}")
+            if not args.base_hf:
+                print(f"note: that base is a llama_min checkpoint, which transformers cannot load: export it with "
+                      f"--to hf and load the adapter with PeftModel.from_pretrained(that model, {args.dst!r}), or "
+                      "convert again with --base_hf EXPORT for AutoPeftModelForCausalLM")
             return 0
+        if args.base_hf:
+            raise UsageError("--base_hf names the base of an adapter: it goes with --to peft")
         source = open_source(args.src)
         c = source.config
         print(f"source: {source.format_name} checkpoint {source.path} ({c.n_layers} layers, dim {c.dim}, "
@@ -88,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
     except UsageError as e:  # ConversionError and the checkpoint readers' errors
         print(f"weights_convert.py: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a full disk, a file size limit, a read-only destination
+        print(f"weights_convert.py: error: could not write {args.dst}: {e.strerror or e}; nothing of it was kept: "
+              "free disk space (or choose another DST) and convert again", file=sys.stderr)
         return 1
     return 0
 

@@ -77,11 +77,11 @@ def _flag_kind(annotation) -> tuple[type, bool]:
 
 def add_flags(parser: argparse.ArgumentParser, cls, *, dest_prefix: str = "", skip: tuple[str, ...] = (),
               help: Callable[[dataclasses.Field], str | None] | None = None, group: str | None = None,
-              show_defaults: bool = True) -> None:
+              show_defaults: bool = True, choices: dict[str, tuple] | None = None) -> None:
     """One flag per field of the dataclass ``cls``: ``--name``, stored as ``dest_prefix + name``.
 
     Fields without help text are left out unless ``help`` gives one (``show_defaults=False``: it says
-    the default itself). Each flag goes into the ``--help``
+    the default itself); ``choices`` gives the allowed values of fields by name. Each flag goes into the ``--help``
     section its field's ``group`` names (or ``group``, for all of them), made once per parser, in the
     order first named. Booleans get ``--x/--no-x``; list and tuple fields take several values.
     """
@@ -98,6 +98,8 @@ def add_flags(parser: argparse.ArgumentParser, cls, *, dest_prefix: str = "", sk
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         kind, repeated = _flag_kind(hints[f.name])
         options = dict(dest=dest_prefix + f.name, default=argparse.SUPPRESS, **f.metadata.get("argparse", {}))
+        if choices and f.name in choices:
+            options["choices"] = choices[f.name]
         if show_defaults and default not in ("", None, [], dataclasses.MISSING):
             text += f" (default: {' '.join(map(str, default)) if repeated else default})"
         if f.metadata.get("positional"):

@@ -116,6 +116,9 @@ class Quantization:
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 
 
+ATTN_IMPLS = ("sdpa", "plain")  # attention.py: the fused kernel, or scores, mask and softmax written out
+
+
 @dataclass
 class ModelConfig:
     dim: int = 4096  # width of the residual stream
@@ -158,7 +161,7 @@ class ModelConfig:
             problems.append(f"head_dim {self.head_dim} must be even for rotary embeddings")
         if self.n_heads % self.n_kv_heads:
             problems.append(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
-        if self.attn_impl not in ("sdpa", "plain"):
+        if self.attn_impl not in ATTN_IMPLS:
             problems.append(f"attn_impl must be 'sdpa' or 'plain', got {short(self.attn_impl)}")
         if problems:
             raise ValueError("invalid ModelConfig: " + "; ".join(problems))

@@ -183,6 +183,26 @@ CASES = [
     Case("a flag of another PEFT method", "train.py",
          lambda w, t: finetune_args(w, t / "run", "--init_from", w / "base/ckpt", "--method", "lora", "--adapter_len", "5"),
          ("--adapter_len", "--method adapter", "not by --method lora")),
+    Case("instruction records longer than --seq_len", "train.py",
+         lambda w, t: finetune_args(w, t / "run", "--init_from", w / "base/ckpt", "--data", t / "long.jsonl"),
+         ("--seq_len 32", "raise --seq_len to at least"),
+         prepare=lambda w, t: (t / "long.jsonl").write_text((json.dumps(
+             {"instruction": "Say it. " * 40, "input": "", "output": "Done."}) + "\n") * 30)),
+    Case("a 70B model on this machine", "train.py", lambda w, t: ["--model", "llama2-70b", "--out_dir", t / "run",
+                                                                  "--data", w / "data", "--cache_dir", w / "cache"],
+         ("--model llama2-70b", "needs about 1,0", "GiB free", "smaller --model")),
+    # -- what a run writes: never over another run or its own base
+    Case("an --out_dir that holds another run", "train.py", lambda w, t: run_args(w, w / "again"),
+         ("--out_dir", "holds a run at step 4", "--resume", "--overwrite"),
+         prepare=lambda w, t: copy_run(w, "again"), kept=lambda w, t: [w / "base", w / "again"]),
+    Case("--init_from a checkpoint the run would replace", "train.py",
+         lambda w, t: finetune_args(w, w / "own", "--init_from", w / "own/ckpt", "--overwrite"),
+         ("--init_from", "own/ckpt is the checkpoint this run would write", "another --out_dir"),
+         prepare=lambda w, t: copy_run(w, "own"), kept=lambda w, t: [w / "base", w / "own"]),
+    Case("--init_from with another tokenizer", "train.py",
+         lambda w, t: finetune_args(w, t / "run", "--init_from", w / "base/ckpt", "--tokenizer", t / "other.model"),
+         ("--tokenizer", "other.model is not the tokenizer of --init_from", "--allow_other_tokenizer"),
+         prepare=lambda w, t: other_tokenizer(w, t / "other.model")),
     # -- tokenizers
     Case("a tokenizer of another size in the checkpoint", "generate.py",
          lambda w, t: ["--checkpoint", t / "copy", "--prompt", "KING."],
@@ -211,6 +231,14 @@ def hf_copy(world, tmp_path, **fields) -> None:
 def peft_copy(world, tmp_path, damage) -> None:
     shutil.copytree(world / "lora" / "peft", tmp_path / "lora")
     damage(tmp_path / "lora")
+
+
+def other_tokenizer(world, path: Path) -> None:
+    """A tokenizer of the base's size trained on other text: the same vocabulary size, other ids."""
+    from llama_min import Tokenizer
+
+    (path.parent / "other.txt").write_text((world / "data" / "train.txt").read_text()[::-1])
+    Tokenizer.train([path.parent / "other.txt"], path, vocab_size=384)
 
 
 def bigger_tokenizer(world, directory: Path) -> None:
@@ -342,19 +370,32 @@ def test_a_half_written_metrics_line_does_not_stop_a_resume(world, tmp_path):
     resumed = run_script("train.py", "--resume", "--out_dir", out, "--max_steps", "6")
     assert resumed.code == 0, resumed.err
     assert [r["step"] for r in metrics(out)][-1] == 6
+    assert f"resuming {out / 'ckpt'} from step 4" in resumed.out, resumed.out
 
 
-def test_disk_full_while_saving_keeps_the_previous_checkpoint(world, tmp_path, monkeypatch):
-    out = copy_run(world, "full_disk")
+def under_file_size_limit(limit: int):
+    """For a child process: files it writes stop growing at ``limit`` bytes, as on a full disk (the write
+    fails with EFBIG instead of the process being killed by SIGXFSZ)."""
+    def apply():
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+@pytest.mark.parametrize("limit", [100_000, 300_000])  # fails in model.safetensors / in torch.save of the state
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(world, tmp_path, limit):
+    """A real limit on file size, not a patched torch.save: the weights (safetensors) or the training
+    state (torch.save) cannot be written; torch and safetensors report that in their own error types."""
+    out = copy_run(world, f"full_disk_{limit}")
     before = snapshot(out / "ckpt")
-
-    def no_space(*args, **kwargs):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(torch, "save", no_space)
-    done = run_script("train.py", "--resume", "--out_dir", out, "--max_steps", "6")
-    assert done.code == 1 and "No space left on device" in done.err and "untouched" in done.err, done.err
-    assert "\n" not in done.err.strip()
+    child = subprocess.run([sys.executable, str(ROOT / "train.py"), "--resume", "--out_dir", str(out), "--max_steps", "6"],
+                           capture_output=True, text=True, preexec_fn=under_file_size_limit(limit), timeout=600,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    err = child.stderr.strip()
+    assert child.returncode == 1 and "could not write the checkpoint" in err and "untouched" in err, err
+    assert "\n" not in err and "Traceback" not in err, err
     assert snapshot(out / "ckpt") == before, "the previous checkpoint changed"
 
 
@@ -386,3 +427,31 @@ def test_ctrl_c_in_generate_keeps_the_text_and_exits_130(world):
     child.send_signal(signal.SIGINT)
     out, err = child.communicate(timeout=60)
     assert child.returncode == 130 and "Traceback" not in err and err.strip().endswith("interrupted"), err
+
+
+def test_a_second_train_py_on_one_out_dir_is_refused_naming_the_first(world, tmp_path):
+    from llama_min.training.out_dir import out_dir_lock
+
+    with out_dir_lock(tmp_path / "busy", master=True):  # as a train.py still running there holds it
+        done = run_script("train.py", *run_args(world, tmp_path / "busy"))
+    assert done.code == 1 and "is in use by train.py (pid" in done.err and "\n" not in done.err.strip(), done.err
+    assert not (tmp_path / "busy").exists(), "the second run wrote something"
+
+
+def test_a_text_file_without_line_breaks_is_split_by_words(world, tmp_path):
+    """60 kB on one line: the held-out split is its last words (it was "the training split is empty")."""
+    text = (world / "data" / "train.txt").read_text().replace("\n", " ")
+    (tmp_path / "one_line.txt").write_text(text)
+    done = run_script("train.py", *run_args(world, tmp_path / "run", "--data", tmp_path / "one_line.txt", "--tokenizer",
+                                            world / "base/ckpt/tokenizer.model", "--max_steps", "2"))
+    assert done.code == 0, done.err
+
+
+def test_weights_convert_out_of_space_is_one_line_and_leaves_nothing(world, tmp_path):
+    child = subprocess.run([sys.executable, str(ROOT / "weights_convert.py"), str(world / "base/ckpt"),
+                            str(tmp_path / "out")], capture_output=True, text=True,
+                           preexec_fn=under_file_size_limit(50_000), timeout=600)
+    err = child.stderr.strip()
+    assert child.returncode == 1 and "could not write" in err and "free disk space" in err, err
+    assert "\n" not in err and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == [], f"left behind: {list(tmp_path.iterdir())}"

@@ -147,6 +147,33 @@ def test_pickle_with_code_is_refused(tmp_path):
     expect_error(tmp_path, tmp_path / "meta", "consolidated.00.pth", "NotATensor", "weights_only=True")
 
 
+class RunsACommand:
+    """Unpickling this would call os.system: a module torch's weights-only reader blocks outright."""
+
+    def __reduce__(self):
+        import os
+        return os.system, ("echo this must never run",)
+
+
+@pytest.mark.parametrize("form", ["zip", "legacy", "raw pickle", "raw pickle, protocol 0"])
+def test_pickle_that_would_run_a_command_is_refused_naming_it_in_every_form(tmp_path, form):
+    """Refused, naming what the file holds, not reported as damaged (the advice "copy it again" would be
+    wrong): torch.save's zip and legacy formats and a bare pickle, whatever torch.load's message."""
+    import pickle
+
+    model = random_model(tiny_config(vocab_size=96))
+    write_meta(model, tmp_path / "meta", 1, vocab_in_params=True)
+    shard = tmp_path / "meta" / "consolidated.00.pth"
+    state = {**torch.load(shard, weights_only=True), "evil": RunsACommand()}
+    if form.startswith("raw"):
+        shard.write_bytes(pickle.dumps(state, protocol=0 if "0" in form else 4))
+    else:
+        torch.save(state, shard, _use_new_zipfile_serialization=form == "zip")
+    expect_error(tmp_path, tmp_path / "meta", "consolidated.00.pth", "refused", "system", "weights_only=True")
+    code, _, err = run(tmp_path / "meta", tmp_path / "out")
+    assert "copy the file again" not in err, err
+
+
 def test_existing_destination_needs_force_and_force_replaces_only_a_conversion(tmp_path, hf_dir):
     dst = tmp_path / "dst"
     assert run(hf_dir, dst)[0] == 0

@@ -126,7 +126,7 @@ def test_too_long_records_are_dropped_and_counted(trained_tokenizer):
     kept, dropped = encode_records(records, trained_tokenizer, max_seq_len=limit)
     assert dropped == 1 and kept == [examples[1]]
     assert encode_records(records, trained_tokenizer, max_seq_len=10_000) == (examples, 0)
-    with pytest.raises(DataError, match=rf"no instruction record fits in {limit - 1} positions \(the shortest needs {limit}\)"):
+    with pytest.raises(DataError, match=rf"no instruction record fits in --seq_len {limit - 1} tokens \(the shortest needs {limit}\); raise --seq_len"):
         encode_records(records, trained_tokenizer, max_seq_len=limit - 1)
 
 

@@ -105,3 +105,35 @@ def test_weights_convert_to_peft_exports_an_adapter_directory(tmp_path):
     assert refused.code == 1 and "holds LoRA adapters; this one is adapter" in refused.err, refused.err
     flags = run_script("weights_convert.py", tmp_path / "peft", tmp_path / "y", "--to", "peft", "--verify")
     assert flags.code == 1 and "drop them" in flags.err and not (tmp_path / "y").exists(), flags.err
+
+
+def test_an_adapter_converted_with_base_hf_loads_with_auto_peft(tmp_path):
+    """--to peft --base_hf EXPORT records the base's Hugging Face export, so that
+    AutoPeftModelForCausalLM.from_pretrained(DST) finds it (the llama_min base it records otherwise is a
+    directory transformers cannot load, which the conversion says)."""
+    pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from llama_min.peft import save_peft
+    from scripts import run_script
+
+    base = random_model(tiny_config())
+    save_checkpoint(base, tmp_path / "base")
+    assert run_script("weights_convert.py", tmp_path / "base", tmp_path / "base_hf", "--to", "hf").code == 0
+    model = apply_peft(random_model(tiny_config()), PeftConfig(method="lora", lora_rank=4))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_b.normal_(0, 0.3)
+    save_peft(model, tmp_path / "peft", base_checkpoint=tmp_path / "base")
+    plain = run_script("weights_convert.py", tmp_path / "peft", tmp_path / "lora_plain", "--to", "peft")
+    assert plain.code == 0 and "--base_hf" in plain.out, plain.out
+    done = run_script("weights_convert.py", tmp_path / "peft", tmp_path / "lora", "--to", "peft",
+                      "--base_hf", tmp_path / "base_hf")
+    assert done.code == 0, done.err
+    hf = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "lora").float().eval()
+    tokens = random_tokens(model.config, 2, 12)
+    with torch.no_grad():
+        assert max_abs_diff(model.eval()(tokens)[0], hf(input_ids=tokens).logits.float()) <= TOL
+    wrong = run_script("weights_convert.py", tmp_path / "peft", tmp_path / "x", "--to", "peft", "--base_hf",
+                       tmp_path / "base")
+    assert wrong.code == 1 and "--base_hf" in wrong.err and "--to hf" in wrong.err, wrong.err

@@ -26,7 +26,7 @@ OTHER_PROJECTS = {"convert_hf_to_gguf.py"}  # llama.cpp's converter
 # Placeholders in a documented naming scheme: NN is a lab's number, topic its subject.
 PLACEHOLDERS = {"NN": r"\d\d", "topic": r"\w+"}
 # Outputs that a documented command writes (so they exist only after it ran).
-GENERATED = {"lab/handout.json", "data/cache"}  # lab/handout.py; train.py's tokenizer cache
+GENERATED = {"lab/handout.json", "lab/starter", "data/cache"}  # lab/handout.py and its handout; train.py's tokenizer cache
 
 
 def tracked_files() -> list[str]:

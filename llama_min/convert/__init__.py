@@ -108,17 +108,21 @@ def check_destination(dst: Path, src: Path, force: bool) -> None:
     check_replaceable(dst)  # even with --force: only a directory of files we write
 
 
-def convert_adapter(src: str | Path, dst: str | Path, force: bool = False) -> dict:
-    """--to peft: a LoRA adapter directory written by train.py, in Hugging Face's PEFT layout."""
+def convert_adapter(src: str | Path, dst: str | Path, force: bool = False, base_hf: str | Path | None = None) -> dict:
+    """--to peft: a LoRA adapter directory written by train.py, in Hugging Face's PEFT layout. ``base_hf``:
+    the Hugging Face export of its base, recorded as base_model_name_or_path (default: the base it records)."""
     from ..peft.export_hf import export_adapter_dir_to_hf
 
     src, dst = Path(src), Path(dst)
     if not (src / "peft.json").is_file():
         raise ConversionError(f"{src}: --to peft converts an adapter directory written by train.py --method lora "
                               "(peft.json + peft.safetensors, e.g. OUT_DIR/peft); this is not one")
+    if base_hf is not None and not is_hf_dir(Path(base_hf)):
+        raise ConversionError(f"--base_hf {base_hf}: not a Hugging Face model directory (no config.json with "
+                              "hidden_size); export the base first: weights_convert.py BASE_CKPT DIR --to hf")
     check_destination(dst, src, force)
     try:
-        return export_adapter_dir_to_hf(src, dst)
+        return export_adapter_dir_to_hf(src, dst, base_hf)
     except (ValueError, FileNotFoundError) as e:
         raise ConversionError(f"{src}: {one_line(e)}") from e
 

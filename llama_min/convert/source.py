@@ -7,8 +7,8 @@ then streamed tensor by tensor.
 
 from __future__ import annotations
 
+import io
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -99,6 +99,38 @@ def read_json(path: Path) -> dict:
     return value
 
 
+# What a torch.save of a state dict refers to by name: torch's rebuild functions and storage types, and
+# the containers of a state dict.
+SAFE_GLOBALS = ("torch.", "collections.OrderedDict", "builtins.set", "builtins.dict", "builtins.list")
+
+
+def pickle_globals(path: Path) -> list[str]:
+    """The module.name of every class or function a pickle file refers to (each would be imported, and
+    could be called, when it is unpickled), read with pickletools without unpickling anything. A zip
+    (torch >= 1.6) holds its pickle in */data.pkl; the legacy format is pickles one after another."""
+    import pickletools
+    import zipfile
+
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            data = z.read(next((n for n in z.namelist() if n.endswith("data.pkl")), z.namelist()[0]))
+    else:
+        data = path.read_bytes()
+    found, strings, stream = [], [], io.BytesIO(data)
+    try:
+        while stream.tell() < len(data):
+            for op, arg, _ in pickletools.genops(stream):
+                if op.name == "GLOBAL":
+                    found.append(arg.replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(".".join(strings[-2:]))
+                elif isinstance(arg, str):
+                    strings.append(arg)
+    except Exception:  # a damaged stream: what was read so far is all there is to tell
+        pass
+    return list(dict.fromkeys(found))
+
+
 def load_pickle(path: Path) -> dict[str, torch.Tensor]:
     """A PyTorch ``.pth``/``.bin`` state dict, unpickled with ``weights_only=True`` (a pickle can run
     arbitrary code; this mode only rebuilds tensors and plain containers). Memory-mapped when the file
@@ -111,9 +143,9 @@ def load_pickle(path: Path) -> dict[str, torch.Tensor]:
                 raise
             state = torch.load(path, map_location="cpu", weights_only=True)  # the legacy, non-zip format
     except Exception as e:
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if refused and not refused.group(1).startswith("torch."):  # torch's own: a stream cut short
-            raise ConversionError(f"{path}: refused: the pickle holds {refused.group(1)}, not only tensors, and "
+        foreign = [g for g in pickle_globals(path) if not g.startswith(SAFE_GLOBALS)]
+        if foreign:
+            raise ConversionError(f"{path}: refused: the pickle holds {', '.join(foreign[:3])}, not only tensors, and "
                                   "loading it could run code (it is read with weights_only=True); get the weights as "
                                   "safetensors, or re-save the state dict alone with torch.save") from e
         raise ConversionError(f"{path}: truncated or corrupt (torch.load could not read it: "

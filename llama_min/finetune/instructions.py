@@ -126,8 +126,9 @@ def encode_records(records: Sequence[InstructionRecord], tokenizer: Tokenizer,
     kept = [e for e in examples if len(e[0]) <= max_seq_len]
     if not kept:
         shortest = min(len(e[0]) for e in examples)
-        raise DataError(f"no instruction record fits in {max_seq_len} positions (the shortest needs {shortest}); "
-                        "use a model with a larger max_seq_len or shorter records")
+        raise DataError(f"no instruction record fits in --seq_len {max_seq_len} tokens (the shortest needs "
+                        f"{shortest}); raise --seq_len to at least {shortest} (up to the model's max_seq_len), or "
+                        "shorten the records")
     return kept, len(examples) - len(kept)
 
 

@@ -78,14 +78,16 @@ def export_lora_to_hf(model: Llama, directory: str | Path) -> None:
     write_hf_adapter(*lora_to_hf(model), directory)
 
 
-def export_adapter_dir_to_hf(source: str | Path, directory: str | Path) -> dict:
+def export_adapter_dir_to_hf(source: str | Path, directory: str | Path, base_hf: str | Path | None = None) -> dict:
     """An adapter directory written by train.py (peft.json + peft.safetensors) -> the PEFT layout in DIR,
-    without loading its base model. Returns the adapter_config written."""
+    without loading its base model. ``base_hf``: the base's Hugging Face export, recorded as
+    base_model_name_or_path (default: the llama_min base the adapter records). Returns the adapter_config
+    written."""
     meta = read_peft_meta(source)
     tensors = load_file(Path(source) / PEFT_WEIGHTS)
     adapter_config, out = lora_tensors_to_hf(PeftConfig.from_dict(meta["config"]),
                                              ModelConfig.from_dict(meta["base_config"]), tensors)
-    adapter_config["base_model_name_or_path"] = meta["base_checkpoint"]
+    adapter_config["base_model_name_or_path"] = str(Path(base_hf).resolve()) if base_hf else meta["base_checkpoint"]
     write_hf_adapter(adapter_config, out, directory)
     return adapter_config
 

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field, fields
 
 from ..cli import OneLineParser, UsageError, add_flags, flag, given_flags
-from ..config import PRESETS, ModelConfig
+from ..config import ATTN_IMPLS, PRESETS, ModelConfig
 from ..peft import METHODS as PEFT_METHODS, SCRIPT_FIELDS, PeftConfig
 from ..peft.config import method_reading
 
@@ -40,6 +40,8 @@ class TrainConfig:
                                "records)", group=DATA)
     tokenizer: str = flag("", "a tokenizer.model or tokenizer.json; default: the --init_from checkpoint's, "
                           "or one trained on the training split (cached)", group=DATA)
+    allow_other_tokenizer: bool = flag(False, "with --init_from: train on --tokenizer although the checkpoint has "
+                                       "its own (its embeddings then meet another tokenizer's ids)", group=DATA)
     cache_dir: str = flag("", "where the trained tokenizer and token files are cached (default: data/cache "
                           "beside train.py)", group=DATA)
     image_root: str = flag("", "image-instruction data: --data holds LLaVA-style records {\"image\", \"instruction\", "
@@ -97,12 +99,17 @@ class TrainConfig:
     sample_prompt: str = flag("", "text the end-of-training samples continue", group=RUN)
     out_dir: str = flag("out", "output directory: ckpt/ (the checkpoint; peft/ for a PEFT method: the adapter "
                         "only), metrics.jsonl, loss.png", group=RUN)
+    overwrite: bool = flag(False, "replace the run OUT_DIR holds (its checkpoint, metrics.jsonl and loss.png); "
+                           "without it a new run refuses an OUT_DIR that holds one", group=RUN)
     resume: bool = flag(False, "continue from OUT_DIR/ckpt (or OUT_DIR/peft on the --init_from base): weights, "
                         "optimiser, step, RNG and data order; flags given again override the saved ones", group=RUN)
     device: str = flag("auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:N", group=RUN)
     dtype: str = flag("auto", "autocast dtype: auto (bfloat16 on CUDA, or float16 without bf16 support; float32 "
-                      "on CPU), float32, bfloat16, float16 (CUDA only)", group=RUN)
+                      "on CPU), float32, bfloat16, float16 (CUDA only)", group=RUN,
+                      choices=("auto", "float32", "bfloat16", "float16"))
     compile: bool = flag(False, "torch.compile the model", group=RUN)
+    threads: int = flag(0, "CPU threads torch computes with (0: its default, one per core); on a machine that other "
+                        "jobs keep busy, 1 can be several times faster (docs/training.md)", group=RUN)
     fsdp: bool = flag(False, "under torchrun: shard the parameters, gradients and AdamW state across the processes "
                       "(FSDP2) instead of a whole copy on each (DDP); for models that do not fit one GPU "
                       "(docs/multi_gpu.md)", group=RUN)
@@ -124,7 +131,7 @@ def check_config(cfg: TrainConfig) -> None:
     positive = ("max_steps", "batch_size", "grad_accum", "seq_len", "eval_every", "eval_tokens", "log_every")
     bad = [f"--{k} {getattr(cfg, k)}" for k in positive if getattr(cfg, k) < 1]
     bad += [f"--{k} {getattr(cfg, k)}" for k in ("lr", "weight_decay", "grad_clip", "warmup_steps", "decay_steps",
-                                                 "sample_tokens", "peak_flops", "l2sp", "embed_noise", "dev_every",
+                                                 "sample_tokens", "peak_flops", "l2sp", "embed_noise", "dev_every", "threads",
                                                  "dev_records", "patience", "min_delta", "train_layers")
             if not getattr(cfg, k) >= 0]
     if not 0 < cfg.val_fraction < 1 or not 0 <= cfg.min_lr_ratio <= 1 or not 0 <= cfg.perturb <= 1:
@@ -215,7 +222,8 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     parser = OneLineParser(prog="train.py", description=description)
     parser.once = ("--method",)  # flags that choose what a run is; a second value would silently win
     add_flags(parser, TrainConfig)
-    add_flags(parser, ModelConfig, dest_prefix="model.", help=model_flag_help, group=MODEL, show_defaults=False)
+    add_flags(parser, ModelConfig, dest_prefix="model.", help=model_flag_help, group=MODEL, show_defaults=False,
+              choices={"attn_impl": ATTN_IMPLS})
     add_flags(parser, PeftConfig, dest_prefix="peft.", skip=SCRIPT_FIELDS, group=TUNE)
     return parser
 

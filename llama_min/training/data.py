@@ -67,8 +67,10 @@ def split_documents(data: str | Path, val_fraction: float) -> tuple[list[str], l
         train, val = found["train"], found["val"]
     else:
         docs = read_documents(data)
-        if len(docs) == 1:  # one long text: hold out its last lines
+        if len(docs) == 1:  # one long text: hold out its last lines (its last words, when it is one line)
             lines = docs[0].splitlines(keepends=True)
+            if len(lines) == 1:
+                lines = re.split(r"(?<=\s)", docs[0])
             cut = len(lines) - max(1, round(len(lines) * val_fraction))
             docs = ["".join(lines[:cut]), "".join(lines[cut:])]
             cut = 1
@@ -99,6 +101,8 @@ def train_tokenizer(train_docs: list[str], cache_dir: Path, vocab_size: int) -> 
             / "tokenizer.model")
     if path.exists():
         return Tokenizer(path)
+    print(f"training a {vocab_size}-token tokenizer on {sum(map(len, train_docs)):,} characters (once; cached in "
+          f"{path.parent})", flush=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     corpus = path.with_suffix(f".{os.getpid()}.txt")
     tmp = path.with_suffix(f".{os.getpid()}.model")

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 
 from ..checkpoint import STATE_FILE, replace_directory, resolve_checkpoint_dir, write_model_files
 from ..cli import UsageError, one_line
@@ -131,9 +132,11 @@ def save_run_checkpoint(directory: Path, model: Llama, tokenizer: Tokenizer, opt
             torch.save({"step": step, "optimizer": optimizer_state, "sampler": sampler.state_dict(),
                         "rng": rng, "best_val_loss": best_val_loss, "train_config": asdict(cfg),
                         "early_stopping": early_stopping}, tmp / STATE_FILE)
-    except OSError as e:
-        raise UsageError(f"could not write the checkpoint {directory} at step {step}: {e.strerror or e}; the previous "
-                         "checkpoint is untouched: free disk space or choose a writable --out_dir") from None
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch.save and safetensors wrap a failed write in their own
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else "a write failed"
+        raise UsageError(f"could not write the checkpoint {directory} at step {step}: {reason} (disk full, or a file "
+                         "size limit); the previous checkpoint is untouched: free disk space or choose a writable "
+                         "--out_dir, then --resume") from None
 
 
 def save_model_only(directory: Path, model: Llama, tokenizer: Tokenizer, cfg: TrainConfig, instructions: bool) -> None:
@@ -228,6 +231,7 @@ def restore_run(state: dict, model: Llama, optimizer, sampler: WindowSampler, de
     if note:
         rt.say(f"note: {note}")
     dev.load_state_dict(state.get("early_stopping"))
+    rt.say(f"resuming {directory} from step {state['step']}")
     return state["step"], state["best_val_loss"]
 
 

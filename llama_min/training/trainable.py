@@ -9,6 +9,7 @@ what trains. Everything after it (optimiser, L2-SP, checkpoints) follows ``requi
 
 from __future__ import annotations
 
+import filecmp
 from pathlib import Path
 
 import torch
@@ -42,7 +43,11 @@ def build_model(cfg: TrainConfig, rt: Runtime, resume_from: Path | None = None) 
         except (FileNotFoundError, ValueError) as e:
             raise UsageError(f"{flag}: {e}") from None
         if cfg.tokenizer and not resume_from:
-            tokenizer_path = Path(cfg.tokenizer)
+            own, tokenizer_path = tokenizer_path, Path(cfg.tokenizer)
+            if own is not None and not cfg.allow_other_tokenizer and not filecmp.cmp(own, tokenizer_path, shallow=False):
+                raise UsageError(f"--tokenizer {cfg.tokenizer} is not the tokenizer of --init_from {source} ({own}): "
+                                 "the model reads its own token ids; drop --tokenizer, or pass --allow_other_tokenizer "
+                                 "to retrain it on another tokenizer's ids")
         if tokenizer_path is None:
             raise UsageError(f"{flag}: {source} holds no tokenizer.model or tokenizer.json, and the model must read "
                              "its own token ids: copy its tokenizer into that directory or pass --tokenizer")
@@ -60,10 +65,31 @@ def build_model(cfg: TrainConfig, rt: Runtime, resume_from: Path | None = None) 
         flags = "".join(f" --{k} {v}" for k, v in cfg.model_overrides.items())
         advice = "; change that flag" if str(e).startswith("invalid ModelConfig") else ""
         raise UsageError(f"--model {cfg.model}{flags}: {e}{advice}") from None
+    check_memory(model_config, cfg, rt)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank and every run
     with torch.device(rt.device):
         model = Llama(model_config)
     return model, Path(cfg.tokenizer) if cfg.tokenizer else None
+
+
+def check_memory(config: ModelConfig, cfg: TrainConfig, rt: Runtime) -> None:
+    """Refuse, with the figures, a model whose training state cannot fit in the device's free memory:
+    float32 weights and gradients and AdamW's two moments are 16 bytes per parameter (activations come
+    on top). Without this, a 70B preset on a laptop ends in an allocator traceback, or in swap."""
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in Llama(config).parameters())
+    if rt.device.type == "cuda":
+        free = torch.cuda.mem_get_info(rt.device)[0]
+    else:
+        meminfo = Path("/proc/meminfo")
+        lines = meminfo.read_text().splitlines() if meminfo.exists() else []
+        free = next((int(line.split()[1]) * 1024 for line in lines if line.startswith("MemAvailable:")), None)
+    need = 16 * n_params // (rt.world_size if cfg.fsdp else 1)  # FSDP shards all of it across the processes
+    if free is not None and need > free:
+        raise UsageError(f"--model {cfg.model}: training its {n_params / 1e9:.2f}B parameters needs about "
+                         f"{need / 2**30:,.0f} GiB (16 bytes each: float32 weights, gradients and AdamW's two moments) "
+                         f"but {rt.device} has {free / 2**30:,.1f} GiB free; choose a smaller --model or fewer "
+                         "--n_layers / a smaller --dim")
 
 
 def choose_trainable(model: Llama, cfg: TrainConfig, resume_from: Path | None = None, image_encoder=None) -> str:
