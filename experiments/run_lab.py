@@ -94,18 +94,19 @@ def pretrain_base(lab: Path, seed: int, steps: int, batch_size: int) -> Path:
                "--cache_dir", str(lab / "cache"), "--seq_len", str(PRETRAIN_SEQ_LEN), "--batch_size", str(batch_size),
                "--lr", "3e-3", "--warmup_steps", "50", "--max_steps", str(steps),
                "--eval_every", str(steps), "--log_every", "100", "--sample_tokens", "0",
-               "--seed", str(seed), "--out_dir", str(base)], base / "train.log")
+               "--seed", str(seed), "--out_dir", str(base), "--overwrite"], base / "train.log")
     return base / "ckpt"
 
 
 def finetune(lab: Path, run_dir: Path, flags: list[str], steps: int, batch_size: int, seed: int) -> dict:
     """Fine-tune LAB's base on its instruction records with train.py's ``flags`` (method, lr, options)
-    into run_dir; the child's wall time and peak memory."""
+    into run_dir; the child's wall time and peak memory. A run is redone only when its flags changed, and
+    run_dir is this experiment's own, so --overwrite replaces the stale run there."""
     return run_child(["--init_from", str(lab / "base" / "ckpt"),
                       "--data", str(lab / "lab" / "instructions" / "train.jsonl"), "--seq_len", str(FINETUNE_SEQ_LEN),
                       "--batch_size", str(batch_size), "--warmup_steps", "10", "--max_steps", str(steps),
                       "--eval_every", str(steps), "--log_every", "25", "--sample_tokens", "0", "--seed", str(seed),
-                      "--out_dir", str(run_dir), *flags], run_dir / "train.log")
+                      "--out_dir", str(run_dir), "--overwrite", *flags], run_dir / "train.log")
 
 
 def run_seed(out: Path, seed: int, args) -> dict:
