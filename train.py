@@ -88,7 +88,8 @@ def train(cfg: TrainConfig) -> signal.Signals | None:
     sampler = make_sampler(data, cfg)
     progress = Progress(cfg, rt, model, resumed_at=state["step"] if state else None)
     dev = DevSelection(cfg, rt, data, model, progress)  # --dev_every: keep the best, stop early
-    step, best_val_loss = restore_run(state, model, optimizer, sampler, dev, rt, ckpt_dir) if state else (0, float("inf"))
+    step, best_val_loss = (restore_run(state, model, optimizer, sampler, dev, rt, ckpt_dir, cfg.data) if state
+                           else (0, float("inf")))
     checkpoints = RunCheckpoints(cfg, rt, model, data, optimizer, sampler, dev, saved_step=step if state else None)
     # `model` stays the plain module, for evaluation, samples and checkpoints; `trained` is what steps.
     trained = torch.compile(model) if cfg.compile else model

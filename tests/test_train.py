@@ -162,6 +162,23 @@ while True:  # every checkpoint stamps its step into a weight, so a mix of two s
 """
 
 
+def test_resume_says_which_data_files_changed_and_continues(tmp_path):
+    corpus = tmp_path / "corpus"
+    data = shakespeare_slice(corpus)
+    train(*tiny_args(corpus, tmp_path / "run", "--max_steps", "2"))
+    same = train(*tiny_args(corpus, tmp_path / "run", "--resume", "--max_steps", "3"))
+    assert "data changed" not in same.out + same.err  # the negative control: nothing changed, nothing said
+    with open(data / "train.txt", "a") as f:
+        f.write("More lines arrive.\n")
+    text = (data / "val.txt").read_text()
+    (data / "val.txt").write_text(text[::-1])  # the same bytes in another order: a hash, not a size, notices
+    changed = train(*tiny_args(corpus, tmp_path / "run", "--resume", "--max_steps", "4"))
+    note = next(line for line in (changed.out + changed.err).splitlines() if "data changed" in line)
+    assert "since step 3" in note and "continuing" in note, note
+    assert "train.txt changed (60,000 -> 60,019 bytes)" in note and "val.txt changed (same size" in note, note
+    assert len(train_losses(tmp_path / "run")) == 4, "the resumed run went on to step 4"
+
+
 def test_checkpoint_interrupted_mid_write_is_old_or_new(corpus, tmp_path):
     tok = next((corpus / "cache").glob("*/tokenizer.model"), None)
     if tok is None:  # this test may run first: build the cache

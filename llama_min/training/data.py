@@ -25,6 +25,36 @@ from ..tokenizer import Tokenizer
 TEXT_SUFFIXES = (".txt", ".jsonl")
 
 
+# ---- what the run read: --resume says when the data changed ------------------------------------------
+
+
+def data_fingerprint(data: str | Path) -> dict[str, list]:
+    """{file name: [bytes, sha256]} of the data file, or of every file directly inside a data directory.
+    Saved with each checkpoint; resuming compares it with the data found then (``data_changes``)."""
+    data = Path(data)
+    files = sorted(f for f in data.iterdir() if f.is_file() and not f.name.startswith(".")) if data.is_dir() else [data]
+    fingerprint = {}
+    for f in files:
+        digest = hashlib.sha256()
+        with open(f, "rb") as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(block)
+        fingerprint[f.name] = [f.stat().st_size, digest.hexdigest()]
+    return fingerprint
+
+
+def data_changes(saved: dict[str, list], now: dict[str, list]) -> list[str]:
+    """What differs between two ``data_fingerprint``s, one phrase per file ([] when nothing did)."""
+    changes = [f"{name} is gone" for name in saved if name not in now]
+    changes += [f"{name} is new" for name in now if name not in saved]
+    for name in saved.keys() & now.keys():
+        (old_size, old_hash), (size, digest) = saved[name], now[name]
+        if old_hash != digest:
+            changes.append(f"{name} changed ({old_size:,} -> {size:,} bytes)" if old_size != size
+                           else f"{name} changed (same size, other content)")
+    return sorted(changes)
+
+
 # ---- reading documents ----------------------------------------------------------------------------
 
 

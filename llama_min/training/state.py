@@ -6,7 +6,8 @@
     OUT_DIR/merged/ --merge: the LoRA folded into the weights, a plain full checkpoint
 
 train_state.pt holds what ``--resume`` needs besides the weights: the step, the optimiser, the data
-sampler, every random generator, the early-stopping progress and the run's own settings. It is read with
+sampler, every random generator, the early-stopping progress, the run's own settings and a fingerprint of
+the data files (size and sha256: a resumed run says when they changed, and continues). It is read with
 ``torch.load(weights_only=True)``: plain containers and tensors only, no code.
 """
 
@@ -30,7 +31,7 @@ from ..model import Llama
 from ..peft import fold_lora, save_peft
 from ..tokenizer import Tokenizer
 from .config import TrainConfig
-from .data import WindowSampler
+from .data import WindowSampler, data_changes, data_fingerprint
 from .distributed import FSDPModule, full_tensors, load_optimizer
 from .progress import TrainingDiverged
 from .runtime import Runtime
@@ -120,18 +121,18 @@ def holding(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> Llama:
 def save_run_checkpoint(directory: Path, model: Llama, tokenizer: Tokenizer, optimizer_state: dict,
                         sampler: WindowSampler, step: int, best_val_loss: float, cfg: TrainConfig, rng: list[dict],
                         instructions: bool = False, early_stopping: dict | None = None,
-                        tensors: dict | None = None) -> None:
+                        tensors: dict | None = None, data: dict | None = None) -> None:
     """The model (``write_model``) plus train_state.pt, written beside DIR and swapped in by renames
     (checkpoint.replace_directory), so an interruption at any instant leaves the previous checkpoint or
     the new one, never a mix.
-    ``rng``: every process's generators (all_rng_states). A full disk or a read-only directory is one
+    ``rng``: every process's generators (all_rng_states); ``data``: the data files' data_fingerprint. A full disk or a read-only directory is one
     error, with the previous checkpoint untouched."""
     try:
         with replace_directory(directory) as tmp:
             write_model(tmp, model, tokenizer, cfg, instructions, tensors)
             torch.save({"step": step, "optimizer": optimizer_state, "sampler": sampler.state_dict(),
                         "rng": rng, "best_val_loss": best_val_loss, "train_config": asdict(cfg),
-                        "early_stopping": early_stopping}, tmp / STATE_FILE)
+                        "early_stopping": early_stopping, "data": data}, tmp / STATE_FILE)
     except (OSError, RuntimeError, SafetensorError) as e:  # torch.save and safetensors wrap a failed write in their own
         reason = e.strerror if isinstance(e, OSError) and e.strerror else "a write failed"
         raise UsageError(f"could not write the checkpoint {directory} at step {step}: {reason} (disk full, or a file "
@@ -222,9 +223,9 @@ def resumed_config(cfg: TrainConfig, given: set[str]) -> TrainConfig:
 
 
 def restore_run(state: dict, model: Llama, optimizer, sampler: WindowSampler, dev, rt: Runtime,
-                directory: Path) -> tuple[int, float]:
+                directory: Path, data: str) -> tuple[int, float]:
     """Put a run's saved progress back (optimiser, data order, random generators, early stopping) and
-    return its step and best held-out loss."""
+    return its step and best held-out loss; say if the files under ``data`` changed since the save."""
     restore_optimizer(model, optimizer, state, directory / STATE_FILE)
     sampler.load_state_dict(state["sampler"])
     note = set_rng_states(state["rng"], rt)
@@ -232,6 +233,11 @@ def restore_run(state: dict, model: Llama, optimizer, sampler: WindowSampler, de
         rt.say(f"note: {note}")
     dev.load_state_dict(state.get("early_stopping"))
     rt.say(f"resuming {directory} from step {state['step']}")
+    if rt.master and state.get("data") is not None:  # (checkpoints older than the fingerprint have none)
+        changes = data_changes(state["data"], data_fingerprint(data))
+        if changes:  # the user may mean it (more text, a corrected file): continue, but say so
+            rt.say(f"note: the data changed since step {state['step']} was saved: {'; '.join(changes)}; "
+                   "continuing on the data as it is now")
     return state["step"], state["best_val_loss"]
 
 
@@ -245,6 +251,7 @@ class RunCheckpoints:
             cfg, rt, model, data, optimizer, sampler, dev)
         self.directory = checkpoint_dir(cfg)
         self.saved_step = saved_step
+        self.data_fingerprint = data_fingerprint(cfg.data) if rt.master else None  # hashed once a run
 
     def save(self, step: int, best_val_loss: float) -> None:
         """A checkpoint of the run after ``step``, never of weights that are not finite."""
@@ -256,7 +263,8 @@ class RunCheckpoints:
             tensors, optimizer_state = full_tensors(self.model, self.optimizer, trainable_only=not self.cfg.full_checkpoint)
         if self.rt.master:
             save_run_checkpoint(self.directory, self.model, self.data.tokenizer, optimizer_state, self.sampler, step,
-                                best_val_loss, self.cfg, rng, self.data.instructions, self.dev.state_dict(), tensors)
+                                best_val_loss, self.cfg, rng, self.data.instructions, self.dev.state_dict(), tensors,
+                                self.data_fingerprint)
         self.saved_step = step
 
     def last_good(self) -> str:
