@@ -65,7 +65,7 @@ def plot_attention(weights: list[torch.Tensor], labels: list[str], out: Path, ti
 
 def main(argv: list[str] | None = None) -> None:
     from llama_min.checkpoint import load_checkpoint, tokenizer_file
-    from llama_min.tokenizer import Tokenizer
+    from llama_min.tokenizer import load_tokenizer
 
     parser = argparse.ArgumentParser(prog="python -m lab.plots.attention_maps", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint directory with its tokenizer")
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     path = tokenizer_file(args.checkpoint)
     if path is None:
         raise SystemExit(f"lab.plots.attention_maps: error: {args.checkpoint} holds no tokenizer to encode the prompt")
-    tokenizer = Tokenizer(path)
+    tokenizer = load_tokenizer(path)  # tokenizer.model or tokenizer.json
     ids = tokenizer.encode(args.prompt, bos=True)[:args.max_tokens]
     labels = [repr(tokenizer.decode([i]))[1:-1] or "·" for i in ids]
     weights = attention_weights(model, torch.tensor([ids]))
