@@ -40,10 +40,11 @@ KINDS = ("multimodal", "blind")
 
 
 def finetune(base: Path, world: Path, records: Path, run_dir: Path, seed: int, args, images: bool) -> dict:
-    flags = ["--image_root", str(world)] if images else []
+    flags = (["--image_root", str(world)] if images else []) + (["--train_norms"] if args.train_norms else [])
     return run_child(["--init_from", str(base), "--method", "adapter", "--data", str(records), *flags,
-                      "--seq_len", "128", "--batch_size", str(args.batch_size), "--lr", str(args.lr),
-                      "--warmup_steps", "10", "--max_steps", str(args.steps), "--eval_every", str(args.steps),
+                      "--seq_len", str(args.seq_len), "--batch_size", str(args.batch_size), "--lr", str(args.lr),
+                      "--weight_decay", str(args.weight_decay), "--warmup_steps", str(args.warmup_steps),
+                      "--max_steps", str(args.steps), "--eval_every", str(args.steps),
                       "--log_every", "10", "--sample_tokens", "0", "--seed", str(seed), "--out_dir", str(run_dir)],
                      run_dir / "train.log")
 
@@ -56,9 +57,9 @@ def finished(run_dir: Path, steps: int) -> bool:
     return any(json.loads(line).get("step") == steps for line in metrics.read_text().splitlines() if line.strip())
 
 
-def score(base: Path, run_dir: Path, world: Path, images: bool) -> dict[str, float]:
-    """Exact match per question type on the test pictures; colour and shape also on the held-out
-    combinations alone (keys colour@held_out, shape@held_out)."""
+def score(base: Path, run_dir: Path, world: Path, images: bool) -> tuple[dict[str, float], list[str]]:
+    """Exact match per question type on the test pictures, colour and shape also on the held-out
+    combinations alone (keys colour@held_out, shape@held_out); and the answers, one per test record."""
     model = load_finetuned(base, peft=run_dir / "peft")
     tokenizer = load_tokenizer(tokenizer_file(base))
     records = read_image_records(world / "test.json", world)
@@ -76,7 +77,7 @@ def score(base: Path, run_dir: Path, world: Path, images: bool) -> dict[str, flo
         groups.setdefault(kind, []).append(is_exact(answer, r))
         if kind in ("colour", "shape") and (truth[r.image]["colour"], truth[r.image]["shape"]) in HELD_OUT_COMBINATIONS:
             groups.setdefault(f"{kind}@held_out", []).append(is_exact(answer, r))
-    return {k: sum(v) / len(v) for k, v in groups.items()}
+    return {k: sum(v) / len(v) for k, v in groups.items()}, got
 
 
 def gate_plot(run_dir: Path, path: Path) -> None:
@@ -112,17 +113,24 @@ def table(per_seed: dict[int, dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", required=True, help="base checkpoint directory (with its tokenizer)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--lr", type=float, default=5e-2)
+    parser.add_argument("--weight_decay", type=float, default=0.0,
+                        help="AdamW decay of the prompts and the projection (at lr 5e-2, 0.1 shrinks them 0.5%% a step)")
+    parser.add_argument("--warmup_steps", type=int, default=20)
+    parser.add_argument("--train_norms", action=argparse.BooleanOptionalAction, default=True,
+                        help="also train the RMSNorm gains (as LLaMA-Adapter V2 does): a base pretrained on one "
+                             "document has met EOS once, and the adapter alone barely learns to stop")
     parser.add_argument("--n_train", type=int, default=600, help="training pictures (four records each)")
     parser.add_argument("--n_test", type=int, default=120, help="test pictures")
-    args = parser.parse_args()
+    parser.add_argument("--seq_len", type=int, default=128, help="train.py's --seq_len (a record's tokens)")
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)  # scoring here, like each train.py child: one thread (see run_lab.py on why)
     out, base = Path(args.out), Path(args.base)
     world = out / "world"
@@ -141,8 +149,8 @@ def main() -> None:
             else:
                 cost = finetune(base, world, world / "train.json" if images else blind_records, run_dir, seed, args,
                                 images)
-            scores = score(base, run_dir, world, images)
-            per_seed[seed][kind] = {"scores": scores, **cost}
+            scores, got = score(base, run_dir, world, images)
+            per_seed[seed][kind] = {"scores": scores, **cost, "answers": got}
             print(f"seed {seed}: {kind:<10} " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()), flush=True)
     gate_plot(out / f"seed{args.seeds[0]}" / "multimodal", out / "gates.png")
     (out / "results.json").write_text(json.dumps({"args": vars(args), "colours": list(COLOURS),
@@ -150,6 +158,7 @@ def main() -> None:
     text = table(per_seed)
     (out / "table.md").write_text(text + "\n")
     print(text)
+    return per_seed
 
 
 if __name__ == "__main__":
