@@ -27,11 +27,9 @@ from pathlib import Path
 import torch
 
 from llama_min.checkpoint import tokenizer_file
-from llama_min.finetune.exact_match import answers, is_exact
-from llama_min.finetune.images import COLOURS, HELD_OUT_COMBINATIONS, QUESTIONS, make_world, question_type, \
-    read_image_records
+from llama_min.finetune.exact_match import exact_match_by_question, image_answers
+from llama_min.finetune.images import COLOURS, QUESTIONS, make_world, read_image_records
 from llama_min.finetune.load import load_finetuned
-from llama_min.peft.visual import load_encoder
 from llama_min.tokenizer import load_tokenizer
 
 from .run_lab import run_child
@@ -57,27 +55,14 @@ def finished(run_dir: Path, steps: int) -> bool:
     return any(json.loads(line).get("step") == steps for line in metrics.read_text().splitlines() if line.strip())
 
 
-def score(base: Path, run_dir: Path, world: Path, images: bool) -> tuple[dict[str, float], list[str]]:
+def score(base: Path, run_dir: Path, world: Path) -> tuple[dict[str, float], list[str]]:
     """Exact match per question type on the test pictures, colour and shape also on the held-out
-    combinations alone (keys colour@held_out, shape@held_out); and the answers, one per test record."""
+    combinations alone (keys colour@held_out, shape@held_out); and the answers, one per test record. The
+    multimodal adapter sees each picture through the encoder it was trained with; the blind one has none."""
     model = load_finetuned(base, peft=run_dir / "peft")
-    tokenizer = load_tokenizer(tokenizer_file(base))
     records = read_image_records(world / "test.json", world)
-    features = None
-    if images:
-        ids = sorted({r.image for r in records})
-        features = dict(zip(ids, load_encoder(model.peft_config.image_encoder).features(world, ids)))
-    got = answers(model, tokenizer, records, max_new_tokens=4, image_features=features)
-    truth = {}  # picture -> its colour and shape
-    for r in records:
-        truth.setdefault(r.image, {})[question_type(r)] = r.output
-    groups: dict[str, list[bool]] = {}
-    for answer, r in zip(got, records):
-        kind = question_type(r)
-        groups.setdefault(kind, []).append(is_exact(answer, r))
-        if kind in ("colour", "shape") and (truth[r.image]["colour"], truth[r.image]["shape"]) in HELD_OUT_COMBINATIONS:
-            groups.setdefault(f"{kind}@held_out", []).append(is_exact(answer, r))
-    return {k: sum(v) / len(v) for k, v in groups.items()}, got
+    got = image_answers(model, load_tokenizer(tokenizer_file(base)), records, world, max_new_tokens=4)
+    return exact_match_by_question(got, records), got
 
 
 def gate_plot(run_dir: Path, path: Path) -> None:
@@ -134,10 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(1)  # scoring here, like each train.py child: one thread (see run_lab.py on why)
     out, base = Path(args.out), Path(args.base)
     world = out / "world"
-    make_world(world, args.n_train, args.n_test, seed=0)
-    blind_records = out / "train_blind.json"  # the same records, their images taken away
-    blind_records.write_text(json.dumps([{k: v for k, v in r.items() if k != "image"}
-                                         for r in json.loads((world / "train.json").read_text())]))
+    records = make_world(world, args.n_train, args.n_test, seed=0)  # train, test and train_blind (no images)
     per_seed = {}
     for seed in args.seeds:
         per_seed[seed] = {}
@@ -147,9 +129,9 @@ def main(argv: list[str] | None = None) -> dict:
             if finished(run_dir, args.steps):  # trained by an earlier call of this command: score it again
                 cost = {"wall_s": None, "peak_mb": None}
             else:
-                cost = finetune(base, world, world / "train.json" if images else blind_records, run_dir, seed, args,
+                cost = finetune(base, world, records["train" if images else "train_blind"], run_dir, seed, args,
                                 images)
-            scores, got = score(base, run_dir, world, images)
+            scores, got = score(base, run_dir, world)
             per_seed[seed][kind] = {"scores": scores, **cost, "answers": got}
             print(f"seed {seed}: {kind:<10} " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()), flush=True)
     gate_plot(out / f"seed{args.seeds[0]}" / "multimodal", out / "gates.png")

@@ -81,12 +81,12 @@ def test_scores_follow_each_picture(study, lab, tmp_path):
     save_peft(model, tmp_path / "peft", base_checkpoint=base)
     got, scores = recomputed(base, tmp_path / "peft", out / "world", images=True)
     assert len(set(got)) > 1, "the negative control needs answers that differ between pictures"
-    assert multimodal.score(base, tmp_path, out / "world", images=True) == (scores, got)
+    assert multimodal.score(base, tmp_path, out / "world") == (scores, got)
 
 
 def test_the_blind_adapter_sees_the_same_records_without_images(study):
     out, per_seed = study
-    blind = json.loads((out / "train_blind.json").read_text())
+    blind = json.loads((out / "world" / "train_blind.json").read_text())
     full = json.loads((out / "world" / "train.json").read_text())
     assert blind == [{k: v for k, v in r.items() if k != "image"} for r in full] and len(full) == 6 * len(QUESTIONS)
     configs = {kind: json.loads((out / "seed0" / kind / "peft" / "peft.json").read_text())["config"]
