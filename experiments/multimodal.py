@@ -25,11 +25,14 @@ import statistics
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from llama_min.checkpoint import tokenizer_file
-from llama_min.finetune.exact_match import exact_match_by_question, image_answers
-from llama_min.finetune.images import COLOURS, QUESTIONS, make_world, read_image_records
+from llama_min.finetune.exact_match import exact_match_by_question, image_answers, image_features
+from llama_min.finetune.images import COLOURS, QUESTIONS, make_world, question_type, read_image_records
+from llama_min.finetune.instructions import encode_record
 from llama_min.finetune.load import load_finetuned
+from llama_min.model import IGNORE_INDEX
 from llama_min.tokenizer import load_tokenizer
 
 from .run_lab import run_child
@@ -65,6 +68,27 @@ def score(base: Path, run_dir: Path, world: Path) -> tuple[dict[str, float], lis
     return exact_match_by_question(got, records), got
 
 
+@torch.no_grad()
+def answer_losses(base: Path, run_dir: Path, world: Path) -> dict[str, dict[str, float]]:
+    """Per question type, the mean loss (nats) on the test records of the answer's first token, of its other
+    tokens, and of the EOS that must end it: where an adapter that misses exact matches goes wrong."""
+    model = load_finetuned(base, peft=run_dir / "peft").eval()
+    tokenizer = load_tokenizer(tokenizer_file(base))
+    records = read_image_records(world / "test.json", world)
+    features = image_features(model, records, world)
+    parts: dict[str, dict[str, list[float]]] = {}
+    for r in records:
+        tokens, targets = encode_record(r, tokenizer)
+        answer = torch.tensor(targets) != IGNORE_INDEX  # the answer's tokens and EOS
+        logits = model(torch.tensor([tokens]), images=None if features is None else features[r.image][None])[0][0]
+        nll = F.cross_entropy(logits[answer].float(), torch.tensor(targets)[answer], reduction="none").tolist()
+        kind = parts.setdefault(question_type(r), {"first": [], "rest": [], "eos": []})
+        kind["first"].append(nll[0])
+        kind["rest"] += nll[1:-1]
+        kind["eos"].append(nll[-1])
+    return {q: {part: statistics.mean(v) for part, v in p.items() if v} for q, p in parts.items()}
+
+
 def gate_plot(run_dir: Path, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -85,6 +109,11 @@ def gate_plot(run_dir: Path, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def mean_loss(values: list[float | None]) -> str:
+    """The mean, or "-" where a seed had no such token (a test set whose answers are all one token long)."""
+    return "-" if None in values else f"{statistics.mean(values):.2f}"
+
+
 def table(per_seed: dict[int, dict]) -> str:
     seeds = sorted(per_seed)
     columns = [*QUESTIONS, "colour@held_out", "shape@held_out"]
@@ -94,6 +123,12 @@ def table(per_seed: dict[int, dict]) -> str:
         for c in columns:
             values = [per_seed[s][kind]["scores"][c] for s in seeds]
             cells.append(f"{statistics.mean(values):.3f} ({', '.join(f'{v:.2f}' for v in values)})")
+        lines.append(f"| {kind} | {' | '.join(cells)} |")
+    lines += ["", "Answer loss on the test records, nats, mean over the seeds: first token / other tokens / EOS", "",
+              f"| adapter | {' | '.join(QUESTIONS)} |", "|---|" + "---:|" * len(QUESTIONS)]
+    for kind in KINDS:
+        cells = [" / ".join(mean_loss([per_seed[s][kind]["answer_loss"][q].get(part) for s in seeds])
+                            for part in ("first", "rest", "eos")) for q in QUESTIONS]
         lines.append(f"| {kind} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
@@ -132,7 +167,8 @@ def main(argv: list[str] | None = None) -> dict:
                 cost = finetune(base, world, records["train" if images else "train_blind"], run_dir, seed, args,
                                 images)
             scores, got = score(base, run_dir, world)
-            per_seed[seed][kind] = {"scores": scores, **cost, "answers": got}
+            per_seed[seed][kind] = {"scores": scores, "answer_loss": answer_losses(base, run_dir, world), **cost,
+                                    "answers": got}
             print(f"seed {seed}: {kind:<10} " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()), flush=True)
     gate_plot(out / f"seed{args.seeds[0]}" / "multimodal", out / "gates.png")
     (out / "results.json").write_text(json.dumps({"args": vars(args), "colours": list(COLOURS),

@@ -4,6 +4,7 @@ greedy decoding written a second way (a full forward pass per token, no KV cache
 every figure of its table from those answers."""
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -67,6 +68,23 @@ def test_every_answer_and_figure_is_recomputed(study, lab):
         assert per_seed[0][kind]["scores"] == scores, kind
 
 
+def test_answer_losses_are_the_model_s_own(study, lab):
+    """The EOS loss of each test record, recomputed from the prompt and the answer tokenized apart."""
+    out, per_seed = study
+    base = lab / "base" / "ckpt"
+    tokenizer = Tokenizer(base / "tokenizer.model")
+    records = read_image_records(out / "world" / "test.json", out / "world")
+    model = load_peft(load_checkpoint(base), out / "seed0" / "blind" / "peft").eval()
+    eos = {q: [] for q in QUESTIONS}
+    with torch.no_grad():
+        for r in records:
+            tokens = tokenizer.encode(r.prompt(), bos=True) + tokenizer.encode(r.output, bos=False)
+            logits = model(torch.tensor([tokens]))[0][0, -1].double()
+            eos[question_type(r)].append(float(logits.logsumexp(-1) - logits[tokenizer.eos_id]))
+    for q, values in eos.items():
+        assert per_seed[0]["blind"]["answer_loss"][q]["eos"] == pytest.approx(statistics.mean(values), rel=1e-4)
+
+
 def test_scores_follow_each_picture(study, lab, tmp_path):
     """Two steps leave every answer alike; with the gates wide open and the prompts and projection drawn
     anew, answers differ from picture to picture, and the study's scoring must still agree record by record."""
@@ -97,7 +115,9 @@ def test_the_blind_adapter_sees_the_same_records_without_images(study):
 def test_table_and_gate_plot_are_written(study):
     out, per_seed = study
     rows = (out / "table.md").read_text().splitlines()
-    assert [r.split("|")[1].strip() for r in rows[2:]] == list(multimodal.KINDS)
+    assert [r.split("|")[1].strip() for r in rows[2:4]] == list(multimodal.KINDS)
+    eos = statistics.mean(per_seed[0]["blind"]["answer_loss"][q]["eos"] for q in ["count"])
+    assert rows[-1].split("|")[1].strip() == "blind" and rows[-1].split("|")[-2].strip().endswith(f"/ {eos:.2f}")
     colour = per_seed[0]["multimodal"]["scores"]["colour"]
     assert rows[2].split("|")[2].strip() == f"{colour:.3f} ({colour:.2f})"
     assert (out / "gates.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

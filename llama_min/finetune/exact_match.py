@@ -53,16 +53,20 @@ def exact_match_accuracy(model: Llama, tokenizer: Tokenizer, records: Sequence[I
     return sum(is_exact(a, r) for a, r in zip(got, records)) / max(len(records), 1)
 
 
+def image_features(model: Llama, records: Sequence[ImageRecord], image_root: str | Path) -> dict[str, torch.Tensor] | None:
+    """Each record's picture (under image_root) encoded by the frozen encoder that the model's multimodal
+    adapter records (peft_config.image_encoder), by image id; None for a model without a visual projection."""
+    if model.visual_proj is None:
+        return None
+    ids = sorted({r.image for r in records})
+    return dict(zip(ids, load_encoder(model.peft_config.image_encoder).features(image_root, ids)))
+
+
 def image_answers(model: Llama, tokenizer: Tokenizer, records: Sequence[ImageRecord], image_root: str | Path,
                   max_new_tokens: int = 16) -> list[str]:
-    """``answers`` to image-instruction records, each with its picture (under image_root) encoded by the frozen
-    encoder that the model's multimodal adapter records (peft_config.image_encoder); a model without a visual
-    projection answers from the text alone."""
-    features = None
-    if model.visual_proj is not None:
-        ids = sorted({r.image for r in records})
-        features = dict(zip(ids, load_encoder(model.peft_config.image_encoder).features(image_root, ids)))
-    return answers(model, tokenizer, records, max_new_tokens, image_features=features)
+    """``answers`` to image-instruction records, each with its picture (``image_features``); a model without
+    a visual projection answers from the text alone."""
+    return answers(model, tokenizer, records, max_new_tokens, image_features=image_features(model, records, image_root))
 
 
 def exact_match_by_question(got: Sequence[str], records: Sequence[ImageRecord]) -> dict[str, float]:
