@@ -29,8 +29,8 @@ from . import pyplot, save
 COLUMNS = ("colour", "shape", "side", "count", "colour@held_out", "shape@held_out")
 
 
-def write_world(out: Path) -> None:
-    files = make_world(out)
+def write_world(out: Path, n_train: int, n_test: int) -> None:
+    files = make_world(out, n_train, n_test)
     print(f"{len(json.loads(files['train'].read_text()))} training records in {files['train']}, the same without "
           f"their images in {files['train_blind']}; the test pictures' records in {files['test']}")
 
@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     world = sub.add_parser("world", help="write the image world and its blind training records")
     world.add_argument("--out", type=Path, required=True)
+    world.add_argument("--n_train", type=int, default=600, help="training pictures (four records each)")
+    world.add_argument("--n_test", type=int, default=120, help="test pictures, half of held-out combinations")
     scoring = sub.add_parser("score", help="exact match of adapter runs on the test pictures, and a bar chart")
     scoring.add_argument("--base", type=Path, required=True, help="the base checkpoint the runs were trained from")
     scoring.add_argument("--world", type=Path, required=True)
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     scoring.add_argument("--out", type=Path, required=True, help="the PNG to write")
     args = parser.parse_args(argv)
     if args.command == "world":
-        write_world(args.out)
+        write_world(args.out, args.n_train, args.n_test)
     else:
         score(args.base, args.world, args.runs, args.out)
 
