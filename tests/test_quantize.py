@@ -172,3 +172,17 @@ def test_weights_convert_refuses_to_quantise_for_transformers_and_twice(tmp_path
     assert done.code == 1 and "already quantised" in done.err
     done = run_script("weights_convert.py", tmp_path / "float", tmp_path / "q4", "--quantize", "int4", "--group_size", 48)
     assert done.code == 1 and "expected one of 32, 64, 128, 256" in done.err
+
+
+@pytest.mark.parametrize("kind,method", [("int8", "full"), ("int4", "lora")])
+def test_training_from_a_quantised_checkpoint_is_one_clear_line(kind, method, tmp_path):
+    """Integer codes cannot be trained (no gradient; LoRA wraps float projections): train.py says so in
+    one line, before any data is read, instead of failing in backward or inside apply_peft."""
+    save_checkpoint(quantize_model(random_model(tiny_config(hidden_dim=128)), kind, 32), tmp_path / "q")
+    done = run_script("train.py", "--init_from", tmp_path / "q", "--method", method, "--data", tmp_path / "nothing",
+                      "--out_dir", tmp_path / "out", "--max_steps", 1)
+    err = done.err.strip()
+    assert done.code == 1 and "\n" not in err, err[-2000:]
+    assert f"holds {kind} weights (weights_convert.py --quantize), which cannot be trained" in err
+    assert "train from the float checkpoint" in err
+    assert not (tmp_path / "out").exists(), "nothing is written for a refused run"

@@ -42,6 +42,10 @@ def build_model(cfg: TrainConfig, rt: Runtime, resume_from: Path | None = None) 
             tokenizer_path = tokenizer_file(source)
         except (FileNotFoundError, ValueError) as e:
             raise UsageError(f"{flag}: {e}") from None
+        if model.config.quantization:  # integer codes have no gradient, and LoRA wraps float projections only
+            raise UsageError(f"{flag}: {source} holds {model.config.quantization.kind} weights (weights_convert.py "
+                             "--quantize), which cannot be trained; train from the float checkpoint it was made "
+                             "from, and quantise the trained model")
         if cfg.tokenizer and not resume_from:
             own, tokenizer_path = tokenizer_path, Path(cfg.tokenizer)
             if own is not None and not cfg.allow_other_tokenizer and not filecmp.cmp(own, tokenizer_path, shallow=False):
