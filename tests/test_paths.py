@@ -115,3 +115,17 @@ def test_the_checks_can_fail(tmp_path):
     assert slug("How the default got there") == "how-the-default-got-there"
     assert slug("Early stopping on the lab") in {slug(h) for h in headings(ROOT / "docs" / "results.md")}
     assert "How the default got here" not in headings(ROOT / "docs" / "results.md")
+
+
+SUB_PACKAGES = sorted(p.parent.name for p in (ROOT / "llama_min").glob("*/__init__.py"))
+
+
+@pytest.mark.parametrize("package", SUB_PACKAGES)
+def test_each_sub_package_docstring_lists_its_files(package):
+    """The module map of a sub-package is its docstring (README links there): every file is in it, so
+    the map cannot drift from the tree."""
+    directory = ROOT / "llama_min" / package
+    doc = ast.get_docstring(ast.parse((directory / "__init__.py").read_text(encoding="utf-8"))) or ""
+    missing = [p.name for p in sorted(directory.glob("*.py")) if p.name != "__init__.py"
+               and not re.search(rf"(?<![\w.]){re.escape(p.name)}(?!\w)", doc)]
+    assert not missing, f"llama_min/{package}/__init__.py's docstring does not list {missing}"
