@@ -5,8 +5,8 @@ with the bodies of the chosen labs' functions replaced by ``raise NotImplemented
     python -m lab.handout --fill DIR                    # paste this repository's reference back into DIR
 
 A handout holds the package, train.py, generate.py, the shipped data (Shakespeare; the word tasks of labs 7
-and 8), the chosen labs' handouts, every lab's grader with its stored reference outputs, the grade and pack
-tools and the plot scripts. It holds no
+and 8), the chosen labs' handouts, every lab's grader with its stored reference outputs, the grade, pack and
+leaderboard tools, the plot scripts and the experiments page with its reference curves. It holds no
 tests/ (they contain the reference formulas), none of the instructor's tools (this generator, the fixture
 script, the mutation catalogue) and no history. DIR/lab/handout.json records which labs are blanked.
 """
@@ -31,8 +31,8 @@ PACKAGE = "llama_min"
 SCRIPTS = ("train.py", "generate.py")
 DATA = ("data/shakespeare", "data/word_tasks")  # the pretraining text; the task set of labs 7 and 8
 LAB_FILES = ("__init__.py", "manifest.py", "manifest.toml", "grade.py", "isolate.py", "record.py", "autograder.py",
-             "rubric.toml", "pack.py")
-LAB_DIRS = ("graders", "fixtures", "plots")
+             "rubric.toml", "pack.py", "leaderboard.py", "experiments.md")
+LAB_DIRS = ("graders", "fixtures", "plots", "curves")  # curves: the reference plots of experiments.md
 RECORD = "lab/handout.json"
 
 
