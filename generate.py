@@ -54,7 +54,7 @@ class GenerateConfig:
     peft: str = flag("", "an adapter directory (peft.json + peft.safetensors from train.py --method ...) to apply "
                      "to the checkpoint's model", group=MODEL)
     interpolate: float | None = flag(None, "a in [0, 1]: the model at (1 - a)*base + a*fine-tuned (0: the base, "
-                                     "1: the fine-tuned model; needs --peft or --base); -1: off (default: off)",
+                                     "1: the fine-tuned model; needs --peft or --base) (default: off)",
                                      group=MODEL)
     base: str = flag("", "with --interpolate: the base checkpoint of a fully or partially fine-tuned --checkpoint",
                      group=MODEL)
@@ -110,8 +110,6 @@ def load(cfg: GenerateConfig) -> tuple[Llama, Tokenizer, Template | ChatTemplate
         check_sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k or None, cfg.top_p)  # before the slow load
     except ValueError as e:
         raise UsageError(f"--{e}") from None
-    if cfg.interpolate == -1:  # "off", as the flag's earlier default read
-        cfg.interpolate = None
     check_interpolation_flags(cfg.interpolate, cfg.peft, cfg.base)
     device = pick_device(cfg.device)
     if cfg.dtype == "float16" and device.type != "cuda":

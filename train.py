@@ -44,8 +44,7 @@ from llama_min.training.progress import Progress, TrainingDiverged
 from llama_min.training.out_dir import check_out_dir, out_dir_lock
 from llama_min.training.robust import DevSelection, make_l2sp
 from llama_min.training.runtime import StopRequest, setup_runtime
-from llama_min.training.state import (RunCheckpoints, checkpoint_dir, load_train_state, restore_run, resumed_config,
-                                      write_merged)
+from llama_min.training.state import RunCheckpoints, checkpoint_dir, restore_run, resumed_config, write_merged
 from llama_min.training.trainable import build_model, choose_trainable, hold_frozen_in_autocast_dtype
 
 REPO = Path(__file__).resolve().parent
@@ -61,11 +60,7 @@ def train(cfg: TrainConfig) -> signal.Signals | None:
     rt = setup_runtime(cfg.device, cfg.dtype)  # device, autocast dtype, the process group under torchrun
     ckpt_dir = checkpoint_dir(cfg)  # OUT_DIR/ckpt, or OUT_DIR/peft (the adapter only) for a PEFT method
     check_out_dir(cfg, ckpt_dir)  # not over another run (unless --overwrite), nor over its own base
-    state = load_train_state(ckpt_dir) if cfg.resume else None
-    # A full or partial run resumes from its own checkpoint; a PEFT run rebuilds the base from --init_from
-    # and loads its own adapter on top (choose_trainable).
-    resume_from = ckpt_dir if state is not None else None
-    model, tokenizer_path = build_model(cfg, rt, resume_from if cfg.full_checkpoint else None)
+    model, tokenizer_path = build_model(cfg, rt)  # --init_from's weights, or random ones
     if cfg.seq_len > model.config.max_seq_len:
         raise UsageError(f"--seq_len {cfg.seq_len} exceeds the model's max_seq_len {model.config.max_seq_len}; "
                          f"lower --seq_len or raise --max_seq_len")
@@ -73,11 +68,11 @@ def train(cfg: TrainConfig) -> signal.Signals | None:
     if data.tokenizer.vocab_size > model.config.vocab_size:
         raise UsageError(f"the tokenizer has {data.tokenizer.vocab_size} tokens but the model only "
                          f"{model.config.vocab_size}; pass --vocab_size {data.tokenizer.vocab_size}")
-    rt.say(choose_trainable(model, cfg, None if cfg.full_checkpoint else resume_from, data.image_encoder))
+    rt.say(choose_trainable(model, cfg, data.image_encoder))
     seed_process(cfg.seed, rt)  # under torchrun each process its own dropout and noise
     if not cfg.full_checkpoint:
         hold_frozen_in_autocast_dtype(model, rt)  # GPU memory: the frozen base in bf16, not float32 + copies
-    l2sp = make_l2sp(model, cfg, rt, resumed=state is not None and cfg.full_checkpoint)
+    l2sp = make_l2sp(model, cfg)  # anchored at the weights as they are now: the --init_from base
     if cfg.embed_noise:  # NEFTune: noisy input embeddings, in training mode only
         add_embedding_noise(model, cfg.embed_noise)
     if cfg.activation_checkpointing:
@@ -86,11 +81,14 @@ def train(cfg: TrainConfig) -> signal.Signals | None:
         shard_model(model, rt)  # FSDP2: each process holds 1/N of every parameter, gradient and AdamW moment
     optimizer = make_optimizer(model, cfg, rt)
     sampler = make_sampler(data, cfg)
-    progress = Progress(cfg, rt, model, resumed_at=state["step"] if state else None)
+    progress = Progress(cfg, rt, model)
     dev = DevSelection(cfg, rt, data, model, progress)  # --dev_every: keep the best, stop early
-    step, best_val_loss = (restore_run(state, model, optimizer, sampler, dev, rt, ckpt_dir, cfg.data) if state
-                           else (0, float("inf")))
-    checkpoints = RunCheckpoints(cfg, rt, model, data, optimizer, sampler, dev, saved_step=step if state else None)
+    checkpoints = RunCheckpoints(cfg, rt, model, data, optimizer, sampler, dev)
+    step, best_val_loss = 0, float("inf")
+    if cfg.resume:  # put back what the run had reached: weights, optimiser, data order, generators, dev scores
+        step, best_val_loss = restore_run(ckpt_dir, model, optimizer, sampler, dev, rt, cfg)
+        progress.forget_after(step)  # the steps after the checkpoint run again, and are logged again
+        checkpoints.saved_step = step
     # `model` stays the plain module, for evaluation, samples and checkpoints; `trained` is what steps.
     trained = torch.compile(model) if cfg.compile else model
     if rt.world_size > 1 and not cfg.fsdp:

@@ -1,13 +1,10 @@
 """llama_min: a minimal, readable LLaMA in PyTorch.
 
-The model first, one idea per file, in the order a forward pass meets them: config, rmsnorm, rope,
-kv_cache, attention, feedforward, block, model; then tokenizer, generation, checkpoint (a model
-directory: load_checkpoint, save_checkpoint; its weights file through safetensors_file) and hf_format
-(the model's Hugging Face names). What the
-scripts share is cli.py. Around them, sub-packages
-named for their job: peft/ (LLaMA-Adapter, LoRA, bottleneck adapters), finetune/ (instruction data,
-templates, robust fine-tuning), training/ (what train.py's loop calls), from_scratch/ (what the rest takes from a library, written out:
-byte-level BPE, cross-entropy, AdamW, clipping, a training loop), convert/ (weights_convert.py).
+The model first, one idea per file, in the order a forward pass meets them (config, rmsnorm, rope,
+kv_cache, attention, feedforward, block, model), then what uses it (tokenizer, generation, checkpoint,
+...); around them, sub-packages named for their job (peft/, finetune/, training/, from_scratch/,
+convert/), each listing its files in its own docstring. README.md's module table says what each file
+implements and from which paper.
 """
 
 from .checkpoint import load_checkpoint, save_checkpoint

@@ -134,7 +134,9 @@ class ModelConfig:
     max_seq_len: int = 2048  # longest sequence the model takes (and its KV cache covers)
     tie_embeddings: bool = False  # share the token embedding with the output head
     hidden_dim: int | None = None  # explicit SwiGLU hidden size, overriding the rule below
-    attn_impl: str = "sdpa"  # "sdpa" (fused kernel) or "plain" (scores, mask, softmax written out)
+    # How attention is computed, not what the model is: "sdpa" (fused kernel) or "plain" (scores, mask,
+    # softmax written out). A runtime choice, so never written to config.json (to_dict).
+    attn_impl: str = "sdpa"
     quantization: Quantization | None = None  # how a quantised checkpoint stores its linear layers (quantize.py)
 
     def __post_init__(self):
@@ -215,7 +217,11 @@ class ModelConfig:
         return cls.from_dict(params)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields that describe the model (config.json): all but attn_impl (older files hold it, and
+        still load)."""
+        d = asdict(self)
+        del d["attn_impl"]
+        return d
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")

@@ -204,7 +204,7 @@ def loaded_logits(ids, checkpoint, peft="", base="", interpolate=None) -> torch.
 @pytest.mark.parametrize("peft", [
     PeftConfig(method="lora", lora_targets=("wq", "w2")),
     PeftConfig(method="adapter", adapter_len=3),
-    PeftConfig(method="bottleneck", bottleneck_dim=8, bottleneck_train_norms=True),  # base norms trained too
+    PeftConfig(method="bottleneck", bottleneck_dim=8, train_norms=True),  # base norms trained too
 ], ids=["lora", "adapter", "bottleneck+norms"])
 def test_interpolate_endpoints_are_the_base_and_the_adapted_model(model, trained_tokenizer, checkpoint, tmp_path, peft):
     adapted = apply_peft(random_model(model.config), peft)

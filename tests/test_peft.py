@@ -19,9 +19,8 @@ from llama_min import Llama, ModelConfig
 from llama_min.checkpoint import load_checkpoint, save_checkpoint
 from llama_min.peft.adapter import AdapterPrompt
 from llama_min.peft.lora import LoRALinear
-from llama_min.peft import (PEFT_CONFIG, PEFT_WEIGHTS, PeftConfig, apply_peft, fold_lora, peft_stats,
-                            load_peft, merge_lora, parameter_table, peft_state_dict,
-                            remove_peft, save_peft, unmerge_lora)
+from llama_min.peft import (PEFT_CONFIG, PEFT_WEIGHTS, PeftConfig, apply_peft, peft_stats, load_peft, merge_lora,
+                            parameter_table, peft_state_dict, remove_peft, save_peft)
 
 from conftest import max_abs_diff, random_model, random_tokens, tiny_config
 
@@ -32,7 +31,7 @@ METHOD_CONFIGS = {
     "adapter-tanh-all-layers": PeftConfig(method="adapter", adapter_len=3, gate_tanh=True),
     "lora": PeftConfig(method="lora", lora_rank=4, lora_alpha=8, lora_dropout=0.1, lora_targets=ALL_TARGETS),
     "bottleneck": PeftConfig(method="bottleneck", bottleneck_dim=8),
-    "bottleneck-norms": PeftConfig(method="bottleneck", bottleneck_dim=8, bottleneck_train_norms=True),
+    "bottleneck-norms": PeftConfig(method="bottleneck", bottleneck_dim=8, train_norms=True),
 }
 
 
@@ -107,10 +106,10 @@ def test_one_step_changes_output_and_only_method_tensors(name):
     state = model.state_dict()
     trained = set(peft_state_dict(model))
     for key, value in before.items():
-        if key in trained:  # the RMSNorm gains, with bottleneck_train_norms
+        if key in trained:  # the RMSNorm gains, with train_norms
             continue
         assert torch.equal(state[key], value), f"{name}: base tensor {key} changed during the step"
-    if config.bottleneck_train_norms:
+    if config.train_norms:
         assert not torch.equal(state["norm.weight"], before["norm.weight"]), "norm gains were not trained"
 
 
@@ -231,26 +230,33 @@ def test_lora_linear_matches_one_matrix():
     assert max_abs_diff(layer(x), x.double() @ w.T) < 1e-5
 
 
+def lora_modules(model):
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
 def test_lora_merge_equals_unmerged_and_unmerge_restores():
     base, model = lora_with_random_b()
     tokens = random_tokens(base.config, 2, 12)
     weights = {k: v.clone() for k, v in model.state_dict().items() if k.endswith(".weight")}
     with torch.no_grad():
         unmerged = model(tokens)[0]
-        merge_lora(model)
+        for m in lora_modules(model):
+            m.merge()
         merged = model(tokens)[0]
         merged_weights = {k: v.clone() for k, v in model.state_dict().items()}
-        merge_lora(model)  # idempotent: nothing is added twice
+        for m in lora_modules(model):
+            m.merge()  # idempotent: nothing is added twice
         assert all(torch.equal(v, model.state_dict()[k]) for k, v in merged_weights.items()), "merge is not idempotent"
         model.train(), model.eval()  # nothing hides in train()/eval()
-        assert all(m.merged for m in model.modules() if isinstance(m, LoRALinear))
+        assert all(m.merged for m in lora_modules(model))
         twice = model(tokens)[0]
     assert max_abs_diff(merged, unmerged) < 1e-4, "merged forward differs from the unmerged one"
     assert torch.equal(twice, merged)
     assert not torch.equal(model.layers[0].attention.wq.weight, weights["layers.0.attention.wq.weight"]), \
         "merge did not change W"
-    unmerge_lora(model)
-    unmerge_lora(model)
+    for _ in range(2):
+        for m in lora_modules(model):
+            m.unmerge()
     for k, w in weights.items():
         assert max_abs_diff(model.state_dict()[k], w) < 1e-6, f"merge then unmerge did not restore {k}"
 
@@ -261,11 +267,11 @@ def test_merge_refuses_tied_output_head():
         merge_lora(model)
 
 
-def test_fold_lora_gives_plain_model_with_base_keys(tmp_path):
+def test_merge_lora_gives_plain_model_with_base_keys(tmp_path):
     base, model = lora_with_random_b()
     tokens = random_tokens(base.config, 1, 8)
     want = model(tokens)[0].detach()
-    fold_lora(model)
+    merge_lora(model)
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
     assert set(model.state_dict()) == set(base.state_dict())
     save_checkpoint(model, tmp_path / "merged")
@@ -315,7 +321,8 @@ def test_swapping_adapters_on_one_base(tmp_path):
             load_peft(model, tmp_path / name).eval()
             torch.testing.assert_close(model(tokens)[0], want(tokens)[0], rtol=0, atol=0,
                                        msg=f"after loading adapter {name} the output is not that adapter's")
-        merge_lora(model)  # a merged LoRA is unmerged before removal, so the base comes back exactly
+        for m in lora_modules(model):
+            m.merge()  # a merged LoRA is unmerged before removal, so the base comes back exactly
         remove_peft(model)
         torch.testing.assert_close(model(tokens)[0], base(tokens)[0], rtol=0, atol=1e-5)
         assert set(model.state_dict()) == set(base.state_dict())
@@ -369,7 +376,7 @@ def test_apply_twice_and_bad_config_are_clear():
     with pytest.raises(ValueError, match="has no PEFT modules"):
         merge_lora(random_model(tiny_config()))
     with pytest.raises(ValueError, match="merging applies to LoRA only; this model has adapter"):
-        fold_lora(adapted(PeftConfig(method="adapter"))[1])
+        merge_lora(adapted(PeftConfig(method="adapter"))[1])
 
 
 def test_config_json_round_trip():

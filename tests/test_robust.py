@@ -314,7 +314,7 @@ def test_interpolation_scales_each_peft_update_by_a():
 @pytest.mark.parametrize("peft_config", [
     PeftConfig(method="lora", lora_targets=("wq", "wv", "w2", "output")),
     PeftConfig(method="adapter", adapter_len=3, adapter_layers=1, gate_tanh=True),
-    PeftConfig(method="bottleneck", bottleneck_dim=4, bottleneck_train_norms=True),
+    PeftConfig(method="bottleneck", bottleneck_dim=4, train_norms=True),
 ], ids=["lora", "adapter", "bottleneck+norms"])
 def test_interpolation_of_models_made_by_apply_peft(peft_config):
     """Through the real front: whatever apply_peft installs is interpolated, and trained norms (a
@@ -329,7 +329,7 @@ def test_interpolation_of_models_made_by_apply_peft(peft_config):
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.1)
     assert_endpoints_exact(lambda: copy.deepcopy(tuned), logits_of(base, tokens), tokens, base_state)
-    if peft_config.bottleneck_train_norms:
+    if peft_config.train_norms:
         with pytest.raises(ValueError, match="pass the base checkpoint's tensors"):
             interpolate_model_(copy.deepcopy(tuned), 0.5)
 

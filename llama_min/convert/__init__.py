@@ -12,6 +12,12 @@ DST only when complete (``replace_directory``), and the weights file is written 
 Beside the weights go the tokenizer files (for --to hf, a sentencepiece tokenizer.model gets the
 tokenizer.json and tokenizer_config.json transformers needs: hf_tokenizer.py), the chat template and the
 generation config (Source.write_chat_files); docs/tokenizers_and_templates.md is the user's view.
+
+    source.py                            Source: what every reader gives (config, tensors by name, files)
+    meta.py, hf.py, gguf.py, native.py   one reader per source format
+    hf_tokenizer.py                      a sentencepiece tokenizer as transformers' tokenizer.json
+    gguf_vocab.py, pretokenizers.py      a GGUF file's vocabulary as a tokenizer, and its pre-tokenizers
+    verify.py                            --verify: the converted model's logits against the source's
 """
 
 from __future__ import annotations

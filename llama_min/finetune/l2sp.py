@@ -22,8 +22,8 @@ are not base tensors and are not anchored (their starting point is a random or z
 not knowledge to keep). The extra memory is one copy of the trained base tensors.
 
 θ₀ is the weights at the moment the penalty is built, i.e. the pretrained checkpoint: build it after
-loading ``--init_from`` and before the first optimiser step. A resumed run must rebuild it from the
-base checkpoint, not from the resumed weights.
+loading ``--init_from`` and before the first optimiser step. A resumed run builds it the same way,
+before it copies its own trained weights in (training/state.py, ``restore_run``).
 """
 
 from __future__ import annotations

@@ -8,8 +8,6 @@ trainable. Every new branch starts at zero, so the adapted model computes exactl
 
 from __future__ import annotations
 
-import re
-
 import torch
 from torch import nn
 
@@ -61,7 +59,7 @@ def apply_peft(model: Llama, config: PeftConfig) -> Llama:
         for layer in model.layers:
             layer.attention_adapter = Bottleneck(mc.dim, config.bottleneck_dim, **factory)
             layer.ffn_adapter = Bottleneck(mc.dim, config.bottleneck_dim, **factory)
-    if config.trains_norms:
+    if config.train_norms:
         # Kept so that remove_peft can give the base its own gains back.
         model.peft_base_norms = {n: p.detach().clone() for n, p in model.named_parameters()
                                  if n.endswith("norm.weight")}
@@ -106,7 +104,8 @@ def remove_peft(model: Llama) -> Llama:
     trainable, as a fresh Llama is."""
     config = _peft_config(model)
     if config.method == "lora":
-        unmerge_lora(model)
+        for m in _lora_modules(model):
+            m.unmerge()
         _unwrap_lora(model)
     for layer in model.layers:
         layer.attention.prompt_adapter = layer.attention_adapter = layer.ffn_adapter = None
@@ -138,27 +137,16 @@ def _lora_modules(model: Llama) -> list[LoRALinear]:
 
 
 def merge_lora(model: Llama) -> Llama:
-    """Fold (alpha / r) B A into every adapted W, for inference at the base model's cost. Idempotent."""
+    """Fold (alpha / r) B A into every adapted W and drop the LoRA modules: a plain Llama whose weights
+    include the update, at the base model's inference cost (Hu et al. 2021, section 4.2), ready for
+    ``save_checkpoint`` (train.py --merge writes a full checkpoint this way). To switch one model between
+    tasks instead, ``LoRALinear.merge`` / ``unmerge`` add and subtract the update in place."""
     modules = _lora_modules(model)
     if model.config.tie_embeddings and "output" in model.peft_config.lora_targets:
         raise ValueError("cannot merge LoRA into a tied output head: the update would change the token "
                          "embedding too; leave it unmerged, or do not target 'output' on tied models")
     for m in modules:
         m.merge()
-    return model
-
-
-def unmerge_lora(model: Llama) -> Llama:
-    """Subtract (alpha / r) B A from every adapted W again. Idempotent."""
-    for m in _lora_modules(model):
-        m.unmerge()
-    return model
-
-
-def fold_lora(model: Llama) -> Llama:
-    """Merge LoRA and drop its modules for good: a plain Llama whose weights include the update, ready
-    for ``save_checkpoint`` (the ``--merge`` path writes a full checkpoint this way)."""
-    merge_lora(model)
     _unwrap_lora(model)
     del model.peft_config, model.peft_base_fingerprint
     return model.requires_grad_(True)
@@ -168,45 +156,3 @@ def peft_state_dict(model: Llama) -> dict[str, torch.Tensor]:
     """The tensors apply_peft made trainable (detached), under their names in model.state_dict()."""
     _peft_config(model)
     return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
-
-
-
-# ---- what is trained, and how far it moved -------------------------------------------------------
-
-@torch.no_grad()
-def peft_stats(model: Llama) -> dict[str, list[float]]:
-    """How much each layer's adapter does, for watching it learn (train.py logs it in metrics.jsonl):
-    LLaMA-Adapter's gate factor (g, or tanh(g) with gate_tanh) averaged over the heads, and LoRA's
-    ‖(alpha/r)·B·A‖_F over the layer's adapted projections; one value per layer, in layer order (an
-    unadapted layer gives 0). Empty for a model without these methods."""
-    stats: dict[str, list[float]] = {}
-    for layer in model.layers:
-        prompt = layer.attention.prompt_adapter
-        if isinstance(prompt, AdapterPrompt):
-            gate = torch.tanh(prompt.gate) if prompt.gate_tanh else prompt.gate
-            stats.setdefault("adapter_gate", []).append(gate.float().mean().item())
-        loras = [m for m in layer.modules() if isinstance(m, LoRALinear)]
-        if loras:
-            stats.setdefault("lora_delta_norm", []).append(
-                sum(m.delta_weight().pow(2).sum().item() for m in loras) ** 0.5)
-    if "adapter_gate" in stats:  # adapted top layers only: the ones below read 0
-        stats["adapter_gate"] = [0.0] * (len(model.layers) - len(stats["adapter_gate"])) + stats["adapter_gate"]
-    return stats
-
-
-
-def parameter_table(model: nn.Module) -> str:
-    """A text table of trainable and total parameters per module group: the module that owns each
-    tensor, with layer numbers replaced by * so that the n_layers copies count as one row."""
-    groups: dict[str, list[int]] = {}
-    for name, p in model.named_parameters():
-        group = re.sub(r"(^|\.)layers\.\d+\.", r"\1layers.*.", name).rpartition(".")[0] or name
-        counts = groups.setdefault(group, [0, 0])
-        counts[0] += p.numel() if p.requires_grad else 0
-        counts[1] += p.numel()
-    trainable, total = sum(c[0] for c in groups.values()), sum(c[1] for c in groups.values())
-    width = max(len("total"), *(len(g) for g in groups))
-    lines = [f"{'module group':<{width}}  {'trainable':>13}  {'total':>15}"]
-    lines += [f"{g:<{width}}  {t:>13,}  {n:>15,}" for g, (t, n) in groups.items()]
-    lines.append(f"{'total':<{width}}  {trainable:>13,}  {total:>15,}  ({100 * trainable / max(total, 1):.3f}% trainable)")
-    return "\n".join(lines)

@@ -13,7 +13,7 @@ a few features, applies a non-linearity, projects back up, and adds the result t
 The paper leaves the non-linearity open; SiLU is the one LLaMA's feed-forward already uses. It
 initialises the adapter near the identity; here the up-projection (weight and bias) starts at exactly
 zero, so the adapter *is* the identity and the adapted model equals the base model before training.
-Houlsby et al. also train the layer norms (section 2.1); ``PeftConfig.bottleneck_train_norms`` does the
+Houlsby et al. also train the layer norms (section 2.1); ``PeftConfig.train_norms`` does the
 same with the RMSNorm gains.
 """
 

@@ -45,10 +45,9 @@ class PeftConfig:
     lora_targets: tuple[str, ...] = flag(("wq", "wv"), "lora: projections to adapt, any of " + " ".join(LORA_TARGETS),
                                          group=GROUP, choices=list(LORA_TARGETS))
     bottleneck_dim: int = flag(32, "bottleneck: width of the down-projection of each adapter", group=GROUP)
-    bottleneck_train_norms: bool = flag(False, "bottleneck: also train the RMSNorm gains, as Houlsby et al. train "
-                                        "the layer norms", group=GROUP)
-    train_norms: bool = flag(False, "any method: also train the RMSNorm gains (e.g. LoRA plus trainable norms); "
-                             "train.py's --train_norms", group=GROUP)
+    train_norms: bool = flag(False, "any method: also train the RMSNorm gains (e.g. LoRA plus trainable norms, or "
+                             "bottleneck adapters as Houlsby et al. train the layer norms); train.py's --train_norms",
+                             group=GROUP)
 
     def __post_init__(self):
         if isinstance(self.lora_targets, list):  # as JSON gives it
@@ -79,11 +78,6 @@ class PeftConfig:
         if problems:
             raise ValueError("invalid PeftConfig: " + "; ".join(problems))
 
-    @property
-    def trains_norms(self) -> bool:
-        """Whether the RMSNorm gains train beside the method's own tensors."""
-        return self.train_norms or self.method == "bottleneck" and self.bottleneck_train_norms
-
     def to_dict(self) -> dict:
         d = asdict(self)
         d["lora_targets"] = list(self.lora_targets)
@@ -91,6 +85,9 @@ class PeftConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PeftConfig":
+        d = dict(d)
+        if d.pop("bottleneck_train_norms", False):  # files written before train_norms served every method
+            d["train_norms"] = True
         return dataclass_from_dict(cls, d)
 
     def to_json(self) -> str:

@@ -46,7 +46,7 @@ def lora_tensors_to_hf(config: PeftConfig, base: ModelConfig, tensors: dict[str,
     if config.method != "lora":
         raise ValueError(f"the Hugging Face PEFT layout holds LoRA adapters; this one is {config.method}, which PEFT "
                          "cannot load as it is (use it with generate.py --peft)")
-    if config.trains_norms:
+    if config.train_norms:
         raise ValueError("this LoRA also trained the RMSNorm gains, which the PEFT LoRA layout has no place for: "
                          "merge it into the weights instead (train.py --merge) and convert that checkpoint")
     out, modules = {}, set()

@@ -27,7 +27,7 @@ from .apply import _peft_config, apply_peft, base_fingerprint, peft_state_dict, 
 from .config import PeftConfig
 
 # ModelConfig fields that change neither a tensor's shape nor what it means: a PEFT checkpoint may be
-# loaded onto a base that differs in these.
+# loaded onto a base that differs in these (attn_impl: recorded by files older than ModelConfig.to_dict).
 _RUNTIME_FIELDS = ("attn_impl", "max_seq_len")
 
 
@@ -111,32 +111,42 @@ def load_peft(model: Llama, directory: str | Path, check_base: bool = True) -> L
     the recorded one (the config must match in any case)."""
     directory = Path(directory)
     meta = read_peft_meta(directory)
-    try:
-        config = PeftConfig.from_dict(meta["config"])
-    except ValueError as e:
-        raise ValueError(f"{directory / PEFT_CONFIG}: {one_line(e)}") from None
-    _check_base(model.config, meta, directory)
+    config = _config(meta, directory)
+    _check_base(model.config, meta, directory)  # before the model's own adapter is touched
     if check_base:
         _check_fingerprint(model, meta, directory)
     if getattr(model, "peft_config", None) is not None:
         remove_peft(model)
     apply_peft(model, config)
-    copy_peft_weights(model, directory)
+    with torch.no_grad():
+        model.load_state_dict(read_peft_weights(model, directory, check_base=False), strict=False)
     return model
 
 
-def copy_peft_weights(model: Llama, directory: str | Path) -> None:
-    """Copy DIR/peft.safetensors into the adapter ``model`` already carries, strictly and in place (an
-    optimiser holding those tensors keeps them: train.py --resume)."""
-    path = Path(directory) / PEFT_WEIGHTS
+def read_peft_weights(model: Llama, directory: str | Path, check_base: bool = True) -> dict[str, torch.Tensor]:
+    """DIR/peft.safetensors, checked against the adapter ``model`` already carries: the same method and
+    config, trained on this base (its config, and with ``check_base`` its fingerprint), every tensor
+    present in its shape. train.py --resume copies them into its rebuilt adapter."""
+    directory = Path(directory)
+    meta = read_peft_meta(directory)
+    config = _config(meta, directory)
+    if config != model.peft_config:
+        raise ValueError(f"{directory} holds {config}, but the model carries {model.peft_config}")
+    _check_base(model.config, meta, directory)
+    if check_base:
+        _check_fingerprint(model, meta, directory)
+    path = directory / PEFT_WEIGHTS
     try:
         state = load_file(path)
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path}: not a readable safetensors file ({one_line(e, 80)}); the adapter is damaged: copy "
                          "it again or train it again") from None
-    expected = peft_state_dict(model)
-    check_state_dict({k: v.shape for k, v in expected.items()}, state, f"{path} ({model.peft_config.method})")
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in state.items():
-            params[name].copy_(value)
+    check_state_dict({k: v.shape for k, v in peft_state_dict(model).items()}, state, f"{path} ({config.method})")
+    return state
+
+
+def _config(meta: dict, directory: Path) -> PeftConfig:
+    try:
+        return PeftConfig.from_dict(meta["config"])
+    except ValueError as e:
+        raise ValueError(f"{directory / PEFT_CONFIG}: {one_line(e)}") from None

@@ -2,6 +2,7 @@
 
     config.py     TrainConfig (every field a flag, by topic), its checks, the command line
     runtime.py    device, dtype and processes (under torchrun); stop signals
+    out_dir.py    one run per OUT_DIR: never over another run or its own base; the lock file
     trainable.py  the model to train and which of its parameters learn
     distributed.py  DDP or FSDP2 across processes, activation checkpointing, per-process seeds
     data.py       text in, token ids out: documents, the cached tokenizer and token files, windows

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.distributed._composable import checkpoint
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
+                                                     set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
@@ -110,6 +110,12 @@ def full_tensors(model: nn.Module, optimizer: torch.optim.Optimizer, trainable_o
     name, so it loads into any number of processes (``load_optimizer``)."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
     return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy whole tensors (checked by the caller: some or all of the model's) into the model's own, in
+    place, so an optimiser holding them keeps them; a sharded model takes each process's 1/N of each."""
+    set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:

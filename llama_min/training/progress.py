@@ -108,7 +108,7 @@ class Progress:
     checkpoints, dev evaluations) at the mean time each kind has taken so far.
     """
 
-    def __init__(self, cfg: TrainConfig, rt: Runtime, model: torch.nn.Module, resumed_at: int | None = None):
+    def __init__(self, cfg: TrainConfig, rt: Runtime, model: torch.nn.Module):
         self.cfg, self.rt = cfg, rt
         self.out_dir = Path(cfg.out_dir)
         self.flops_per_token = flops_per_token(model, cfg.seq_len)
@@ -119,12 +119,15 @@ class Progress:
         if rt.master:
             try:
                 self.out_dir.mkdir(parents=True, exist_ok=True)
-                if resumed_at is not None:  # forget what was logged after the checkpoint: those steps run again
-                    forget_metrics_after(self.out_dir, resumed_at)
             except OSError as e:
                 raise UsageError(f"--out_dir {self.out_dir}: cannot write there ({e.strerror or e}); choose a "
                                  "writable directory") from None
         self.restart_clock()
+
+    def forget_after(self, step: int) -> None:
+        """Drop the records logged after ``step`` (a resumed run logs those steps again)."""
+        if self.rt.master:
+            forget_metrics_after(self.out_dir, step)
 
     def elapsed(self) -> float:
         """Seconds since the run started."""

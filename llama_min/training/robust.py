@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import read_checkpoint
 from ..cli import UsageError
 from ..finetune.early_stopping import EarlyStopping
 from ..finetune.exact_match import exact_match_accuracy
@@ -29,23 +28,18 @@ from .runtime import Runtime, exact_float32
 from .state import save_model_only
 
 
-def make_l2sp(model: Llama, cfg: TrainConfig, rt: Runtime, resumed: bool) -> L2SP | None:
-    """--l2sp: the penalty over the tensors choose_trainable left trainable (None when off). θ₀ is the
-    --init_from base. A resumed full/partial run has loaded its own, already moved weights, so θ₀ is read
-    again from the base checkpoint's file: those tensors only, not a second model (a PEFT run rebuilt the
-    base from --init_from: already θ₀). θ₀ stays float32 on the training device, deliberately: the
-    differences θ − θ₀ it pulls on are small, and bfloat16 anchors would round them away; on the CPU it
-    would cost a copy to the GPU at every step."""
+def make_l2sp(model: Llama, cfg: TrainConfig) -> L2SP | None:
+    """--l2sp: the penalty over the tensors choose_trainable left trainable (None when off), anchored at
+    their values now: the --init_from base, before any step (a resumed run copies its own weights in
+    only afterwards). θ₀ stays float32 on the training device, deliberately: the differences θ − θ₀ it
+    pulls on are small, and bfloat16 anchors would round them away; on the CPU it would cost a copy to
+    the GPU at every step."""
     if not cfg.l2sp:
         return None
     try:
-        penalty = L2SP(model, cfg.l2sp)
+        return L2SP(model, cfg.l2sp)
     except ValueError as e:
         raise UsageError(f"--l2sp: {e}") from None
-    if resumed:
-        _, base = read_checkpoint(cfg.init_from, rt.device, torch.float32, names=penalty.names)
-        penalty.anchors = [base[name] for name in penalty.names]
-    return penalty
 
 
 class DevSelection:

@@ -23,17 +23,20 @@ import torch
 import torch.distributed as dist
 from safetensors import SafetensorError
 
-from ..checkpoint import STATE_FILE, replace_directory, resolve_checkpoint_dir, write_model_files
+from ..checkpoint import (STATE_FILE, check_state_dict, read_checkpoint, replace_directory, resolve_checkpoint_dir,
+                          stored_state_dict, tokenizer_file, write_model_files)
 from ..cli import UsageError, one_line
 from ..config import ModelConfig
 from ..finetune.templates import record_template
 from ..model import Llama
-from ..peft import fold_lora, save_peft
+from ..peft import merge_lora, save_peft
+from ..peft.save_load import read_peft_weights
 from ..tokenizer import Tokenizer
 from .config import TrainConfig
 from .data import WindowSampler, data_changes, data_fingerprint
-from .distributed import FSDPModule, full_tensors, load_optimizer
+from .distributed import FSDPModule, full_tensors, load_optimizer, load_weights
 from .progress import TrainingDiverged
+from .trainable import refuse_quantized
 from .runtime import Runtime
 
 def checkpoint_dir(cfg: TrainConfig) -> Path:
@@ -150,7 +153,7 @@ def save_model_only(directory: Path, model: Llama, tokenizer: Tokenizer, cfg: Tr
 def write_merged(directory: Path, model: Llama, tokenizer: Tokenizer, instructions: bool) -> None:
     """--merge: fold (alpha/r)·B·A into W (the adapter is gone from ``model`` afterwards) and write a
     full checkpoint, atomically; it loads as a plain model, with no --peft."""
-    fold_lora(model)
+    merge_lora(model)
     with replace_directory(directory) as tmp:
         write_model_files(model, tmp, tokenizer.path)
         if instructions:
@@ -210,8 +213,10 @@ def resume_dir(cfg: TrainConfig, given: set[str]) -> Path:
 
 
 def resumed_config(cfg: TrainConfig, given: set[str]) -> TrainConfig:
-    """For --resume: the saved run's settings, except the flags given again on this command line."""
-    saved = load_train_state(resume_dir(cfg, given))["train_config"]
+    """For --resume: the saved run's settings, except the flags given again on this command line; a
+    full or partial run reads its checkpoint's copy of its tokenizer (a cache may be gone since)."""
+    directory = resume_dir(cfg, given)
+    saved = load_train_state(directory)["train_config"]
     changed = sorted(k for k, v in cfg.model_overrides.items() if saved["model_overrides"].get(k) != v)
     changed += sorted(k for k, v in cfg.peft_overrides.items() if saved["peft_overrides"].get(k) != v)
     changed += [k for k in ("train_layers", "train_norms", "train_output")  # the optimiser state is theirs
@@ -219,13 +224,18 @@ def resumed_config(cfg: TrainConfig, given: set[str]) -> TrainConfig:
     if changed or "method" in given and saved["method"] != cfg.method:
         raise UsageError("--resume continues the saved model and its method; model, --method, PEFT and --train_* "
                          f"flags cannot change it (drop {' '.join('--' + k for k in changed or ['method'])})")
-    return replace(TrainConfig(**saved), **{k: getattr(cfg, k) for k in given})
+    resumed = replace(TrainConfig(**saved), **{k: getattr(cfg, k) for k in given})
+    own_tokenizer = tokenizer_file(directory) if resumed.full_checkpoint else None
+    return replace(resumed, tokenizer=str(own_tokenizer)) if own_tokenizer else resumed
 
 
-def restore_run(state: dict, model: Llama, optimizer, sampler: WindowSampler, dev, rt: Runtime,
-                directory: Path, data: str) -> tuple[int, float]:
-    """Put a run's saved progress back (optimiser, data order, random generators, early stopping) and
-    return its step and best held-out loss; say if the files under ``data`` changed since the save."""
+def restore_run(directory: Path, model: Llama, optimizer, sampler: WindowSampler, dev, rt: Runtime,
+                cfg: TrainConfig) -> tuple[int, float]:
+    """--resume: put what the run had reached at its checkpoint into the run just built (its trained
+    tensors, the optimiser, the data order, every random generator, the early-stopping progress) and
+    return its step and best held-out loss; say if the files under --data changed since."""
+    state = load_train_state(directory)
+    restore_weights(model, directory, cfg)
     restore_optimizer(model, optimizer, state, directory / STATE_FILE)
     sampler.load_state_dict(state["sampler"])
     note = set_rng_states(state["rng"], rt)
@@ -234,23 +244,38 @@ def restore_run(state: dict, model: Llama, optimizer, sampler: WindowSampler, de
     dev.load_state_dict(state.get("early_stopping"))
     rt.say(f"resuming {directory} from step {state['step']}")
     if rt.master and state.get("data") is not None:  # (checkpoints older than the fingerprint have none)
-        changes = data_changes(state["data"], data_fingerprint(data))
+        changes = data_changes(state["data"], data_fingerprint(cfg.data))
         if changes:  # the user may mean it (more text, a corrected file): continue, but say so
             rt.say(f"note: the data changed since step {state['step']} was saved: {'; '.join(changes)}; "
                    "continuing on the data as it is now")
     return state["step"], state["best_val_loss"]
 
 
+def restore_weights(model: Llama, directory: Path, cfg: TrainConfig) -> None:
+    """Copy the run's trained tensors into the model just built (sharded or not): the whole model of a
+    full or partial run; for a PEFT method the adapter, onto the base rebuilt from --init_from (which
+    must be the base it trained on)."""
+    try:
+        if cfg.full_checkpoint:
+            stored, tensors = read_checkpoint(directory, dtype=torch.float32)
+            refuse_quantized(stored, str(directory))  # (the except below names --resume)
+            check_state_dict({k: v.shape for k, v in stored_state_dict(model).items()}, tensors, str(directory))
+        else:
+            tensors = read_peft_weights(model, directory)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(f"--resume: {e}") from None
+    load_weights(model, tensors)
+
+
 class RunCheckpoints:
     """The run's checkpoint in OUT_DIR, and the step its last good save holds (for the messages of a
     run that diverges). Every process calls ``save``; rank 0 writes."""
 
-    def __init__(self, cfg: TrainConfig, rt: Runtime, model: Llama, data, optimizer, sampler: WindowSampler, dev,
-                 saved_step: int | None):
+    def __init__(self, cfg: TrainConfig, rt: Runtime, model: Llama, data, optimizer, sampler: WindowSampler, dev):
         self.cfg, self.rt, self.model, self.data, self.optimizer, self.sampler, self.dev = (
             cfg, rt, model, data, optimizer, sampler, dev)
         self.directory = checkpoint_dir(cfg)
-        self.saved_step = saved_step
+        self.saved_step: int | None = None  # (a resumed run: the step it resumed from)
         self.data_fingerprint = data_fingerprint(cfg.data) if rt.master else None  # hashed once a run
 
     def save(self, step: int, best_val_loss: float) -> None:

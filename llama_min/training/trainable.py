@@ -18,7 +18,7 @@ from ..checkpoint import load_checkpoint, tokenizer_file
 from ..cli import UsageError
 from ..config import ModelConfig
 from ..model import Llama
-from ..peft import apply_peft, load_peft, parameter_table
+from ..peft import apply_peft, parameter_table
 from ..peft.lora import LoRALinear
 from ..rmsnorm import RMSNorm
 from ..tokenizer import load_tokenizer
@@ -26,31 +26,40 @@ from .config import TrainConfig, peft_config
 from .runtime import Runtime
 
 
-def build_model(cfg: TrainConfig, rt: Runtime, resume_from: Path | None = None) -> tuple[Llama, Path | None]:
+def refuse_quantized(config: ModelConfig, source: str) -> None:
+    """A quantised checkpoint (weights_convert.py --quantize) cannot be trained: integer codes have no
+    gradient, and LoRA wraps float projections only. ``source`` names the flag and the checkpoint."""
+    if config.quantization:
+        raise UsageError(f"{source} holds {config.quantization.kind} weights (weights_convert.py --quantize), which "
+                         "cannot be trained; train from the float checkpoint it was made from, and quantise the "
+                         "trained model")
+
+
+def build_model(cfg: TrainConfig, rt: Runtime) -> tuple[Llama, Path | None]:
     """The model to train, on rt.device in float32, and the tokenizer that goes with it (or None:
-    train one). Resuming a full or partial run: its own last checkpoint. --init_from: that checkpoint's
-    weights and tokenizer (a model's embeddings are read with its own token ids, so there is no training
-    a new tokenizer for it). Otherwise random weights of the preset with the model flags applied."""
-    source = resume_from or cfg.init_from
-    if source:
-        if cfg.init_from and not resume_from and cfg.model_overrides:
+    train one). --init_from: that checkpoint's weights and tokenizer (a model's embeddings are read with
+    its own token ids, so there is no training a new tokenizer for it). Otherwise random weights of the
+    preset with the model flags applied. (A resumed run is built the same way; restore_run then copies
+    its trained tensors in.)"""
+    if cfg.init_from:
+        if cfg.model_overrides:
             raise UsageError(f"--init_from takes the model from the checkpoint; drop the model flags "
                              f"{' '.join(sorted('--' + k for k in cfg.model_overrides))}")
-        flag = "--resume" if resume_from else "--init_from"
         try:
-            model = load_checkpoint(source, device=rt.device, dtype=torch.float32)
-            tokenizer_path = tokenizer_file(source)
+            model = load_checkpoint(cfg.init_from, device=rt.device, dtype=torch.float32)
+            tokenizer_path = tokenizer_file(cfg.init_from)
         except (FileNotFoundError, ValueError) as e:
-            raise UsageError(f"{flag}: {e}") from None
-        if cfg.tokenizer and not resume_from:
+            raise UsageError(f"--init_from: {e}") from None
+        refuse_quantized(model.config, f"--init_from: {cfg.init_from}")
+        if cfg.tokenizer:
             own, tokenizer_path = tokenizer_path, Path(cfg.tokenizer)
             if own is not None and not cfg.allow_other_tokenizer and not filecmp.cmp(own, tokenizer_path, shallow=False):
-                raise UsageError(f"--tokenizer {cfg.tokenizer} is not the tokenizer of --init_from {source} ({own}): "
-                                 "the model reads its own token ids; drop --tokenizer, or pass --allow_other_tokenizer "
-                                 "to retrain it on another tokenizer's ids")
+                raise UsageError(f"--tokenizer {cfg.tokenizer} is not the tokenizer of --init_from {cfg.init_from} "
+                                 f"({own}): the model reads its own token ids; drop --tokenizer, or pass "
+                                 "--allow_other_tokenizer to retrain it on another tokenizer's ids")
         if tokenizer_path is None:
-            raise UsageError(f"{flag}: {source} holds no tokenizer.model or tokenizer.json, and the model must read "
-                             "its own token ids: copy its tokenizer into that directory or pass --tokenizer")
+            raise UsageError(f"--init_from: {cfg.init_from} holds no tokenizer.model or tokenizer.json, and the model "
+                             "must read its own token ids: copy its tokenizer into that directory or pass --tokenizer")
         return model, tokenizer_path
     overrides = dict(cfg.model_overrides)
     if cfg.tokenizer:
@@ -92,10 +101,10 @@ def check_memory(config: ModelConfig, cfg: TrainConfig, rt: Runtime) -> None:
                          "--n_layers / a smaller --dim")
 
 
-def choose_trainable(model: Llama, cfg: TrainConfig, resume_from: Path | None = None, image_encoder=None) -> str:
+def choose_trainable(model: Llama, cfg: TrainConfig, image_encoder=None) -> str:
     """Set requires_grad on exactly the parameters that train, and return the table of trainable versus
-    total parameters per module group. A PEFT method resuming loads the run's own adapter tensors
-    (strictly) on top of the rebuilt base. With --image_root's encoder the adapter is multimodal."""
+    total parameters per module group. A PEFT method adds its new tensors; with --image_root's encoder
+    the adapter is multimodal."""
     config = peft_config(cfg, image_encoder)
     if cfg.method == "full":
         model.requires_grad_(True)
@@ -117,14 +126,6 @@ def choose_trainable(model: Llama, cfg: TrainConfig, resume_from: Path | None = 
                     module.weight.requires_grad_(True)
         if cfg.train_output:
             model.output.weight.requires_grad_(True)
-    elif resume_from is not None:
-        try:
-            load_peft(model, resume_from)
-        except (FileNotFoundError, ValueError) as e:
-            raise UsageError(f"--resume: {e}") from None
-        if model.peft_config != config:
-            raise UsageError(f"--resume: {resume_from} holds {model.peft_config}, but the flags ask for {config}; "
-                             "PEFT flags cannot change on resume")
     else:
         torch.manual_seed(cfg.seed)  # the same new tensors (LoRA's A, the prompts) on every rank and every run
         try:
