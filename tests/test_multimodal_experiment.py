@@ -22,7 +22,11 @@ def study(lab, tmp_path_factory):
     out = tmp_path_factory.mktemp("multimodal")
     argv = ["--base", str(lab / "base" / "ckpt"), "--out", str(out), "--seeds", "0", "--steps", "2",
             "--n_train", "6", "--n_test", "4", "--batch_size", "4", "--seq_len", "160", "--lr", "0.05"]
-    return out, multimodal.main(argv)
+    threads = torch.get_num_threads()
+    try:
+        return out, multimodal.main(argv)
+    finally:
+        torch.set_num_threads(threads)  # main() scores on one thread; later tests' float sums must not change
 
 
 def greedy(model, tokenizer, prompt: str, image: torch.Tensor | None, max_new_tokens: int = 4) -> str:
