@@ -72,13 +72,13 @@ def train(cfg: TrainConfig) -> signal.Signals | None:
     seed_process(cfg.seed, rt)  # under torchrun each process its own dropout and noise
     if not cfg.full_checkpoint:
         hold_frozen_in_autocast_dtype(model, rt)  # GPU memory: the frozen base in bf16, not float32 + copies
-    l2sp = make_l2sp(model, cfg)  # anchored at the weights as they are now: the --init_from base
     if cfg.embed_noise:  # NEFTune: noisy input embeddings, in training mode only
         add_embedding_noise(model, cfg.embed_noise)
     if cfg.activation_checkpointing:
         checkpoint_activations(model)  # each block recomputed in backward: one block's activations held, not all
     if cfg.fsdp:
         shard_model(model, rt)  # FSDP2: each process holds 1/N of every parameter, gradient and AdamW moment
+    l2sp = make_l2sp(model, cfg)  # anchored at the weights as they are now (the --init_from base), sharded like them
     optimizer = make_optimizer(model, cfg, rt)
     sampler = make_sampler(data, cfg)
     progress = Progress(cfg, rt, model)

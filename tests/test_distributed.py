@@ -137,6 +137,23 @@ def test_fsdp_lora_matches_one_process(corpus, single):
     assert_same_tensors(sharded, plain, 1e-5, "LoRA tensors after 40 steps")
 
 
+def test_fsdp_l2sp_matches_one_process(corpus, single):
+    """--l2sp under --fsdp: the anchors θ₀ are taken after sharding, so each process holds and pulls its
+    1/N of every tensor; two processes of 4 rows give one process of 8. The pull is real: without --l2sp
+    the weights end elsewhere (the control)."""
+    common = ["--init_from", single / "ckpt", "--method", "full", "--weight_decay", "0", "--max_steps", "10",
+              "--eval_every", "10"]
+    torchrun(*args(corpus, corpus / "l2sp_fsdp", *common, "--l2sp", "5", "--fsdp", "--batch_size", "4", model=[]))
+    train(*args(corpus, corpus / "l2sp_single", *common, "--l2sp", "5", model=[]))
+    train(*args(corpus, corpus / "no_l2sp", *common, model=[]))
+    torch.testing.assert_close(train_losses(corpus / "l2sp_fsdp"), train_losses(corpus / "l2sp_single"),
+                               rtol=0, atol=1e-5)
+    sharded, plain, free = (load_checkpoint(corpus / run / "ckpt").state_dict()
+                            for run in ("l2sp_fsdp", "l2sp_single", "no_l2sp"))
+    assert_same_tensors(sharded, plain, 1e-5, "weights after 10 steps with --l2sp")
+    assert max((plain[k] - free[k]).abs().max() for k in plain) > 1e-3, "--l2sp 5 changed nothing (control)"
+
+
 def test_fsdp_without_torchrun_is_one_clear_line(corpus, tmp_path):
     run = run_script("train.py", *args(corpus, tmp_path, "--fsdp"))
     err = run.err.strip()
