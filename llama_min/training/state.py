@@ -36,6 +36,7 @@ from .config import TrainConfig
 from .data import WindowSampler, data_changes, data_fingerprint
 from .distributed import FSDPModule, full_tensors, load_optimizer, load_weights
 from .progress import TrainingDiverged
+from .trainable import refuse_quantized
 from .runtime import Runtime
 
 def checkpoint_dir(cfg: TrainConfig) -> Path:
@@ -256,7 +257,8 @@ def restore_weights(model: Llama, directory: Path, cfg: TrainConfig) -> None:
     must be the base it trained on)."""
     try:
         if cfg.full_checkpoint:
-            tensors = read_checkpoint(directory, dtype=torch.float32)[1]
+            stored, tensors = read_checkpoint(directory, dtype=torch.float32)
+            refuse_quantized(stored, str(directory))  # (the except below names --resume)
             check_state_dict({k: v.shape for k, v in stored_state_dict(model).items()}, tensors, str(directory))
         else:
             tensors = read_peft_weights(model, directory)
