@@ -28,7 +28,7 @@ from llama_min.model import Llama
 from llama_min.tokenizer import load_tokenizer
 from llama_min.training import evaluate as training_evaluate
 from llama_min.training.config import TrainConfig
-from llama_min.training.data import split_documents, token_byte_lengths, tokenize_to_memmap
+from llama_min.training.corpus import split_documents, token_byte_lengths, tokenize_to_memmap
 from llama_min.training.runtime import Runtime, exact_float32
 
 from .tasks import TASKS

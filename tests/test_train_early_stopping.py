@@ -20,7 +20,7 @@ from llama_min.finetune.exact_match import exact_match_accuracy
 from llama_min.finetune.instructions import InstructionRecord, read_records
 from llama_min.generation import generate
 from llama_min.tokenizer import Tokenizer
-from llama_min.training.batches import DEV_ANSWER_TOKENS
+from llama_min.training.data import DEV_ANSWER_TOKENS
 from scripts import Run, metrics, run_script
 
 N_TRAIN, N_HELD_OUT, DEV_RECORDS = 20, 10, 8

@@ -16,7 +16,7 @@ from llama_min.finetune.templates import template_for_checkpoint
 from llama_min.model import IGNORE_INDEX
 from llama_min.peft import PeftConfig, apply_peft, load_peft
 from llama_min.tokenizer import Tokenizer
-from llama_min.training.batches import get_batch, is_instruction_data, make_sampler, prepare_data
+from llama_min.training.data import get_batch, is_instruction_data, make_sampler, prepare_data
 from llama_min.training.config import TrainConfig, parse_args
 from llama_min.training.optim import make_optimizer
 from llama_min.training.runtime import Runtime, setup_runtime
@@ -137,7 +137,7 @@ def test_instruction_batches_mask_the_prompt_and_end_with_eos(lab, tmp_path):
     rt = setup_runtime(cfg.device, cfg.dtype)
     tokenizer_path = lab / "base" / "ckpt" / "tokenizer.model"
     data = prepare_data(cfg, rt, 400, tokenizer_path)
-    assert data.instructions
+    assert data.is_instructions
     tok = Tokenizer(tokenizer_path)
     records = read_records(cfg.data)
     sampler = make_sampler(data, cfg)
