@@ -34,7 +34,7 @@ from llama_min.finetune.load import load_finetuned
 from llama_min.peft.visual import load_encoder
 from llama_min.tokenizer import load_tokenizer
 
-from .run_lab import run_child
+from .run_benchmark import run_child
 
 KINDS = ("multimodal", "blind")
 
@@ -123,7 +123,7 @@ def main() -> None:
     parser.add_argument("--n_train", type=int, default=600, help="training pictures (four records each)")
     parser.add_argument("--n_test", type=int, default=120, help="test pictures")
     args = parser.parse_args()
-    torch.set_num_threads(1)  # scoring here, like each train.py child: one thread (see run_lab.py on why)
+    torch.set_num_threads(1)  # scoring here, like each train.py child: one thread (see run_benchmark.py on why)
     out, base = Path(args.out), Path(args.base)
     world = out / "world"
     make_world(world, args.n_train, args.n_test, seed=0)
