@@ -92,7 +92,7 @@ def _seed():
 
 
 @pytest.fixture(scope="session")
-def word_tasks(tmp_path_factory):
+def word_bench(tmp_path_factory):
     """A small word-task benchmark (experiments/make_benchmark.py) and a base briefly pretrained on its sentences by
     train.py: the starting point of the fine-tuning tests. Built once per test session."""
     from experiments.make_benchmark import make_benchmark

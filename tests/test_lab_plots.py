@@ -38,10 +38,10 @@ def test_attention_maps_of_a_checkpoint(tmp_path, trained_tokenizer, capsys):
     assert (weights[1].triu(1) == 0).all(), "causal: no weight on later tokens"
 
 
-def test_peft_plot_from_a_real_run(word_tasks, tmp_path):
+def test_peft_plot_from_a_real_run(word_bench, tmp_path):
     from lab.plots.peft import plot_peft, read_peft_records
 
-    train("--init_from", word_tasks / "base" / "ckpt", "--method", "adapter", "--data", word_tasks / "benchmark" / "instructions" /
+    train("--init_from", word_bench / "base" / "ckpt", "--method", "adapter", "--data", word_bench / "benchmark" / "instructions" /
           "train.jsonl", "--seq_len", "160", "--batch_size", "2", "--max_steps", "2", "--warmup_steps", "1",
           "--lr", "1e-2", "--log_every", "1", "--eval_every", "2", "--sample_tokens", "0", "--out_dir", tmp_path)
     steps, rows = read_peft_records(tmp_path / "metrics.jsonl")["adapter_gate"]
