@@ -36,6 +36,8 @@ import pytest
 HIDDEN_ENV = "LAB_HIDDEN_TESTS"
 NO_PLUGINS = "PYTEST_DISABLE_PLUGIN_AUTOLOAD"
 HIDDEN_NAME = re.compile(r"test_lab(\d+)_\w+\.py$")
+RUBRIC_SECTION = re.compile(r"lab(\d+)")
+HANDIN = "handin"  # [labN.handin]: the rubric of the hand-ins a person grades
 
 
 @dataclass
@@ -97,13 +99,44 @@ def student_message(excinfo) -> str:
     return f"{type(error).__name__}: {error}{where}"
 
 
-def read_rubric(path: Path) -> dict[int, dict[str, float]]:
+def parse_rubric(path: Path) -> tuple[dict[int, dict[str, float]], dict[int, dict[str, float]]]:
+    """(points per grader test, points per hand-in) by lab, from a rubric file: ``[labN]`` lists grader tests,
+    ``[labN.handin]`` the hand-ins a person grades (a file, or ``FILE#Q`` for question Q of answers.md). A
+    missing file is an empty rubric; any other section, or points that are not a number >= 0, is an error."""
     from .manifest import tomllib
 
     if not path.is_file():
-        return {}
-    data = tomllib.loads(path.read_text(encoding="utf-8"))
-    return {int(section.removeprefix("lab")): dict(points) for section, points in data.items()}
+        return {}, {}
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path} is not valid TOML: {e}") from None
+    tests, handins = {}, {}
+    for section, entries in data.items():
+        match = RUBRIC_SECTION.fullmatch(section)
+        if not match or not isinstance(entries, dict):
+            raise ValueError(f"{path}: [{section}] is not a lab; name the sections [labN] (grader tests) and "
+                             f"[labN.{HANDIN}] (hand-ins a person grades)")
+        number = int(match.group(1))
+        tests[number] = {name: points(path, section, name, value) for name, value in entries.items()
+                         if name != HANDIN}
+        if HANDIN in entries:
+            handin = entries[HANDIN]
+            if not isinstance(handin, dict):
+                raise ValueError(f"{path}: {section}.{HANDIN} must be a table [{section}.{HANDIN}] of hand-in = points")
+            handins[number] = {name: points(path, f"{section}.{HANDIN}", name, value) for name, value in handin.items()}
+    return tests, handins
+
+
+def points(path: Path, section: str, name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+        raise ValueError(f"{path}: [{section}] {name} = {value!r}: points must be a number >= 0")
+    return float(value)
+
+
+def read_rubric(path: Path) -> dict[int, dict[str, float]]:
+    """The points of each lab's grader tests (``[labN]`` of the rubric file)."""
+    return parse_rubric(path)[0]
 
 
 def hidden_files(hidden: Path | None) -> dict[int, list[Path]]:
@@ -254,6 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     manifest = load_labs(root / "lab" / "manifest.toml")
     try:
         labs = [lab.number for lab in choose_labs(args.lab or list(manifest), manifest)]
+        handins = parse_rubric(root / "lab" / "rubric.toml")[1]
         start = time.time()
         if args.in_process:
             results = run_graders(root, labs, args.hidden, echo=args.verbose)
@@ -266,6 +300,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"lab.grade: error: {e}") from None
     titles = {n: lab.title for n, lab in manifest.items()}
     print(table(results, titles))
+    by_hand = [f"lab {n} {sum(handins[n].values()):g}" for n in labs if handins.get(n)]
+    if by_hand:
+        print(f"\nnot in these points: the hand-ins your instructor grades ([labN.{HANDIN}] of lab/rubric.toml), "
+              f"worth {', '.join(by_hand)} points")
     if args.json:
         write_json(args.json, gradescope(results, time.time() - start, titles))
         print(f"\nwrote {args.json} (Gradescope's results format)")

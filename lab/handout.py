@@ -4,8 +4,9 @@ with the bodies of the chosen labs' functions replaced by ``raise NotImplemented
     python -m lab.handout --labs 3 4 --out DIR         # blank labs 3 and 4 (any subset; `all` for every lab)
     python -m lab.handout --fill DIR                    # paste this repository's reference back into DIR
 
-A handout holds the package, train.py, generate.py, the Shakespeare data, the chosen labs' handouts, every
-lab's grader with its stored reference outputs, the grade and pack tools and the plot scripts. It holds no
+A handout holds the package, train.py, generate.py, the shipped data (Shakespeare; the word tasks of labs 7
+and 8), the chosen labs' handouts, every lab's grader with its stored reference outputs, the grade, pack and
+leaderboard tools, the plot scripts and the experiments page with its reference curves. It holds no
 tests/ (they contain the reference formulas), none of the instructor's tools (this generator, the fixture
 script, the mutation catalogue) and no history. DIR/lab/handout.json records which labs are blanked.
 """
@@ -28,10 +29,10 @@ from .source import blank_function, replace_function
 # What a student version holds, relative to the repository root.
 PACKAGE = "llama_min"
 SCRIPTS = ("train.py", "generate.py")
-DATA = "data/shakespeare"
+DATA = ("data/shakespeare", "data/word_tasks")  # the pretraining text; the task set of labs 7 and 8
 LAB_FILES = ("__init__.py", "manifest.py", "manifest.toml", "grade.py", "isolate.py", "record.py", "autograder.py",
-             "rubric.toml", "pack.py")
-LAB_DIRS = ("graders", "fixtures", "plots")
+             "rubric.toml", "pack.py", "leaderboard.py", "experiments.md")
+LAB_DIRS = ("graders", "fixtures", "plots", "curves")  # curves: the reference plots of experiments.md
 RECORD = "lab/handout.json"
 
 
@@ -45,7 +46,7 @@ def check_out(out: Path, repo: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not empty; choose a new directory for the handout")
     target = out.resolve()
-    for part in (repo, repo / PACKAGE, repo / DATA, repo / "lab"):
+    for part in (repo, repo / PACKAGE, *(repo / d for d in DATA), repo / "lab"):
         if target == part.resolve() or (part != repo and target.is_relative_to(part.resolve())):
             raise ValueError(f"--out {out} is inside {part}, which the handout copies; choose a directory outside it")
 
@@ -76,7 +77,8 @@ def fill_directory(labs: list[Lab], out: Path, repo: Path) -> None:
     copy_tree(repo / PACKAGE, out / PACKAGE)
     for script in SCRIPTS:
         shutil.copy2(repo / script, out / script)
-    copy_tree(repo / DATA, out / DATA)
+    for data in DATA:
+        copy_tree(repo / data, out / data)
     shutil.copy2(repo / ".gitignore", out / ".gitignore")
     pyproject = (repo / "pyproject.toml").read_text(encoding="utf-8")
     (out / "pyproject.toml").write_text(pyproject.replace('testpaths = ["tests"]', 'testpaths = ["lab/graders"]'),

@@ -17,8 +17,11 @@ This script and the catalogue are for instructors; student versions do not conta
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
+import signal
+import sys
 import types
 from pathlib import Path
 from types import SimpleNamespace
@@ -31,6 +34,28 @@ from .catalogue import Case
 from .graders.check import matches
 from .manifest import LAB_DIR, REPO, Lab, load_labs
 from .mutations import CATALOGUE, Mutation
+
+
+MISTAKE_SECONDS = 30.0  # per mistake and case: one that makes a loop endless must not hang the script
+
+
+class TooSlow(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Raise TooSlow in this (the main) thread once ``seconds`` of wall time have passed."""
+    def stop(signum, frame):
+        raise TooSlow(f"ran over {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def catalogue_module(lab: Lab) -> types.ModuleType:
@@ -98,8 +123,9 @@ class Writer:
                                         encoding="utf-8")
 
 
-def lab_fixtures(lab: Lab) -> Writer:
-    """Every case of the lab on the reference and on each of the lab's mistakes."""
+def lab_fixtures(lab: Lab, seconds: float = MISTAKE_SECONDS) -> Writer:
+    """Every case of the lab on the reference and on each of the lab's mistakes; a mistake that runs longer
+    than ``seconds`` on a case is stopped and left out of that case (the grader's time limit catches it)."""
     writer = Writer()
     reference = lab_code(lab)
     mistakes = [(mu, lab_code(lab, mu)) for mu in CATALOGUE if mu.lab == lab.number]
@@ -119,7 +145,12 @@ def lab_fixtures(lab: Lab) -> Writer:
         writer.put(f"{case.name}.expected", expected if len(expected) > 1 else expected[0])
         for mu, code in mistakes:
             try:
-                got = as_tensors(run_case(case, code, lab.number))
+                with time_limit(seconds):
+                    got = as_tensors(run_case(case, code, lab.number))
+            except TooSlow as e:
+                print(f"lab {lab.number} case {case.name}: mistake {mu.name} {e}; stopped, no wrong output stored",
+                      file=sys.stderr)
+                continue
             except Exception:  # noqa: BLE001 - a mistake that crashes on this case is caught by the grader itself
                 continue
             if got is None or len(got) != len(expected) or all(

@@ -118,4 +118,4 @@ def test_pack_bundles_the_edited_files_and_names_missing_hand_ins(tmp_path):
     present, missing = pack(tmp_path / "h", [7], tmp_path / "submission.zip")
     names = set(zipfile.ZipFile(tmp_path / "submission.zip").namelist())
     assert names == {"lab/handout.json", "llama_min/peft/lora.py", "handin/07/answers.md"} == set(present)
-    assert missing == ["handin/07/lora_norms.png"]
+    assert missing == ["handin/07/lora_norms.png", "handin/07/word_tasks.png"]

@@ -57,8 +57,9 @@ def test_the_handout_holds_what_a_student_needs_and_no_answers(tmp_path):
     out = tmp_path / "h"
     write_handout([LABS[3], LABS[7]], out)
     present = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
-    for needed in ("train.py", "generate.py", "data/shakespeare/train.txt", "lab/grade.py", "lab/pack.py",
-                   "lab/rubric.toml", "lab/03_rope.md", "lab/07_lora.md", "lab/plots/rope.py", "README.md",
+    for needed in ("train.py", "generate.py", "data/shakespeare/train.txt", "data/word_tasks/tasks.jsonl",
+                   "lab/grade.py", "lab/pack.py", "lab/rubric.toml", "lab/leaderboard.py", "lab/experiments.md",
+                   "lab/curves/lr_sweep.png", "lab/curves/ablations.png", "lab/03_rope.md", "lab/07_lora.md", "lab/plots/rope.py", "README.md",
                    *(f"lab/{lab.grader}" for lab in LABS.values()), *(f"lab/fixtures/lab{n:02d}.json" for n in LABS)):
         assert needed in present, f"the handout lacks {needed}"
     for absent in ("tests/", "experiments/", ".git/", ".ci/", "lab/make_fixtures.py", "lab/mutations.py",

@@ -1,8 +1,12 @@
 """The instructor's answer keys (lab/key/) never reach a student version: lab.handout copies no file of that
-directory, and no sentence of a key appears anywhere in a handout of every lab."""
+directory, no sentence of a key appears anywhere in a handout of every lab, and lab.pack zips none even when
+run in the instructor's repository."""
+
+import zipfile
 
 from lab.handout import write_handout
-from lab.manifest import LAB_DIR, load_labs
+from lab.manifest import LAB_DIR, REPO, load_labs
+from lab.pack import pack
 
 
 def test_answer_keys_stay_out_of_the_handout(tmp_path):
@@ -29,3 +33,15 @@ def test_every_key_answers_its_handout_questions():
         asked = sum(line[:3] in {f"{i}. " for i in range(1, 10)} for line in handout.splitlines())
         answered = sum(line[:3] in {f"{i}. " for i in range(1, 10)} for line in key.read_text(encoding="utf-8").splitlines())
         assert asked == answered > 0, (key.name, asked, answered)
+
+
+def test_labs_1_to_11_have_a_key():
+    keys = {int(key.name[:2]) for key in (LAB_DIR / "key").glob("[0-9][0-9]_*.md")}
+    assert set(range(1, 12)) <= keys, f"no answer key for labs {sorted(set(range(1, 12)) - keys)}"
+
+
+def test_pack_never_zips_a_key(tmp_path):
+    packed, _ = pack(REPO, list(load_labs()), tmp_path / "submission.zip")
+    names = zipfile.ZipFile(tmp_path / "submission.zip").namelist()
+    assert packed and names, "pack wrote an empty zip"
+    assert not [n for n in names if n.startswith("lab/key/") or "/key/" in n], names
