@@ -31,7 +31,7 @@ def test_corpus_bpb_is_the_figure_pretraining_logged(word_bench):
 @pytest.fixture(scope="module")
 def report(word_bench, tmp_path_factory):
     out = tmp_path_factory.mktemp("robust")
-    for part in ("lab", "base", "cache"):  # the lab of seed 0, already pretrained: no pretraining here
+    for part in ("benchmark", "base", "cache"):  # the benchmark of seed 0, already pretrained: no pretraining here
         shutil.copytree(word_bench / part, out / "seed0" / part)
     argv = ["--out", str(out), "--seeds", "0", "--finetune_steps", "3", "--batch_size", "4", "--rows", *ROWS]
     return out, robustness.main(argv)[0]
