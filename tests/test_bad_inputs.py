@@ -329,8 +329,8 @@ def test_an_adapter_on_another_base_of_the_same_shape_is_refused(word_bench, tmp
     """The adapter records its base's fingerprint: a different base of the same config is refused,
     naming the recorded base, unless asked to allow it."""
     base = word_bench / "base" / "ckpt"
-    run = run_script("train.py", "--init_from", base, "--method", "lora", "--data", word_bench / "lab/instructions/train.jsonl",
-                     "--seq_len", "160", "--batch_size", "4", "--max_steps", "2", "--eval_every", "2",
+    run = run_script("train.py", "--init_from", base, "--method", "lora",
+                     "--data", word_bench / "benchmark/instructions/train.jsonl", "--seq_len", "160", "--batch_size", "4", "--max_steps", "2", "--eval_every", "2",
                      "--sample_tokens", "0", "--out_dir", tmp_path / "lora")
     assert run.code == 0, run.err
     other = random_model(load_file_config(base))
@@ -355,8 +355,8 @@ def load_file_config(checkpoint: Path):
 
 
 def test_resume_of_a_lora_run_finds_it_without_method(word_bench, tmp_path):
-    args = ["--init_from", word_bench / "base" / "ckpt", "--data", word_bench / "lab/instructions/train.jsonl", "--seq_len", "160",
-            "--batch_size", "4", "--eval_every", "2", "--sample_tokens", "0", "--out_dir", tmp_path / "run"]
+    args = ["--init_from", word_bench / "base" / "ckpt", "--data", word_bench / "benchmark/instructions/train.jsonl",
+            "--seq_len", "160", "--batch_size", "4", "--eval_every", "2", "--sample_tokens", "0", "--out_dir", tmp_path / "run"]
     assert run_script("train.py", *args, "--method", "lora", "--max_steps", "2").code == 0
     resumed = run_script("train.py", "--resume", "--out_dir", tmp_path / "run", "--max_steps", "4")
     assert resumed.code == 0, resumed.err
