@@ -15,7 +15,8 @@ gradient of this loss has a closed form (softmax minus the one-hot target):
 so ``ChunkedHeadLoss`` computes, for one chunk of positions at a time, the logits, the chunk's share
 of the loss, and at once its share of both gradients; the chunk's logits are then dropped. Backward
 only scales the stored gradients by the incoming one. The largest tensor is (chunk, V), and the work is
-the same three matrix products the plain path does (head forward, and the two of its backward). The
+the same three matrix products the plain path does (head forward, and the two of its backward; a frozen
+head, as in parameter-efficient fine-tuning, skips ∂loss/∂W and the (V, dim) tensor it would keep). The
 same idea as the "fused linear cross-entropy" of Liger-Kernel (Hsu et al. 2024, section 3.3).
 ``tests/test_chunked_loss.py`` proves loss and gradients equal the plain path's.
 """
@@ -39,7 +40,9 @@ class ChunkedHeadLoss(torch.autograd.Function):
         chunk = max(1, CHUNK_ELEMENTS // weight.shape[0])
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_weight = None  # a frozen head (LoRA, LLaMA-Adapter, ...) needs no (V, dim) gradient: not even its memory
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         for start in range(0, h.shape[0], chunk):
             h_c, t_c, keep = h[start:start + chunk], targets[start:start + chunk], counted[start:start + chunk]
             logits = (h_c @ weight.T).float()  # (chunk, V)
@@ -49,14 +52,16 @@ class ChunkedHeadLoss(torch.autograd.Function):
             g.scatter_add_(1, safe_t, -torch.ones_like(safe_t, dtype=g.dtype))
             g *= (keep / n_counted)[:, None]
             grad_h[start:start + chunk] = (g.to(weight.dtype) @ weight).to(h.dtype)
-            grad_weight += g.T.to(h.dtype) @ h_c
-        ctx.save_for_backward(grad_h, grad_weight.to(weight.dtype))
+            if grad_weight is not None:
+                grad_weight += g.T.to(h.dtype) @ h_c
+        ctx.save_for_backward(grad_h, None if grad_weight is None else grad_weight.to(weight.dtype))
         return loss / n_counted
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         grad_h, grad_weight = ctx.saved_tensors
-        return grad_h * grad_loss.to(grad_h.dtype), grad_weight * grad_loss.to(grad_weight.dtype), None
+        return (grad_h * grad_loss.to(grad_h.dtype),
+                None if grad_weight is None else grad_weight * grad_loss.to(grad_weight.dtype), None)
 
 
 def chunked_head_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ def loss_and_grads(model, tokens, targets, scale=1.0):
     model.zero_grad(set_to_none=True)
     logits, loss = model(tokens, targets)
     (loss * scale).backward()
-    return logits, loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    return logits, loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 @pytest.mark.parametrize("tie", [False, True])
@@ -68,3 +68,28 @@ def test_no_logits_sized_tensor_is_kept_for_backward():
         sizes[mode] = max(saved)
     assert sizes["eval"] >= 2 * 64 * 300, "the plain path should keep the logits (the control failed)"
     assert sizes["train"] < 2 * 64 * 300, f"the chunked path kept a tensor of {sizes['train']} elements"
+
+
+def test_a_frozen_head_keeps_no_weight_gradient():
+    """Parameter-efficient fine-tuning freezes the head: the chunked path then keeps no (vocabulary, dim)
+    tensor for backward (measured by autograd's saved-tensors hook), and every other gradient is the plain
+    path's. Control: the same model with the head trainable keeps one."""
+    config = tiny_config(vocab_size=300)
+    model = random_model(config).double()
+    tokens = random_tokens(config, 2, 8)
+    head_elements = config.vocab_size * config.dim
+
+    def largest_saved(head_trainable: bool) -> int:
+        model.output.weight.requires_grad_(head_trainable)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            model.train()(tokens, tokens)
+        return max(saved)
+
+    assert largest_saved(True) >= head_elements, "the control failed: a trainable head keeps its gradient"
+    assert largest_saved(False) < head_elements, "a frozen head's (vocabulary, dim) gradient was kept"
+    _, _, plain = loss_and_grads(model.eval(), tokens, tokens)
+    _, _, chunked = loss_and_grads(model.train(), tokens, tokens)
+    assert model.output.weight.grad is None
+    for name in plain:
+        assert (chunked[name] - plain[name]).abs().max() <= 1e-6 * plain[name].abs().max(), name

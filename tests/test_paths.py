@@ -68,7 +68,14 @@ def slug(heading: str) -> str:
 
 
 def headings(path: Path) -> set[str]:
-    return {line.lstrip("#").strip() for line in path.read_text(encoding="utf-8").splitlines() if line.startswith("#")}
+    """The page's Markdown headings; a '# comment' line inside a fenced code block is not one."""
+    found, fenced = set(), False
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        elif line.startswith("#") and not fenced:
+            found.add(line.lstrip("#").strip())
+    return found
 
 
 READ = [f for f in FILES if f.endswith((".py", ".md", ".toml")) and not f.startswith("data/")]
@@ -115,6 +122,10 @@ def test_the_checks_can_fail(tmp_path):
     assert slug("How the default got there") == "how-the-default-got-there"
     assert slug("Early stopping on the word-task benchmark") in {slug(h) for h in headings(ROOT / "docs" / "results.md")}
     assert "How the default got here" not in headings(ROOT / "docs" / "results.md")
+    page = tmp_path / "page.md"
+    page.write_text("# Title\n\n```bash\n# a shell comment\n```\n## `--resume` and runs\n")
+    assert headings(page) == {"Title", "`--resume` and runs"}
+    assert slug("`--resume` and runs") == "--resume-and-runs"  # GitHub drops the backticks, keeps the hyphens
 
 
 SUB_PACKAGES = sorted(p.parent.name for p in (ROOT / "llama_min").glob("*/__init__.py"))

@@ -6,13 +6,14 @@ loop written a second way, the CPU kernels against the dequantise-then-matmul re
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 from torch import nn
 
 from conftest import max_abs_diff, random_model, random_tokens, tiny_config
-from scripts import run_script
+from scripts import run_script, shakespeare_slice, train
 from llama_min import generate
 from llama_min.checkpoint import load_checkpoint, save_checkpoint
 from llama_min.config import Quantization
@@ -172,3 +173,34 @@ def test_weights_convert_refuses_to_quantise_for_transformers_and_twice(tmp_path
     assert done.code == 1 and "already quantised" in done.err
     done = run_script("weights_convert.py", tmp_path / "float", tmp_path / "q4", "--quantize", "int4", "--group_size", 48)
     assert done.code == 1 and "expected one of 32, 64, 128, 256" in done.err
+
+
+@pytest.mark.parametrize("kind,method", [("int8", "full"), ("int4", "lora")])
+def test_training_from_a_quantised_checkpoint_is_one_clear_line(kind, method, tmp_path):
+    """Integer codes cannot be trained (no gradient; LoRA wraps float projections): train.py says so in
+    one line, before any data is read, instead of failing in backward or inside apply_peft."""
+    save_checkpoint(quantize_model(random_model(tiny_config(hidden_dim=128)), kind, 32), tmp_path / "q")
+    done = run_script("train.py", "--init_from", tmp_path / "q", "--method", method, "--data", tmp_path / "nothing",
+                      "--out_dir", tmp_path / "out", "--max_steps", 1)
+    err = done.err.strip()
+    assert done.code == 1 and "\n" not in err, err[-2000:]
+    assert f"holds {kind} weights (weights_convert.py --quantize), which cannot be trained" in err
+    assert "train from the float checkpoint" in err
+    assert not (tmp_path / "out").exists(), "nothing is written for a refused run"
+
+
+def test_resuming_onto_a_quantised_checkpoint_is_one_clear_line(tmp_path):
+    """A run's own checkpoint replaced by a quantised one: --resume refuses it the same way."""
+    data = shakespeare_slice(tmp_path)
+    out = tmp_path / "run"
+    train("--dim", 32, "--n_layers", 1, "--n_heads", 2, "--vocab_size", 384, "--multiple_of", 32, "--data", data,
+          "--out_dir", out, "--seq_len", 16, "--batch_size", 2, "--max_steps", 1, "--eval_every", 1, "--eval_tokens",
+          64, "--sample_tokens", 0)
+    save_checkpoint(quantize_model(load_checkpoint(out / "ckpt"), "int8"), tmp_path / "q")
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tmp_path / "q" / name, out / "ckpt" / name)
+    done = run_script("train.py", "--resume", "--data", data, "--out_dir", out, "--max_steps", 2)
+    err = done.err.strip()
+    assert done.code == 1 and "\n" not in err, err[-2000:]
+    assert err.endswith(f"--resume: {out / 'ckpt'} holds int8 weights (weights_convert.py --quantize), which cannot "
+                        "be trained; train from the float checkpoint it was made from, and quantise the trained model")

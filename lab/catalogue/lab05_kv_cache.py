@@ -131,9 +131,14 @@ def cases():
     yield Case("choose.greedy", {"logits": randn(g, 4, 12, std=2.0)},
                lambda code, t: code.choose_next(t["logits"], 0.0, None, None, None), params={"temperature": 0.0},
                hint="temperature 0 is greedy: argmax over the vocabulary")
-    row = randn(g, 1, 12, std=1.5)
-    allowed = torch.softmax(filter_top_p(filter_top_k(row / 0.7, 6), 0.9), -1)[0] > 0
-    yield Case("choose.sampled", {"logits": row, "allowed": allowed}, sampled,
+    # Two rows chosen so that every ordering or filter mistake gives frequencies of its own (each pair of
+    # mistakes differs by more than the 0.03 tolerance in one of the rows): in the first, top-p over the whole
+    # distribution keeps more than six tokens (top-k ignored differs from top-p before top-k), in the second
+    # fewer (top-p before top-k differs from top-p ignored), and the tempered and untempered nuclei differ.
+    rows = torch.tensor([[-0.36, 0.60, -0.70, -0.52, 0.91, -1.64, 0.46, -0.13, 0.23, 0.0, -0.81, 1.36],
+                         [-1.02, -0.13, -1.81, -0.28, 1.58, 0.66, -2.45, 2.22, -2.29, 3.76, 3.22, 3.18]])
+    allowed = torch.softmax(filter_top_p(filter_top_k(rows / 0.7, 6), 0.9), -1) > 0
+    yield Case("choose.sampled", {"logits": rows, "allowed": allowed}, sampled,
                params=SETTINGS | {"samples": 20000, "seed": 55}, tol={"atol": 0.03, "rtol": 0.0},
                hint=ORDER + ", then torch.multinomial with the generator given")
 
@@ -145,8 +150,10 @@ def allocated(code, *shape):
 
 
 def sampled(code, t):
-    """The frequencies of 20000 draws from one row of logits, with the grader's seed."""
-    n = 20000
-    ids = code.choose_next(t["logits"].expand(n, -1).clone(), generator=torch.Generator().manual_seed(55), **SETTINGS)
-    return torch.bincount(ids, minlength=t["logits"].shape[-1]).double() / n
+    """The frequencies (R, V) of 20000 draws from each of the R rows of logits (R, V), drawn in one call on the
+    rows repeated 20000 times each, with the grader's seed."""
+    n, (R, V) = 20000, t["logits"].shape
+    ids = code.choose_next(t["logits"].repeat_interleave(n, dim=0), generator=torch.Generator().manual_seed(55),
+                           **SETTINGS)
+    return torch.stack([torch.bincount(ids[r * n:(r + 1) * n], minlength=V) for r in range(R)]).double() / n
 

@@ -126,28 +126,32 @@ def test_greedy():
 
 
 def test_sampling_distribution():
-    """20000 draws at temperature 0.7 with top_k 6 and top_p 0.9: their frequencies must match the reference's
-    (within 0.03 per token), and no filtered-out token may ever be drawn."""
+    """20000 draws from each of two rows at temperature 0.7 with top_k 6 and top_p 0.9: their frequencies must
+    match the reference's (within 0.03 per token), and no filtered-out token may ever be drawn."""
     case = LAB.case("choose.sampled")
     p = case.params
     n = p["samples"]
-    ids = choose_next(case["logits"].expand(n, -1).clone(), p["temperature"], p["top_k"], p["top_p"],
+    logits = case["logits"]  # (R, V): each row is repeated n times, in one call
+    R, V = logits.shape
+    ids = choose_next(logits.repeat_interleave(n, dim=0), p["temperature"], p["top_k"], p["top_p"],
                       torch.Generator().manual_seed(p["seed"]))
-    what = "choose_next(logits, temperature=0.7, top_k=6, top_p=0.9)"
-    if not torch.is_tensor(ids) or ids.shape != (n,) or ids.is_floating_point():
-        fail(f"{what} must return integer token ids of shape ({n},) for {n} rows; got "
+    what = f"choose_next(logits, temperature=0.7, top_k=6, top_p=0.9) on {R} rows repeated {n} times each"
+    if not torch.is_tensor(ids) or ids.shape != (R * n,) or ids.is_floating_point():
+        fail(f"{what} must return integer token ids of shape ({R * n},); got "
              f"{type(ids).__name__} {tuple(getattr(ids, 'shape', ()))}")
-    allowed = case["allowed"]
-    banned = sorted(set(ids.tolist()) - set(allowed.nonzero().flatten().tolist()))
-    frequencies = torch.bincount(ids, minlength=allowed.numel()).double() / n
-    check(frequencies, case, f"the frequencies of the tokens drawn by {what}")
-    if banned:
-        fail(f"{what} drew tokens {banned}, which top-k/top-p remove")
+    rows = [ids[r * n:(r + 1) * n] for r in range(R)]
+    banned = {r: sorted(set(row.tolist()) - set(case["allowed"][r].nonzero().flatten().tolist()))
+              for r, row in enumerate(rows)}
+    frequencies = torch.stack([torch.bincount(row, minlength=V) for row in rows]).double() / n
+    check(frequencies, case, f"the frequencies (row, token) of the tokens drawn by {what}")
+    for r, tokens in banned.items():
+        if tokens:
+            fail(f"{what} drew tokens {tokens} from row {r}, which top-k/top-p remove")
 
 
 def test_seeded_sampling_repeats():
     """Two runs with generators seeded alike draw the same tokens; another seed draws others."""
-    logits = LAB.case("choose.sampled")["logits"].expand(200, -1).clone()
+    logits = LAB.case("choose.sampled")["logits"][:1].expand(200, -1).clone()
 
     def draw(seed):
         return choose_next(logits.clone(), 1.0, None, None, torch.Generator().manual_seed(seed))

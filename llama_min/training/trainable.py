@@ -26,6 +26,15 @@ from .config import TrainConfig, peft_config
 from .runtime import Runtime
 
 
+def refuse_quantized(config: ModelConfig, source: str) -> None:
+    """A quantised checkpoint (weights_convert.py --quantize) cannot be trained: integer codes have no
+    gradient, and LoRA wraps float projections only. ``source`` names the flag and the checkpoint."""
+    if config.quantization:
+        raise UsageError(f"{source} holds {config.quantization.kind} weights (weights_convert.py --quantize), which "
+                         "cannot be trained; train from the float checkpoint it was made from, and quantise the "
+                         "trained model")
+
+
 def build_model(cfg: TrainConfig, rt: Runtime) -> tuple[Llama, Path | None]:
     """The model to train, on rt.device in float32, and the tokenizer that goes with it (or None:
     train one). --init_from: that checkpoint's weights and tokenizer (a model's embeddings are read with
@@ -41,6 +50,7 @@ def build_model(cfg: TrainConfig, rt: Runtime) -> tuple[Llama, Path | None]:
             tokenizer_path = tokenizer_file(cfg.init_from)
         except (FileNotFoundError, ValueError) as e:
             raise UsageError(f"--init_from: {e}") from None
+        refuse_quantized(model.config, f"--init_from: {cfg.init_from}")
         if cfg.tokenizer:
             own, tokenizer_path = tokenizer_path, Path(cfg.tokenizer)
             if own is not None and not cfg.allow_other_tokenizer and not filecmp.cmp(own, tokenizer_path, shallow=False):
