@@ -44,7 +44,8 @@ from llama_min.training.progress import Progress, TrainingDiverged
 from llama_min.training.out_dir import check_out_dir, out_dir_lock
 from llama_min.training.robust import DevSelection, make_l2sp
 from llama_min.training.runtime import StopRequest, setup_runtime
-from llama_min.training.state import RunCheckpoints, checkpoint_dir, restore_run, resumed_config, write_merged
+from llama_min.training.state import (RunCheckpoints, checkpoint_dir, restore_run, resumed_config, whole_model,
+                                      write_merged)
 from llama_min.training.trainable import build_model, choose_trainable, hold_frozen_in_autocast_dtype
 
 REPO = Path(__file__).resolve().parent
@@ -72,13 +73,13 @@ def train(cfg: TrainConfig) -> signal.Signals | None:
     seed_process(cfg.seed, rt)  # under torchrun each process its own dropout and noise
     if not cfg.full_checkpoint:
         hold_frozen_in_autocast_dtype(model, rt)  # GPU memory: the frozen base in bf16, not float32 + copies
-    l2sp = make_l2sp(model, cfg)  # anchored at the weights as they are now: the --init_from base
     if cfg.embed_noise:  # NEFTune: noisy input embeddings, in training mode only
         add_embedding_noise(model, cfg.embed_noise)
     if cfg.activation_checkpointing:
         checkpoint_activations(model)  # each block recomputed in backward: one block's activations held, not all
     if cfg.fsdp:
         shard_model(model, rt)  # FSDP2: each process holds 1/N of every parameter, gradient and AdamW moment
+    l2sp = make_l2sp(model, cfg)  # anchored at the weights as they are now (the --init_from base), sharded like them
     optimizer = make_optimizer(model, cfg, rt)
     sampler = make_sampler(data, cfg)
     progress = Progress(cfg, rt, model)
@@ -159,10 +160,12 @@ def train(cfg: TrainConfig) -> signal.Signals | None:
         with rt.autocast(), unsharded(model):  # --fsdp: every process holds the whole model meanwhile
             if rt.master:
                 print_samples(model, data, cfg)
-    if stopped_by is None and rt.master and cfg.merge:
+    if stopped_by is None and cfg.merge:
         dev.load_best()  # with --dev_every, the run's result is the chosen model
-        write_merged(Path(cfg.out_dir) / "merged", model, data.tokenizer, data.instructions)
-        rt.say(f"merged LoRA into the weights: full checkpoint {Path(cfg.out_dir) / 'merged'}")
+        whole = whole_model(model, cfg, data.image_encoder)  # --fsdp: gathered to rank 0 (every process calls it)
+        if rt.master:
+            write_merged(Path(cfg.out_dir) / "merged", whole, data.tokenizer, data.instructions)
+            rt.say(f"merged LoRA into the weights: full checkpoint {Path(cfg.out_dir) / 'merged'}")
     if stopped_by is None:
         dev.finish()
     held_out = ("no held-out evaluation" if val_loss is None else f"held-out loss {val_loss:.4f}"

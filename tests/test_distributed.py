@@ -126,8 +126,8 @@ def test_fsdp_lora_matches_one_process(corpus, single):
     """Frozen base tensors and trainable LoRA tensors in the same sharded blocks: two processes of 4 rows
     give one process of 8 rows; the checkpoint holds the adapter only, as on one process. (No dropout:
     each process draws its own masks, so two processes cannot draw one process's.) 40 steps, as for full
-    fine-tuning."""
-    lora = ["--init_from", single / "ckpt", "--method", "lora", "--lora_dropout", "0"]
+    fine-tuning. --merge gathers the sharded model to rank 0 and writes the same merged checkpoint."""
+    lora = ["--init_from", single / "ckpt", "--method", "lora", "--lora_dropout", "0", "--merge"]
     torchrun(*args(corpus, corpus / "lora_fsdp", *lora, "--fsdp", "--batch_size", "4", model=[]))
     train(*args(corpus, corpus / "lora_single", *lora, model=[]))
     torch.testing.assert_close(train_losses(corpus / "lora_fsdp"), train_losses(corpus / "lora_single"),
@@ -135,6 +135,28 @@ def test_fsdp_lora_matches_one_process(corpus, single):
     sharded, plain = (load_file(corpus / run / "peft" / "peft.safetensors") for run in ("lora_fsdp", "lora_single"))
     assert sharded and all("lora_" in name for name in sharded), "only the adapter is saved"
     assert_same_tensors(sharded, plain, 1e-5, "LoRA tensors after 40 steps")
+    merged, merged_plain, base = (load_checkpoint(path).state_dict() for path in (
+        corpus / "lora_fsdp" / "merged", corpus / "lora_single" / "merged", single / "ckpt"))
+    assert_same_tensors(merged, merged_plain, 1e-5, "--merge's checkpoint")
+    assert not torch.equal(merged["layers.0.attention.wq.weight"], base["layers.0.attention.wq.weight"]), \
+        "the merged checkpoint holds the base weights (control)"
+
+
+def test_fsdp_l2sp_matches_one_process(corpus, single):
+    """--l2sp under --fsdp: the anchors θ₀ are taken after sharding, so each process holds and pulls its
+    1/N of every tensor; two processes of 4 rows give one process of 8. The pull is real: without --l2sp
+    the weights end elsewhere (the control)."""
+    common = ["--init_from", single / "ckpt", "--method", "full", "--weight_decay", "0", "--max_steps", "10",
+              "--eval_every", "10"]
+    torchrun(*args(corpus, corpus / "l2sp_fsdp", *common, "--l2sp", "5", "--fsdp", "--batch_size", "4", model=[]))
+    train(*args(corpus, corpus / "l2sp_single", *common, "--l2sp", "5", model=[]))
+    train(*args(corpus, corpus / "no_l2sp", *common, model=[]))
+    torch.testing.assert_close(train_losses(corpus / "l2sp_fsdp"), train_losses(corpus / "l2sp_single"),
+                               rtol=0, atol=1e-5)
+    sharded, plain, free = (load_checkpoint(corpus / run / "ckpt").state_dict()
+                            for run in ("l2sp_fsdp", "l2sp_single", "no_l2sp"))
+    assert_same_tensors(sharded, plain, 1e-5, "weights after 10 steps with --l2sp")
+    assert max((plain[k] - free[k]).abs().max() for k in plain) > 1e-3, "--l2sp 5 changed nothing (control)"
 
 
 def test_fsdp_without_torchrun_is_one_clear_line(corpus, tmp_path):

@@ -76,6 +76,8 @@ def test_world_is_seeded_and_holds_out_combinations(world, tmp_path):
     assert len(train) == 4 * 12 and all(len(q) == 4 for q in by_image.values())
     combos = {(q[QUESTIONS["colour"]], q[QUESTIONS["shape"]]) for q in by_image.values()}
     assert not combos & HELD_OUT_COMBINATIONS
+    blind = json.loads((world / "train_blind.json").read_text())  # the blind baseline's records: no image field
+    assert blind == [{k: v for k, v in r.items() if k != "image"} for r in train]
     test = read_image_records(world / "test.json", world)
     assert {question_type(r) for r in test} == set(QUESTIONS)
     first = [r for r in test if r.image == "test/00000.png"]  # test picture 0 is of a held-out combination

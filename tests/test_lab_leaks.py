@@ -21,8 +21,8 @@ def test_no_note_without_a_repetition_or_inside_blanked_code():
     assert duplicated_answers(REPO, [LABS[2]]) == []  # SwiGLU is written once
     assert not any("rope.py" in n for n in duplicated_answers(REPO, [LABS[3]]))  # its own body is not a leak
     both = duplicated_answers(REPO, [LABS[4], LABS[8]])  # the adapter's softmax line is blanked with lab 8
-    # ... and so are prompt_kv's GQA repeats; only the multimodal visual_kv, which no lab blanks, repeats one
-    lines, first = inspect.getsourcelines(AdapterPrompt.visual_kv)
+    # ... and so are prompt_kv's GQA repeats; only the multimodal add_image (lab 13, not in this handout) repeats one
+    lines, first = inspect.getsourcelines(AdapterPrompt.add_image)
     kept = {f"again at llama_min/peft/adapter.py:{n}," for n in range(first, first + len(lines))}
     adapter_notes = [n for n in both if "again at llama_min/peft/adapter.py" in n]
     assert all(any(k in n for k in kept) for n in adapter_notes), adapter_notes

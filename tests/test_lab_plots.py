@@ -47,3 +47,32 @@ def test_peft_plot_from_a_real_run(lab, tmp_path):
     steps, rows = read_peft_records(tmp_path / "metrics.jsonl")["adapter_gate"]
     assert steps == [1, 2] and len(rows[0]) == 2
     assert_png(plot_peft(tmp_path / "metrics.jsonl", tmp_path / "gates.png"))
+
+
+def test_multimodal_world_and_scores(lab, tmp_path, capsys):
+    """Lab 13's script: the world with its blind records, then a blind and a multimodal adapter (open gates, so
+    that the picture matters) scored on the test pictures, each as the study's own scoring scores it."""
+    import torch
+
+    from experiments.multimodal import score
+    from lab.plots.multimodal import main
+    from llama_min.checkpoint import load_checkpoint
+    from llama_min.peft import PeftConfig, apply_peft, save_peft
+
+    main(["world", "--out", str(tmp_path / "world"), "--n_train", "4", "--n_test", "6"])
+    assert (tmp_path / "world" / "train_blind.json").is_file() and len(list((tmp_path / "world" / "test").iterdir())) == 6
+    base = lab / "base" / "ckpt"
+    for name, visual in (("blind", {}), ("multimodal", {"visual_dim": 64, "image_encoder": "lab"})):
+        model = apply_peft(load_checkpoint(base), PeftConfig(method="adapter", adapter_len=3, **visual))
+        with torch.no_grad():
+            for layer in model.layers:
+                layer.attention.prompt_adapter.gate.fill_(2.0)
+        save_peft(model, tmp_path / name / "peft", base_checkpoint=base)
+    main(["score", "--base", str(base), "--world", str(tmp_path / "world"), "--runs", str(tmp_path / "blind"),
+          str(tmp_path / "multimodal"), "--out", str(tmp_path / "bars.png")])
+    printed = capsys.readouterr().out
+    assert_png(tmp_path / "bars.png")
+    for name in ("blind", "multimodal"):
+        want = score(base, tmp_path / name, tmp_path / "world")[0]
+        line = next(line for line in printed.splitlines() if line.startswith(name + " "))
+        assert all(f"{column} {want[column]:.2f}" in line for column in want), (line, want)

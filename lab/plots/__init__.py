@@ -4,6 +4,7 @@
     python -m lab.plots.attention_maps --checkpoint out/ckpt --out attention.png   # lab 6: a trained model
     python -m lab.plots.peft --metrics out/lora/metrics.jsonl --out lora_norms.png  # labs 7, 8: PEFT runs
     python -m lab.plots.word_tasks --checkpoint out/lab06/ckpt --peft out/lab07/peft --out word_tasks.png  # 7, 8
+    python -m lab.plots.multimodal score --base B --world W --runs R1 R2 --out bars.png  # lab 13
 
 They run your own code (RotaryEmbedding and apply_rotary, your model's attention), so they show what your
 implementation does.

@@ -200,9 +200,10 @@ def draw(colour: str, shape: str, side: str, count: int, rng: random.Random) -> 
 
 
 def make_world(out_dir: str | Path, n_train: int = 600, n_test: int = 120, seed: int = 0) -> dict[str, Path]:
-    """Write OUT_DIR/{train,test}/NNNNN.png and OUT_DIR/{train,test}.json (four records per picture).
-    Training pictures avoid HELD_OUT_COMBINATIONS; half the test pictures are of them. Returns the two
-    record files. The same seed writes the same bytes."""
+    """Write OUT_DIR/{train,test}/NNNNN.png and OUT_DIR/{train,test}.json (four records per picture), and
+    OUT_DIR/train_blind.json, the training records without their "image" field (a text-only, blind
+    baseline trains on them). Training pictures avoid HELD_OUT_COMBINATIONS; half the test pictures are of
+    them. Returns the three record files (keys train, test, train_blind). The same seed writes the same bytes."""
     rng, out_dir = random.Random(seed), Path(out_dir)
     combos = [(c, s) for c in COLOURS for s in SHAPES]
     seen = [c for c in combos if c not in HELD_OUT_COMBINATIONS]
@@ -220,6 +221,9 @@ def make_world(out_dir: str | Path, n_train: int = 600, n_test: int = 120, seed:
             records += [{"image": name, "instruction": QUESTIONS[q], "input": "", "output": answers[q]} for q in QUESTIONS]
         if split == "train":
             rng.shuffle(records)  # train.py holds out the *last* records: a mix of pictures and questions
+            files["train_blind"] = out_dir / "train_blind.json"
+            files["train_blind"].write_text(json.dumps([{k: v for k, v in r.items() if k != "image"} for r in records],
+                                                       indent=0) + "\n")
         files[split] = out_dir / f"{split}.json"
         files[split].write_text(json.dumps(records, indent=0) + "\n")
     return files
@@ -228,3 +232,4 @@ def make_world(out_dir: str | Path, n_train: int = 600, n_test: int = 120, seed:
 def question_type(record: InstructionRecord) -> str:
     """Which of QUESTIONS a record asks ("other" for a record not of the image world)."""
     return next((q for q, text in QUESTIONS.items() if record.instruction == text), "other")
+

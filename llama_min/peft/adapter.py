@@ -75,14 +75,16 @@ class AdapterPrompt(nn.Module):
         v = v.repeat_interleave(groups, dim=0)[None]
         return k, v
 
-    def visual_kv(self, wk: nn.Module, wv: nn.Module, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The projected image feature visual (B, dim) through the same projections: two (B, H, 1, d).
-        wk and wv are linear without bias, so wk(P + I_p) = wk(P) + wk(I_p): adding these to every one of
-        the K prompt keys/values is adding I_p to every prompt, at the cost of B rows instead of B·K."""
+    def add_image(self, k: torch.Tensor, v: torch.Tensor, wk: nn.Module, wv: nn.Module,
+                  visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompts' keys and values k, v (1, H, K, d) (``prompt_kv``) with the projected image visual
+        (B, dim) added to every one of the K prompts: the keys and values of P + I_p, two (B, H, K, d).
+        wk and wv are linear without bias, so wk(P + I_p) = wk(P) + wk(I_p): the image goes through them
+        once per example (B rows instead of B·K) and is broadcast over the K prompt positions."""
         B, groups = visual.shape[0], self.n_heads // self.n_kv_heads
-        k = wk(visual).view(B, self.n_kv_heads, 1, self.head_dim)  # (B, H_kv, 1, d)
-        v = wv(visual).view(B, self.n_kv_heads, 1, self.head_dim)
-        return k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, 1, d)
+        vk = wk(visual).view(B, self.n_kv_heads, 1, self.head_dim).repeat_interleave(groups, dim=1)  # (B, H, 1, d)
+        vv = wv(visual).view(B, self.n_kv_heads, 1, self.head_dim).repeat_interleave(groups, dim=1)
+        return k + vk, v + vv  # (B, H, K, d)
 
     def forward(self, q: torch.Tensor, wk: nn.Module, wv: nn.Module, visual: torch.Tensor | None = None) -> torch.Tensor:
         """q: (B, H, T, d) the layer's queries after rotary; wk, wv: the layer's frozen projections;
@@ -90,8 +92,7 @@ class AdapterPrompt(nn.Module):
         Returns the gated prompt attention (B, H, T, d), to be added to the heads' output."""
         k, v = self.prompt_kv(wk, wv)  # (1, H, K, d)
         if visual is not None:
-            vk, vv = self.visual_kv(wk, wv, visual)
-            k, v = k + vk, v + vv  # (B, H, K, d): the prompts P + I_p, broadcast over K
+            k, v = self.add_image(k, v, wk, wv, visual)  # (B, H, K, d): the prompts P + I_p
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, H, T, K)
         weights = F.softmax(scores.float(), dim=-1).type_as(q)  # its own softmax, over the prompts only
         gate = torch.tanh(self.gate) if self.gate_tanh else self.gate

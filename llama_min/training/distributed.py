@@ -112,6 +112,12 @@ def full_tensors(model: nn.Module, optimizer: torch.optim.Optimizer, trainable_o
     return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
 
 
+def gather_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor of the sharded model, whole, on rank 0's CPU (an empty dict on the other ranks; a
+    collective)."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Copy whole tensors (checked by the caller: some or all of the model's) into the model's own, in
     place, so an optimiser holding them keeps them; a sharded model takes each process's 1/N of each."""

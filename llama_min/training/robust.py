@@ -33,7 +33,7 @@ def make_l2sp(model: Llama, cfg: TrainConfig) -> L2SP | None:
     their values now: the --init_from base, before any step (a resumed run copies its own weights in
     only afterwards). θ₀ stays float32 on the training device, deliberately: the differences θ − θ₀ it
     pulls on are small, and bfloat16 anchors would round them away; on the CPU it would cost a copy to
-    the GPU at every step."""
+    the GPU at every step. Under --fsdp it is made after sharding, so θ₀ is sharded like the weights."""
     if not cfg.l2sp:
         return None
     try:

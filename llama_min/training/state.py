@@ -29,12 +29,12 @@ from ..cli import UsageError, one_line
 from ..config import ModelConfig
 from ..finetune.templates import record_template
 from ..model import Llama
-from ..peft import merge_lora, save_peft
+from ..peft import PeftConfig, apply_peft, merge_lora, save_peft
 from ..peft.save_load import read_peft_weights
 from ..tokenizer import Tokenizer
-from .config import TrainConfig
+from .config import TrainConfig, peft_config
 from .data import WindowSampler, data_changes, data_fingerprint
-from .distributed import FSDPModule, full_tensors, load_optimizer, load_weights
+from .distributed import FSDPModule, full_tensors, gather_tensors, load_optimizer, load_weights
 from .progress import TrainingDiverged
 from .trainable import refuse_quantized
 from .runtime import Runtime
@@ -110,11 +110,14 @@ def write_model(directory: Path, model: Llama, tokenizer: Tokenizer, cfg: TrainC
         record_template(directory, "alpaca")
 
 
-def holding(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> Llama:
-    """A plain Llama made of ``tensors`` (a whole state dict), built on the meta device: no second copy,
-    no random initialisation. What a sharded model's gathered tensors are written as."""
+def holding(config: ModelConfig, tensors: dict[str, torch.Tensor], peft: PeftConfig | None = None) -> Llama:
+    """A plain Llama (with ``peft``'s modules, if given) made of ``tensors`` (a whole state dict), built on
+    the meta device: no second copy, no random initialisation. What a sharded model's gathered tensors
+    are written as."""
     with torch.device("meta"):
         model = Llama(config)
+        if peft is not None:
+            apply_peft(model, peft)
     model.load_state_dict(tensors, strict=True, assign=True)
     if config.tie_embeddings:  # assign=True made two Parameters of the one tensor
         model.output.weight = model.tok_embeddings.weight
@@ -148,6 +151,15 @@ def save_model_only(directory: Path, model: Llama, tokenizer: Tokenizer, cfg: Tr
     not for --resume)."""
     with replace_directory(directory) as tmp:
         write_model(tmp, model, tokenizer, cfg, instructions)
+
+
+def whole_model(model: Llama, cfg: TrainConfig, image_encoder=None) -> Llama | None:
+    """The model as one process holds it: ``model`` itself, or under --fsdp a copy on rank 0's CPU made of
+    every gathered tensor, with the PEFT method's modules (a collective; the other ranks get None)."""
+    if not isinstance(model, FSDPModule):
+        return model
+    tensors = gather_tensors(model)
+    return holding(model.config, tensors, peft_config(cfg, image_encoder)) if tensors else None
 
 
 def write_merged(directory: Path, model: Llama, tokenizer: Tokenizer, instructions: bool) -> None:
