@@ -283,7 +283,7 @@ def encode_images(model: Llama, cfg: GenerateConfig) -> torch.Tensor | None:
     peft.json names it), or None without --image."""
     if not cfg.image:
         return None
-    config = getattr(model, "peft_config", None)
+    config = model.peft_config
     if config is None or not config.visual_dim or not config.image_encoder:
         raise UsageError("--image needs a multimodal adapter: --peft DIR written by train.py --method adapter "
                          "--image_root ... (its peft.json names the image encoder)")

@@ -34,7 +34,7 @@ from llama_min import IGNORE_INDEX, Llama, generate
 from llama_min.cli import UsageError
 from llama_min.finetune.neftune import add_embedding_noise
 from llama_min.peft import peft_stats
-from llama_min.training.batches import Data, batch_images, count_targets, get_batch, make_sampler, prepare_data
+from llama_min.training.data import Data, batch_images, count_targets, get_batch, make_sampler, prepare_data
 from llama_min.training.config import TrainConfig, check_config, parse_args
 from llama_min.training.distributed import (checkpoint_activations, gradient_sync, replicate, seed_process,
                                             shard_model, unsharded)
@@ -71,7 +71,7 @@ def train(cfg: TrainConfig) -> signal.Signals | None:
                          f"{model.config.vocab_size}; pass --vocab_size {data.tokenizer.vocab_size}")
     rt.say(choose_trainable(model, cfg, data.image_encoder))
     seed_process(cfg.seed, rt)  # under torchrun each process its own dropout and noise
-    if not cfg.full_checkpoint:
+    if not cfg.trains_base:
         hold_frozen_in_autocast_dtype(model, rt)  # GPU memory: the frozen base in bf16, not float32 + copies
     if cfg.embed_noise:  # NEFTune: noisy input embeddings, in training mode only
         add_embedding_noise(model, cfg.embed_noise)
@@ -128,7 +128,7 @@ def train(cfg: TrainConfig) -> signal.Signals | None:
                 raise TrainingDiverged(f"the training loss is {loss} at step {step}; stopping. "
                                        f"{checkpoints.last_good()}")
             progress.step(step, loss, lr, tokens=sum(x.numel() for x, *_ in batches) * rt.world_size,
-                          stats=None if cfg.full_checkpoint else lambda: peft_stats(model))
+                          stats=None if cfg.trains_base else lambda: peft_stats(model))
             dev.maybe_evaluate(step)  # before the checkpoint below, which saves its progress
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
                 with progress.periodic_work("eval", cfg.eval_every):
@@ -164,7 +164,7 @@ def train(cfg: TrainConfig) -> signal.Signals | None:
         dev.load_best()  # with --dev_every, the run's result is the chosen model
         whole = whole_model(model, cfg, data.image_encoder)  # --fsdp: gathered to rank 0 (every process calls it)
         if rt.master:
-            write_merged(Path(cfg.out_dir) / "merged", whole, data.tokenizer, data.instructions)
+            write_merged(Path(cfg.out_dir) / "merged", whole, data.tokenizer, data.is_instructions)
             rt.say(f"merged LoRA into the weights: full checkpoint {Path(cfg.out_dir) / 'merged'}")
     if stopped_by is None:
         dev.finish()
@@ -184,10 +184,10 @@ def describe(cfg: TrainConfig, rt, model: Llama, data: Data, progress: Progress)
     changed = "".join(f" --{k} {v}" for k, v in cfg.model_overrides.items())
     rt.say(f"model: {cfg.init_from or cfg.model + changed}, {n_params / 1e6:.2f}M parameters ({n_trainable / 1e6:.2f}M "
            f"trainable), dim {mc.dim}, {mc.n_layers} layers, vocab {mc.vocab_size}")
-    unit = "instruction records" if data.instructions else "tokens"
+    unit = "instruction records" if data.is_instructions else "tokens"
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * rt.world_size  # instructions: at most
     rt.say(f"data: {len(data.train):,} training {unit}, {len(data.val):,} held-out {unit}; "
-           f"{'up to ' if data.instructions else ''}{tokens_per_step:,} tokens per step on {rt.world_size} x "
+           f"{'up to ' if data.is_instructions else ''}{tokens_per_step:,} tokens per step on {rt.world_size} x "
            f"{rt.device}{', sharded (FSDP)' if cfg.fsdp else ''} "
            f"({str(rt.autocast_dtype or torch.float32).removeprefix('torch.')}); "
            f"MFU against {progress.peak / 1e9:.1f} GFLOP/s")
@@ -197,7 +197,7 @@ def print_samples(model: Llama, data: Data, cfg: TrainConfig) -> None:
     """A greedy and a temperature-0.8 continuation of --sample_prompt, or for instruction data of the
     first held-out record's prompt (with its image, for image-instruction data)."""
     prompt, images = data.tokenizer.encode(cfg.sample_prompt, bos=True), None
-    if data.instructions and not cfg.sample_prompt:
+    if data.is_instructions and not cfg.sample_prompt:
         tokens, targets = data.val[0][:2]
         prompt = tokens[:next(i for i, t in enumerate(targets) if t != IGNORE_INDEX) + 1]
         images = batch_images(data.image_features, data.val, [0])

@@ -1,13 +1,13 @@
-"""Exact-match accuracy of a model on lab records, by greedy generation to the end of the answer.
+"""Exact-match accuracy of a model on benchmark records, by greedy generation to the end of the answer.
 
-    python -m experiments.evaluate --checkpoint BASE [--peft ADAPTER_DIR] --records runs/lab/instructions/eval.jsonl
+    python -m experiments.evaluate --checkpoint BASE [--peft ADAPTER_DIR] --records runs/benchmark/instructions/eval.jsonl
     python -m experiments.evaluate --checkpoint BASE --peft ADAPTER_DIR --interpolate 0.5 --records ...
     python -m experiments.evaluate --checkpoint TUNED --base BASE --interpolate 0.5 --records ...
 
 --interpolate a scores the model θ(a) = (1 − a)·base + a·fine-tuned (``llama_min.finetune.interpolate``).
 
 Answers are generated greedily and compared exactly as ``llama_min.finetune.exact_match`` explains; here the
-score is also broken down per lab task.
+score is also broken down per benchmark task.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from llama_min.model import Llama
 from llama_min.tokenizer import load_tokenizer
 from llama_min.training import evaluate as training_evaluate
 from llama_min.training.config import TrainConfig
-from llama_min.training.data import split_documents, token_byte_lengths, tokenize_to_memmap
+from llama_min.training.corpus import split_documents, token_byte_lengths, tokenize_to_memmap
 from llama_min.training.runtime import Runtime, exact_float32
 
 from .tasks import TASKS
@@ -39,7 +39,7 @@ _TASK_OF_INSTRUCTION = {t.instruction: name for name, t in TASKS.items()}
 def exact_match(model: Llama, tokenizer: Tokenizer, records: Sequence[InstructionRecord],
                 max_new_tokens: int = 16, batch_size: int = 64) -> dict:
     """{"accuracy": share of records answered exactly, "per_task": {task: accuracy}, "n": records,
-    "precision"}. Records whose instruction is not a lab task are grouped under "other". Greedy decoding
+    "precision"}. Records whose instruction is not a benchmark task are grouped under "other". Greedy decoding
     in the model's dtype, float32 computed as float32 (no TF32 on GPUs): the precision train.py's dev
     scores say they use for a float32 run."""
     with exact_float32():
@@ -64,7 +64,7 @@ def answer_loss(model: Llama, tokenizer: Tokenizer, records: Sequence[Instructio
 def corpus_bpb(model: Llama, tokenizer: Tokenizer, corpus: str | Path, cache_dir: str | Path, seq_len: int,
                batch_size: int = 16) -> float:
     """Bits per byte on the held-out split of a pretraining corpus (a directory of train/val files),
-    measured as train.py measures it: the figure pretraining logged, now for any model. The lab compares
+    measured as train.py measures it: the figure pretraining logged, now for any model. The benchmark compares
     it before and after fine-tuning to measure forgetting."""
     _, val_docs = split_documents(corpus, val_fraction=0.05)  # (a directory: its val file, whole)
     held_out = tokenize_to_memmap(val_docs, tokenizer, Path(cache_dir), "val")

@@ -1,8 +1,8 @@
 """Accuracy, robustness and forgetting along the line from the base to the fine-tuned model,
 θ(a) = (1 − a)·θ₀ + a·θ (WiSE-FT, Wortsman et al. 2022; ``llama_min.finetune.interpolate``).
 
-    python -m experiments.interpolation_curve --checkpoint BASE --peft ADAPTER --records runs/lab/instructions/eval.jsonl \
-        --corpus runs/lab/pretrain --out runs/curve
+    python -m experiments.interpolation_curve --checkpoint BASE --peft ADAPTER --records runs/benchmark/instructions/eval.jsonl \
+        --corpus runs/benchmark/pretrain --out runs/curve
     python -m experiments.interpolation_curve --checkpoint TUNED --base BASE --records ... --out runs/curve
 
 For every a (default 0, 0.25, 0.5, 0.75, 1) the model is loaded afresh and moved to θ(a) (the move is

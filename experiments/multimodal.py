@@ -35,7 +35,7 @@ from llama_min.finetune.load import load_finetuned
 from llama_min.model import IGNORE_INDEX
 from llama_min.tokenizer import load_tokenizer
 
-from .run_lab import run_child
+from .run_benchmark import run_child
 
 KINDS = ("multimodal", "blind")
 
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--n_test", type=int, default=120, help="test pictures")
     parser.add_argument("--seq_len", type=int, default=128, help="train.py's --seq_len (a record's tokens)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)  # scoring here, like each train.py child: one thread (see run_lab.py on why)
+    torch.set_num_threads(1)  # scoring here, like each train.py child: one thread (see run_benchmark.py on why)
     out, base = Path(args.out), Path(args.base)
     world = out / "world"
     records = make_world(world, args.n_train, args.n_test, seed=0)  # train, test and train_blind (no images)

@@ -1,9 +1,9 @@
-"""The robustness report: each fine-tuning method, plain and with robust options, on the instruction lab.
+"""The robustness report: each fine-tuning method, plain and with robust options, on the word-task benchmark.
 
     python -m experiments.robustness --out runs/robust --seeds 0 1 2       # the table in docs/results.md
     python -m experiments.robustness --out /tmp/r --seeds 0 --pretrain_steps 100 --finetune_steps 10 --rows full "full +robust"
 
-For each seed the lab base is pretrained once (``experiments.run_lab.pretrain_base``) and fine-tuned once per row
+For each seed the benchmark base is pretrained once (``experiments.run_benchmark.pretrain_base``) and fine-tuned once per row
 of ROWS by train.py, every row for the same steps at the same batch size. Each fine-tuned model is scored:
 
     clean        exact match on the held-out words' records (``experiments.evaluate.exact_match``)
@@ -35,10 +35,10 @@ from llama_min.finetune.perturb import perturb_for_eval
 from llama_min.tokenizer import load_tokenizer
 
 from .evaluate import corpus_bpb, exact_match
-from .run_lab import PRETRAIN_SEQ_LEN, add_lab_arguments, finetune, load_run, pretrain_base, trainable_count
+from .run_benchmark import PRETRAIN_SEQ_LEN, add_benchmark_arguments, finetune, load_run, pretrain_base, trainable_count
 
 # What each row adds to train.py's flags: the method, its learning rate (full fine-tuning's and the PEFT
-# methods' of the lab table, experiments/run_lab.py, with 0.2 for LLaMA-Adapter, whose gates need a far larger one;
+# methods' of the benchmark table, experiments/run_benchmark.py, with 0.2 for LLaMA-Adapter, whose gates need a far larger one;
 # for partial fine-tuning from a sweep on seed 0: top layers 1e-3 / 3e-3 / 1e-2 scored .131 / .172 / .194
 # clean, and 3e-3 is kept because 1e-2 forgot far more (corpus 2.68 against 1.55 bits per byte); norms
 # 1e-2 / 0.1 / 0.3 scored .000 / .081 / .078), and for the "+robust" rows the options:
@@ -74,24 +74,25 @@ def write_json(path: Path, value) -> None:
     os.replace(tmp, path)  # atomic: a cached score is complete or absent
 
 
-def score(model, tokenizer: Tokenizer, clean, perturbed, lab: Path) -> dict:
+def score(model, tokenizer: Tokenizer, clean, perturbed, seed_dir: Path) -> dict:
     return {"clean": exact_match(model, tokenizer, clean)["accuracy"],
             "perturbed": exact_match(model, tokenizer, perturbed)["accuracy"],
-            "corpus_bpb": corpus_bpb(model, tokenizer, lab / "lab" / "pretrain", lab / "cache", PRETRAIN_SEQ_LEN)}
+            "corpus_bpb": corpus_bpb(model, tokenizer, seed_dir / "benchmark" / "pretrain", seed_dir / "cache",
+                                     PRETRAIN_SEQ_LEN)}
 
 
 def run_seed(out: Path, seed: int, rows: list[str], args) -> dict:
     """{"base": scores, ROW: scores + trainable, wall_s, peak_mb} for one seed, cached per run."""
-    lab = out / f"seed{seed}"
-    base = lab / "base" / "ckpt"
+    seed_dir = out / f"seed{seed}"
+    base = seed_dir / "base" / "ckpt"
     if not (base / "config.json").is_file():
-        pretrain_base(lab, seed, args.pretrain_steps, args.batch_size)
+        pretrain_base(seed_dir, seed, args.pretrain_steps, args.batch_size)
     tokenizer = load_tokenizer(tokenizer_file(base))
-    clean = read_records(lab / "lab" / "instructions" / "eval.jsonl")
+    clean = read_records(seed_dir / "benchmark" / "instructions" / "eval.jsonl")
     perturbed = perturb_for_eval(clean, seed)
     results = {}
     for name in ["base", *rows]:
-        run_dir = lab / name.replace(" ", "_").replace(":", "")
+        run_dir = seed_dir / name.replace(" ", "_").replace(":", "")
         cached = run_dir / "scores.json"
         # what a fine-tuning's scores depend on: a cached run made with other settings is run again
         settings = {} if name == "base" else {"flags": ROWS[name], "finetune_steps": args.finetune_steps,
@@ -99,10 +100,10 @@ def run_seed(out: Path, seed: int, rows: list[str], args) -> dict:
         stale = cached.is_file() and any(json.loads(cached.read_text()).get(k) != v for k, v in settings.items())
         if stale or not cached.is_file():
             if name == "base":
-                figures = score(load_checkpoint(base), tokenizer, clean, perturbed, lab)
+                figures = score(load_checkpoint(base), tokenizer, clean, perturbed, seed_dir)
             else:
-                cost = finetune(lab, run_dir, ROWS[name], args.finetune_steps, args.batch_size, seed)
-                figures = {**score(load_run(base, run_dir), tokenizer, clean, perturbed, lab),
+                cost = finetune(seed_dir, run_dir, ROWS[name], args.finetune_steps, args.batch_size, seed)
+                figures = {**score(load_run(base, run_dir), tokenizer, clean, perturbed, seed_dir),
                            "trainable": trainable_count(base, ROWS[name]), **settings, **cost}
             run_dir.mkdir(parents=True, exist_ok=True)
             write_json(cached, figures)
@@ -131,11 +132,11 @@ def table(per_seed: dict[int, dict]) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_lab_arguments(parser)
+    add_benchmark_arguments(parser)
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), metavar="ROW",
                         help=f"rows to run (default: all): {', '.join(ROWS)}")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)  # like the training children (experiments/run_lab.py says why)
+    torch.set_num_threads(1)  # like the training children (experiments/run_benchmark.py says why)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     per_seed = {seed: run_seed(out, seed, args.rows, args) for seed in args.seeds}

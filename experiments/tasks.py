@@ -1,4 +1,4 @@
-"""Word tasks with one exact answer each, and the two ways the lab states them.
+"""Word tasks with one exact answer each, and the two ways the benchmark states them.
 
 Every task maps a word to a short string (reverse, capitals, first letter, ...). Each fact appears twice
 over, in two forms:
@@ -8,13 +8,13 @@ over, in two forms:
 
 Why both: LLaMA-Adapter and LoRA assume a strong base that already knows the content and only needs
 to learn the format. A tiny model cannot be given that knowledge by a few hundred adapter parameters
-(measured: a prompt-only adapter does not teach a tiny base a skill it never saw), so the lab's
+(measured: a prompt-only adapter does not teach a tiny base a skill it never saw), so the benchmark's
 pretraining mix states *every* fact, for every word, as a plain sentence. Fine-tuning then teaches only
 the instruction format, on the *training* words; the *held-out* words never appear in an instruction
 during fine-tuning, so exact-match accuracy on them measures whether the format was learned in a way
 that reaches facts the base learned in sentence form.
 
-Words are pronounceable pseudo-words drawn by a seeded generator, so the lab is the same on every
+Words are pronounceable pseudo-words drawn by a seeded generator, so the benchmark is the same on every
 machine for a given seed, and no word carries knowledge from elsewhere.
 """
 

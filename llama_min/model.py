@@ -42,6 +42,10 @@ class Llama(nn.Module):
         # The multimodal LLaMA-Adapter (llama_min/peft/adapter.py) installs its projection here: image
         # features (B, C_v) -> (B, dim), added to every adapted layer's prompts. None in the base model.
         self.visual_proj: nn.Module | None = None
+        # What llama_min.peft.apply_peft records when it adapts the model (all None for the base): the method's
+        # PeftConfig, a fingerprint of the base weights it was applied to (adapter files record it), and the
+        # base's norm gains when the method trains them (remove_peft restores them).
+        self.peft_config = self.peft_base_fingerprint = self.peft_base_norms = None
 
     @torch.no_grad()
     def init_weights(self) -> None:

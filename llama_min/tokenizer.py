@@ -132,7 +132,7 @@ class Tokenizer:
         bits per byte for train.py's default (docs/results.md, "How the default got there").
 
         ``by_line=True`` is LLaMA's own recipe instead (lines, a dummy-prefix space before each); the
-        word-task lab uses it (experiments/make_lab.py says why).
+        word-task benchmark uses it (experiments/make_benchmark.py says why).
 
         The same text and settings give the same file, byte for byte: the model is handed over in memory,
         so no temporary path is recorded in it (caches are keyed on its bytes).

@@ -92,17 +92,17 @@ def _seed():
 
 
 @pytest.fixture(scope="session")
-def lab(tmp_path_factory):
-    """A small instruction lab (experiments/make_lab.py) and a base briefly pretrained on its sentences by
+def word_bench(tmp_path_factory):
+    """A small word-task benchmark (experiments/make_benchmark.py) and a base briefly pretrained on its sentences by
     train.py: the starting point of the fine-tuning tests. Built once per test session."""
-    from experiments.make_lab import make_lab
+    from experiments.make_benchmark import make_benchmark
     from scripts import train
 
-    root = tmp_path_factory.mktemp("lab")
-    make_lab(root / "lab", n_words=40, n_heldout=10, seed=0, tasks=["first", "upper"], vocab_size=400)
+    root = tmp_path_factory.mktemp("benchmark")
+    make_benchmark(root / "benchmark", n_words=40, n_heldout=10, seed=0, tasks=["first", "upper"], vocab_size=400)
     tiny = ["--dim", "32", "--n_layers", "2", "--n_heads", "2", "--n_kv_heads", "1", "--multiple_of", "16",
             "--max_seq_len", "160"]
-    train(*tiny, "--data", root / "lab" / "pretrain", "--tokenizer", root / "lab" / "tokenizer.model",
+    train(*tiny, "--data", root / "benchmark" / "pretrain", "--tokenizer", root / "benchmark" / "tokenizer.model",
           "--cache_dir", root / "cache", "--seq_len", "48", "--batch_size", "4", "--max_steps", "4",
           "--eval_every", "4", "--sample_tokens", "0", "--out_dir", root / "base")
     return root

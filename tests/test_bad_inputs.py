@@ -325,12 +325,12 @@ def test_nan_metrics_are_written_as_null(world, tmp_path):
     assert any(r["step"] == 4 and r["val_loss"] is None for r in records), records
 
 
-def test_an_adapter_on_another_base_of_the_same_shape_is_refused(lab, tmp_path):
+def test_an_adapter_on_another_base_of_the_same_shape_is_refused(word_bench, tmp_path):
     """The adapter records its base's fingerprint: a different base of the same config is refused,
     naming the recorded base, unless asked to allow it."""
-    base = lab / "base" / "ckpt"
-    run = run_script("train.py", "--init_from", base, "--method", "lora", "--data", lab / "lab/instructions/train.jsonl",
-                     "--seq_len", "160", "--batch_size", "4", "--max_steps", "2", "--eval_every", "2",
+    base = word_bench / "base" / "ckpt"
+    run = run_script("train.py", "--init_from", base, "--method", "lora",
+                     "--data", word_bench / "benchmark/instructions/train.jsonl", "--seq_len", "160", "--batch_size", "4", "--max_steps", "2", "--eval_every", "2",
                      "--sample_tokens", "0", "--out_dir", tmp_path / "lora")
     assert run.code == 0, run.err
     other = random_model(load_file_config(base))
@@ -354,9 +354,9 @@ def load_file_config(checkpoint: Path):
 # ---- unclear before, now continuing or one line ---------------------------------------------------------
 
 
-def test_resume_of_a_lora_run_finds_it_without_method(lab, tmp_path):
-    args = ["--init_from", lab / "base" / "ckpt", "--data", lab / "lab/instructions/train.jsonl", "--seq_len", "160",
-            "--batch_size", "4", "--eval_every", "2", "--sample_tokens", "0", "--out_dir", tmp_path / "run"]
+def test_resume_of_a_lora_run_finds_it_without_method(word_bench, tmp_path):
+    args = ["--init_from", word_bench / "base" / "ckpt", "--data", word_bench / "benchmark/instructions/train.jsonl",
+            "--seq_len", "160", "--batch_size", "4", "--eval_every", "2", "--sample_tokens", "0", "--out_dir", tmp_path / "run"]
     assert run_script("train.py", *args, "--method", "lora", "--max_steps", "2").code == 0
     resumed = run_script("train.py", "--resume", "--out_dir", tmp_path / "run", "--max_steps", "4")
     assert resumed.code == 0, resumed.err

@@ -22,7 +22,7 @@ from llama_min.checkpoint import save_checkpoint
 
 
 @pytest.fixture
-def lab(trained_tokenizer, tmp_path):
+def word_bench(trained_tokenizer, tmp_path):
     """(base checkpoint, adapter dir, records file, records, base model, adapted model)."""
     tok = trained_tokenizer
     base = random_model(tiny_config(vocab_size=tok.vocab_size, max_seq_len=256))
@@ -47,8 +47,8 @@ def scores(model, tok, recs) -> tuple[float, float]:
     return exact_match(model, tok, recs, max_new_tokens=4)["accuracy"], answer_loss(model, tok, recs)
 
 
-def test_evaluate_interpolate_endpoints_are_the_base_and_the_adapter(lab, trained_tokenizer):
-    base_dir, lora, path, recs, base, adapted = lab
+def test_evaluate_interpolate_endpoints_are_the_base_and_the_adapter(word_bench, trained_tokenizer):
+    base_dir, lora, path, recs, base, adapted = word_bench
     base_acc, tuned_acc = exact_match(base, trained_tokenizer, recs, 4)["accuracy"], \
         exact_match(adapted, trained_tokenizer, recs, 4)["accuracy"]
     assert base_acc == 1.0 and tuned_acc < 1.0, f"the adapter must change some answers: {base_acc}, {tuned_acc}"
@@ -58,8 +58,8 @@ def test_evaluate_interpolate_endpoints_are_the_base_and_the_adapter(lab, traine
     assert evaluate.main(common + ["--peft", str(lora)])["accuracy"] == tuned_acc
 
 
-def test_curve_writes_png_and_json_and_its_ends_are_the_two_models(lab, trained_tokenizer, tmp_path):
-    base_dir, lora, path, recs, base, adapted = lab
+def test_curve_writes_png_and_json_and_its_ends_are_the_two_models(word_bench, trained_tokenizer, tmp_path):
+    base_dir, lora, path, recs, base, adapted = word_bench
     corpus = tmp_path / "corpus"  # a pretraining corpus directory, for the forgetting figure
     corpus.mkdir()
     (corpus / "train.txt").write_text("unused here\n")
@@ -85,9 +85,9 @@ def test_curve_writes_png_and_json_and_its_ends_are_the_two_models(lab, trained_
     assert points[0]["corpus_bpb"] != points[-1]["corpus_bpb"], "the adapter must change the corpus figure"
 
 
-def test_answer_loss_is_the_mean_over_answer_tokens(lab, trained_tokenizer):
+def test_answer_loss_is_the_mean_over_answer_tokens(word_bench, trained_tokenizer):
     """Checked a second way: per record, the log-softmax of each answer token (and EOS) after the prompt."""
-    _, _, _, recs, base, _ = lab
+    _, _, _, recs, base, _ = word_bench
     tok, logps = trained_tokenizer, []
     with torch.no_grad():
         for r in recs:
@@ -101,8 +101,8 @@ def test_answer_loss_is_the_mean_over_answer_tokens(lab, trained_tokenizer):
     (["--coefficients", "0", "1.5"], r"--interpolate 1.5: expected a in \[0, 1\]"),
     (["--base", "{base}"], "either --peft ADAPTER"),
 ])
-def test_curve_bad_flags_are_one_clear_line(lab, tmp_path, capsys, flags, message):
-    base_dir, lora, path, *_ = lab
+def test_curve_bad_flags_are_one_clear_line(word_bench, tmp_path, capsys, flags, message):
+    base_dir, lora, path, *_ = word_bench
     argv = ["--checkpoint", str(base_dir), "--peft", str(lora), "--records", str(path), "--out", str(tmp_path / "c")]
     with pytest.raises(SystemExit):
         interpolation_curve.main(argv + [f.format(base=base_dir) for f in flags])
@@ -111,8 +111,8 @@ def test_curve_bad_flags_are_one_clear_line(lab, tmp_path, capsys, flags, messag
     assert not (tmp_path / "c").exists(), "a bad flag must stop before anything is written"
 
 
-def test_curve_between_two_full_checkpoints(lab, trained_tokenizer, tmp_path):
-    base_dir, _, path, recs, base, _ = lab
+def test_curve_between_two_full_checkpoints(word_bench, trained_tokenizer, tmp_path):
+    base_dir, _, path, recs, base, _ = word_bench
     tuned = random_model(base.config, seed=3)  # a "fully fine-tuned" model: every base tensor moved
     save_checkpoint(tuned, tmp_path / "tuned", tokenizer_path=trained_tokenizer.path)
     points = interpolation_curve.main(["--checkpoint", str(tmp_path / "tuned"), "--base", str(base_dir),

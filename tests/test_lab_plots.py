@@ -38,10 +38,10 @@ def test_attention_maps_of_a_checkpoint(tmp_path, trained_tokenizer, capsys):
     assert (weights[1].triu(1) == 0).all(), "causal: no weight on later tokens"
 
 
-def test_peft_plot_from_a_real_run(lab, tmp_path):
+def test_peft_plot_from_a_real_run(word_bench, tmp_path):
     from lab.plots.peft import plot_peft, read_peft_records
 
-    train("--init_from", lab / "base" / "ckpt", "--method", "adapter", "--data", lab / "lab" / "instructions" /
+    train("--init_from", word_bench / "base" / "ckpt", "--method", "adapter", "--data", word_bench / "benchmark" / "instructions" /
           "train.jsonl", "--seq_len", "160", "--batch_size", "2", "--max_steps", "2", "--warmup_steps", "1",
           "--lr", "1e-2", "--log_every", "1", "--eval_every", "2", "--sample_tokens", "0", "--out_dir", tmp_path)
     steps, rows = read_peft_records(tmp_path / "metrics.jsonl")["adapter_gate"]
@@ -49,7 +49,7 @@ def test_peft_plot_from_a_real_run(lab, tmp_path):
     assert_png(plot_peft(tmp_path / "metrics.jsonl", tmp_path / "gates.png"))
 
 
-def test_multimodal_world_and_scores(lab, tmp_path, capsys):
+def test_multimodal_world_and_scores(word_bench, tmp_path, capsys):
     """Lab 13's script: the world with its blind records, then a blind and a multimodal adapter (open gates, so
     that the picture matters) scored on the test pictures, each as the study's own scoring scores it."""
     import torch
@@ -61,7 +61,7 @@ def test_multimodal_world_and_scores(lab, tmp_path, capsys):
 
     main(["world", "--out", str(tmp_path / "world"), "--n_train", "4", "--n_test", "6"])
     assert (tmp_path / "world" / "train_blind.json").is_file() and len(list((tmp_path / "world" / "test").iterdir())) == 6
-    base = lab / "base" / "ckpt"
+    base = word_bench / "base" / "ckpt"
     for name, visual in (("blind", {}), ("multimodal", {"visual_dim": 64, "image_encoder": "lab"})):
         model = apply_peft(load_checkpoint(base), PeftConfig(method="adapter", adapter_len=3, **visual))
         with torch.no_grad():

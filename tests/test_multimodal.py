@@ -158,10 +158,10 @@ def test_batched_generation_with_images_equals_each_alone():
 
 # ---- the scripts: train.py --image_root, generate.py --image (a shortened version of the pipeline) -----
 
-def test_train_and_generate_with_images(lab, tmp_path):
+def test_train_and_generate_with_images(word_bench, tmp_path):
     world = tmp_path / "world"
     make_world(world, n_train=8, n_test=2, seed=0)
-    base = lab / "base" / "ckpt"
+    base = word_bench / "base" / "ckpt"
     common = ["--init_from", base, "--method", "adapter", "--image_root", world, "--seq_len", "160", "--batch_size", "4",
               "--warmup_steps", "1", "--log_every", "1", "--sample_tokens", "0"]
     train(*common, "--data", world / "train.json", "--max_steps", "2", "--eval_every", "2", "--out_dir", tmp_path / "mm")

@@ -18,9 +18,9 @@ from llama_min.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
-def study(lab, tmp_path_factory):
+def study(word_bench, tmp_path_factory):
     out = tmp_path_factory.mktemp("multimodal")
-    argv = ["--base", str(lab / "base" / "ckpt"), "--out", str(out), "--seeds", "0", "--steps", "2",
+    argv = ["--base", str(word_bench / "base" / "ckpt"), "--out", str(out), "--seeds", "0", "--steps", "2",
             "--n_train", "6", "--n_test", "4", "--batch_size", "4", "--seq_len", "160", "--lr", "0.05"]
     threads = torch.get_num_threads()
     try:
@@ -63,19 +63,19 @@ def recomputed(base, peft, world, images: bool) -> tuple[list[str], dict[str, fl
     return got, scores
 
 
-def test_every_answer_and_figure_is_recomputed(study, lab):
+def test_every_answer_and_figure_is_recomputed(study, word_bench):
     out, per_seed = study
     for kind in multimodal.KINDS:
-        got, scores = recomputed(lab / "base" / "ckpt", out / "seed0" / kind / "peft", out / "world",
+        got, scores = recomputed(word_bench / "base" / "ckpt", out / "seed0" / kind / "peft", out / "world",
                                  kind == "multimodal")
         assert per_seed[0][kind]["answers"] == got, f"{kind}: the study's answers differ from plain greedy decoding"
         assert per_seed[0][kind]["scores"] == scores, kind
 
 
-def test_answer_losses_are_the_model_s_own(study, lab):
+def test_answer_losses_are_the_model_s_own(study, word_bench):
     """The EOS loss of each test record, recomputed from the prompt and the answer tokenized apart."""
     out, per_seed = study
-    base = lab / "base" / "ckpt"
+    base = word_bench / "base" / "ckpt"
     tokenizer = Tokenizer(base / "tokenizer.model")
     records = read_image_records(out / "world" / "test.json", out / "world")
     model = load_peft(load_checkpoint(base), out / "seed0" / "blind" / "peft").eval()
@@ -89,11 +89,11 @@ def test_answer_losses_are_the_model_s_own(study, lab):
         assert per_seed[0]["blind"]["answer_loss"][q]["eos"] == pytest.approx(statistics.mean(values), rel=1e-4)
 
 
-def test_scores_follow_each_picture(study, lab, tmp_path):
+def test_scores_follow_each_picture(study, word_bench, tmp_path):
     """Two steps leave every answer alike; with the gates wide open and the prompts and projection drawn
     anew, answers differ from picture to picture, and the study's scoring must still agree record by record."""
     out, _ = study
-    base = lab / "base" / "ckpt"
+    base = word_bench / "base" / "ckpt"
     model = load_peft(load_checkpoint(base), out / "seed0" / "multimodal" / "peft")
     torch.manual_seed(3)
     with torch.no_grad():

@@ -120,7 +120,7 @@ def test_the_checks_can_fail(tmp_path):
     assert not path_exists(moved) and path_exists("llama_min/peft/adapter.py")
     assert path_exists("lab/fixtures/labNN.json") and not path_exists("lab/fixtures/labNN.yaml")
     assert slug("How the default got there") == "how-the-default-got-there"
-    assert slug("Early stopping on the lab") in {slug(h) for h in headings(ROOT / "docs" / "results.md")}
+    assert slug("Early stopping on the word-task benchmark") in {slug(h) for h in headings(ROOT / "docs" / "results.md")}
     assert "How the default got here" not in headings(ROOT / "docs" / "results.md")
     page = tmp_path / "page.md"
     page.write_text("# Title\n\n```bash\n# a shell comment\n```\n## `--resume` and runs\n")

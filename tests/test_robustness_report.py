@@ -19,30 +19,30 @@ from llama_min.tokenizer import Tokenizer
 ROWS = ["full", "full +robust", "LoRA +robust", "partial: norms only"]
 
 
-def test_corpus_bpb_is_the_figure_pretraining_logged(lab):
-    logged = [json.loads(line) for line in open(lab / "base" / "metrics.jsonl")]
+def test_corpus_bpb_is_the_figure_pretraining_logged(word_bench):
+    logged = [json.loads(line) for line in open(word_bench / "base" / "metrics.jsonl")]
     want = [r["val_bpb"] for r in logged if r["val_bpb"] is not None][-1]
-    base = lab / "base" / "ckpt"
-    got = corpus_bpb(load_checkpoint(base), Tokenizer(base / "tokenizer.model"), lab / "lab" / "pretrain",
-                     lab / "cache", seq_len=48, batch_size=4)  # as the fixture pretrained
+    base = word_bench / "base" / "ckpt"
+    got = corpus_bpb(load_checkpoint(base), Tokenizer(base / "tokenizer.model"), word_bench / "benchmark" / "pretrain",
+                     word_bench / "cache", seq_len=48, batch_size=4)  # as the fixture pretrained
     assert got == pytest.approx(want, rel=1e-6), f"corpus_bpb {got} differs from the logged held-out bpb {want}"
 
 
 @pytest.fixture(scope="module")
-def report(lab, tmp_path_factory):
+def report(word_bench, tmp_path_factory):
     out = tmp_path_factory.mktemp("robust")
-    for part in ("lab", "base", "cache"):  # the lab of seed 0, already pretrained: no pretraining here
-        shutil.copytree(lab / part, out / "seed0" / part)
+    for part in ("benchmark", "base", "cache"):  # the benchmark of seed 0, already pretrained: no pretraining here
+        shutil.copytree(word_bench / part, out / "seed0" / part)
     argv = ["--out", str(out), "--seeds", "0", "--finetune_steps", "3", "--batch_size", "4", "--rows", *ROWS]
     return out, robustness.main(argv)[0]
 
 
-def test_every_row_is_scored_on_clean_and_perturbed_records(report, lab):
+def test_every_row_is_scored_on_clean_and_perturbed_records(report, word_bench):
     out, results = report
     assert list(results) == ["base", *ROWS]
-    base = lab / "base" / "ckpt"
+    base = word_bench / "base" / "ckpt"
     tokenizer = Tokenizer(base / "tokenizer.model")
-    clean = read_records(lab / "lab" / "instructions" / "eval.jsonl")
+    clean = read_records(word_bench / "benchmark" / "instructions" / "eval.jsonl")
     perturbed = perturb_for_eval(clean, 0)
     assert all(p.instruction != c.instruction and (p.input, p.output) == (c.input, c.output)
                for p, c in zip(perturbed, clean)), "the perturbed test set edits every instruction, never the answer"
@@ -58,11 +58,11 @@ def test_every_row_is_scored_on_clean_and_perturbed_records(report, lab):
     assert results["partial: norms only"]["trainable"] == norms
 
 
-def test_forgetting_is_measured_on_the_pretraining_corpus(report, lab):
+def test_forgetting_is_measured_on_the_pretraining_corpus(report, word_bench):
     out, results = report
-    tokenizer = Tokenizer(lab / "base" / "ckpt" / "tokenizer.model")
-    after = corpus_bpb(load_checkpoint(out / "seed0" / "full" / "ckpt"), tokenizer, lab / "lab" / "pretrain",
-                       lab / "cache", seq_len=64)
+    tokenizer = Tokenizer(word_bench / "base" / "ckpt" / "tokenizer.model")
+    after = corpus_bpb(load_checkpoint(out / "seed0" / "full" / "ckpt"), tokenizer, word_bench / "benchmark" / "pretrain",
+                       word_bench / "cache", seq_len=64)
     assert results["full"]["corpus_bpb"] == pytest.approx(after, rel=1e-9)
     assert results["full"]["corpus_bpb"] != results["base"]["corpus_bpb"], "fine-tuning should move the corpus figure"
     table = (out / "table.md").read_text()

@@ -15,9 +15,10 @@ import torch
 from llama_min import Llama, ModelConfig
 from llama_min.checkpoint import load_checkpoint, resolve_checkpoint_dir
 from llama_min.config import PRESETS
-from llama_min.training.batches import get_batch, prepare_data
+from llama_min.training.corpus import read_documents, token_byte_lengths
+from llama_min.training.data import get_batch, prepare_data
 from llama_min.training.config import TrainConfig, build_parser, parse_args
-from llama_min.training.data import WindowSampler, read_documents, token_byte_lengths
+from llama_min.training.data import WindowSampler
 from llama_min.training.evaluate import evaluate
 from llama_min.training.optim import get_lr, make_optimizer
 from llama_min.training.runtime import Runtime, setup_runtime

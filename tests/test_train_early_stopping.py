@@ -20,7 +20,7 @@ from llama_min.finetune.exact_match import exact_match_accuracy
 from llama_min.finetune.instructions import InstructionRecord, read_records
 from llama_min.generation import generate
 from llama_min.tokenizer import Tokenizer
-from llama_min.training.batches import DEV_ANSWER_TOKENS
+from llama_min.training.data import DEV_ANSWER_TOKENS
 from scripts import Run, metrics, run_script
 
 N_TRAIN, N_HELD_OUT, DEV_RECORDS = 20, 10, 8
@@ -29,12 +29,12 @@ EXPECTED_ACCURACY = 3 / 8
 
 
 @pytest.fixture(scope="module")
-def crafted(lab, tmp_path_factory):
+def crafted(word_bench, tmp_path_factory):
     """The crafted instruction file (20 training records, then 10 held out: pass --val_fraction 1/3),
     the held-out records, and the base's tokenizer."""
-    base_dir = lab / "base" / "ckpt"
+    base_dir = word_bench / "base" / "ckpt"
     base, tokenizer = load_checkpoint(base_dir).eval(), Tokenizer(tokenizer_file(base_dir))
-    records = read_records(lab / "lab" / "instructions" / "train.jsonl")[:N_TRAIN + N_HELD_OUT]
+    records = read_records(word_bench / "benchmark" / "instructions" / "train.jsonl")[:N_TRAIN + N_HELD_OUT]
     held_out = records[N_TRAIN:]
     # Greedy answers of the dev records batched as one call, as the scorer batches them (left padding),
     # so that the very same computation decides; the record past the dev split alone.
@@ -183,8 +183,8 @@ def test_bad_flags_are_one_line_errors(crafted, tmp_path, argv, message):
     assert run.code == 1 and message in err and err.count("\n") == 1, f"expected a one-line error containing {message!r}, got {err!r}"
 
 
-def test_dev_every_on_plain_text_is_a_one_line_error(lab, tmp_path):
-    run = run_script("train.py", "--init_from", lab / "base" / "ckpt", "--data", lab / "lab" / "pretrain",
+def test_dev_every_on_plain_text_is_a_one_line_error(word_bench, tmp_path):
+    run = run_script("train.py", "--init_from", word_bench / "base" / "ckpt", "--data", word_bench / "benchmark" / "pretrain",
                      "--cache_dir", tmp_path / "cache", "--seq_len", "48", "--dev_every", "2",
                      "--out_dir", tmp_path / "run")
     err = run.err

@@ -43,7 +43,7 @@ def scratch_losses(args: list[str]) -> list[float]:
     """The same run through llama_min.from_scratch: the model, batches, schedule and groups train.py builds."""
     from llama_min.from_scratch.adamw import AdamW
     from llama_min.from_scratch.loop import train
-    from llama_min.training.batches import get_batch, make_sampler, prepare_data
+    from llama_min.training.data import get_batch, make_sampler, prepare_data
     from llama_min.training.config import parse_args
     from llama_min.training.optim import get_lr, make_optimizer
     from llama_min.training.runtime import setup_runtime

@@ -1,6 +1,6 @@
 """Low-cost validation: keep the best checkpoint by a dev metric, stop when it stops improving.
 
-The trainer evaluates a small dev split every N steps (exact-match accuracy for the instruction lab)
+The trainer evaluates a small dev split every N steps (exact-match accuracy for instruction data)
 and calls ``update(step, metric)``:
 
     improved  = metric > best + min_delta        (mode "max"; "min" mirrors it for losses)

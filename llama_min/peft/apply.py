@@ -34,7 +34,7 @@ def _lora_sites(model: Llama, targets) -> list[tuple[nn.Module, str]]:
 def apply_peft(model: Llama, config: PeftConfig) -> Llama:
     """Add the method's modules, freeze every base tensor, and return the model (changed in place).
     The new tensors take the device and dtype of the model's weights."""
-    if getattr(model, "peft_config", None) is not None:
+    if model.peft_config is not None:
         raise ValueError(f"the model already has {model.peft_config.method} applied; call remove_peft(model) first")
     mc: ModelConfig = model.config
     n_adapted = mc.n_layers if config.adapter_layers is None else config.adapter_layers
@@ -110,19 +110,18 @@ def remove_peft(model: Llama) -> Llama:
     for layer in model.layers:
         layer.attention.prompt_adapter = layer.attention_adapter = layer.ffn_adapter = None
     model.visual_proj = None
-    base_norms = getattr(model, "peft_base_norms", None)
+    base_norms = model.peft_base_norms
     if base_norms is not None:
         params = dict(model.named_parameters())
         with torch.no_grad():
             for name, value in base_norms.items():
                 params[name].copy_(value)
-        del model.peft_base_norms
-    del model.peft_config, model.peft_base_fingerprint
+    model.peft_config = model.peft_base_fingerprint = model.peft_base_norms = None
     return model.requires_grad_(True)
 
 
 def _peft_config(model: Llama) -> PeftConfig:
-    config = getattr(model, "peft_config", None)
+    config = model.peft_config
     if config is None:
         raise ValueError("this model has no PEFT modules: call apply_peft(model, config) or load_peft(model, dir) first")
     return config
@@ -148,7 +147,7 @@ def merge_lora(model: Llama) -> Llama:
     for m in modules:
         m.merge()
     _unwrap_lora(model)
-    del model.peft_config, model.peft_base_fingerprint
+    model.peft_config = model.peft_base_fingerprint = model.peft_base_norms = None
     return model.requires_grad_(True)
 
 

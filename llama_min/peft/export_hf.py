@@ -32,7 +32,7 @@ HF_ADAPTER_CONFIG, HF_ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.sa
 def lora_to_hf(model: Llama) -> tuple[dict, dict]:
     """(adapter_config dict, tensors under PEFT's names) for a model carrying LoRA (unmerged or merged:
     A and B are the same either way)."""
-    config = getattr(model, "peft_config", None)
+    config = model.peft_config
     if config is None or config.method != "lora":
         raise ValueError("export_lora_to_hf needs a model with LoRA applied (apply_peft or load_peft with method lora)")
     tensors = {f"{name}.{ab}": getattr(m, ab).detach() for name, m in model.named_modules()

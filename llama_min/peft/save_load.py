@@ -92,7 +92,7 @@ def _check_fingerprint(model: Llama, meta: dict, directory: Path) -> None:
     recorded = meta.get("base_fingerprint")
     if recorded is None:  # written before fingerprints were recorded
         return
-    current = getattr(model, "peft_base_fingerprint", None) or base_fingerprint(model)
+    current = model.peft_base_fingerprint or base_fingerprint(model)
     # bfloat16 keeps 8 significant bits: a copy in it differs by at most 2^-8 relative; fine-tuning even one
     # layer moves its values by far more.
     differ = [name for name, values in recorded.items() if name not in current or
@@ -115,7 +115,7 @@ def load_peft(model: Llama, directory: str | Path, check_base: bool = True) -> L
     _check_base(model.config, meta, directory)  # before the model's own adapter is touched
     if check_base:
         _check_fingerprint(model, meta, directory)
-    if getattr(model, "peft_config", None) is not None:
+    if model.peft_config is not None:
         remove_peft(model)
     apply_peft(model, config)
     with torch.no_grad():

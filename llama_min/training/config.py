@@ -19,7 +19,7 @@ from ..peft import METHODS as PEFT_METHODS, SCRIPT_FIELDS, PeftConfig
 from ..peft.config import method_reading
 
 METHODS = ("full", "partial", *PEFT_METHODS)  # every parameter, the named base tensors, or one PEFT method
-FULL_CHECKPOINT_METHODS = ("full", "partial")  # base tensors change: the whole model is saved (OUT_DIR/ckpt)
+BASE_METHODS = ("full", "partial")  # base tensors change: the whole model is saved (OUT_DIR/ckpt)
 PEFT_FIELDS = tuple(f.name for f in fields(PeftConfig) if f.name not in SCRIPT_FIELDS)  # --method, --train_norms: ours
 MODEL, DATA, OPTIM, TUNE, ROBUST, RUN = ("model", "data", "optimisation", "fine-tuning",
                                          "robust fine-tuning (docs/robust.md)", "run")
@@ -121,9 +121,9 @@ class TrainConfig:
     seed: int = flag(1337, "seed for weights, data order and samples", group=RUN)
 
     @property
-    def full_checkpoint(self) -> bool:
+    def trains_base(self) -> bool:
         """Whether base tensors train, so that the whole model is saved (else only the adapter)."""
-        return self.method in FULL_CHECKPOINT_METHODS
+        return self.method in BASE_METHODS
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -148,11 +148,11 @@ def check_config(cfg: TrainConfig) -> None:
         raise UsageError("--dev_records 0 leaves nothing to score: give at least 1, or drop --dev_every")
     if cfg.method not in METHODS:
         raise UsageError(f"--method {cfg.method!r}: expected one of {', '.join(METHODS)}")
-    if cfg.full_checkpoint and cfg.peft_overrides:
+    if cfg.trains_base and cfg.peft_overrides:
         raise UsageError(f"{' '.join(sorted('--' + k for k in cfg.peft_overrides))} configure a PEFT method, but "
                          f"--method is {cfg.method}; add --method {' | '.join(PEFT_METHODS)} or drop them")
     foreign = sorted(f"--{k}" for k in cfg.peft_overrides if method_reading(k) not in (None, cfg.method))
-    if not cfg.full_checkpoint and foreign:  # one rule for every PEFT flag: given, it must be read
+    if not cfg.trains_base and foreign:  # one rule for every PEFT flag: given, it must be read
         readers = sorted({method_reading(k[2:]) for k in foreign})
         raise UsageError(f"{', '.join(foreign)}: read only by --method {' or '.join(readers)}, not by --method "
                          f"{cfg.method}; drop {'it' if len(foreign) == 1 else 'them'} or change --method")
@@ -196,7 +196,7 @@ def check_fsdp(cfg: TrainConfig) -> None:
 def peft_config(cfg: TrainConfig, image_encoder=None) -> PeftConfig | None:
     """The PEFT method's configuration (None for full or partial fine-tuning / pretraining); with the
     image encoder of --image_root, a multimodal adapter that reads its features."""
-    if cfg.full_checkpoint:
+    if cfg.trains_base:
         return None
     visual = dict(visual_dim=image_encoder.dim, image_encoder=image_encoder.spec) if image_encoder else {}
     try:

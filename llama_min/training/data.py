@@ -1,188 +1,195 @@
-"""The pretraining data pipeline: text files in, random windows of token ids out.
+"""What the loop trains on: two kinds of data, one loop.
 
-    documents (.txt or JSONL "text")  ->  tokenizer (trained once on the training split)
-        ->  one flat array of token ids per split, cached on disk as a np.memmap
-        ->  random windows of seq_len + 1 tokens: inputs are the first seq_len, targets the last seq_len
-
-Every document is wrapped as <s> text </s> and the documents are concatenated, as in LLaMA's
-pretraining (section 2.1: documents are packed into fixed-length sequences). The token files are
-written once per (text, tokenizer) pair and then read through the page cache, so a 5 MB corpus costs
-seconds the first time and nothing afterwards. Nothing here knows about models or devices.
+Plain text is one long stream of token ids (corpus.py) cut into random windows; instruction data is a
+list of encoded Alpaca records, each a whole sequence with its prompt masked out of the loss
+(finetune/instructions.py). Only the batches, the evaluation and the sampler's length differ.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import re
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.distributed as dist
 
-from ..cli import DataError, read_jsonl, read_text
-from ..tokenizer import Tokenizer
+from ..cli import DataError, UsageError
+from ..finetune.images import ImageRecord, read_image_records
+from ..finetune.instructions import InstructionRecord, encode_record, encode_records, instruction_batch, read_records
+from ..finetune.perturb import perturb_records
+from ..model import IGNORE_INDEX
+from ..peft.visual import load_encoder
+from ..tokenizer import Tokenizer, load_tokenizer
+from .config import TrainConfig
+from .corpus import split_documents, token_byte_lengths, tokenize_to_memmap, train_tokenizer
+from .runtime import Runtime
 
-TEXT_SUFFIXES = (".txt", ".jsonl")
-
-
-# ---- what the run read: --resume says when the data changed ------------------------------------------
-
-
-def data_fingerprint(data: str | Path) -> dict[str, list]:
-    """{file name: [bytes, sha256]} of the data file, or of every file directly inside a data directory.
-    Saved with each checkpoint; resuming compares it with the data found then (``data_changes``)."""
-    data = Path(data)
-    files = sorted(f for f in data.iterdir() if f.is_file() and not f.name.startswith(".")) if data.is_dir() else [data]
-    fingerprint = {}
-    for f in files:
-        digest = hashlib.sha256()
-        with open(f, "rb") as stream:
-            for block in iter(lambda: stream.read(1 << 20), b""):
-                digest.update(block)
-        fingerprint[f.name] = [f.stat().st_size, digest.hexdigest()]
-    return fingerprint
+DEV_ANSWER_TOKENS = 16  # --dev_every generates answers this long at most, as experiments/evaluate.py does
 
 
-def data_changes(saved: dict[str, list], now: dict[str, list]) -> list[str]:
-    """What differs between two ``data_fingerprint``s, one phrase per file ([] when nothing did)."""
-    changes = [f"{name} is gone" for name in saved if name not in now]
-    changes += [f"{name} is new" for name in now if name not in saved]
-    for name in saved.keys() & now.keys():
-        (old_size, old_hash), (size, digest) = saved[name], now[name]
-        if old_hash != digest:
-            changes.append(f"{name} changed ({old_size:,} -> {size:,} bytes)" if old_size != size
-                           else f"{name} changed (same size, other content)")
-    return sorted(changes)
-
-
-# ---- reading documents ----------------------------------------------------------------------------
-
-
-def read_documents(path: str | Path) -> list[str]:
-    """A .txt file is one document; a .jsonl file holds one {"text": ...} record per line."""
+def is_instruction_data(path: str | Path) -> bool:
+    """Instruction data is a .json file (a list of records) or a .jsonl file whose first record has an
+    "instruction" field; anything else (.txt, .jsonl of {"text"}, a directory) is plain text."""
     path = Path(path)
-    if path.suffix not in TEXT_SUFFIXES:
-        raise DataError(f"{path}: expected a .txt file or a .jsonl file with a \"text\" field per line")
-    if path.suffix == ".txt":
-        raw = read_text(path, "data file")
-        return [raw] if raw.strip() else []
-    docs = []
-    for n, record in read_jsonl(path, 'one {"text": ...} object'):
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise DataError(f"{path}:{n}: expected an object with a string \"text\" field")
-        if record["text"].strip():
-            docs.append(record["text"])
-    return docs
-
-
-def split_documents(data: str | Path, val_fraction: float) -> tuple[list[str], list[str]]:
-    """The training and held-out documents of ``data``.
-
-    A directory holds train.txt|train.jsonl and val.txt|val.jsonl: the split is the user's (the shipped
-    Shakespeare holds out whole plays). A single file is split here: the last ``val_fraction`` of its
-    documents, or for a single .txt document the last ``val_fraction`` of its lines, is held out.
-    """
-    data = Path(data)
-    if not data.exists():
-        raise DataError(f"data path {data} does not exist; pass --data with a .txt/.jsonl file or a "
-                        "directory holding train.txt and val.txt")
-    if data.is_dir():
-        found = {}
-        for split in ("train", "val"):
-            files = [data / f"{split}{s}" for s in TEXT_SUFFIXES if (data / f"{split}{s}").exists()]
-            if len(files) != 1:
-                raise DataError(f"data directory {data} must hold exactly one of {split}.txt, {split}.jsonl "
-                                f"(found {len(files)})")
-            found[split] = read_documents(files[0])
-        train, val = found["train"], found["val"]
-    else:
-        docs = read_documents(data)
-        if len(docs) == 1:  # one long text: hold out its last lines (its last words, when it is one line)
-            lines = docs[0].splitlines(keepends=True)
-            if len(lines) == 1:
-                lines = re.split(r"(?<=\s)", docs[0])
-            cut = len(lines) - max(1, round(len(lines) * val_fraction))
-            docs = ["".join(lines[:cut]), "".join(lines[cut:])]
-            cut = 1
-        else:
-            cut = len(docs) - max(1, round(len(docs) * val_fraction))
-        train, val = docs[:cut], docs[cut:]
-    for name, docs in (("training", train), ("held-out", val)):
-        if not any(d.strip() for d in docs):
-            raise DataError(f"the {name} split of {data} is empty; give it some text")
-    return train, val
-
-
-# ---- tokenizer and token cache -------------------------------------------------------------------
-
-
-def text_digest(docs: list[str]) -> str:
-    h = hashlib.sha256()
-    for d in docs:
-        h.update(d.encode("utf-8"))
-        h.update(b"\0")
-    return h.hexdigest()[:16]
-
-
-def train_tokenizer(train_docs: list[str], cache_dir: Path, vocab_size: int) -> Tokenizer:
-    """Train a LLaMA-style sentencepiece tokenizer on the training documents, once per (text, vocab)."""
-    # The file keeps the name the checkpoint format expects, as it is copied into every checkpoint.
-    path = (cache_dir / f"tokenizer-{text_digest(train_docs)}-v{vocab_size}-r{Tokenizer.TRAIN_RECIPE}"
-            / "tokenizer.model")
-    if path.exists():
-        return Tokenizer(path)
-    print(f"training a {vocab_size}-token tokenizer on {sum(map(len, train_docs)):,} characters (once; cached in "
-          f"{path.parent})", flush=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    corpus = path.with_suffix(f".{os.getpid()}.txt")
-    tmp = path.with_suffix(f".{os.getpid()}.model")
-    corpus.write_text("\n".join(train_docs), encoding="utf-8")
+    if path.is_dir() and (path / "train.jsonl").is_file() and is_instruction_data(path / "train.jsonl"):
+        raise DataError(f"{path} holds instruction records; pass the file itself (--data {path / 'train.jsonl'}): "
+                        "instruction data is one .json/.jsonl file, its last --val_fraction held out")
+    if not path.is_file() or path.suffix not in (".json", ".jsonl"):
+        return False
+    if path.suffix == ".json":
+        return True  # plain text never comes as .json
+    with open(path, encoding="utf-8", errors="replace") as f:
+        first = next((line for line in f if line.strip()), "")
     try:
-        Tokenizer.train([corpus], tmp, vocab_size)
-    except RuntimeError as e:  # sentencepiece says why: too few pieces for the text's characters, or too few pieces in it
-        reason = " ".join(str(e).split())
-        needed = re.search(r"smaller than required_chars\. \d+ vs (\d+)", reason)
-        if needed:
-            raise DataError(f"a {vocab_size}-token tokenizer cannot hold the {needed[1]} distinct characters of "
-                            f"{len(train_docs)} training document(s); pass --vocab_size {needed[1]} or more") from None
-        raise DataError(f"training a {vocab_size}-token tokenizer failed ({reason[-160:]}); give more text or a "
-                        "smaller --vocab_size") from None
-    finally:
-        corpus.unlink(missing_ok=True)
-    tmp.replace(path)  # atomic: a half-written tokenizer is never picked up
-    return Tokenizer(path)
+        record = json.loads(first)
+    except json.JSONDecodeError:
+        return False  # read_documents will say what is wrong with the file
+    return isinstance(record, dict) and "instruction" in record
 
 
-def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+@dataclass
+class Data:
+    tokenizer: Tokenizer
+    train: np.ndarray | list  # (N_train,) token ids, or instruction examples [(tokens, targets), ...]
+    val: np.ndarray | list  # (N_val,) token ids, or instruction examples
+    byte_lengths: np.ndarray | None  # (vocab_size,) UTF-8 bytes per token, for bits per byte (plain text only)
+    dev: list[InstructionRecord] | None = None  # instruction data: the held-out records themselves (--dev_every)
+    # image-instruction data (--image_root): the frozen encoder, and every record's image features,
+    # computed once (image id -> (C_v,)); examples then carry their image id third: (tokens, targets, id)
+    image_encoder: object | None = None
+    image_features: dict[str, torch.Tensor] | None = None
+
+    @property
+    def is_instructions(self) -> bool:
+        """Instruction records (no byte lengths: bits per byte is a plain-text measure), not plain text."""
+        return self.byte_lengths is None
 
 
-def tokenize_to_memmap(docs: list[str], tokenizer: Tokenizer, cache_dir: Path, split: str) -> np.memmap:
-    """Token ids of ``<s> doc </s>`` for every document, concatenated; (N,) uint16/uint32, read-only."""
-    digest = hashlib.sha256(tokenizer.path.read_bytes()).hexdigest()[:16]
-    dtype = token_dtype(tokenizer.vocab_size)
-    path = cache_dir / f"{split}-{text_digest(docs)}-{digest}.{dtype.name}.bin"
-    if not path.exists():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        ids = [tokenizer.encode(d, bos=True, eos=True) for d in docs]
-        flat = np.fromiter((i for doc in ids for i in doc), dtype=dtype, count=sum(map(len, ids)))
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        flat.tofile(tmp)
-        tmp.replace(path)
-    return np.memmap(path, dtype=dtype, mode="r")
+def prepare_instructions(cfg: TrainConfig, tokenizer_path: Path | None, say) -> Data:
+    """Alpaca records, the last val_fraction of them held out, encoded with the base's tokenizer.
+    A record longer than seq_len tokens is dropped whole (instructions.py explains why) and counted."""
+    if tokenizer_path is None:
+        raise UsageError("instruction data needs the tokenizer of the model it fine-tunes: pass --init_from "
+                         "(a checkpoint with its tokenizer.model) or --tokenizer")
+    tokenizer = load_tokenizer(tokenizer_path)
+    records = read_image_records(cfg.data, cfg.image_root) if cfg.image_root else read_records(cfg.data)
+    if len(records) < 2:
+        raise DataError(f"{cfg.data} holds {len(records)} record; at least 2 are needed (one is held out)")
+    cut = len(records) - max(1, round(len(records) * cfg.val_fraction))
+    # --perturb: text-level augmentation of the training prompts only (perturb.py); the held-out records
+    # stay clean, so the held-out loss measures the same thing with and without it.
+    train_records = perturb_records(records[:cut], cfg.perturb, cfg.seed) if cfg.perturb else records[:cut]
+    if cfg.image_root:  # drop the records that do not fit first, so that the rest keep their images
+        def fits(rs: list[ImageRecord]) -> list[ImageRecord]:
+            return [r for r in rs if len(encode_record(r, tokenizer)[0]) <= cfg.seq_len]
+
+        train_fit, val_fit = fits(train_records), fits(records[cut:])
+        dropped_train, dropped_val = len(train_records) - len(train_fit), len(records) - cut - len(val_fit)
+        train_examples = [(*ex, r.image) for ex, r in zip(encode_records(train_fit, tokenizer, cfg.seq_len)[0], train_fit)]
+        val_examples = [(*ex, r.image) for ex, r in zip(encode_records(val_fit, tokenizer, cfg.seq_len)[0], val_fit)]
+    else:
+        train_examples, dropped_train = encode_records(train_records, tokenizer, cfg.seq_len)
+        val_examples, dropped_val = encode_records(records[cut:], tokenizer, cfg.seq_len)
+    if dropped_train or dropped_val:
+        say(f"dropped {dropped_train} training and {dropped_val} held-out records longer than --seq_len {cfg.seq_len}")
+    data = Data(tokenizer, train_examples, val_examples, None, dev=records[cut:])
+    if cfg.image_root:
+        encode_images(data, records, cfg, say)
+    return data
 
 
-def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
-    """(vocab_size,) int64: how many UTF-8 bytes of text each token stands for.
+def encode_images(data: Data, records: list[ImageRecord], cfg: TrainConfig, say) -> None:
+    """Load the frozen image encoder and compute every record's image features once: the encoder never
+    trains, so the loop reads them from memory (the paper's frozen CLIP, section 4.3)."""
+    encoder = load_encoder(cfg.image_encoder or "lab")
+    ids = sorted({r.image for r in records})
+    data.image_encoder = encoder
+    data.image_features = dict(zip(ids, encoder.features(cfg.image_root, ids)))
+    say(f"images: {len(ids)} encoded by {encoder.spec} into {encoder.dim} features each (frozen, computed once)")
 
-    Summed over the predicted tokens this is the length of the evaluated text, the denominator of
-    bits per byte: a tokenizer-independent measure, since a model with a coarser vocabulary predicts
-    fewer, longer tokens (``Tokenizer.text_bytes`` says how each kind of piece counts).
-    """
-    return np.array([tokenizer.text_bytes(i) for i in range(tokenizer.vocab_size)], dtype=np.int64)
+
+def batch_images(image_features: dict[str, torch.Tensor] | None, examples: list, indices) -> torch.Tensor | None:
+    """(B, C_v) image features of the chosen examples (each carries its image id third), or None for text."""
+    if image_features is None:
+        return None
+    return torch.stack([image_features[examples[i][2]] for i in indices])
 
 
-# ---- batches -------------------------------------------------------------------------------------
+def prepare_data(cfg: TrainConfig, rt: Runtime, vocab_size: int, tokenizer_path: Path | None) -> Data:
+    """Tokenizer and token files, built once by rank 0 while the others wait, then opened by all."""
+    if is_instruction_data(cfg.data):
+        return prepare_instructions(cfg, tokenizer_path, rt.say)
+    if cfg.perturb:
+        raise UsageError(f"--perturb {cfg.perturb} edits instruction records, but {cfg.data} is plain text; "
+                         "drop --perturb or pass a .json/.jsonl file of instruction records")
+    if cfg.dev_every:
+        raise UsageError(f"--dev_every {cfg.dev_every} scores exact-match answers to held-out instruction records, but "
+                         f"{cfg.data} is plain text; pass instruction data, or rely on --eval_every's held-out loss")
+    train_docs, val_docs = split_documents(cfg.data, cfg.val_fraction)
+    cache = Path(cfg.cache_dir)
+
+    def tokenizer() -> Tokenizer:
+        return load_tokenizer(tokenizer_path) if tokenizer_path else train_tokenizer(train_docs, cache, vocab_size)
+
+    if rt.master:
+        tokenize_to_memmap(train_docs, tokenizer(), cache, "train")
+        tokenize_to_memmap(val_docs, tokenizer(), cache, "val")
+    if rt.world_size > 1:
+        dist.barrier()
+    tok = tokenizer()
+    return Data(tok, tokenize_to_memmap(train_docs, tok, cache, "train"), tokenize_to_memmap(val_docs, tok, cache, "val"),
+                token_byte_lengths(tok))
+
+
+def make_sampler(data: Data, cfg: TrainConfig) -> WindowSampler:
+    """Random window starts in the token stream, or random record indices (windows of length 0)."""
+    return WindowSampler(len(data.train), 0 if data.is_instructions else cfg.seq_len, cfg.seed)
+
+
+def dev_split(data: Data, cfg: TrainConfig, max_seq_len: int) -> list[InstructionRecord]:
+    """--dev_every's records: the first --dev_records held-out records whose prompt leaves room in the
+    model's context for a DEV_ANSWER_TOKENS answer. Kept small, the score costs a few batches of greedy
+    decoding, so it can run often."""
+    room = max_seq_len - DEV_ANSWER_TOKENS
+    fits = [r for r in data.dev if len(data.tokenizer.encode(r.prompt(), bos=True)) <= room]
+    if not fits:
+        raise UsageError(f"--dev_every: no held-out record's prompt fits in {room} tokens (max_seq_len {max_seq_len} "
+                         f"minus a {DEV_ANSWER_TOKENS}-token answer); use shorter records or a larger --val_fraction")
+    return fits[:cfg.dev_records]
+
+
+def get_batch(data: Data, sampler: WindowSampler, cfg: TrainConfig,
+              rt: Runtime) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Inputs, targets and images for this rank, on its device: (batch_size, seq_len) windows of the
+    token stream, or (batch_size, longest) instruction examples padded on the right (targets
+    IGNORE_INDEX); images (batch_size, C_v) for image-instruction data, else None."""
+    picks = sampler.starts(cfg.batch_size, rt.rank, rt.world_size)
+    images = None
+    if data.is_instructions:
+        x, y = instruction_batch(data.train, picks, data.tokenizer.eos_id)
+        images = batch_images(data.image_features, data.train, picks)
+    else:
+        x, y = windows(data.train, picks, cfg.seq_len)
+        x, y = torch.from_numpy(x), torch.from_numpy(y)
+    images = None if images is None else images.to(rt.device)
+    if rt.device.type == "cuda":  # pinned memory lets the copy overlap with compute
+        return x.pin_memory().to(rt.device, non_blocking=True), y.pin_memory().to(rt.device, non_blocking=True), images
+    return x, y, images
+
+
+def count_targets(batches: list[tuple[torch.Tensor, ...]], rt: Runtime) -> torch.Tensor:
+    """How many target tokens count in the loss over a step's micro-batches on every process: the mean
+    of the step's loss is taken over all of them, so that N micro-batches of B rows give exactly the loss
+    and gradient of one batch of N·B rows, even when the rows hold answers of different lengths."""
+    total = sum((y != IGNORE_INDEX).sum() for _, y, *_ in batches).double()
+    if rt.world_size > 1:
+        dist.all_reduce(total)
+    return total
+
+
+# ---- random windows of the token stream ---------------------------------------------------------------
 
 
 class WindowSampler:

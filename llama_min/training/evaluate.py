@@ -16,9 +16,8 @@ import torch.nn.functional as F
 from ..cli import DataError
 from ..finetune.instructions import instruction_batch
 from ..model import IGNORE_INDEX, Llama
-from .batches import Data, batch_images
 from .config import TrainConfig
-from .data import windows
+from .data import Data, batch_images, windows
 from .distributed import unsharded
 from .runtime import Runtime
 
@@ -28,7 +27,7 @@ def evaluate(model: Llama, data: Data, cfg: TrainConfig, rt: Runtime) -> tuple[f
     None (the answers are a sliver of the text; a per-byte figure means little). A model sharded with
     --fsdp is gathered whole on every process meanwhile: their shares differ by a batch."""
     with unsharded(model):
-        if data.instructions:
+        if data.is_instructions:
             return answer_loss(model, data.val, data.tokenizer.eos_id, cfg.batch_size, rt, data.image_features), None
         return bits_per_byte(model, data.val, data.byte_lengths, cfg.seq_len, cfg.batch_size, cfg.eval_tokens, rt)
 

@@ -2,7 +2,7 @@
 
     --l2sp λ          make_l2sp: after each backward, add 2λ(θ − θ₀) to the gradients (finetune/l2sp.py)
     --embed_noise α   NEFTune noise on the input embeddings in training mode (finetune/neftune.py)
-    --perturb p       edited training prompts, made when the data is prepared (training/batches.py)
+    --perturb p       edited training prompts, made when the data is prepared (training/data.py)
     --dev_every N     DevSelection: exact match on held-out records every N steps, the best model kept
                       in OUT_DIR/best, the run stopped after --patience evaluations without improvement
 """
@@ -21,7 +21,7 @@ from ..finetune.exact_match import exact_match_accuracy
 from ..finetune.l2sp import L2SP
 from ..model import Llama
 from ..peft import load_peft
-from .batches import DEV_ANSWER_TOKENS, Data, dev_split
+from .data import DEV_ANSWER_TOKENS, Data, dev_split
 from .config import TrainConfig
 from .progress import Progress
 from .runtime import Runtime, exact_float32
@@ -86,7 +86,7 @@ class DevSelection:
             accuracy = accuracy.item()
             improved = self.stopper.update(step, accuracy)
             if improved and self.rt.master:
-                save_model_only(self.best_dir, self.model, self.data.tokenizer, self.cfg, self.data.instructions)
+                save_model_only(self.best_dir, self.model, self.data.tokenizer, self.cfg, self.data.is_instructions)
         waited = f", {self.stopper.evals_since_best}/{self.cfg.patience} without improvement" if self.cfg.patience else ""
         self.rt.say(f"step {step}: dev exact match ({self.rt.precision}) {accuracy:.4f} on {len(self.records)} records" +
                     (f", new best: saved to {self.best_dir}" if improved else

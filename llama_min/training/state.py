@@ -33,15 +33,16 @@ from ..peft import PeftConfig, apply_peft, merge_lora, save_peft
 from ..peft.save_load import read_peft_weights
 from ..tokenizer import Tokenizer
 from .config import TrainConfig, peft_config
-from .data import WindowSampler, data_changes, data_fingerprint
+from .corpus import data_changes, data_fingerprint
+from .data import WindowSampler
 from .distributed import FSDPModule, full_tensors, gather_tensors, load_optimizer, load_weights
 from .progress import TrainingDiverged
-from .trainable import refuse_quantized
 from .runtime import Runtime
+from .trainable import refuse_quantized
 
 def checkpoint_dir(cfg: TrainConfig) -> Path:
     """OUT_DIR/ckpt (a full checkpoint: full, partial) or, for a PEFT method, OUT_DIR/peft (the adapter only)."""
-    return Path(cfg.out_dir) / ("ckpt" if cfg.full_checkpoint else "peft")
+    return Path(cfg.out_dir) / ("ckpt" if cfg.trains_base else "peft")
 
 
 def rng_states(device: torch.device) -> dict:
@@ -102,7 +103,7 @@ def write_model(directory: Path, model: Llama, tokenizer: Tokenizer, cfg: TrainC
     for a PEFT method, the adapter-only peft.safetensors + peft.json naming the base --init_from.
     A model tuned on instruction data records the Alpaca template, which generate.py then uses.
     ``tensors``: the tensors to write when the model is sharded (--fsdp; gathered by full_tensors)."""
-    if cfg.full_checkpoint:
+    if cfg.trains_base:
         write_model_files(model if tensors is None else holding(model.config, tensors), directory, tokenizer.path)
     else:
         save_peft(model, directory, base_checkpoint=cfg.init_from, tensors=tensors)  # (atomic on its own, inside ours)
@@ -237,7 +238,7 @@ def resumed_config(cfg: TrainConfig, given: set[str]) -> TrainConfig:
         raise UsageError("--resume continues the saved model and its method; model, --method, PEFT and --train_* "
                          f"flags cannot change it (drop {' '.join('--' + k for k in changed or ['method'])})")
     resumed = replace(TrainConfig(**saved), **{k: getattr(cfg, k) for k in given})
-    own_tokenizer = tokenizer_file(directory) if resumed.full_checkpoint else None
+    own_tokenizer = tokenizer_file(directory) if resumed.trains_base else None
     return replace(resumed, tokenizer=str(own_tokenizer)) if own_tokenizer else resumed
 
 
@@ -268,7 +269,7 @@ def restore_weights(model: Llama, directory: Path, cfg: TrainConfig) -> None:
     full or partial run; for a PEFT method the adapter, onto the base rebuilt from --init_from (which
     must be the base it trained on)."""
     try:
-        if cfg.full_checkpoint:
+        if cfg.trains_base:
             stored, tensors = read_checkpoint(directory, dtype=torch.float32)
             refuse_quantized(stored, str(directory))  # (the except below names --resume)
             check_state_dict({k: v.shape for k, v in stored_state_dict(model).items()}, tensors, str(directory))
@@ -297,10 +298,10 @@ class RunCheckpoints:
             raise TrainingDiverged(f"the weights are not finite after step {step}; not saved. {self.last_good()}")
         tensors, optimizer_state = None, self.optimizer.state_dict()
         if self.cfg.fsdp:  # rank 0 gathers the whole tensors (only the trainable ones of a PEFT method)
-            tensors, optimizer_state = full_tensors(self.model, self.optimizer, trainable_only=not self.cfg.full_checkpoint)
+            tensors, optimizer_state = full_tensors(self.model, self.optimizer, trainable_only=not self.cfg.trains_base)
         if self.rt.master:
             save_run_checkpoint(self.directory, self.model, self.data.tokenizer, optimizer_state, self.sampler, step,
-                                best_val_loss, self.cfg, rng, self.data.instructions, self.dev.state_dict(), tensors,
+                                best_val_loss, self.cfg, rng, self.data.is_instructions, self.dev.state_dict(), tensors,
                                 self.data_fingerprint)
         self.saved_step = step
 

@@ -1,10 +1,10 @@
-"""Run the whole lab: make it, pretrain the lab base, fine-tune it with every method, score, tabulate.
+"""Run the whole benchmark: make it, pretrain the benchmark base, fine-tune it with every method, score, tabulate.
 
-    python -m experiments.run_lab --out runs/lab_table --seeds 0 1 2       # the table in docs/results.md
-    python -m experiments.run_lab --out /tmp/quick --seeds 0 --pretrain_steps 100 --finetune_steps 20 --methods full
+    python -m experiments.run_benchmark --out runs/benchmark_table --seeds 0 1 2       # the table in docs/results.md
+    python -m experiments.run_benchmark --out /tmp/quick --seeds 0 --pretrain_steps 100 --finetune_steps 20 --methods full
 
-For each seed: ``experiments.make_lab`` writes the lab (words, facts and tokenizer depend on the seed), train.py
-pretrains the base on the lab's sentences, and train.py fine-tunes that base on the instruction records
+For each seed: ``experiments.make_benchmark`` writes the benchmark (words, facts and tokenizer depend on the seed), train.py
+pretrains the base on the benchmark's sentences, and train.py fine-tunes that base on the instruction records
 with each method for the same number of steps at the same batch size. Exact-match accuracy on the
 held-out words' records (``experiments.evaluate``) is measured before (the base itself: every method starts as
 exactly the base) and after. Every training run is ``python train.py`` in a child process, so that its
@@ -42,15 +42,15 @@ from llama_min.training.config import parse_args
 from llama_min.training.trainable import choose_trainable
 
 from .evaluate import exact_match
-from .make_lab import make_lab
+from .make_benchmark import make_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("full", "adapter", "lora", "bottleneck")
-# The lab base: dim 128, 4 layers, 4 heads sharing 2 kv heads, pinned here rather than taken from the
-# tiny preset, so that the lab's figures do not move when the preset does.
+# The benchmark base: dim 128, 4 layers, 4 heads sharing 2 kv heads, pinned here rather than taken from the
+# tiny preset, so that the benchmark's figures do not move when the preset does.
 BASE_MODEL = ["--dim", "128", "--n_layers", "4", "--n_heads", "4", "--n_kv_heads", "2", "--multiple_of", "32"]
-PRETRAIN_SEQ_LEN = 64  # the lab's documents are short sentences; 64 tokens hold several
-FINETUNE_SEQ_LEN = 128  # drops longer records; the lab's are about 60 tokens, and a batch pads to its longest only
+PRETRAIN_SEQ_LEN = 64  # the benchmark's documents are short sentences; 64 tokens hold several
+FINETUNE_SEQ_LEN = 128  # drops longer records; the benchmark's are about 60 tokens, and a batch pads to its longest only
 
 
 def run_child(argv: list[str], log: Path) -> dict:
@@ -86,42 +86,43 @@ def trainable_count(base_ckpt: Path, flags: list[str]) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def pretrain_base(lab: Path, seed: int, steps: int, batch_size: int) -> Path:
-    """Make the lab of this seed in LAB/lab and pretrain its base; returns the base checkpoint."""
-    make_lab(lab / "lab", seed=seed)
-    base = lab / "base"
-    run_child([*BASE_MODEL, "--data", str(lab / "lab" / "pretrain"), "--tokenizer", str(lab / "lab" / "tokenizer.model"),
-               "--cache_dir", str(lab / "cache"), "--seq_len", str(PRETRAIN_SEQ_LEN), "--batch_size", str(batch_size),
+def pretrain_base(seed_dir: Path, seed: int, steps: int, batch_size: int) -> Path:
+    """Make the benchmark of this seed in SEED_DIR/benchmark and pretrain its base; returns the base checkpoint."""
+    data, base = seed_dir / "benchmark", seed_dir / "base"
+    make_benchmark(data, seed=seed)
+    run_child([*BASE_MODEL, "--data", str(data / "pretrain"), "--tokenizer", str(data / "tokenizer.model"),
+               "--cache_dir", str(seed_dir / "cache"), "--seq_len", str(PRETRAIN_SEQ_LEN), "--batch_size", str(batch_size),
                "--lr", "3e-3", "--warmup_steps", "50", "--max_steps", str(steps),
                "--eval_every", str(steps), "--log_every", "100", "--sample_tokens", "0",
                "--seed", str(seed), "--out_dir", str(base), "--overwrite"], base / "train.log")
     return base / "ckpt"
 
 
-def finetune(lab: Path, run_dir: Path, flags: list[str], steps: int, batch_size: int, seed: int) -> dict:
-    """Fine-tune LAB's base on its instruction records with train.py's ``flags`` (method, lr, options)
+def finetune(seed_dir: Path, run_dir: Path, flags: list[str], steps: int, batch_size: int, seed: int) -> dict:
+    """Fine-tune SEED_DIR's base on its instruction records with train.py's ``flags`` (method, lr, options)
     into run_dir; the child's wall time and peak memory. A run is redone only when its flags changed, and
     run_dir is this experiment's own, so --overwrite replaces the stale run there."""
-    return run_child(["--init_from", str(lab / "base" / "ckpt"),
-                      "--data", str(lab / "lab" / "instructions" / "train.jsonl"), "--seq_len", str(FINETUNE_SEQ_LEN),
+    return run_child(["--init_from", str(seed_dir / "base" / "ckpt"),
+                      "--data", str(seed_dir / "benchmark" / "instructions" / "train.jsonl"),
+                      "--seq_len", str(FINETUNE_SEQ_LEN),
                       "--batch_size", str(batch_size), "--warmup_steps", "10", "--max_steps", str(steps),
                       "--eval_every", str(steps), "--log_every", "25", "--sample_tokens", "0", "--seed", str(seed),
                       "--out_dir", str(run_dir), "--overwrite", *flags], run_dir / "train.log")
 
 
 def run_seed(out: Path, seed: int, args) -> dict:
-    lab = out / f"seed{seed}"
-    base = pretrain_base(lab, seed, args.pretrain_steps, args.batch_size)
-    eval_records = read_records(lab / "lab" / "instructions" / "eval.jsonl")
+    seed_dir = out / f"seed{seed}"
+    base = pretrain_base(seed_dir, seed, args.pretrain_steps, args.batch_size)
+    eval_records = read_records(seed_dir / "benchmark" / "instructions" / "eval.jsonl")
     tokenizer = load_tokenizer(tokenizer_file(base))
     before = exact_match(load_checkpoint(base), tokenizer, eval_records)["accuracy"]
     print(f"seed {seed}: base exact match {before:.3f}", flush=True)
     results = {}
     for method in args.methods:
-        run_dir = lab / method
+        run_dir = seed_dir / method
         lr = args.full_lr if method == "full" else args.peft_lr
         flags = ["--method", method, "--lr", str(lr)]
-        cost = finetune(lab, run_dir, flags, args.finetune_steps, args.batch_size, seed)
+        cost = finetune(seed_dir, run_dir, flags, args.finetune_steps, args.batch_size, seed)
         after = exact_match(load_run(base, run_dir), tokenizer, eval_records)["accuracy"]
         trainable = trainable_count(base, flags)
         results[method] = {"trainable": trainable, "before": before, "after": after, "lr": lr, **cost}
@@ -145,18 +146,18 @@ def table(per_seed: dict[int, dict], baseline_mb: float) -> str:
     return "\n".join(lines)
 
 
-def add_lab_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags every lab report shares: where it works, which seeds, and the training budget."""
+def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags every benchmark report shares: where it works, which seeds, and the training budget."""
     parser.add_argument("--out", required=True, help="working directory (one subdirectory per seed)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="lab, training (and perturbation) seeds")
-    parser.add_argument("--pretrain_steps", type=int, default=800, help="optimiser steps of the lab base")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="benchmark, training (and perturbation) seeds")
+    parser.add_argument("--pretrain_steps", type=int, default=800, help="optimiser steps of the benchmark base")
     parser.add_argument("--finetune_steps", type=int, default=150, help="optimiser steps of every fine-tuning")
     parser.add_argument("--batch_size", type=int, default=16, help="sequences per step, pretraining and fine-tuning")
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_lab_arguments(parser)
+    add_benchmark_arguments(parser)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods to compare")
     parser.add_argument("--full_lr", type=float, default=1e-3, help="peak learning rate of full fine-tuning")
     parser.add_argument("--peft_lr", type=float, default=1e-2, help="peak learning rate of the PEFT methods")

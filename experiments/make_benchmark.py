@@ -1,6 +1,6 @@
-"""Write the lab to disk: the pretraining mix, the instruction records and a tokenizer for both.
+"""Write the benchmark to disk: the pretraining mix, the instruction records and a tokenizer for both.
 
-    python -m experiments.make_lab --out runs/lab [--words 240 --heldout 60 --seed 0]
+    python -m experiments.make_benchmark --out runs/benchmark [--words 240 --heldout 60 --seed 0]
 
     OUT/pretrain/train.jsonl        every fact of every word as sentences, grouped into shuffled documents
     OUT/pretrain/val.jsonl          the same facts regrouped: pretraining memorises facts, so its
@@ -8,7 +8,7 @@
     OUT/instructions/train.jsonl    Alpaca records of the fine-tuning words (one per word and task)
     OUT/instructions/eval.jsonl     Alpaca records of the held-out words, for exact-match evaluation
     OUT/tokenizer.model             sentencepiece, trained on the sentences and the rendered prompts
-    OUT/lab.json                    the settings and the word lists
+    OUT/benchmark.json                    the settings and the word lists
 
 The tokenizer sees the Alpaca prompts too, so a whole prompt (236 characters) is about 57 tokens; the
 words themselves stay close to one token per letter, which the spelling tasks need.
@@ -40,9 +40,9 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
 
-def make_lab(out: str | Path, n_words: int = 240, n_heldout: int = 60, seed: int = 0,
+def make_benchmark(out: str | Path, n_words: int = 240, n_heldout: int = 60, seed: int = 0,
              tasks: list[str] | None = None, per_doc: int = 8, vocab_size: int = 512) -> dict:
-    """Write the lab into OUT (replaced atomically) and return its description (lab.json)."""
+    """Write the benchmark into OUT (replaced atomically) and return its description (benchmark.json)."""
     tasks = list(tasks or TASKS)
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
@@ -56,7 +56,7 @@ def make_lab(out: str | Path, n_words: int = 240, n_heldout: int = 60, seed: int
     description = {"seed": seed, "tasks": tasks, "n_words": n_words, "n_heldout": n_heldout,
                    "per_doc": per_doc, "vocab_size": vocab_size,
                    "tune_words": tune_words, "heldout_words": heldout_words}
-    with replace_directory(out, ours=frozenset({"pretrain", "instructions", "tokenizer.model", "lab.json"})) as tmp:
+    with replace_directory(out, ours=frozenset({"pretrain", "instructions", "tokenizer.model", "benchmark.json"})) as tmp:
         write_jsonl(tmp / "pretrain" / "train.jsonl", [{"text": d} for d in train_docs])
         write_jsonl(tmp / "pretrain" / "val.jsonl", [{"text": d} for d in val_docs])
         for name, rows in (("train", tune), ("eval", heldout)):
@@ -69,7 +69,7 @@ def make_lab(out: str | Path, n_words: int = 240, n_heldout: int = 60, seed: int
         # seed 0 full fine-tuning 0.258 exact match instead of 0.353 and LoRA 0.078 instead of 0.292.
         Tokenizer.train([corpus], tmp / "tokenizer.model", vocab_size=vocab_size, by_line=True)
         corpus.unlink()
-        (tmp / "lab.json").write_text(json.dumps(description, indent=2) + "\n")
+        (tmp / "benchmark.json").write_text(json.dumps(description, indent=2) + "\n")
     return description
 
 
@@ -80,9 +80,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heldout", type=int, default=60, help="words held out of fine-tuning, for evaluation")
     parser.add_argument("--seed", type=int, default=0, help="seed of the words and the document order")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS), help="tasks to include")
-    parser.add_argument("--vocab_size", type=int, default=512, help="pieces of the lab tokenizer")
+    parser.add_argument("--vocab_size", type=int, default=512, help="pieces of the benchmark tokenizer")
     args = parser.parse_args(argv)
-    d = make_lab(args.out, args.words, args.heldout, args.seed, args.tasks, vocab_size=args.vocab_size)
+    d = make_benchmark(args.out, args.words, args.heldout, args.seed, args.tasks, vocab_size=args.vocab_size)
     print(f"wrote {args.out}: {len(d['tune_words'])} fine-tuning words, {len(d['heldout_words'])} held-out words, "
           f"tasks {', '.join(d['tasks'])}")
 

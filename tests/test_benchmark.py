@@ -10,7 +10,7 @@ import torch
 
 from experiments.evaluate import exact_match
 from llama_min.finetune.exact_match import answers
-from experiments.make_lab import make_lab
+from experiments.make_benchmark import make_benchmark
 from experiments.tasks import TASKS, make_words, records, sentences, split_words
 from llama_min import Tokenizer
 from llama_min.finetune.instructions import InstructionRecord, read_records
@@ -49,21 +49,21 @@ def test_sentences_and_records_state_the_same_facts():
     assert len(heldout) == 5 and not set(tune) & set(heldout)
 
 
-def test_make_lab_files(tmp_path):
-    d = make_lab(tmp_path / "lab", n_words=40, n_heldout=10, seed=2, vocab_size=400)
-    again = make_lab(tmp_path / "lab2", n_words=40, n_heldout=10, seed=2, vocab_size=400)
+def test_make_benchmark_files(tmp_path):
+    d = make_benchmark(tmp_path / "benchmark", n_words=40, n_heldout=10, seed=2, vocab_size=400)
+    again = make_benchmark(tmp_path / "lab2", n_words=40, n_heldout=10, seed=2, vocab_size=400)
     for rel in ("pretrain/train.jsonl", "pretrain/val.jsonl", "instructions/train.jsonl", "instructions/eval.jsonl"):
-        assert (tmp_path / "lab" / rel).read_bytes() == (tmp_path / "lab2" / rel).read_bytes(), f"{rel} is not deterministic"
+        assert (tmp_path / "benchmark" / rel).read_bytes() == (tmp_path / "lab2" / rel).read_bytes(), f"{rel} is not deterministic"
     assert d == again
-    tune = read_records(tmp_path / "lab" / "instructions" / "train.jsonl")
-    heldout = read_records(tmp_path / "lab" / "instructions" / "eval.jsonl")
+    tune = read_records(tmp_path / "benchmark" / "instructions" / "train.jsonl")
+    heldout = read_records(tmp_path / "benchmark" / "instructions" / "eval.jsonl")
     assert len(tune) == 30 * len(TASKS) and len(heldout) == 10 * len(TASKS)
     assert not {r.input for r in tune} & {r.input for r in heldout}, "a held-out word is in the fine-tuning records"
-    pretrain = (tmp_path / "lab" / "pretrain" / "train.jsonl").read_text()
+    pretrain = (tmp_path / "benchmark" / "pretrain" / "train.jsonl").read_text()
     for task, r in records(d["heldout_words"], list(TASKS)):  # the base must see every held-out fact
         assert r in heldout and json.dumps(TASKS[task].sentence.format(word=r.input, answer=r.output))[1:-1] in pretrain
-    assert json.loads((tmp_path / "lab" / "lab.json").read_text())["heldout_words"] == d["heldout_words"]
-    tok = Tokenizer(tmp_path / "lab" / "tokenizer.model")
+    assert json.loads((tmp_path / "benchmark" / "benchmark.json").read_text())["heldout_words"] == d["heldout_words"]
+    tok = Tokenizer(tmp_path / "benchmark" / "tokenizer.model")
     assert tok.decode(tok.encode(tune[0].prompt())) == tune[0].prompt()
 
 
