@@ -2,9 +2,10 @@
 
 For each record the Alpaca prompt is encoded (with BOS), the model generates greedily until it emits
 EOS (or max_new_tokens), and the decoded answer must equal the record's output exactly, surrounding
-whitespace aside (the answer's first token carries sentencepiece's word-start marker). Prompts are
-batched with left padding through ``generation.generate``, whose greedy output does not depend on
-the batch. Used by train.py's dev-set early stopping and by the word-task benchmark (experiments/evaluate.py).
+whitespace aside (a tokenizer with a dummy prefix, as LLaMA's, decodes the answer's first token with a
+leading space). Prompts are batched with left padding through ``generation.generate``, whose greedy
+output does not depend on the batch. Used by train.py's dev-set early stopping and by the word-task
+benchmark (experiments/evaluate.py).
 """
 
 from __future__ import annotations
