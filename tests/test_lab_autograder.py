@@ -248,10 +248,11 @@ def test_an_endless_loop_and_a_deleting_body_score_zero_and_delete_nothing(autog
                 "return self.w2(torch.nn.functional.silu(self.w1(x)) * self.w3(x))")
     files = {"llama_min/rmsnorm.py": with_body("llama_min/rmsnorm.py", "RMSNorm.forward", "while True:\n    pass"),
              "llama_min/feedforward.py": with_body("llama_min/feedforward.py", "FeedForward.forward", deleting)}
-    results, root, run = grade(autograder, files, tmp_path, time_limit=30)
+    # 15 s: the endless loop costs that twice (public and hidden tests run in their own children)
+    results, root, run = grade(autograder, files, tmp_path, time_limit=15)
     tests = by_name(results)
     assert results["score"] == 0, [(t["name"], t["score"]) for t in results["tests"] if t["score"]]
-    assert "time limit (30 s)" in tests["Lab 1: test_float32"]["output"]
+    assert "time limit (15 s)" in tests["Lab 1: test_float32"]["output"]
     assert len(tests) == pinned_tests(autograder), "every test, hidden ones included, has its result"
     forward = tests["Lab 2: test_forward"]["output"]
     if "unprivileged user labstudent" in run.stdout or "unprivileged user nobody" in run.stdout:
