@@ -5,6 +5,9 @@
     python -m lab.plots.peft --metrics out/lora/metrics.jsonl --out lora_norms.png  # labs 7, 8: PEFT runs
     python -m lab.plots.word_tasks --checkpoint out/lab06/ckpt --peft out/lab07/peft --out word_tasks.png  # 7, 8
     python -m lab.plots.multimodal score --base B --world W --runs R1 R2 --out bars.png  # lab 13
+    python -m lab.plots.bpe_compare --out handin/09/compare.png                # lab 9: your BPE against ours
+    python -m lab.plots.scratch_loop --out handin/11/loss.png                  # lab 11: your loop against train.py
+    python -m lab.plots.curves --runs out/exp/lr1e-3 out/exp/lr3e-3 --out lr_sweep.png   # the experiments page
 
 They run your own code (RotaryEmbedding and apply_rotary, your model's attention), so they show what your
 implementation does.
