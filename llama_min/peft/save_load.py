@@ -119,22 +119,25 @@ def load_peft(model: Llama, directory: str | Path, check_base: bool = True) -> L
         remove_peft(model)
     apply_peft(model, config)
     with torch.no_grad():
-        model.load_state_dict(read_peft_weights(model, directory, check_base=False), strict=False)
+        model.load_state_dict(_read_weights(model, directory, config), strict=False)
     return model
 
 
-def read_peft_weights(model: Llama, directory: str | Path, check_base: bool = True) -> dict[str, torch.Tensor]:
+def read_peft_weights(model: Llama, directory: str | Path) -> dict[str, torch.Tensor]:
     """DIR/peft.safetensors, checked against the adapter ``model`` already carries: the same method and
-    config, trained on this base (its config, and with ``check_base`` its fingerprint), every tensor
-    present in its shape. train.py --resume copies them into its rebuilt adapter."""
+    config, trained on this base (its config and its fingerprint), every tensor present in its shape. train.py --resume copies them into its rebuilt adapter."""
     directory = Path(directory)
     meta = read_peft_meta(directory)
     config = _config(meta, directory)
     if config != model.peft_config:
         raise ValueError(f"{directory} holds {config}, but the model carries {model.peft_config}")
     _check_base(model.config, meta, directory)
-    if check_base:
-        _check_fingerprint(model, meta, directory)
+    _check_fingerprint(model, meta, directory)
+    return _read_weights(model, directory, config)
+
+
+def _read_weights(model: Llama, directory: Path, config: PeftConfig) -> dict[str, torch.Tensor]:
+    """DIR/peft.safetensors, every tensor of the adapter ``model`` carries present in its shape."""
     path = directory / PEFT_WEIGHTS
     try:
         state = load_file(path)
