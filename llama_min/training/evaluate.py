@@ -32,7 +32,6 @@ def evaluate(model: Llama, data: Data, cfg: TrainConfig, rt: Runtime) -> tuple[f
         return bits_per_byte(model, data.val, data.byte_lengths, cfg.seq_len, cfg.batch_size, cfg.eval_tokens, rt)
 
 
-@torch.no_grad()
 def bits_per_byte(model: Llama, tokens: np.ndarray, byte_lengths: np.ndarray, seq_len: int, batch_size: int,
                   max_tokens: int, rt: Runtime) -> tuple[float, float]:
     """Mean loss per token (nats) and bits per byte over consecutive windows of a token stream.
@@ -45,46 +44,45 @@ def bits_per_byte(model: Llama, tokens: np.ndarray, byte_lengths: np.ndarray, se
     if n_windows == 0:
         raise DataError(f"the held-out split has {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}; "
                         "give more held-out text or a smaller --seq_len")
-    was_training = model.training
-    model.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=rt.device)  # nats, tokens, bytes
     mine = np.arange(rt.rank, n_windows, rt.world_size) * seq_len
+    batches = []
     for i in range(0, len(mine), batch_size):
         x, y = windows(tokens, mine[i:i + batch_size], seq_len)
-        totals[2] += int(byte_lengths[y].sum())
-        x, y = torch.from_numpy(x).to(rt.device), torch.from_numpy(y).to(rt.device)
-        with rt.autocast():
-            logits, _ = model(x)
-        totals[0] += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").double()
-        totals[1] += y.numel()
-    if rt.world_size > 1:
-        dist.all_reduce(totals)
-    model.train(was_training)
-    nats, n_tokens, n_bytes = totals.tolist()
+        batches.append((torch.from_numpy(x), torch.from_numpy(y), None, int(byte_lengths[y].sum())))
+    nats, n_tokens, n_bytes = summed_loss(model, batches, rt)
     return nats / n_tokens, nats / math.log(2) / n_bytes
 
 
-@torch.no_grad()
 def answer_loss(model: Llama, examples: Sequence[tuple[list[int], list[int]]], pad_id: int, batch_size: int,
                 rt: Runtime | None = None, image_features: dict[str, torch.Tensor] | None = None) -> float:
     """Mean cross-entropy per answer token (EOS included) of encoded instruction examples given their
     prompts (and images: image_features by the id each example carries third): the loss fine-tuning
     minimises, measured on held-out records."""
     rt = rt or Runtime(model.tok_embeddings.weight.device)
+    mine = np.arange(rt.rank, len(examples), rt.world_size)
+    picks = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+    batches = [(*instruction_batch(examples, p, pad_id), batch_images(image_features, examples, p), 0) for p in picks]
+    nats, n_answer, _ = summed_loss(model, batches, rt)
+    return nats / n_answer
+
+
+@torch.no_grad()
+def summed_loss(model: Llama, batches: list[tuple], rt: Runtime) -> list[float]:
+    """The loss (nats), the target tokens and the bytes of text, each summed over this process's
+    ``batches`` of (inputs, targets, images or None, bytes of the targets' text) and over every process,
+    in evaluation mode (no dropout or noise)."""
     was_training = model.training
     model.eval()
-    totals = torch.zeros(2, dtype=torch.float64, device=rt.device)  # nats, answer tokens
-    mine = np.arange(rt.rank, len(examples), rt.world_size)
-    for i in range(0, len(mine), batch_size):
-        x, y = instruction_batch(examples, mine[i:i + batch_size], pad_id)
+    totals = torch.zeros(3, dtype=torch.float64, device=rt.device)
+    for x, y, images, n_bytes in batches:
         x, y = x.to(rt.device), y.to(rt.device)
-        images = batch_images(image_features, examples, mine[i:i + batch_size])
         with rt.autocast():
             logits, _ = model(x, images=None if images is None else images.to(rt.device))
         totals[0] += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE_INDEX,
                                      reduction="sum").double()
         totals[1] += (y != IGNORE_INDEX).sum()
+        totals[2] += n_bytes
     if rt.world_size > 1:
         dist.all_reduce(totals)
     model.train(was_training)
-    return (totals[0] / totals[1]).item()
+    return totals.tolist()

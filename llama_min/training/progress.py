@@ -12,10 +12,11 @@ import math
 import statistics
 import time
 from collections import deque
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import torch
+import torch.utils.benchmark as benchmark
 
 from ..cli import UsageError
 from .config import TrainConfig
@@ -52,18 +53,11 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     return total + model.output.weight.numel() * (2 + 2 * head_backward + 2 * model.output.weight.requires_grad)
 
 
-# Dense (no sparsity) tensor-core peaks from NVIDIA's datasheets, FLOP/s, in the dtype each GPU trains
-# in with --dtype auto: bfloat16, or float16 on V100 and T4, which compute bfloat16 only by emulation.
-# Matched by the longest name the device's name contains, so "L40S" is not taken for "L40" nor "L40"
-# for "L4", and "H100 PCIe" not for the SXM part. Sources: the H100, H200, GH200, H800, B200, A100, A10,
-# L4, L40, L40S, V100 and T4 datasheets and the Ada (RTX 4090) and Ampere (RTX 3090) GeForce
-# architecture whitepapers (FP16/BF16 tensor FLOPS with FP32 accumulation).
-GPU_PEAK = {
-    "B200": 2250e12, "H200 NVL": 835e12, "H200": 989e12, "GH200": 989e12,
-    "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H800 PCIe": 756e12, "H800": 989e12,
-    "A100": 312e12, "A10": 125e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12,
-    "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12,
-}
+# Dense tensor-core peaks from NVIDIA's datasheets, FLOP/s, in the dtype each GPU trains in with --dtype
+# auto (bfloat16; float16 on V100 and T4). The longest name in the device's name wins, so an L40S is not
+# taken for an L4; any other GPU: --peak_flops, or the timed product below.
+GPU_PEAK = {"B200": 2250e12, "H200": 989e12, "H100": 989e12, "H100 PCIe": 756e12, "A100": 312e12,
+            "A10": 125e12, "L40S": 362e12, "L4": 121e12, "V100": 125e12, "T4": 65e12}
 
 
 def datasheet_peak(device_name: str) -> float | None:
@@ -74,29 +68,16 @@ def datasheet_peak(device_name: str) -> float | None:
 
 def peak_flops(cfg: TrainConfig, rt: Runtime) -> float:
     """The FLOP/s MFU is measured against: --peak_flops, else the GPU's datasheet peak, else (the CPU or
-    an unknown GPU) the best of a few large matrix products in the training dtype, timed now after a
-    warm-up. A busy machine can make that measurement low; Progress then raises it (and says so)."""
-    if cfg.peak_flops > 0:
-        return cfg.peak_flops
-    if rt.device.type == "cuda":
-        known = datasheet_peak(torch.cuda.get_device_name(rt.device))
-        if known:
-            return known
+    an unknown GPU) the fastest of a few large matrix products in the training dtype, timed now. A busy
+    machine can time it low; Progress then raises it (and says so)."""
+    known = datasheet_peak(torch.cuda.get_device_name(rt.device)) if rt.device.type == "cuda" else None
+    if cfg.peak_flops > 0 or known:
+        return cfg.peak_flops or known
     n = 4096 if rt.device.type == "cuda" else 1024  # large enough that the GPU is busy, not waiting on launches
-    dtype = rt.autocast_dtype or torch.float32
     g = torch.Generator(rt.device).manual_seed(0)  # its own: a resumed run's restored RNG must stay untouched
-    a, b = (torch.randn(n, n, device=rt.device, dtype=dtype, generator=g) for _ in range(2))
-    best = float("inf")
-    for i in range(12):  # the best of several: other work on the machine only ever slows a run down
-        if rt.device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        a @ b
-        if rt.device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= 2:  # the first products warm up caches and kernels
-            best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
+    a = torch.randn(n, n, device=rt.device, dtype=rt.autocast_dtype or torch.float32, generator=g)
+    timer = benchmark.Timer("a @ a", globals={"a": a}, num_threads=torch.get_num_threads())  # (it syncs the GPU)
+    return 2 * n**3 / min(timer.blocked_autorange(min_run_time=0.5).times)  # other work only ever slows it
 
 
 class Progress:
@@ -109,25 +90,21 @@ class Progress:
     """
 
     def __init__(self, cfg: TrainConfig, rt: Runtime, model: torch.nn.Module):
-        self.cfg, self.rt = cfg, rt
-        self.out_dir = Path(cfg.out_dir)
+        self.cfg, self.rt, self.out_dir = cfg, rt, Path(cfg.out_dir)
         self.flops_per_token = flops_per_token(model, cfg.seq_len)
         self.peak = peak_flops(cfg, rt) * rt.world_size
         self.t_start = time.time()
         self.step_times = deque(maxlen=21)  # seconds per training step of recent log intervals, for the ETA
-        self.periodic: dict[str, list[float]] = {}  # kind -> [total seconds, count]
-        if rt.master:
-            try:
-                self.out_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise UsageError(f"--out_dir {self.out_dir}: cannot write there ({e.strerror or e}); choose a "
-                                 "writable directory") from None
+        self.periodic: dict[str, tuple[int, list[float]]] = {}  # kind -> (every N steps, seconds each time)
         self.restart_clock()
 
     def forget_after(self, step: int) -> None:
         """Drop the records logged after ``step`` (a resumed run logs those steps again)."""
-        if self.rt.master:
-            forget_metrics_after(self.out_dir, step)
+        path = self.out_dir / "metrics.jsonl"
+        if self.rt.master and path.exists():
+            tmp = path.with_name("metrics.tmp.jsonl")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in read_metrics(path) if r.get("step", 0) <= step))
+            tmp.replace(path)
 
     def elapsed(self) -> float:
         """Seconds since the run started."""
@@ -143,18 +120,16 @@ class Progress:
         throughput interval starts afresh."""
         t = time.time()
         yield
-        total = self.periodic.setdefault(kind, [0.0, 0, every])
-        total[0] += time.time() - t
-        total[1] += 1
+        self.periodic.setdefault(kind, (every, []))[1].append(time.time() - t)
         self.restart_clock()
 
     def eta(self, step: int) -> float:
         """Seconds to the end: the remaining steps, and the remaining periodic work of each kind (logged
         before it, so the work due at ``step`` itself is still to come)."""
-        remaining = (self.cfg.max_steps - step) * (statistics.median(self.step_times) if self.step_times else 0.0)
-        for seconds, count, every in self.periodic.values():
-            left = self.cfg.max_steps // every - (step - 1) // every + (self.cfg.max_steps % every != 0)
-            remaining += left * seconds / count
+        last = self.cfg.max_steps
+        remaining = (last - step) * (statistics.median(self.step_times) if self.step_times else 0.0)
+        for every, seconds in self.periodic.values():  # due at every multiple of `every`, and at the last step
+            remaining += (last // every - (step - 1) // every + (last % every != 0)) * statistics.mean(seconds)
         return remaining
 
     def step(self, step: int, loss: float, lr: float, tokens: int, stats=None) -> None:
@@ -179,12 +154,10 @@ class Progress:
         self.restart_clock()
 
     def record(self, **metrics) -> None:
-        """Append one record to metrics.jsonl (rank 0); NaN and infinities are written as null (JSON has
-        no such numbers)."""
+        """Append one record to metrics.jsonl (rank 0): every METRICS key, in that order, then any other."""
         if not self.rt.master:
             return
-        record = {**metrics, "elapsed_s": self.elapsed()}
-        record = {k: record.get(k) for k in METRICS} | {k: v for k, v in record.items() if k not in METRICS}
+        record = dict.fromkeys(METRICS) | metrics | {"elapsed_s": self.elapsed()}
         try:
             with open(self.out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(finite_or_none(record), allow_nan=False) + "\n")
@@ -198,14 +171,13 @@ class Progress:
 
 
 def finite_or_none(value):
-    """``value`` with every NaN or infinite float (in dicts and lists too) replaced by None."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
+    """``value`` with every NaN or infinite float (in dicts and lists too) replaced by None: JSON has no
+    such numbers."""
     if isinstance(value, dict):
         return {k: finite_or_none(v) for k, v in value.items()}
     if isinstance(value, list):
         return [finite_or_none(v) for v in value]
-    return value
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -213,47 +185,30 @@ def read_metrics(path: Path) -> list[dict]:
     was killed mid-write) is skipped."""
     records = []
     for line in path.read_text().splitlines():
-        try:
+        with suppress(json.JSONDecodeError):
             records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
     return records
-
-
-def forget_metrics_after(out_dir: Path, step: int) -> None:
-    """Keep the records up to ``step`` (a resumed run logs the later steps again)."""
-    path = out_dir / "metrics.jsonl"
-    if path.exists():
-        kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
-        tmp = path.with_name("metrics.tmp.jsonl")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        tmp.replace(path)
 
 
 def plot_losses(out_dir: Path) -> str | None:
     """Draw loss.png from metrics.jsonl; returns a note when matplotlib is missing."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # (no pyplot: no GUI backend, no global figure to close)
     except ImportError:
         return "no loss.png: matplotlib is not installed (pip install matplotlib)"
     path = out_dir / "metrics.jsonl"
     if not path.exists():  # stopped before the first log step: nothing to draw
         return None
     records = read_metrics(path)
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4), layout="tight")
+    ax = fig.subplots()
     for key, label in (("train_loss", "train"), ("val_loss", "held-out")):
         points = [(r["step"], r[key]) for r in records if r[key] is not None]
         if points:
             ax.plot(*zip(*points), label=label, marker="o" if key == "val_loss" else None)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats per token)")
+    ax.set(xlabel="step", ylabel="loss (nats per token)")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = out_dir / "loss.tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(out_dir / "loss.png")
+    fig.savefig(out_dir / "loss.tmp.png")
+    (out_dir / "loss.tmp.png").replace(out_dir / "loss.png")
     return None

@@ -13,12 +13,9 @@ the data files (size and sha256: a resumed run says when they changed, and conti
 
 from __future__ import annotations
 
-import io
-import random
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors import SafetensorError
@@ -46,54 +43,39 @@ def checkpoint_dir(cfg: TrainConfig) -> Path:
 
 
 def rng_states(device: torch.device) -> dict:
-    """Every random generator the loop touches on this process, in types torch.load(weights_only=True)
-    accepts: torch's CPU generator, this process's GPU's (not every GPU's), numpy's and Python's."""
-    np_state = np.random.get_state(legacy=False)
-    np_state["state"]["key"] = np_state["state"]["key"].tolist()
-    states = {"torch": torch.get_rng_state(), "numpy": np_state, "python": random.getstate()}
+    """The generators the loop draws from on this process (dropout, NEFTune's noise): torch's CPU
+    generator and this process's GPU's, not every GPU's. The data order has its own (WindowSampler)."""
+    states = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
         states["cuda"] = torch.cuda.get_rng_state(device)
     return states
 
 
 def all_rng_states(rt: Runtime) -> list[dict]:
-    """Each process's rng_states, in rank order (a collective under torchrun: every rank calls it). They
-    travel as the bytes of torch.save in plain uint8 tensors (on the GPU under NCCL, which moves nothing
-    else), each process's padded to the longest."""
+    """Each process's rng_states, in rank order (a collective under torchrun: every rank calls it). Each
+    state is a uint8 tensor of the same size on every process, gathered as it is."""
     mine = rng_states(rt.device)
     if rt.world_size == 1:
         return [mine]
-    buffer = io.BytesIO()
-    torch.save(mine, buffer)
-    data = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
     device = rt.device if rt.device.type == "cuda" else torch.device("cpu")  # NCCL moves GPU tensors only
-    sizes = [torch.zeros((), dtype=torch.int64, device=device) for _ in range(rt.world_size)]
-    dist.all_gather(sizes, torch.tensor(len(data), device=device))
-    longest = max(int(s) for s in sizes)
-    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
-    padded[:len(data)] = data.to(device)
-    gathered = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in range(rt.world_size)]
-    dist.all_gather(gathered, padded)
-    return [torch.load(io.BytesIO(g[:int(n)].cpu().numpy().tobytes()), weights_only=True)
-            for g, n in zip(gathered, sizes)]
+    gathered = {}
+    for name, state in mine.items():
+        gathered[name] = [torch.empty_like(state, device=device) for _ in range(rt.world_size)]
+        dist.all_gather(gathered[name], state.to(device))
+    return [{name: states[rank].cpu() for name, states in gathered.items()} for rank in range(rt.world_size)]
 
 
 def set_rng_states(saved: list[dict] | dict, rt: Runtime) -> str | None:
     """Restore this process's generators from what all_rng_states saved; a note when that is not
-    possible (a run resumed with another number of processes draws afresh, each from its own seed)."""
+    possible (a run resumed with another number of processes draws afresh, each from its own seed).
+    (Older checkpoints also hold numpy's and Python's generators, which the loop never draws from.)"""
     saved = [saved] if isinstance(saved, dict) else saved  # train_state.pt of one process
     if len(saved) != rt.world_size:
         return (f"the random generators of {len(saved)} process(es) cannot continue in {rt.world_size}: dropout, "
                 "noise and sampling draw afresh from --seed")
-    states = saved[rt.rank]
-    torch.set_rng_state(states["torch"])
-    np_state = dict(states["numpy"])
-    np_state["state"] = {**np_state["state"], "key": np.array(np_state["state"]["key"], dtype=np.uint32)}
-    np.random.set_state(np_state)
-    version, internal, gauss = states["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in states and rt.device.type == "cuda":
-        torch.cuda.set_rng_state(states["cuda"], rt.device)
+    torch.set_rng_state(saved[rt.rank]["torch"])
+    if "cuda" in saved[rt.rank] and rt.device.type == "cuda":
+        torch.cuda.set_rng_state(saved[rt.rank]["cuda"], rt.device)
     return None
 
 
@@ -192,7 +174,6 @@ def restore_optimizer(model: Llama, optimizer: torch.optim.Optimizer, state: dic
     """Load the optimiser state after checking that it belongs to these parameters (its moments have
     their shapes), so that a mismatch is named here, not at the first step. A run sharded with --fsdp
     saved it keyed by parameter name, whole: it loads into any number of processes."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
     saved = state["optimizer"]
     by_name = all(isinstance(k, str) for k in saved["state"])
     if isinstance(model, FSDPModule) and not by_name:
@@ -203,14 +184,12 @@ def restore_optimizer(model: Llama, optimizer: torch.optim.Optimizer, state: dic
             load_optimizer(model, optimizer, saved)
         else:
             optimizer.load_state_dict(saved)
+        for p, moments in optimizer.state.items():
+            if moments["exp_avg"].shape != p.shape:
+                raise ValueError(f"{tuple(moments['exp_avg'].shape)} for a {tuple(p.shape)} parameter")
     except ValueError as e:
         raise UsageError(f"--resume: the optimiser state in {path} does not fit this model ({e}); was it written "
                          "by another run?") from None
-    wrong = [f"{tuple(optimizer.state[p]['exp_avg'].shape)} for a {tuple(p.shape)} parameter"
-             for p in params if p in optimizer.state and optimizer.state[p]["exp_avg"].shape != p.shape]
-    if wrong:
-        raise UsageError(f"--resume: the optimiser state in {path} does not fit this model ({wrong[0]}); was it "
-                         "written by another run?")
 
 
 def resume_dir(cfg: TrainConfig, given: set[str]) -> Path:
