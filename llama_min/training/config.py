@@ -128,69 +128,59 @@ class TrainConfig:
 
 def check_config(cfg: TrainConfig) -> None:
     """Refuse flags that are out of range or do not go together, naming them and the fix."""
-    positive = ("max_steps", "batch_size", "grad_accum", "seq_len", "eval_every", "eval_tokens", "log_every")
-    bad = [f"--{k} {getattr(cfg, k)}" for k in positive if getattr(cfg, k) < 1]
-    bad += [f"--{k} {getattr(cfg, k)}" for k in ("lr", "weight_decay", "grad_clip", "warmup_steps", "decay_steps",
-                                                 "sample_tokens", "peak_flops", "l2sp", "embed_noise", "dev_every", "threads",
-                                                 "dev_records", "patience", "min_delta", "train_layers")
-            if not getattr(cfg, k) >= 0]
-    if not 0 < cfg.val_fraction < 1 or not 0 <= cfg.min_lr_ratio <= 1 or not 0 <= cfg.perturb <= 1:
-        bad.append(f"--val_fraction {cfg.val_fraction} / --min_lr_ratio {cfg.min_lr_ratio} / --perturb {cfg.perturb} "
-                   "(fractions)")
+    counts = ("max_steps", "batch_size", "grad_accum", "seq_len", "eval_every", "eval_tokens", "log_every")
+    sizes = ("lr", "weight_decay", "grad_clip", "warmup_steps", "decay_steps", "sample_tokens", "peak_flops", "l2sp",
+             "embed_noise", "dev_every", "threads", "dev_records", "patience", "min_delta", "train_layers")
+    in_range = {k: getattr(cfg, k) >= 1 for k in counts} | {k: getattr(cfg, k) >= 0 for k in sizes} | {
+        "val_fraction": 0 < cfg.val_fraction < 1, "min_lr_ratio": 0 <= cfg.min_lr_ratio <= 1,
+        "perturb": 0 <= cfg.perturb <= 1}
+    bad = [f"--{k} {getattr(cfg, k)}" for k, ok in in_range.items() if not ok]  # (NaN is never in range)
     if bad:
         raise UsageError(f"out of range: {', '.join(bad)}; counts must be at least 1, rates and sizes not negative, "
                          "--val_fraction in (0, 1), --min_lr_ratio and --perturb in [0, 1]")
-    dev_flags = [f"--{k} {getattr(cfg, k)}" for k in ("patience", "min_delta") if getattr(cfg, k)]
-    if dev_flags and not cfg.dev_every:
-        raise UsageError(f"{' '.join(dev_flags)} act on dev evaluations, which are off: add --dev_every N "
-                         "(score the held-out records every N steps)")
-    if cfg.dev_every and cfg.dev_records < 1:
-        raise UsageError("--dev_records 0 leaves nothing to score: give at least 1, or drop --dev_every")
     if cfg.method not in METHODS:
         raise UsageError(f"--method {cfg.method!r}: expected one of {', '.join(METHODS)}")
-    if cfg.trains_base and cfg.peft_overrides:
-        raise UsageError(f"{' '.join(sorted('--' + k for k in cfg.peft_overrides))} configure a PEFT method, but "
-                         f"--method is {cfg.method}; add --method {' | '.join(PEFT_METHODS)} or drop them")
+    dev_flags = " ".join(f"--{k} {getattr(cfg, k)}" for k in ("patience", "min_delta") if getattr(cfg, k))
+    peft_flags = " ".join(sorted(f"--{k}" for k in cfg.peft_overrides))
     foreign = sorted(f"--{k}" for k in cfg.peft_overrides if method_reading(k) not in (None, cfg.method))
-    if not cfg.trains_base and foreign:  # one rule for every PEFT flag: given, it must be read
-        readers = sorted({method_reading(k[2:]) for k in foreign})
-        raise UsageError(f"{', '.join(foreign)}: read only by --method {' or '.join(readers)}, not by --method "
-                         f"{cfg.method}; drop {'it' if len(foreign) == 1 else 'them'} or change --method")
     partial_flags = [f"--{k}" for k in ("train_layers", "train_norms", "train_output") if getattr(cfg, k)]
-    base_flags = [f for f in partial_flags if f != "--train_norms" or cfg.method not in PEFT_METHODS]
-    if cfg.method == "partial" and not partial_flags:
-        raise UsageError("--method partial trains only what is named: add --train_layers K, --train_norms "
-                         "and/or --train_output")
-    if cfg.method != "partial" and base_flags:  # a PEFT method may add the norms, nothing else of the base
-        raise UsageError(f"{' '.join(base_flags)} choose what --method partial trains, not --method {cfg.method}; "
-                         f"use --method partial (with a PEFT method only --train_norms combines)")
-    if cfg.method != "full" and not cfg.init_from:
-        raise UsageError(f"--method {cfg.method} adapts a trained base model: pass --init_from BASE_CHECKPOINT_DIR")
-    if cfg.l2sp and not cfg.init_from:
-        raise UsageError(f"--l2sp {cfg.l2sp} pulls toward the pretrained weights: pass --init_from BASE_CHECKPOINT_DIR")
-    if cfg.image_encoder and not cfg.image_root:
-        raise UsageError(f"--image_encoder {cfg.image_encoder} encodes the images of --image_root, which is not given; "
-                         "add --image_root DIR or drop --image_encoder")
-    if cfg.image_root and cfg.method != "adapter":
-        raise UsageError(f"--image_root trains the multimodal LLaMA-Adapter; it needs --method adapter, not {cfg.method}")
-    if cfg.merge and cfg.method != "lora":
-        raise UsageError(f"--merge folds LoRA into the weights; it needs --method lora, not {cfg.method}")
-    if cfg.fsdp:
-        check_fsdp(cfg)
-
-
-def check_fsdp(cfg: TrainConfig) -> None:
-    """--fsdp needs the processes torchrun starts, and a numeric mode and options it supports."""
-    if "RANK" not in os.environ:
-        raise UsageError("--fsdp shards the model across the processes torchrun starts: run torchrun "
-                         "--nproc_per_node=N train.py --fsdp ... (a run saved with --fsdp resumes under torchrun, "
-                         "or add --no-fsdp)")
-    if cfg.dtype == "float16":
-        raise UsageError("--fsdp trains in bfloat16 (CUDA) or float32; float16's gradient scaler does not work on "
-                         "sharded gradients: use --dtype bfloat16 or float32, or drop --fsdp")
-    if cfg.dev_every:
-        raise UsageError("--dev_every cannot be combined with --fsdp yet (scoring the dev set needs the whole model on "
-                         "one process): drop one of them")
+    base_flags = " ".join(f for f in partial_flags if f != "--train_norms" or cfg.method not in PEFT_METHODS)
+    rules = [  # (broken, what is wrong and what to do), in the order they are checked
+        (dev_flags and not cfg.dev_every, f"{dev_flags} act on dev evaluations, which are off: add --dev_every N "
+         "(score the held-out records every N steps)"),
+        (cfg.dev_every and cfg.dev_records < 1, "--dev_records 0 leaves nothing to score: give at least 1, or drop "
+         "--dev_every"),
+        (cfg.trains_base and peft_flags, f"{peft_flags} configure a PEFT method, but --method is {cfg.method}; add "
+         f"--method {' | '.join(PEFT_METHODS)} or drop them"),
+        (not cfg.trains_base and foreign, f"{', '.join(foreign)}: read only by --method "  # every PEFT flag given is read
+         f"{' or '.join(sorted({method_reading(k[2:]) for k in foreign}))}, not by --method {cfg.method}; drop "
+         f"{'it' if len(foreign) == 1 else 'them'} or change --method"),
+        (cfg.method == "partial" and not partial_flags, "--method partial trains only what is named: add "
+         "--train_layers K, --train_norms and/or --train_output"),
+        (cfg.method != "partial" and base_flags, f"{base_flags} choose what --method partial trains, not --method "
+         f"{cfg.method}; use --method partial (with a PEFT method only --train_norms combines)"),
+        (cfg.method != "full" and not cfg.init_from, f"--method {cfg.method} adapts a trained base model: pass "
+         "--init_from BASE_CHECKPOINT_DIR"),
+        (cfg.l2sp and not cfg.init_from, f"--l2sp {cfg.l2sp} pulls toward the pretrained weights: pass --init_from "
+         "BASE_CHECKPOINT_DIR"),
+        (cfg.image_encoder and not cfg.image_root, f"--image_encoder {cfg.image_encoder} encodes the images of "
+         "--image_root, which is not given; add --image_root DIR or drop --image_encoder"),
+        (cfg.image_root and cfg.method != "adapter", "--image_root trains the multimodal LLaMA-Adapter; it needs "
+         f"--method adapter, not {cfg.method}"),
+        (cfg.merge and cfg.method != "lora", f"--merge folds LoRA into the weights; it needs --method lora, not "
+         f"{cfg.method}"),
+        # --fsdp needs the processes torchrun starts, and a numeric mode and options it supports
+        (cfg.fsdp and "RANK" not in os.environ, "--fsdp shards the model across the processes torchrun starts: run "
+         "torchrun --nproc_per_node=N train.py --fsdp ... (a run saved with --fsdp resumes under torchrun, or add "
+         "--no-fsdp)"),
+        (cfg.fsdp and cfg.dtype == "float16", "--fsdp trains in bfloat16 (CUDA) or float32; float16's gradient "
+         "scaler does not work on sharded gradients: use --dtype bfloat16 or float32, or drop --fsdp"),
+        (cfg.fsdp and cfg.dev_every, "--dev_every cannot be combined with --fsdp yet (scoring the dev set needs the "
+         "whole model on one process): drop one of them"),
+    ]
+    broken = next((message for is_broken, message in rules if is_broken), None)
+    if broken:
+        raise UsageError(broken)
 
 
 def peft_config(cfg: TrainConfig, image_encoder=None) -> PeftConfig | None:

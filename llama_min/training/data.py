@@ -81,17 +81,15 @@ def prepare_instructions(cfg: TrainConfig, tokenizer_path: Path | None, say) -> 
     # --perturb: text-level augmentation of the training prompts only (perturb.py); the held-out records
     # stay clean, so the held-out loss measures the same thing with and without it.
     train_records = perturb_records(records[:cut], cfg.perturb, cfg.seed) if cfg.perturb else records[:cut]
-    if cfg.image_root:  # drop the records that do not fit first, so that the rest keep their images
-        def fits(rs: list[ImageRecord]) -> list[ImageRecord]:
-            return [r for r in rs if len(encode_record(r, tokenizer)[0]) <= cfg.seq_len]
 
-        train_fit, val_fit = fits(train_records), fits(records[cut:])
-        dropped_train, dropped_val = len(train_records) - len(train_fit), len(records) - cut - len(val_fit)
-        train_examples = [(*ex, r.image) for ex, r in zip(encode_records(train_fit, tokenizer, cfg.seq_len)[0], train_fit)]
-        val_examples = [(*ex, r.image) for ex, r in zip(encode_records(val_fit, tokenizer, cfg.seq_len)[0], val_fit)]
-    else:
-        train_examples, dropped_train = encode_records(train_records, tokenizer, cfg.seq_len)
-        val_examples, dropped_val = encode_records(records[cut:], tokenizer, cfg.seq_len)
+    def encode(records: list) -> tuple[list, int]:  # the records that fit in --seq_len, and how many did not
+        examples, dropped = encode_records(records, tokenizer, cfg.seq_len)
+        if cfg.image_root:  # each example carries its record's image id third
+            fitting = [r for r in records if len(encode_record(r, tokenizer)[0]) <= cfg.seq_len]
+            examples = [(*example, r.image) for example, r in zip(examples, fitting)]
+        return examples, dropped
+
+    (train_examples, dropped_train), (val_examples, dropped_val) = encode(train_records), encode(records[cut:])
     if dropped_train or dropped_val:
         say(f"dropped {dropped_train} training and {dropped_val} held-out records longer than --seq_len {cfg.seq_len}")
     data = Data(tokenizer, train_examples, val_examples, None, dev=records[cut:])
@@ -166,17 +164,15 @@ def get_batch(data: Data, sampler: WindowSampler, cfg: TrainConfig,
     token stream, or (batch_size, longest) instruction examples padded on the right (targets
     IGNORE_INDEX); images (batch_size, C_v) for image-instruction data, else None."""
     picks = sampler.starts(cfg.batch_size, rt.rank, rt.world_size)
-    images = None
     if data.is_instructions:
         x, y = instruction_batch(data.train, picks, data.tokenizer.eos_id)
-        images = batch_images(data.image_features, data.train, picks)
     else:
-        x, y = windows(data.train, picks, cfg.seq_len)
-        x, y = torch.from_numpy(x), torch.from_numpy(y)
-    images = None if images is None else images.to(rt.device)
+        x, y = map(torch.from_numpy, windows(data.train, picks, cfg.seq_len))
+    images = batch_images(data.image_features, data.train, picks)  # (None for text)
     if rt.device.type == "cuda":  # pinned memory lets the copy overlap with compute
-        return x.pin_memory().to(rt.device, non_blocking=True), y.pin_memory().to(rt.device, non_blocking=True), images
-    return x, y, images
+        x, y = x.pin_memory(), y.pin_memory()
+    return x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True), (
+        None if images is None else images.to(rt.device))
 
 
 def count_targets(batches: list[tuple[torch.Tensor, ...]], rt: Runtime) -> torch.Tensor:
