@@ -18,6 +18,11 @@ from ..cli import UsageError
 from .config import TrainConfig
 from .progress import read_metrics
 
+try:
+    import fcntl
+except ImportError:  # Windows: no lock
+    fcntl = None
+
 LOCK_FILE = ".train.lock"
 RUN_FILES = ("metrics.jsonl", "ckpt/train_state.pt", "peft/train_state.pt")  # what shows a run was here
 
@@ -57,11 +62,7 @@ def out_dir_lock(out_dir: str | Path, master: bool) -> Iterator[None]:
     """Hold OUT_DIR/.train.lock while the block runs (rank 0 only), or refuse naming the process that holds
     it. An flock is released by the system when its process ends, however it ends, so a lock left by a
     killed run never blocks the next one. (No lock where fcntl is missing: Windows.)"""
-    try:
-        import fcntl
-    except ImportError:
-        fcntl = None
-    if not master or fcntl is None:
+    if not master:
         yield
         return
     out = Path(out_dir)
@@ -72,16 +73,15 @@ def out_dir_lock(out_dir: str | Path, master: bool) -> Iterator[None]:
         handle = open(lock, "a+")
     except OSError as e:
         raise UsageError(f"--out_dir {out}: cannot write there ({e.strerror or e}); choose a writable directory") from None
-    with handle:
+    with handle:  # (closing it releases the flock)
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if fcntl is not None:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise UsageError(f"--out_dir {out} is in use by {holder}; wait for it to finish or choose another "
-                             "--out_dir") from None
-        handle.seek(0)
-        handle.truncate()
+            raise UsageError(f"--out_dir {out} is in use by {handle.read().strip() or 'another process'}; wait for it "
+                             "to finish or choose another --out_dir") from None
+        handle.truncate(0)  # (opened for appending: the name goes at the start of the emptied file)
         handle.write(f"train.py (pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')})")
         handle.flush()
         try:
@@ -91,4 +91,3 @@ def out_dir_lock(out_dir: str | Path, master: bool) -> Iterator[None]:
                 lock.unlink()
             if created and not any(out.iterdir()):  # a run that wrote nothing
                 out.rmdir()
-            fcntl.flock(handle, fcntl.LOCK_UN)

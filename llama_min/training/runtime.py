@@ -85,8 +85,7 @@ def setup_runtime(device_name: str, dtype_name: str) -> Runtime:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         device = torch.device("cuda", device.index or 0)
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for any float32 matmul left
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # TF32 for float32 matmuls
     else:
         # On GPUs PyTorch's caching allocator keeps freed blocks; on the CPU every tensor comes from
         # malloc, which would hand each step's large freed blocks back to the OS and fault them in again.
