@@ -14,6 +14,7 @@ from other processes hits both alike, and the best of the repeats is reported.
     python benchmarks/decode.py                 # the full report
     python benchmarks/decode.py --repeats 1     # quicker, noisier
     python benchmarks/decode.py --repeats 1 --formats_only --new_tokens 64   # the table of formats only
+    python benchmarks/decode.py --compile       # also generate.py --compile's step for each format
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ import argparse
 import copy
 import time
 from dataclasses import replace
+from typing import Callable
 
 import torch
 
 from llama_min import Llama, ModelConfig
-from llama_min.generation import generate_stream, store_weights_column_major
+from llama_min.compiled_decode import compile_decode_step
+from llama_min.generation import decode_step, generate_stream, store_weights_column_major
 from llama_min.quantize import Int4Linear, Int8Linear, quantize_model
 from llama_min.hf_format import config_to_hf, state_dict_to_hf
 
@@ -56,14 +59,14 @@ def read_bandwidth(megabytes: int = 1024, repeats: int = 5) -> float:
     return x.numel() * 4 / best
 
 
-def time_ours(model: Llama, prompts: list[list[int]], new_tokens: int,
-              whole_call: bool = False) -> tuple[float, float, list[int]]:
+def time_ours(model: Llama, prompts: list[list[int]], new_tokens: int, whole_call: bool = False,
+              step_fn: Callable = decode_step) -> tuple[float, float, list[int]]:
     """(time to first token in s, tokens/s per row after it (whole_call: over the whole call, prefill
-    included), the tokens of row 0)."""
+    included), the tokens of row 0). step_fn: the decode step (a compiled one for generate.py --compile)."""
     start = clock()
     first = None
     out = []
-    for step in generate_stream(model, prompts, new_tokens):
+    for step in generate_stream(model, prompts, new_tokens, decode_step=step_fn):
         first = first or clock()
         out.append(step[0])
     end = clock()
@@ -166,6 +169,9 @@ def main() -> None:
     parser.add_argument("--group_size", type=int, default=32, help="int4 group size")
     parser.add_argument("--formats_only", action="store_true",
                         help="only the table of weight formats (skip prefill and batched decoding)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also each format's compiled decode step (generate.py --compile; about a minute each "
+                             "to compile)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     global clock
@@ -179,14 +185,24 @@ def main() -> None:
     long_prompt = torch.randint(3, SMALL_LLAMA.vocab_size, (args.prefill_len,), generator=gen).tolist()
     batch = [torch.randint(3, SMALL_LLAMA.vocab_size, (args.prompt_len,), generator=gen).tolist() for _ in range(args.batch)]
     hf = hf_twin(model)
+    int4 = f"int4 (groups of {args.group_size})"
     formats = {  # what generate.py runs on a CPU for --dtype float32 / bfloat16 / --quantize int8 / int4
         "float32": store_weights_column_major(copy.deepcopy(model)),
         "float32 row-major": model,  # nn.Linear's own layout, without store_weights_column_major
         "bfloat16": store_weights_column_major(copy.deepcopy(model).to(torch.bfloat16)),
         "int8": quantize_model(copy.deepcopy(model), "int8"),
-        f"int4 (groups of {args.group_size})": quantize_model(copy.deepcopy(model), "int4", args.group_size),
+        int4: quantize_model(copy.deepcopy(model), "int4", args.group_size),
     }
+    steps = dict.fromkeys(formats, decode_step)
     fast = formats["float32"]
+    if args.compile:  # generate.py --compile: each weight format's own copy, in nn.Linear's layout
+        for name, m in {"float32": model, "bfloat16": model, "int8": formats["int8"], int4: formats[int4]}.items():
+            m = copy.deepcopy(m)
+            if name == "bfloat16":
+                m.to(torch.bfloat16)
+            formats[f"{name} compiled"] = m
+            steps[f"{name} compiled"], seconds = compile_decode_step(m)
+            print(f"compiled the {name} decode step in {seconds:.0f} s")
 
     bandwidth = read_bandwidth()
     print(f"model: {n_params / 1e6:.1f}M parameters, {weight_bytes(model) / 2**20:.0f} MiB of float32 weights; "
@@ -195,7 +211,8 @@ def main() -> None:
     overhead = per_token_overhead(args.new_tokens)
     print(f"per-token overhead (same depth, dim 72, vocabulary 256): {overhead * 1e3:.1f} ms per token")
 
-    runs = {name: (lambda m=m: time_ours(m, [prompt], args.new_tokens)) for name, m in formats.items()}
+    runs = {name: (lambda m=m, s=steps[name]: time_ours(m, [prompt], args.new_tokens, step_fn=s))
+            for name, m in formats.items()}
     if hf is not None:
         runs["transformers float32"] = lambda: time_hf(hf, [prompt], args.new_tokens)
     decode = best_runs(runs, args.repeats)
