@@ -127,18 +127,14 @@ def prepare_data(cfg: TrainConfig, rt: Runtime, vocab_size: int, tokenizer_path:
                          f"{cfg.data} is plain text; pass instruction data, or rely on --eval_every's held-out loss")
     train_docs, val_docs = split_documents(cfg.data, cfg.val_fraction)
     cache = Path(cfg.cache_dir)
-
-    def tokenizer() -> Tokenizer:
-        return load_tokenizer(tokenizer_path) if tokenizer_path else train_tokenizer(train_docs, cache, vocab_size)
-
-    if rt.master:
-        tokenize_to_memmap(train_docs, tokenizer(), cache, "train")
-        tokenize_to_memmap(val_docs, tokenizer(), cache, "val")
-    if rt.world_size > 1:
-        dist.barrier()
-    tok = tokenizer()
-    return Data(tok, tokenize_to_memmap(train_docs, tok, cache, "train"), tokenize_to_memmap(val_docs, tok, cache, "val"),
+    if rt.world_size > 1 and not rt.master:
+        dist.barrier()  # until rank 0 has built what the cache lacks; then read it
+    tok = load_tokenizer(tokenizer_path) if tokenizer_path else train_tokenizer(train_docs, cache, vocab_size)
+    data = Data(tok, tokenize_to_memmap(train_docs, tok, cache, "train"), tokenize_to_memmap(val_docs, tok, cache, "val"),
                 token_byte_lengths(tok))
+    if rt.world_size > 1 and rt.master:
+        dist.barrier()  # built: the other processes may read it
+    return data
 
 
 def make_sampler(data: Data, cfg: TrainConfig) -> WindowSampler:
