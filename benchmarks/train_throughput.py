@@ -15,7 +15,6 @@ machine slows both alike rather than whichever ran second.
 from __future__ import annotations
 
 import argparse
-import resource
 import subprocess
 import sys
 import time
@@ -54,11 +53,17 @@ def memory_of_one_model(args) -> None:
     torch.manual_seed(0)
     model = Llama(config) if args.memory_of == "llama_min" else hf_model(config)
     step = make_step(model, args.memory_of == "transformers", DTYPES[args.dtypes[0]])
-    with open("/proc/self/statm") as f:
-        start = int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    start = memory_status_mb("VmRSS")
     for x, y in batches:
         step(x, y)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - start)
+    print(memory_status_mb("VmHWM") - start)
+
+
+def memory_status_mb(field: str) -> float:
+    """A field of /proc/self/status in MB: VmRSS, the resident set now; VmHWM, its peak in this process.
+    (Not getrusage's ru_maxrss, which a child started by subprocess inherits from its parent's peak.)"""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
 
 
 def hf_model(config: ModelConfig):
