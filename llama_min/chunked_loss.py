@@ -26,7 +26,10 @@ from __future__ import annotations
 import torch
 
 IGNORE_INDEX = -100  # target value whose position does not count in the loss (the same as model.py's)
-CHUNK_ELEMENTS = 2**23  # logits per chunk: 32 MiB of float32; a small vocabulary fits a batch in one chunk
+# Logits per chunk: 128 MiB of float32, 261 positions at a 128k vocabulary. Smaller chunks make the three
+# products too thin to run at the matrix unit's pace (docs/performance.md); a small vocabulary fits a
+# whole batch in one chunk.
+CHUNK_ELEMENTS = 2**25
 
 
 class ChunkedHeadLoss(torch.autograd.Function):
@@ -52,8 +55,8 @@ class ChunkedHeadLoss(torch.autograd.Function):
             g.scatter_add_(1, safe_t, -torch.ones_like(safe_t, dtype=g.dtype))
             g *= (keep / n_counted)[:, None]
             grad_h[start:start + chunk] = (g.to(weight.dtype) @ weight).to(h.dtype)
-            if grad_weight is not None:
-                grad_weight += g.T.to(h.dtype) @ h_c
+            if grad_weight is not None:  # accumulated inside the product, in float32: no (V, dim) temporary
+                grad_weight.addmm_(g.T, h_c.to(grad_weight.dtype))
         ctx.save_for_backward(grad_h, None if grad_weight is None else grad_weight.to(weight.dtype))
         return loss / n_counted
 

@@ -45,6 +45,24 @@ def test_chunked_loss_and_gradients_equal_the_plain_path(tie, chunk_rows, monkey
     assert (unmasked["norm.weight"] - plain["norm.weight"]).abs().max() > 1e-3 * plain["norm.weight"].abs().max()
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_bfloat16_weights_get_the_plain_paths_loss_and_gradients_up_to_its_rounding(tie, monkeypatch):
+    """In bfloat16 the weight gradient is accumulated in float32 across chunks; it must still be the
+    plain path's (which rounds every product to bfloat16) to within bfloat16's precision."""
+    config = tiny_config(tie_embeddings=tie)
+    model = random_model(config).to(torch.bfloat16)
+    monkeypatch.setattr(chunked_loss, "CHUNK_ELEMENTS", 5 * config.vocab_size)
+    tokens, targets = random_tokens(config, 3, 9, seed=3), random_tokens(config, 3, 9, seed=4)
+    targets[0, :4] = IGNORE_INDEX
+    _, plain_loss, plain = loss_and_grads(model.eval(), tokens, targets)
+    _, loss, chunked = loss_and_grads(model.train(), tokens, targets)
+    assert torch.allclose(loss, plain_loss, rtol=1e-2, atol=0), (loss.item(), plain_loss.item())
+    for name in plain:
+        assert chunked[name].dtype == torch.bfloat16, name
+        scale = plain[name].float().abs().max()
+        assert (chunked[name].float() - plain[name].float()).abs().max() <= 3e-2 * scale, name
+
+
 def test_the_gradient_is_scaled_by_what_backward_brings():
     """Gradient accumulation backpropagates loss * share: the stored gradients must be scaled by it."""
     config = tiny_config()
