@@ -16,7 +16,6 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import torch
-import torch.utils.benchmark as benchmark
 
 from ..cli import UsageError
 from .config import TrainConfig
@@ -76,7 +75,8 @@ def peak_flops(cfg: TrainConfig, rt: Runtime) -> float:
     n = 4096 if rt.device.type == "cuda" else 1024  # large enough that the GPU is busy, not waiting on launches
     g = torch.Generator(rt.device).manual_seed(0)  # its own: a resumed run's restored RNG must stay untouched
     a = torch.randn(n, n, device=rt.device, dtype=rt.autocast_dtype or torch.float32, generator=g)
-    timer = benchmark.Timer("a @ a", globals={"a": a}, num_threads=torch.get_num_threads())  # (it syncs the GPU)
+    from torch.utils.benchmark import Timer  # (here: it imports setuptools, 0.2 s that only this needs)
+    timer = Timer("a @ a", globals={"a": a}, num_threads=torch.get_num_threads())  # (it syncs the GPU)
     return 2 * n**3 / min(timer.blocked_autorange(min_run_time=0.5).times)  # other work only ever slows it
 
 
