@@ -26,10 +26,11 @@ from __future__ import annotations
 import torch
 
 IGNORE_INDEX = -100  # target value whose position does not count in the loss (the same as model.py's)
-# Logits per chunk: 128 MiB of float32, 261 positions at a 128k vocabulary. Smaller chunks make the three
-# products too thin to run at the matrix unit's pace (docs/performance.md); a small vocabulary fits a
-# whole batch in one chunk.
-CHUNK_ELEMENTS = 2**25
+# A chunk holds up to 32 MiB of float32 logits (a small vocabulary fits a whole batch in one chunk), but
+# never fewer than 256 positions: thinner chunks make the three products too thin to run at full speed
+# (at a 128k vocabulary 32 MiB would be 65 positions; docs/performance.md).
+CHUNK_ELEMENTS = 2**23
+MIN_CHUNK_POSITIONS = 256
 
 
 class ChunkedHeadLoss(torch.autograd.Function):
@@ -40,7 +41,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         counted = targets != IGNORE_INDEX
         n_counted = counted.sum()
-        chunk = max(1, CHUNK_ELEMENTS // weight.shape[0])
+        chunk = max(MIN_CHUNK_POSITIONS, CHUNK_ELEMENTS // weight.shape[0])
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h)
         grad_weight = None  # a frozen head (LoRA, LLaMA-Adapter, ...) needs no (V, dim) gradient: not even its memory

@@ -28,6 +28,7 @@ def test_chunked_loss_and_gradients_equal_the_plain_path(tie, chunk_rows, monkey
     config = tiny_config(tie_embeddings=tie)
     model = random_model(config).double()
     monkeypatch.setattr(chunked_loss, "CHUNK_ELEMENTS", chunk_rows * config.vocab_size)
+    monkeypatch.setattr(chunked_loss, "MIN_CHUNK_POSITIONS", 1)
     tokens, targets = random_tokens(config, 3, 9, seed=3), random_tokens(config, 3, 9, seed=4)
     targets[0, :4] = IGNORE_INDEX  # a prompt's positions
     targets[2, 7:] = IGNORE_INDEX  # right padding
@@ -52,6 +53,7 @@ def test_bfloat16_weights_get_the_plain_paths_loss_and_gradients_up_to_its_round
     config = tiny_config(tie_embeddings=tie)
     model = random_model(config).to(torch.bfloat16)
     monkeypatch.setattr(chunked_loss, "CHUNK_ELEMENTS", 5 * config.vocab_size)
+    monkeypatch.setattr(chunked_loss, "MIN_CHUNK_POSITIONS", 1)
     tokens, targets = random_tokens(config, 3, 9, seed=3), random_tokens(config, 3, 9, seed=4)
     targets[0, :4] = IGNORE_INDEX
     _, plain_loss, plain = loss_and_grads(model.eval(), tokens, targets)
