@@ -148,11 +148,13 @@ def bytes_read_per_token(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in read.values())
 
 
-def per_token_overhead(new_tokens: int) -> float:
+def per_token_overhead(new_tokens: int, compiled: bool = False) -> float:
     """Seconds per decoded token of a model of the benchmark's depth and head count with almost no
-    arithmetic (dim 72, vocabulary 256): what the framework's calls cost, whatever the weights."""
+    arithmetic (dim 72, vocabulary 256): what the framework's calls cost, whatever the weights; with
+    ``compiled``, what is left of it in generate.py --compile's step."""
     thin = Llama(replace(SMALL_LLAMA, dim=72, hidden_dim=64, vocab_size=256)).eval()
-    _, tps, _ = time_ours(thin, [[1, 2, 3]], new_tokens)
+    step = compile_decode_step(thin)[0] if compiled else decode_step
+    _, tps, _ = time_ours(thin, [[1, 2, 3]], new_tokens, step_fn=step)
     return 1 / tps
 
 
@@ -209,7 +211,8 @@ def main() -> None:
           f"{args.threads} threads, {args.clock} clock")
     print(f"memory-read bandwidth {bandwidth / 1e9:.1f} GB/s; a format's ceiling = bandwidth / bytes it reads per token")
     overhead = per_token_overhead(args.new_tokens)
-    print(f"per-token overhead (same depth, dim 72, vocabulary 256): {overhead * 1e3:.1f} ms per token")
+    print(f"per-token overhead (same depth, dim 72, vocabulary 256): {overhead * 1e3:.1f} ms per token", end="")
+    print(f"; compiled: {per_token_overhead(args.new_tokens, compiled=True) * 1e3:.1f} ms" if args.compile else "")
 
     runs = {name: (lambda m=m, s=steps[name]: time_ours(m, [prompt], args.new_tokens, step_fn=s))
             for name, m in formats.items()}

@@ -15,6 +15,8 @@ machine slows both alike rather than whichever ran second.
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 import time
 
 import torch
@@ -36,27 +38,32 @@ SHAPES = {
 }
 
 
-def peak_memory_of_a_step(step, batches) -> float:
+def peak_memory_of_a_step(args, shape: str, dtype_name: str, contender: str) -> float:
     """MB by which the resident set grows at its peak over two steps (the first makes the optimiser's
-    state), in a forked child so that each model's peak is its own: the child starts with the parent's
-    resident set, and its peak less that start is what the steps added."""
-    import multiprocessing
-    import resource
+    state) of one model, measured in a fresh process so that each model's peak is its own. (Not a forked
+    child: one forked after OpenMP's threads have run can hang at its first parallel region.)"""
+    command = [sys.executable, __file__, "--memory_of", contender, "--shapes", shape, "--dtypes", dtype_name,
+               "--batch", str(args.batch), "--seq_len", str(args.seq_len), "--threads", str(args.threads)]
+    return float(subprocess.run(command, capture_output=True, text=True, check=True).stdout.split()[-1])
 
-    def child(queue):
-        with open("/proc/self/statm") as f:
-            start = int(f.read().split()[1]) * resource.getpagesize() / 2**20
-        for x, y in batches[:2]:
-            step(x, y)
-        queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - start)
 
-    context = multiprocessing.get_context("fork")
-    queue = context.Queue()
-    process = context.Process(target=child, args=(queue,))
-    process.start()
-    grown = queue.get()
-    process.join()
-    return grown
+def memory_of_one_model(args) -> None:
+    """The child of peak_memory_of_a_step: build one model, take two steps, print the growth in MB."""
+    config, batches = shape_and_batches(args.shapes[0], args)
+    torch.manual_seed(0)
+    model = Llama(config) if args.memory_of == "llama_min" else hf_model(config)
+    step = make_step(model, args.memory_of == "transformers", DTYPES[args.dtypes[0]])
+    start = memory_status_mb("VmRSS")
+    for x, y in batches:
+        step(x, y)
+    print(memory_status_mb("VmHWM") - start)
+
+
+def memory_status_mb(field: str) -> float:
+    """A field of /proc/self/status in MB: VmRSS, the resident set now; VmHWM, its peak in this process.
+    (Not getrusage's ru_maxrss, which a child started by subprocess inherits from its parent's peak.)"""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
 
 
 def hf_model(config: ModelConfig):
@@ -72,6 +79,18 @@ def hf_model(config: ModelConfig):
                             rope_theta=config.rope_theta, tie_word_embeddings=config.tie_embeddings,
                             attn_implementation="sdpa")
     return LlamaForCausalLM(hf_config)
+
+
+DTYPES = {"float32": None, "bf16": torch.bfloat16}  # the --dtypes choices: the autocast dtype of each
+
+
+def shape_and_batches(name: str, args) -> tuple[ModelConfig, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The shape's config and two batches (inputs, targets) of random tokens, the same in every process."""
+    config, batch, seq_len = SHAPES[name]
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(0, config.vocab_size, (args.batch or batch, (args.seq_len or seq_len) + 1), generator=g)
+            for _ in range(2)]
+    return config, [(r[:, :-1], r[:, 1:]) for r in rows]
 
 
 def make_step(model: torch.nn.Module, hf: bool, autocast_dtype: torch.dtype | None):
@@ -116,7 +135,8 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=0, help="override the shape's batch size (0: the shape's)")
     parser.add_argument("--seq_len", type=int, default=0, help="override the shape's sequence length (0: the shape's)")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bf16"], choices=["float32", "bf16"])
-    parser.add_argument("--memory", action="store_true", help="also the peak memory of each model's step (forked)")
+    parser.add_argument("--memory", action="store_true", help="also the peak memory of each model's step")
+    parser.add_argument("--memory_of", choices=["llama_min", "transformers"], help=argparse.SUPPRESS)  # --memory's child
     parser.add_argument("--steps", type=int, default=4, help="timed steps per round (after one warm-up step)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of ours and Hugging Face")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -129,19 +149,16 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     keep_freed_memory()  # as train.py does on CPU; it speeds both models alike
+    if args.memory_of:
+        return memory_of_one_model(args)
     peak = peak_flops(TrainConfig(), Runtime(torch.device("cpu")))
     peak_bf16 = peak_flops(TrainConfig(), Runtime(torch.device("cpu"), autocast_dtype=torch.bfloat16))
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock; measured matmul peak "
           f"{peak / 1e9:.1f} GFLOP/s float32, {peak_bf16 / 1e9:.1f} GFLOP/s bfloat16")
     for name in args.shapes:
-        config, batch, seq_len = SHAPES[name]
-        batch, seq_len = args.batch or batch, args.seq_len or seq_len
-        g = torch.Generator().manual_seed(0)
-        batches = []
-        for _ in range(2):
-            rows = torch.randint(0, config.vocab_size, (batch, seq_len + 1), generator=g)
-            batches.append((rows[:, :-1], rows[:, 1:]))
+        config, batches = shape_and_batches(name, args)
+        batch, seq_len = batches[0][0].shape
         tokens = batch * seq_len
         flops = flops_per_token(Llama(config), seq_len) * tokens
         torch.manual_seed(0)
@@ -173,7 +190,7 @@ def main(argv=None):
             if "transformers" in best:
                 print(f"  {dtype_name:14s} ratio llama_min / transformers: {best['transformers'] / best['llama_min']:.2f}x")
             if args.memory:
-                grown = {k: peak_memory_of_a_step(step, batches) for k, step in contenders.items()}
+                grown = {k: peak_memory_of_a_step(args, name, dtype_name.split()[0], k) for k in contenders}
                 print(f"  {dtype_name:14s} peak memory added by a step: " + ", ".join(f"{k} {mb:,.0f} MB" for k, mb in grown.items())
                       + (f"; ratio {grown['llama_min'] / grown['transformers']:.2f}" if "transformers" in grown else ""))
         if theirs_model is None:
