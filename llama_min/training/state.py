@@ -6,9 +6,9 @@
     OUT_DIR/merged/ --merge: the LoRA folded into the weights, a plain full checkpoint
 
 train_state.pt holds what ``--resume`` needs besides the weights: the step, the optimiser, the data
-sampler, every random generator, the early-stopping progress, the run's own settings and a fingerprint of
-the data files (size and sha256: a resumed run says when they changed, and continues). It is read with
-``torch.load(weights_only=True)``: plain containers and tensors only, no code.
+sampler, the random generators (each process its own), the early-stopping progress, the run's own
+settings and a fingerprint of the data files (size and sha256: a resumed run says when they changed, and
+continues). It is read with ``torch.load(weights_only=True)``: plain containers and tensors only, no code.
 """
 
 from __future__ import annotations
@@ -224,7 +224,7 @@ def resumed_config(cfg: TrainConfig, given: set[str]) -> TrainConfig:
 def restore_run(directory: Path, model: Llama, optimizer, sampler: WindowSampler, dev, rt: Runtime,
                 cfg: TrainConfig) -> tuple[int, float]:
     """--resume: put what the run had reached at its checkpoint into the run just built (its trained
-    tensors, the optimiser, the data order, every random generator, the early-stopping progress) and
+    tensors, the optimiser, the data order, the random generators, the early-stopping progress) and
     return its step and best held-out loss; say if the files under --data changed since."""
     state = load_train_state(directory)
     restore_weights(model, directory, cfg)
