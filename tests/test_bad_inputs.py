@@ -420,12 +420,15 @@ def test_ctrl_c_in_generate_keeps_the_text_and_exits_130(world):
                               "--interactive", "--max_new_tokens", "200", "--seed", "0"], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert child.stderr.readline().startswith("chat with"), child.stderr.read()
-    child.stdin.write("KING.\n")
-    child.stdin.flush()
-    child.stdout.read(3)  # "> " and the answer's first character: it is streaming
-    child.send_signal(signal.SIGINT)
-    out, err = child.communicate(timeout=60)
+    try:
+        assert child.stderr.readline().startswith("chat with"), child.stderr.read()
+        child.stdin.write("KING.\n")
+        child.stdin.flush()
+        child.stdout.read(3)  # "> " and the answer's first character: it is streaming
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=60)
+    finally:
+        child.kill()  # a chat left waiting after a failure must not outlive the test
     assert child.returncode == 130 and "Traceback" not in err and err.strip().endswith("interrupted"), err
 
 

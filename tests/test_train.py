@@ -190,10 +190,13 @@ def test_checkpoint_interrupted_mid_write_is_old_or_new(corpus, tmp_path):
         script = SAVE_LOOP.format(out=str(out), tok=str(tok))
         child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                  text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert child.stdout.readline() == "saved\n", child.stderr.read()
-        time.sleep(delay)
-        child.send_signal(signal.SIGINT)  # default handler: KeyboardInterrupt wherever the save is
-        child.wait(timeout=60)
+        try:
+            assert child.stdout.readline() == "saved\n", child.stderr.read()
+            time.sleep(delay)
+            child.send_signal(signal.SIGINT)  # default handler: KeyboardInterrupt wherever the save is
+            child.wait(timeout=60)
+        finally:
+            child.kill()  # after a failure the endless save loop must not outlive the test
         directory = resolve_checkpoint_dir(out)
         state = torch.load(directory / STATE_FILE, weights_only=True)
         model = load_checkpoint(directory)
