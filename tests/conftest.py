@@ -7,6 +7,7 @@ uniform, so a wrong mask, position or head mapping moves the logits by much more
 
 import math
 import random
+import signal
 
 import pytest
 import sentencepiece as spm
@@ -44,6 +45,13 @@ def random_tokens(config: ModelConfig, batch: int, length: int, seed: int = 1) -
     """(batch, length) int64 token ids drawn with their own generator, independent of the model's."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, config.vocab_size, (batch, length), generator=g)
+
+
+def interruptible() -> None:
+    """Popen's preexec_fn for a child a test will Ctrl-C: SIGINT back to its default. A test run started in
+    the background by a script (``cmd &``) ignores SIGINT, children inherit that, and Python then never
+    turns SIGINT into KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:

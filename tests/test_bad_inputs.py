@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from llama_min.checkpoint import save_checkpoint
 
-from conftest import random_model, tiny_config
+from conftest import interruptible, random_model, tiny_config
 from scripts import ROOT, metrics, run_script, shakespeare_slice
 
 TINY = ["--dim", "32", "--n_layers", "2", "--n_heads", "2", "--n_kv_heads", "1", "--multiple_of", "16"]
@@ -419,7 +419,7 @@ def test_ctrl_c_in_generate_keeps_the_text_and_exits_130(world):
     child = subprocess.Popen([sys.executable, str(ROOT / "generate.py"), "--checkpoint", str(world / "base/ckpt"),
                               "--interactive", "--max_new_tokens", "200", "--seed", "0"], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+                             env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=interruptible)
     try:
         assert child.stderr.readline().startswith("chat with"), child.stderr.read()
         child.stdin.write("KING.\n")

@@ -12,6 +12,7 @@ from dataclasses import fields
 import pytest
 import torch
 
+from conftest import interruptible
 from llama_min import Llama, ModelConfig
 from llama_min.checkpoint import load_checkpoint, resolve_checkpoint_dir
 from llama_min.config import PRESETS
@@ -189,7 +190,7 @@ def test_checkpoint_interrupted_mid_write_is_old_or_new(corpus, tmp_path):
         out = tmp_path / f"run{delay}" / "ckpt"
         script = SAVE_LOOP.format(out=str(out), tok=str(tok))
         child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                                 text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=interruptible)
         try:
             assert child.stdout.readline() == "saved\n", child.stderr.read()
             time.sleep(delay)
