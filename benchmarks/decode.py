@@ -211,8 +211,8 @@ def main() -> None:
           f"{args.threads} threads, {args.clock} clock")
     print(f"memory-read bandwidth {bandwidth / 1e9:.1f} GB/s; a format's ceiling = bandwidth / bytes it reads per token")
     overhead = per_token_overhead(args.new_tokens)
-    print(f"per-token overhead (same depth, dim 72, vocabulary 256): {overhead * 1e3:.1f} ms per token", end="")
-    print(f"; compiled: {per_token_overhead(args.new_tokens, compiled=True) * 1e3:.1f} ms" if args.compile else "")
+    compiled = f"; compiled: {per_token_overhead(args.new_tokens, compiled=True) * 1e3:.1f} ms" if args.compile else ""
+    print(f"per-token overhead (same depth, dim 72, vocabulary 256): {overhead * 1e3:.1f} ms per token{compiled}")
 
     runs = {name: (lambda m=m, s=steps[name]: time_ours(m, [prompt], args.new_tokens, step_fn=s))
             for name, m in formats.items()}

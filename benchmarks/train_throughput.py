@@ -134,7 +134,7 @@ def main(argv=None):
     parser.add_argument("--shapes", nargs="+", default=["tiny", "15M"], choices=list(SHAPES))
     parser.add_argument("--batch", type=int, default=0, help="override the shape's batch size (0: the shape's)")
     parser.add_argument("--seq_len", type=int, default=0, help="override the shape's sequence length (0: the shape's)")
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bf16"], choices=["float32", "bf16"])
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--memory", action="store_true", help="also the peak memory of each model's step")
     parser.add_argument("--memory_of", choices=["llama_min", "transformers"], help=argparse.SUPPRESS)  # --memory's child
     parser.add_argument("--steps", type=int, default=4, help="timed steps per round (after one warm-up step)")
@@ -167,9 +167,9 @@ def main(argv=None):
         n_params = sum(p.numel() for p in ours_model.parameters())
         print(f"\n{name}: {n_params / 1e6:.1f}M parameters, dim {config.dim}, {config.n_layers} layers, "
               f"vocab {config.vocab_size}, batch {batch} x seq {seq_len}")
-        for dtype_name, dtype, dtype_peak in (("float32", None, peak), ("bf16 autocast", torch.bfloat16, peak_bf16)):
-            if dtype_name.split()[0] not in args.dtypes:
-                continue
+        for key in args.dtypes:
+            dtype = DTYPES[key]
+            dtype_name, dtype_peak = ("float32", peak) if dtype is None else ("bf16 autocast", peak_bf16)
             contenders = {"llama_min": make_step(ours_model, False, dtype)}
             if theirs_model is not None:
                 contenders["transformers"] = make_step(theirs_model, True, dtype)
@@ -190,7 +190,7 @@ def main(argv=None):
             if "transformers" in best:
                 print(f"  {dtype_name:14s} ratio llama_min / transformers: {best['transformers'] / best['llama_min']:.2f}x")
             if args.memory:
-                grown = {k: peak_memory_of_a_step(args, name, dtype_name.split()[0], k) for k in contenders}
+                grown = {k: peak_memory_of_a_step(args, name, key, k) for k in contenders}
                 print(f"  {dtype_name:14s} peak memory added by a step: " + ", ".join(f"{k} {mb:,.0f} MB" for k, mb in grown.items())
                       + (f"; ratio {grown['llama_min'] / grown['transformers']:.2f}" if "transformers" in grown else ""))
         if theirs_model is None:
