@@ -338,6 +338,17 @@ def test_load_into_base_with_different_config_is_clear(tmp_path):
     load_peft(random_model(tiny_config(attn_impl="plain", max_seq_len=32)), tmp_path / "a")
 
 
+def test_adapter_recording_an_impossible_base_is_refused_by_name(tmp_path):
+    save_peft(trained_copy(random_model(tiny_config()), METHOD_CONFIGS["lora"], seed=1), tmp_path / "a")
+    path = tmp_path / "a" / PEFT_CONFIG
+    meta = json.loads(path.read_text())
+    meta["base_config"]["dim"] = "64"
+    path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"peft.json: its base_config .*dim must be an integer") as err:
+        load_peft(random_model(tiny_config()), tmp_path / "a")
+    assert "\n" not in str(err.value), str(err.value)
+
+
 def test_load_with_missing_or_extra_tensor_is_clear(tmp_path):
     base = random_model(tiny_config())
     save_peft(trained_copy(base, METHOD_CONFIGS["lora"], seed=1), tmp_path / "a")
