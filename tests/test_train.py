@@ -319,7 +319,7 @@ def test_default_config_runs_a_few_steps(tmp_path):
     assert "--- sample (greedy) ---" in run.out and "--- sample (temperature 0.8) ---" in run.out
     records = metrics(tmp_path)
     assert records[-1]["step"] == 2 and math.isfinite(last(tmp_path, "val_bpb"))
-    assert train_losses(tmp_path)[0] == pytest.approx(math.log(PRESETS[TrainConfig().model].vocab_size), rel=0.05), (
+    assert train_losses(tmp_path)[0] == pytest.approx(math.log(PRESETS[TrainConfig().model]["vocab_size"]), rel=0.05), (
         "a fresh model should start near the uniform loss ln(vocab)")
     assert set(records[0]) == {"step", "train_loss", "val_loss", "val_bpb", "dev_accuracy", "lr", "tokens_per_s", "elapsed_s"}
     assert (tmp_path / "loss.png").stat().st_size > 0

@@ -202,7 +202,7 @@ def model_flag_help(f) -> str | None:
     """Help for a model flag; rope_scaling is no flag (it comes with converted long-context models)."""
     if f.name == "rope_scaling":
         return None
-    return f"overrides the preset's {f.name} (tiny: {getattr(PRESETS['tiny'], f.name)})"
+    return f"overrides the preset's {f.name} (tiny: {getattr(ModelConfig.from_preset('tiny'), f.name)})"
 
 
 def build_parser(description: str = "") -> argparse.ArgumentParser:
