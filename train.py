@@ -152,9 +152,9 @@ def train(cfg: TrainConfig) -> signal.Signals | None:
                 break
 
     # ---- the end --------------------------------------------------------------------------------------
-    note = progress.plot()
-    if note or (rt.master and (Path(cfg.out_dir) / "loss.png").exists()):
-        rt.say(note or f"loss curve: {Path(cfg.out_dir) / 'loss.png'}")
+    drawn = progress.plot()  # "loss curve: OUT_DIR/loss.png", or why there is none
+    if drawn:
+        rt.say(drawn)
     model.eval()  # no training-only noise (NEFTune, LoRA dropout) in what follows
     if stopped_by is None and cfg.sample_tokens > 0:
         with rt.autocast(), unsharded(model):  # --fsdp: every process holds the whole model meanwhile

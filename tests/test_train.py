@@ -322,7 +322,7 @@ def test_default_config_runs_a_few_steps(tmp_path):
     assert train_losses(tmp_path)[0] == pytest.approx(math.log(PRESETS[TrainConfig().model].vocab_size), rel=0.05), (
         "a fresh model should start near the uniform loss ln(vocab)")
     assert set(records[0]) == {"step", "train_loss", "val_loss", "val_bpb", "dev_accuracy", "lr", "tokens_per_s", "elapsed_s"}
-    assert (tmp_path / "loss.png").stat().st_size > 0
+    assert (tmp_path / "loss.png").stat().st_size > 0 and f"loss curve: {tmp_path / 'loss.png'}" in run.out
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
         "config.json", "model.safetensors", "tokenizer.model", STATE_FILE]
 
