@@ -125,6 +125,11 @@ class TrainConfig:
         """Whether base tensors train, so that the whole model is saved (else only the adapter)."""
         return self.method in BASE_METHODS
 
+    @property
+    def adapter_base(self) -> str | None:
+        """The base checkpoint a PEFT run's adapter-only saves name (--init_from); None: the whole model is saved."""
+        return None if self.trains_base else self.init_from
+
 
 def check_config(cfg: TrainConfig) -> None:
     """Refuse flags that are out of range or do not go together, naming them and the fix."""
