@@ -51,13 +51,18 @@ class ChunkedHeadLoss(torch.autograd.Function):
             h_c, t_c, keep = h[start:start + chunk], targets[start:start + chunk], counted[start:start + chunk]
             logits = (h_c @ weight.T).float()  # (chunk, V)
             safe_t = t_c.clamp(min=0)[:, None]  # an ignored position's target is any valid index; its share is 0
-            loss += ((torch.logsumexp(logits, dim=-1) - logits.gather(1, safe_t)[:, 0]) * keep).sum()
-            g = torch.softmax(logits, dim=-1)  # becomes ∂loss/∂logits, in place: no second (chunk, V) tensor
-            g.scatter_add_(1, safe_t, -torch.ones_like(safe_t, dtype=g.dtype))
-            g *= (keep / n_counted)[:, None]
-            grad_h[start:start + chunk] = (g.to(weight.dtype) @ weight).to(h.dtype)
+            target_logit = logits.gather(1, safe_t)[:, 0]
+            # The softmax once, in place (no second (chunk, V) tensor): its sum gives the logsumexp too.
+            row_max = logits.amax(dim=-1, keepdim=True)
+            probs = logits.sub_(row_max).exp_()
+            total = probs.sum(dim=-1, keepdim=True)  # (chunk, 1)
+            loss += (((row_max + total.log())[:, 0] - target_logit) * keep).sum()  # logsumexp − the target's logit
+            g = probs.div_(total).scatter_add_(1, safe_t, -torch.ones_like(safe_t, dtype=probs.dtype))  # in [−1, 1]
+            # Each row's factor keep / n_counted multiplies the thin (chunk, dim) side of the products.
+            scale = (keep / n_counted)[:, None]
+            grad_h[start:start + chunk] = ((g.to(weight.dtype) @ weight) * scale).to(h.dtype)
             if grad_weight is not None:  # accumulated inside the product, in float32: no (V, dim) temporary
-                grad_weight.addmm_(g.T, h_c.to(grad_weight.dtype))
+                grad_weight.addmm_(g.T, h_c.to(grad_weight.dtype) * scale)
         ctx.save_for_backward(grad_h, None if grad_weight is None else grad_weight.to(weight.dtype))
         return loss / n_counted
 
