@@ -33,7 +33,7 @@ import torch.distributed as dist
 from llama_min import IGNORE_INDEX, Llama, generate
 from llama_min.cli import UsageError
 from llama_min.finetune.neftune import add_embedding_noise
-from llama_min.peft import peft_stats
+from llama_min.peft import merge_lora, peft_stats
 from llama_min.training.data import Data, batch_images, count_targets, get_batch, make_sampler, prepare_data
 from llama_min.training.config import TrainConfig, check_config, parse_args
 from llama_min.training.distributed import (checkpoint_activations, gradient_sync, replicate, seed_process,
@@ -44,8 +44,8 @@ from llama_min.training.progress import Progress, TrainingDiverged
 from llama_min.training.out_dir import check_out_dir, out_dir_lock
 from llama_min.training.robust import DevSelection, make_l2sp
 from llama_min.training.runtime import StopRequest, setup_runtime
-from llama_min.training.state import (RunCheckpoints, checkpoint_dir, restore_run, resumed_config, whole_model,
-                                      write_merged)
+from llama_min.training.state import (RunCheckpoints, checkpoint_dir, restore_run, resumed_config, save_model,
+                                      whole_model)
 from llama_min.training.trainable import build_model, choose_trainable, hold_frozen_in_autocast_dtype
 
 REPO = Path(__file__).resolve().parent
@@ -152,9 +152,9 @@ def train(cfg: TrainConfig) -> signal.Signals | None:
                 break
 
     # ---- the end --------------------------------------------------------------------------------------
-    note = progress.plot()
-    if note or (rt.master and (Path(cfg.out_dir) / "loss.png").exists()):
-        rt.say(note or f"loss curve: {Path(cfg.out_dir) / 'loss.png'}")
+    drawn = progress.plot()  # "loss curve: OUT_DIR/loss.png", or why there is none
+    if drawn:
+        rt.say(drawn)
     model.eval()  # no training-only noise (NEFTune, LoRA dropout) in what follows
     if stopped_by is None and cfg.sample_tokens > 0:
         with rt.autocast(), unsharded(model):  # --fsdp: every process holds the whole model meanwhile
@@ -164,7 +164,8 @@ def train(cfg: TrainConfig) -> signal.Signals | None:
         dev.load_best()  # with --dev_every, the run's result is the chosen model
         whole = whole_model(model, cfg, data.image_encoder)  # --fsdp: gathered to rank 0 (every process calls it)
         if rt.master:
-            write_merged(Path(cfg.out_dir) / "merged", whole, data.tokenizer, data.is_instructions)
+            merge_lora(whole)  # W + (alpha/r)·B·A: a plain full checkpoint, loaded with no --peft
+            save_model(Path(cfg.out_dir) / "merged", whole, data.tokenizer, data.is_instructions)
             rt.say(f"merged LoRA into the weights: full checkpoint {Path(cfg.out_dir) / 'merged'}")
     if stopped_by is None:
         dev.finish()

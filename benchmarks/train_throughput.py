@@ -72,7 +72,7 @@ def hf_model(config: ModelConfig):
         from transformers import LlamaConfig, LlamaForCausalLM
     except ImportError:
         return None
-    hf_config = LlamaConfig(hidden_size=config.dim, intermediate_size=config.ffn_hidden_dim,
+    hf_config = LlamaConfig(hidden_size=config.dim, intermediate_size=config.hidden_dim,
                             num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
                             num_key_value_heads=config.n_kv_heads, vocab_size=config.vocab_size,
                             max_position_embeddings=config.max_seq_len, rms_norm_eps=config.norm_eps,

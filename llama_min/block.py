@@ -22,7 +22,7 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
         self.attention = Attention(config)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
-        self.feed_forward = FeedForward(config.dim, config.ffn_hidden_dim)
+        self.feed_forward = FeedForward(config.dim, config.hidden_dim)
         # Bottleneck adapters (llama_min/peft/bottleneck.py) install modules here: each maps a sub-layer's
         # output (B, T, dim) to itself plus a small residual correction. None in the base model.
         self.attention_adapter: nn.Module | None = None

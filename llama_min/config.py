@@ -11,7 +11,7 @@ import json
 import math
 import types
 import typing
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 
@@ -116,6 +116,19 @@ class Quantization:
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 
 
+def llama_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None = None) -> int:
+    """LLaMA's SwiGLU hidden size (Shazeer 2020; LLaMA paper section 2.2).
+
+    Two thirds of the usual 4·dim keeps the parameter count of a plain MLP, since SwiGLU has three
+    matrices instead of two; then the optional multiplier, then round up to ``multiple_of``.
+    4096 gives 11008 for LLaMA-7B.
+    """
+    hidden = int(2 * 4 * dim / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * math.ceil(hidden / multiple_of)
+
+
 ATTN_IMPLS = ("sdpa", "plain")  # attention.py: the fused kernel, or scores, mask and softmax written out
 
 
@@ -126,14 +139,17 @@ class ModelConfig:
     n_heads: int = 32  # query heads
     n_kv_heads: int | None = None  # key/value heads (grouped-query attention); None means n_heads
     vocab_size: int = 32000
-    multiple_of: int = 256  # SwiGLU hidden size is rounded up to a multiple of this
-    ffn_dim_multiplier: float | None = None  # optional factor on the SwiGLU hidden size (Llama 2 70B: 1.3)
+    multiple_of: int = 256  # llama_hidden_dim rounds the SwiGLU hidden size up to a multiple of this
+    ffn_dim_multiplier: float | None = None  # optional factor in llama_hidden_dim (Llama 2 70B: 1.3)
     norm_eps: float = 1e-5  # RMSNorm epsilon: 1e-6 in LLaMA-1, 1e-5 in Llama 2
     rope_theta: float = 10000.0  # RoPE base (Su et al. 2021, eq. 15)
     rope_scaling: RopeScaling | None = None  # frequency scaling of long-context models (Llama 3.1+)
     max_seq_len: int = 2048  # longest sequence the model takes (and its KV cache covers)
     tie_embeddings: bool = False  # share the token embedding with the output head
-    hidden_dim: int | None = None  # explicit SwiGLU hidden size, overriding the rule below
+    # SwiGLU hidden size. None means LLaMA's rule, llama_hidden_dim(dim, multiple_of, ffn_dim_multiplier),
+    # resolved on construction: afterwards it is always the size the model uses. Converted models give it
+    # explicitly (Hugging Face's intermediate_size, GGUF's feed_forward_length).
+    hidden_dim: int | None = None
     # How attention is computed, not what the model is: "sdpa" (fused kernel) or "plain" (scores, mask,
     # softmax written out). A runtime choice, so never written to config.json (to_dict).
     attn_impl: str = "sdpa"
@@ -157,6 +173,8 @@ class ModelConfig:
                          if getattr(self, name) is not None and not 0 < getattr(self, name) < math.inf]
         if problems:
             raise ValueError("invalid ModelConfig: " + "; ".join(problems))
+        if self.hidden_dim is None:
+            self.hidden_dim = llama_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
         if self.dim % self.n_heads:
             problems.append(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
         elif self.head_dim % 2:
@@ -172,28 +190,15 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.dim // self.n_heads
 
-    @property
-    def ffn_hidden_dim(self) -> int:
-        """SwiGLU hidden size (Shazeer 2020; LLaMA paper section 2.2).
-
-        Two thirds of the usual 4·dim keeps the parameter count of a plain MLP, since SwiGLU has three
-        matrices instead of two; then the optional multiplier, then round up to ``multiple_of``.
-        4096 gives 11008 for LLaMA-7B.
-        """
-        if self.hidden_dim is not None:
-            return self.hidden_dim
-        hidden = int(2 * 4 * self.dim / 3)
-        if self.ffn_dim_multiplier is not None:
-            hidden = int(self.ffn_dim_multiplier * hidden)
-        return self.multiple_of * math.ceil(hidden / self.multiple_of)
-
     # ---- construction and serialisation -------------------------------------------------------
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "ModelConfig":
+        """The preset's fields with ``overrides`` on top, built afresh: --dim 128 gives the hidden size
+        of dim 128, unless hidden_dim is overridden too."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-        return replace(PRESETS[name], **overrides)
+        return cls(**(PRESETS[name] | overrides))
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
@@ -234,19 +239,21 @@ class ModelConfig:
 _LLAMA1 = dict(vocab_size=32000, multiple_of=256, norm_eps=1e-6, max_seq_len=2048)
 _LLAMA2 = dict(vocab_size=32000, multiple_of=256, norm_eps=1e-5, max_seq_len=4096)
 
-PRESETS: dict[str, ModelConfig] = {
+# Keyword arguments of ModelConfig rather than configs, so that an override of dim (from_preset) cannot
+# keep a hidden size resolved for another width.
+PRESETS: dict[str, dict] = {
     # A CPU-lab size: `python train.py` trains it in minutes on a laptop-class CPU and it learns
     # Shakespeare's spelling and rhythm. At that budget a small model seeing more tokens beats a larger
     # one seeing fewer (docs/results.md, "How the default got there"). Small vocabulary to match a
     # tokenizer trained on ~5 MB.
-    "tiny": ModelConfig(dim=96, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=2048, multiple_of=32,
-                        norm_eps=1e-5, max_seq_len=256),
-    "llama-7b": ModelConfig(dim=4096, n_layers=32, n_heads=32, **_LLAMA1),
-    "llama-13b": ModelConfig(dim=5120, n_layers=40, n_heads=40, **_LLAMA1),
-    "llama-30b": ModelConfig(dim=6656, n_layers=60, n_heads=52, **_LLAMA1),
-    "llama-65b": ModelConfig(dim=8192, n_layers=80, n_heads=64, **_LLAMA1),
-    "llama2-7b": ModelConfig(dim=4096, n_layers=32, n_heads=32, **_LLAMA2),
-    "llama2-13b": ModelConfig(dim=5120, n_layers=40, n_heads=40, **_LLAMA2),
-    "llama2-70b": ModelConfig(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim_multiplier=1.3,
-                              **{**_LLAMA2, "multiple_of": 4096}),
+    "tiny": dict(dim=96, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=2048, multiple_of=32, norm_eps=1e-5,
+                 max_seq_len=256),
+    "llama-7b": dict(dim=4096, n_layers=32, n_heads=32, **_LLAMA1),
+    "llama-13b": dict(dim=5120, n_layers=40, n_heads=40, **_LLAMA1),
+    "llama-30b": dict(dim=6656, n_layers=60, n_heads=52, **_LLAMA1),
+    "llama-65b": dict(dim=8192, n_layers=80, n_heads=64, **_LLAMA1),
+    "llama2-7b": dict(dim=4096, n_layers=32, n_heads=32, **_LLAMA2),
+    "llama2-13b": dict(dim=5120, n_layers=40, n_heads=40, **_LLAMA2),
+    "llama2-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim_multiplier=1.3,
+                       **{**_LLAMA2, "multiple_of": 4096}),
 }

@@ -3,7 +3,7 @@
     FFN(x) = w2( silu(w1 x) ⊙ w3 x )
 
 w1 is the gated branch, w3 the linear branch, w2 projects back to the model width. No biases. The
-hidden size comes from ``ModelConfig.ffn_hidden_dim``.
+hidden size is ``ModelConfig.hidden_dim``.
 """
 
 import torch

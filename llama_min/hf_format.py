@@ -191,7 +191,7 @@ def config_to_hf(config: ModelConfig, bos_id: int = 1, eos_id: int = 2) -> dict:
         "num_key_value_heads": config.n_kv_heads,
         "head_dim": config.head_dim,
         "vocab_size": config.vocab_size,
-        "intermediate_size": config.ffn_hidden_dim,
+        "intermediate_size": config.hidden_dim,
         "rms_norm_eps": config.norm_eps,
         "rope_theta": config.rope_theta,
         "rope_parameters": rope_to_hf(config),

@@ -125,7 +125,7 @@ def write_gguf(model: Llama, path: Path, qtype: str = "F32", arch: str = "llama"
     w.add_embedding_length(c.dim)
     w.add_block_count(c.n_layers)
     w.add_vocab_size(c.vocab_size)
-    w.add_feed_forward_length(c.ffn_hidden_dim)
+    w.add_feed_forward_length(c.hidden_dim)
     w.add_head_count(c.n_heads)
     w.add_head_count_kv(c.n_kv_heads)
     w.add_layer_norm_rms_eps(c.norm_eps)

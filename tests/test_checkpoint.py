@@ -76,7 +76,7 @@ def test_wrong_shape_names_key_and_both_shapes(tmp_path):
     with pytest.raises(ValueError) as err:
         load_checkpoint(tmp_path / "ckpt")
     message = str(err.value)
-    expected_shape = (tiny_config().ffn_hidden_dim, 64)
+    expected_shape = (tiny_config().hidden_dim, 64)
     for needle in ("layers.1.feed_forward.w3.weight", str((50, 64)), str(expected_shape)):
         assert needle in message, f"the error should mention {needle!r}; got: {message}"
 

@@ -6,6 +6,19 @@ import pytest
 
 from llama_min import ModelConfig
 from llama_min.config import PRESETS
+from llama_min.training.config import parse_args
+
+
+def rounded_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def swiglu_width(dim: int, multiple_of: int, multiplier: float | None = None) -> int:
+    """LLaMA's rule written a second way, in integers where it can be (Meta's model.py FeedForward)."""
+    hidden = 8 * dim // 3
+    if multiplier is not None:
+        hidden = int(multiplier * hidden)
+    return rounded_up(hidden, multiple_of)
 
 
 # Published hidden sizes of LLaMA-1 7B/13B/30B/65B and Llama 2 70B (from the released checkpoints'
@@ -19,15 +32,62 @@ from llama_min.config import PRESETS
 ])
 def test_swiglu_hidden_size(dim, multiple_of, multiplier, expected):
     config = ModelConfig(dim=dim, n_heads=dim // 128, multiple_of=multiple_of, ffn_dim_multiplier=multiplier)
-    assert config.ffn_hidden_dim == expected, (
+    assert config.hidden_dim == expected, (
         f"dim {dim}, multiple_of {multiple_of}, multiplier {multiplier}: SwiGLU hidden size is "
-        f"{config.ffn_hidden_dim}, expected {expected} (int(2*4*dim/3), times the multiplier, "
+        f"{config.hidden_dim}, expected {expected} (int(2*4*dim/3), times the multiplier, "
         f"rounded up to multiple_of)")
+
+
+# The w1 widths of the released checkpoints each preset describes; tiny's is the rule's (96 -> 256).
+PRESET_WIDTHS = {"tiny": 256, "llama-7b": 11008, "llama-13b": 13824, "llama-30b": 17920, "llama-65b": 22016,
+                 "llama2-7b": 11008, "llama2-13b": 13824, "llama2-70b": 28672}
+
+
+def test_every_preset_resolves_the_published_width():
+    assert set(PRESET_WIDTHS) == set(PRESETS), f"PRESET_WIDTHS lists {sorted(PRESET_WIDTHS)}, presets are {sorted(PRESETS)}"
+    for name, width in PRESET_WIDTHS.items():
+        config, args = ModelConfig.from_preset(name), PRESETS[name]
+        rule = swiglu_width(args["dim"], args["multiple_of"], args.get("ffn_dim_multiplier"))
+        assert config.hidden_dim == rule == width, \
+            f"{name}: hidden_dim {config.hidden_dim}, the rule gives {rule}, the released model has {width}"
 
 
 def test_explicit_hidden_dim_overrides_the_rule():
     config = ModelConfig(dim=64, n_heads=4, hidden_dim=100)
-    assert config.ffn_hidden_dim == 100, f"hidden_dim=100 given, ffn_hidden_dim is {config.ffn_hidden_dim}"
+    assert config.hidden_dim == 100, f"hidden_dim=100 given, hidden_dim is {config.hidden_dim}"
+
+
+@pytest.mark.parametrize("overrides", [dict(dim=128), dict(dim=128, multiple_of=64), dict(ffn_dim_multiplier=1.5),
+                                       dict(dim=128, hidden_dim=200)])
+def test_preset_overrides_derive_the_width_afresh(overrides):
+    """An override of dim, multiple_of or ffn_dim_multiplier changes the width the rule gives, unless
+    hidden_dim is given too (train.py's --dim 128 must not keep tiny's 256)."""
+    args = PRESETS["tiny"] | overrides
+    expected = overrides.get("hidden_dim") or swiglu_width(args["dim"], args["multiple_of"], args.get("ffn_dim_multiplier"))
+    config = ModelConfig.from_preset("tiny", **overrides)
+    assert config.hidden_dim == expected, f"tiny with {overrides}: hidden_dim {config.hidden_dim}, expected {expected}"
+
+
+@pytest.mark.parametrize("flags, expected", [(["--dim", "128"], swiglu_width(128, 32)),
+                                             (["--dim", "128", "--hidden_dim", "200"], 200)])
+def test_train_flags_override_the_width(flags, expected):
+    cfg, _ = parse_args(flags)
+    config = ModelConfig.from_preset(cfg.model, **cfg.model_overrides)
+    assert config.hidden_dim == expected, f"train.py {' '.join(flags)}: hidden_dim {config.hidden_dim}, expected {expected}"
+
+
+@pytest.mark.parametrize("stored", [None, "absent"])
+def test_config_json_without_a_resolved_width_loads_the_same_model(tmp_path, stored):
+    """config.json files written before hidden_dim was resolved hold null there, or nothing."""
+    config = ModelConfig.from_preset("llama2-70b")
+    old = config.to_dict()
+    if stored is None:
+        old["hidden_dim"] = None
+    else:
+        del old["hidden_dim"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    loaded = ModelConfig.load(tmp_path / "config.json")
+    assert loaded == config and loaded.hidden_dim == 28672, f"old config.json ({stored}) read as {loaded}"
 
 
 def test_n_kv_heads_defaults_to_n_heads():
@@ -54,10 +114,10 @@ def test_every_issue_preset_exists():
 
 
 def test_from_preset_applies_overrides_without_changing_the_preset():
-    before = PRESETS["tiny"].max_seq_len
+    before = PRESETS["tiny"]["max_seq_len"]
     c = ModelConfig.from_preset("tiny", max_seq_len=before + 1)
     assert c.max_seq_len == before + 1, f"override max_seq_len={before + 1} ignored: got {c.max_seq_len}"
-    assert PRESETS["tiny"].max_seq_len == before, "from_preset(..., max_seq_len=...) modified the shared preset"
+    assert PRESETS["tiny"]["max_seq_len"] == before, "from_preset(..., max_seq_len=...) modified the shared preset"
 
 
 def test_unknown_preset_is_named_with_the_choices():
@@ -87,7 +147,6 @@ def test_from_params_json_matches_preset(tmp_path, params, preset):
     config = ModelConfig.from_params_json(path, vocab_size=32000, max_seq_len=4096)
     expected = ModelConfig.from_preset(preset)
     assert config == expected, f"params.json of {preset} read as\n{config}\nexpected the preset\n{expected}"
-    assert config.ffn_hidden_dim == expected.ffn_hidden_dim
 
 
 def test_from_params_json_without_vocab_size_says_what_to_pass(tmp_path):

@@ -25,9 +25,9 @@ def test_f32_gguf_converts_exactly(tmp_path):
     for name, tensor in expected.items():
         assert torch.equal(got[name], tensor), f"{name} changed through an F32 GGUF file"
     c = config_of(tmp_path / "out")
-    fields = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "norm_eps", "rope_theta", "max_seq_len")
+    fields = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "norm_eps", "rope_theta",
+              "max_seq_len")
     assert all(getattr(c, f) == getattr(model.config, f) for f in fields), f"metadata mapped to {c}"
-    assert c.ffn_hidden_dim == model.config.ffn_hidden_dim
 
 
 def test_gguf_qk_order_agrees_with_transformers_reader(tmp_path):

@@ -55,7 +55,7 @@ def test_config_from_hf_reads_every_setting():
     hf_config, *_ = load_fixture()
     config = config_from_hf(hf_config)
     got = (config.dim, config.n_layers, config.n_heads, config.n_kv_heads, config.vocab_size,
-           config.ffn_hidden_dim, config.norm_eps, config.rope_theta, config.max_seq_len, config.tie_embeddings)
+           config.hidden_dim, config.norm_eps, config.rope_theta, config.max_seq_len, config.tie_embeddings)
     expected = (64, 2, 4, 2, 128, 96, 0.01, 50000.0, 64, False)
     assert got == expected, f"(dim, n_layers, n_heads, n_kv_heads, vocab, hidden, eps, theta, max_seq_len, tied) = {got}, expected {expected}"
 

@@ -338,6 +338,37 @@ def test_load_into_base_with_different_config_is_clear(tmp_path):
     load_peft(random_model(tiny_config(attn_impl="plain", max_seq_len=32)), tmp_path / "a")
 
 
+@pytest.mark.parametrize("stored", [None, "absent"])
+def test_adapter_recording_an_unresolved_width_loads(tmp_path, stored):
+    """peft.json files written before ModelConfig resolved hidden_dim record null there (or, older still,
+    nothing): the same base, so the adapter loads and gives the same outputs."""
+    base = random_model(tiny_config())
+    adapted = trained_copy(base, METHOD_CONFIGS["lora"], seed=1)
+    save_peft(adapted, tmp_path / "a")
+    path = tmp_path / "a" / PEFT_CONFIG
+    meta = json.loads(path.read_text())
+    if stored is None:
+        meta["base_config"]["hidden_dim"] = None
+    else:
+        del meta["base_config"]["hidden_dim"]
+    path.write_text(json.dumps(meta))
+    loaded = load_peft(copy.deepcopy(base), tmp_path / "a").eval()
+    tokens = random_tokens(base.config, 2, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens)[0], adapted(tokens)[0], rtol=0, atol=0)
+
+
+def test_adapter_recording_an_impossible_base_is_refused_by_name(tmp_path):
+    save_peft(trained_copy(random_model(tiny_config()), METHOD_CONFIGS["lora"], seed=1), tmp_path / "a")
+    path = tmp_path / "a" / PEFT_CONFIG
+    meta = json.loads(path.read_text())
+    meta["base_config"]["dim"] = "64"
+    path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"peft.json: its base_config .*dim must be an integer") as err:
+        load_peft(random_model(tiny_config()), tmp_path / "a")
+    assert "\n" not in str(err.value), str(err.value)
+
+
 def test_load_with_missing_or_extra_tensor_is_clear(tmp_path):
     base = random_model(tiny_config())
     save_peft(trained_copy(base, METHOD_CONFIGS["lora"], seed=1), tmp_path / "a")

@@ -146,7 +146,7 @@ from llama_min.training.config import TrainConfig
 from llama_min.training.data import WindowSampler
 from llama_min.training.optim import make_optimizer
 from llama_min.training.runtime import Runtime
-from llama_min.training.state import save_run_checkpoint
+from llama_min.training.state import save_model
 cfg = TrainConfig(out_dir={out!r})
 torch.manual_seed(0)
 model = Llama(ModelConfig(dim=64, n_layers=4, n_heads=2, vocab_size=384, multiple_of=16, max_seq_len=32))
@@ -156,8 +156,8 @@ step = 0
 while True:  # every checkpoint stamps its step into a weight, so a mix of two saves is detectable
     with torch.no_grad():
         model.norm.weight.fill_(step)
-    save_run_checkpoint(Path({out!r}), model, Tokenizer({tok!r}), optimizer.state_dict(), sampler, step, 0.0, cfg,
-                        [])
+    save_model(Path({out!r}), model, Tokenizer({tok!r}), False,
+               train_state={{"step": step, "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict()}})
     if step == 0:
         print("saved", flush=True)
     step += 1
@@ -319,10 +319,10 @@ def test_default_config_runs_a_few_steps(tmp_path):
     assert "--- sample (greedy) ---" in run.out and "--- sample (temperature 0.8) ---" in run.out
     records = metrics(tmp_path)
     assert records[-1]["step"] == 2 and math.isfinite(last(tmp_path, "val_bpb"))
-    assert train_losses(tmp_path)[0] == pytest.approx(math.log(PRESETS[TrainConfig().model].vocab_size), rel=0.05), (
+    assert train_losses(tmp_path)[0] == pytest.approx(math.log(PRESETS[TrainConfig().model]["vocab_size"]), rel=0.05), (
         "a fresh model should start near the uniform loss ln(vocab)")
     assert set(records[0]) == {"step", "train_loss", "val_loss", "val_bpb", "dev_accuracy", "lr", "tokens_per_s", "elapsed_s"}
-    assert (tmp_path / "loss.png").stat().st_size > 0
+    assert (tmp_path / "loss.png").stat().st_size > 0 and f"loss curve: {tmp_path / 'loss.png'}" in run.out
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
         "config.json", "model.safetensors", "tokenizer.model", STATE_FILE]
 

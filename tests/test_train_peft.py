@@ -44,13 +44,13 @@ def expected_peft_keys(word_bench, method) -> set[str]:
 @pytest.mark.parametrize("method", PEFT_METHODS)
 def test_peft_run_saves_only_the_adapter_and_leaves_the_base_untouched(word_bench, tmp_path, monkeypatch, method):
     saved_models = []
-    original = llama_min.training.state.save_run_checkpoint
+    original = llama_min.training.state.save_model
 
     def keep_a_copy(directory, model, *args, **kwargs):  # the trained model as the loop leaves it
         saved_models.append({k: v.detach().clone() for k, v in model.state_dict().items()})
         original(directory, model, *args, **kwargs)
 
-    monkeypatch.setattr(llama_min.training.state, "save_run_checkpoint", keep_a_copy)
+    monkeypatch.setattr(llama_min.training.state, "save_model", keep_a_copy)
     train(*finetune_args(word_bench, tmp_path, method))
     assert metrics(tmp_path)[-1]["step"] == 4 and last(tmp_path, "val_loss") > 0
     assert all(r["val_bpb"] is None for r in metrics(tmp_path)), "no bits per byte for instruction data"

@@ -91,7 +91,7 @@ def test_flops_of_full_training_are_palms_and_frozen_parts_cost_less():
     from llama_min.training.progress import flops_per_token
 
     c = ModelConfig(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=64, multiple_of=16, max_seq_len=16)
-    T, h, kv = 16, c.ffn_hidden_dim, c.n_kv_heads * c.head_dim
+    T, h, kv = 16, c.hidden_dim, c.n_kv_heads * c.head_dim
     per_layer = 2 * c.dim * c.dim + 2 * c.dim * kv + 3 * c.dim * h
     full = 6 * (c.n_layers * per_layer + c.dim * c.vocab_size) + 12 * c.n_layers * T * c.dim
     assert flops_per_token(Llama(c), T) == full

@@ -219,8 +219,8 @@ class Skeleton(nn.Module):
             for name, shape in (("wq", (dim, dim)), ("wk", (dim, kv)), ("wv", (dim, kv)), ("wo", (dim, dim))):
                 setattr(layer.attention, name, nn.Linear(*shape, bias=False))
             layer.feed_forward = nn.Module()
-            for name, shape in (("w1", (dim, config.ffn_hidden_dim)), ("w2", (config.ffn_hidden_dim, dim)),
-                                ("w3", (dim, config.ffn_hidden_dim))):
+            for name, shape in (("w1", (dim, config.hidden_dim)), ("w2", (config.hidden_dim, dim)),
+                                ("w3", (dim, config.hidden_dim))):
                 setattr(layer.feed_forward, name, nn.Linear(*shape, bias=False))
             self.layers.append(layer)
         self.norm = nn.Module()

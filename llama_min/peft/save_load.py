@@ -27,8 +27,8 @@ from .apply import _peft_config, apply_peft, base_fingerprint, peft_state_dict, 
 from .config import PeftConfig
 
 # ModelConfig fields that change neither a tensor's shape nor what it means: a PEFT checkpoint may be
-# loaded onto a base that differs in these (attn_impl: recorded by files older than ModelConfig.to_dict).
-_RUNTIME_FIELDS = ("attn_impl", "max_seq_len")
+# loaded onto a base that differs in these.
+_RUNTIME_FIELDS = ("max_seq_len",)
 
 
 def save_peft(model: Llama, directory: str | Path, base_checkpoint: str | Path | None = None,
@@ -79,7 +79,14 @@ def read_peft_meta(directory: str | Path) -> dict:
 
 
 def _check_base(model_config: ModelConfig, meta: dict, directory: Path) -> None:
-    ours, theirs = model_config.to_dict(), meta["base_config"]
+    # The recorded base is read back through ModelConfig, so that what older files leave implicit
+    # (hidden_dim null or absent: the rule's width) compares as the model it describes.
+    try:
+        theirs = ModelConfig.from_dict(meta["base_config"]).to_dict()
+    except ValueError as e:
+        raise ValueError(f"{directory / PEFT_CONFIG}: its base_config is no model config ({one_line(e, 120)}); the "
+                         "file was edited or damaged: train the adapter again") from None
+    ours = model_config.to_dict()
     diffs = [f"{k}: {ours.get(k)!r} here, {theirs.get(k)!r} there" for k in sorted(set(ours) | set(theirs))
              if k not in _RUNTIME_FIELDS and ours.get(k) != theirs.get(k)]
     if diffs:

@@ -125,6 +125,11 @@ class TrainConfig:
         """Whether base tensors train, so that the whole model is saved (else only the adapter)."""
         return self.method in BASE_METHODS
 
+    @property
+    def adapter_base(self) -> str | None:
+        """The base checkpoint a PEFT run's adapter-only saves name (--init_from); None: the whole model is saved."""
+        return None if self.trains_base else self.init_from
+
 
 def check_config(cfg: TrainConfig) -> None:
     """Refuse flags that are out of range or do not go together, naming them and the fix."""
@@ -202,7 +207,7 @@ def model_flag_help(f) -> str | None:
     """Help for a model flag; rope_scaling is no flag (it comes with converted long-context models)."""
     if f.name == "rope_scaling":
         return None
-    return f"overrides the preset's {f.name} (tiny: {getattr(PRESETS['tiny'], f.name)})"
+    return f"overrides the preset's {f.name} (tiny: {getattr(ModelConfig.from_preset('tiny'), f.name)})"
 
 
 def build_parser(description: str = "") -> argparse.ArgumentParser:

@@ -166,7 +166,7 @@ class Progress:
                              "space or choose a writable --out_dir") from None
 
     def plot(self) -> str | None:
-        """Redraw loss.png (rank 0); a note when that is not possible."""
+        """Redraw loss.png (rank 0): what was drawn, or why nothing was (None: nothing logged yet)."""
         return plot_losses(self.out_dir) if self.rt.master else None
 
 
@@ -191,7 +191,8 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def plot_losses(out_dir: Path) -> str | None:
-    """Draw loss.png from metrics.jsonl; returns a note when matplotlib is missing."""
+    """Draw loss.png from metrics.jsonl and say where, or why not (matplotlib missing); None when nothing
+    was logged yet."""
     try:
         from matplotlib.figure import Figure  # (no pyplot: no GUI backend, no global figure to close)
     except ImportError:
@@ -211,4 +212,4 @@ def plot_losses(out_dir: Path) -> str | None:
     ax.grid(alpha=0.3)
     fig.savefig(out_dir / "loss.tmp.png")
     (out_dir / "loss.tmp.png").replace(out_dir / "loss.png")
-    return None
+    return f"loss curve: {out_dir / 'loss.png'}"

@@ -25,7 +25,7 @@ from .data import DEV_ANSWER_TOKENS, Data, dev_split
 from .config import TrainConfig
 from .progress import Progress
 from .runtime import Runtime, exact_float32
-from .state import save_model_only
+from .state import save_model
 
 
 def make_l2sp(model: Llama, cfg: TrainConfig) -> L2SP | None:
@@ -86,7 +86,7 @@ class DevSelection:
             accuracy = accuracy.item()
             improved = self.stopper.update(step, accuracy)
             if improved and self.rt.master:
-                save_model_only(self.best_dir, self.model, self.data.tokenizer, self.cfg, self.data.is_instructions)
+                save_model(self.best_dir, self.model, self.data.tokenizer, self.data.is_instructions, self.cfg.adapter_base)
         waited = f", {self.stopper.evals_since_best}/{self.cfg.patience} without improvement" if self.cfg.patience else ""
         self.rt.say(f"step {step}: dev exact match ({self.rt.precision}) {accuracy:.4f} on {len(self.records)} records" +
                     (f", new best: saved to {self.best_dir}" if improved else

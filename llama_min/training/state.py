@@ -26,7 +26,7 @@ from ..cli import UsageError, one_line
 from ..config import ModelConfig
 from ..finetune.templates import record_template
 from ..model import Llama
-from ..peft import PeftConfig, apply_peft, merge_lora, save_peft
+from ..peft import PeftConfig, apply_peft, save_peft
 from ..peft.save_load import read_peft_weights
 from ..tokenizer import Tokenizer
 from .config import TrainConfig, peft_config
@@ -79,18 +79,29 @@ def set_rng_states(saved: list[dict] | dict, rt: Runtime) -> str | None:
     return None
 
 
-def write_model(directory: Path, model: Llama, tokenizer: Tokenizer, cfg: TrainConfig, instructions: bool,
-                tensors: dict | None = None) -> None:
-    """The model part of a checkpoint, into an existing directory: the core format (full, partial) or,
-    for a PEFT method, the adapter-only peft.safetensors + peft.json naming the base --init_from.
-    A model tuned on instruction data records the Alpaca template, which generate.py then uses.
-    ``tensors``: the tensors to write when the model is sharded (--fsdp; gathered by full_tensors)."""
-    if cfg.trains_base:
-        write_model_files(model if tensors is None else holding(model.config, tensors), directory, tokenizer.path)
-    else:
-        save_peft(model, directory, base_checkpoint=cfg.init_from, tensors=tensors)  # (atomic on its own, inside ours)
-    if instructions:
-        record_template(directory, "alpaca")
+def save_model(directory: Path, model: Llama, tokenizer: Tokenizer, instructions: bool, adapter_base: str | None = None,
+               tensors: dict | None = None, train_state: dict | None = None) -> None:
+    """Write a model directory, replacing DIR atomically (checkpoint.replace_directory: an interruption at
+    any instant leaves the previous directory or the new one, never a mix): the core format, or with
+    ``adapter_base`` only the adapter (peft.safetensors + peft.json naming that base checkpoint). A model
+    tuned on instruction data records the Alpaca template, which generate.py then uses; ``train_state``
+    becomes train_state.pt. ``tensors``: the whole tensors of a model sharded with --fsdp (full_tensors).
+    A full disk or a read-only directory is one error, with the previous directory untouched."""
+    try:
+        with replace_directory(directory) as tmp:
+            if adapter_base is None:
+                write_model_files(model if tensors is None else holding(model.config, tensors), tmp, tokenizer.path)
+            else:
+                save_peft(model, tmp, base_checkpoint=adapter_base, tensors=tensors)  # (atomic on its own, inside ours)
+            if instructions:
+                record_template(tmp, "alpaca")
+            if train_state is not None:
+                torch.save(train_state, tmp / STATE_FILE)
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch.save and safetensors wrap a failed write in their own
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else "a write failed"
+        raise UsageError(f"could not write the checkpoint {directory}: {reason} (disk full, or a file size limit); the "
+                         "previous one is untouched: free disk space or choose a writable --out_dir, then --resume"
+                         ) from None
 
 
 def holding(config: ModelConfig, tensors: dict[str, torch.Tensor], peft: PeftConfig | None = None) -> Llama:
@@ -107,35 +118,6 @@ def holding(config: ModelConfig, tensors: dict[str, torch.Tensor], peft: PeftCon
     return model
 
 
-def save_run_checkpoint(directory: Path, model: Llama, tokenizer: Tokenizer, optimizer_state: dict,
-                        sampler: WindowSampler, step: int, best_val_loss: float, cfg: TrainConfig, rng: list[dict],
-                        instructions: bool = False, early_stopping: dict | None = None,
-                        tensors: dict | None = None, data: dict | None = None) -> None:
-    """The model (``write_model``) plus train_state.pt, written beside DIR and swapped in by renames
-    (checkpoint.replace_directory), so an interruption at any instant leaves the previous checkpoint or
-    the new one, never a mix.
-    ``rng``: every process's generators (all_rng_states); ``data``: the data files' data_fingerprint. A full disk or a read-only directory is one
-    error, with the previous checkpoint untouched."""
-    try:
-        with replace_directory(directory) as tmp:
-            write_model(tmp, model, tokenizer, cfg, instructions, tensors)
-            torch.save({"step": step, "optimizer": optimizer_state, "sampler": sampler.state_dict(),
-                        "rng": rng, "best_val_loss": best_val_loss, "train_config": asdict(cfg),
-                        "early_stopping": early_stopping, "data": data}, tmp / STATE_FILE)
-    except (OSError, RuntimeError, SafetensorError) as e:  # torch.save and safetensors wrap a failed write in their own
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else "a write failed"
-        raise UsageError(f"could not write the checkpoint {directory} at step {step}: {reason} (disk full, or a file "
-                         "size limit); the previous checkpoint is untouched: free disk space or choose a writable "
-                         "--out_dir, then --resume") from None
-
-
-def save_model_only(directory: Path, model: Llama, tokenizer: Tokenizer, cfg: TrainConfig, instructions: bool) -> None:
-    """The model alone, in the run's format, replacing DIR atomically: --dev_every's best model (for use,
-    not for --resume)."""
-    with replace_directory(directory) as tmp:
-        write_model(tmp, model, tokenizer, cfg, instructions)
-
-
 def whole_model(model: Llama, cfg: TrainConfig, image_encoder=None) -> Llama | None:
     """The model as one process holds it: ``model`` itself, or under --fsdp a copy on rank 0's CPU made of
     every gathered tensor, with the PEFT method's modules (a collective; the other ranks get None)."""
@@ -143,16 +125,6 @@ def whole_model(model: Llama, cfg: TrainConfig, image_encoder=None) -> Llama | N
         return model
     tensors = gather_tensors(model)
     return holding(model.config, tensors, peft_config(cfg, image_encoder)) if tensors else None
-
-
-def write_merged(directory: Path, model: Llama, tokenizer: Tokenizer, instructions: bool) -> None:
-    """--merge: fold (alpha/r)·B·A into W (the adapter is gone from ``model`` afterwards) and write a
-    full checkpoint, atomically; it loads as a plain model, with no --peft."""
-    merge_lora(model)
-    with replace_directory(directory) as tmp:
-        write_model_files(model, tmp, tokenizer.path)
-        if instructions:
-            record_template(tmp, "alpaca")
 
 
 def load_train_state(directory: Path) -> dict:
@@ -279,9 +251,11 @@ class RunCheckpoints:
         if self.cfg.fsdp:  # rank 0 gathers the whole tensors (only the trainable ones of a PEFT method)
             tensors, optimizer_state = full_tensors(self.model, self.optimizer, trainable_only=not self.cfg.trains_base)
         if self.rt.master:
-            save_run_checkpoint(self.directory, self.model, self.data.tokenizer, optimizer_state, self.sampler, step,
-                                best_val_loss, self.cfg, rng, self.data.is_instructions, self.dev.state_dict(), tensors,
-                                self.data_fingerprint)
+            train_state = {"step": step, "optimizer": optimizer_state, "sampler": self.sampler.state_dict(), "rng": rng,
+                           "best_val_loss": best_val_loss, "train_config": asdict(self.cfg),
+                           "early_stopping": self.dev.state_dict(), "data": self.data_fingerprint}
+            save_model(self.directory, self.model, self.data.tokenizer, self.data.is_instructions,
+                       self.cfg.adapter_base, tensors, train_state)
         self.saved_step = step
 
     def last_good(self) -> str:
