@@ -7,6 +7,7 @@ uniform, so a wrong mask, position or head mapping moves the logits by much more
 
 import math
 import random
+import re
 import signal
 
 import pytest
@@ -52,6 +53,17 @@ def interruptible() -> None:
     the background by a script (``cmd &``) ignores SIGINT, children inherit that, and Python then never
     turns SIGINT into KeyboardInterrupt."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def numbered_items(text: str) -> int:
+    """How many lines of text open a numbered item ("1. ", "12. ", not indented): the written questions of
+    a handout, the answers of a key."""
+    return sum(re.match(r"\d+\. ", line) is not None for line in text.splitlines())
+
+
+def hand_in_questions(handout: str) -> int:
+    """How many numbered questions a lab handout asks in its "## Hand in" section (0 without one)."""
+    return numbered_items(handout.partition("## Hand in")[2])
 
 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:

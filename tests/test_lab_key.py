@@ -1,12 +1,16 @@
-"""The instructor's answer keys (lab/key/) never reach a student version: lab.handout copies no file of that
-directory, no sentence of a key appears anywhere in a handout of every lab, and lab.pack zips none even when
-run in the instructor's repository."""
+"""The instructor's answer keys (lab/key/): every lab whose handout asks written questions has one, answering
+as many as it asks, and none reaches a student version: lab.handout copies no file of that directory, no
+sentence of a key appears anywhere in a handout of every lab, and lab.pack zips none even when run in the
+instructor's repository."""
 
 import zipfile
+from pathlib import Path
 
 from lab.handout import write_handout
 from lab.manifest import LAB_DIR, REPO, load_labs
 from lab.pack import pack
+
+from conftest import hand_in_questions, numbered_items
 
 
 def test_answer_keys_stay_out_of_the_handout(tmp_path):
@@ -29,15 +33,21 @@ def test_every_key_answers_its_handout_questions():
     labs = {f"{lab.number:02d}": lab for lab in load_labs().values()}
     for key in sorted((LAB_DIR / "key").glob("*.md")):
         lab = labs[key.name[:2]]
-        handout = (LAB_DIR / lab.handout).read_text(encoding="utf-8").split("## Hand in", 1)[1]
-        asked = sum(line[:3] in {f"{i}. " for i in range(1, 10)} for line in handout.splitlines())
-        answered = sum(line[:3] in {f"{i}. " for i in range(1, 10)} for line in key.read_text(encoding="utf-8").splitlines())
+        asked = hand_in_questions((LAB_DIR / lab.handout).read_text(encoding="utf-8"))
+        answered = numbered_items(key.read_text(encoding="utf-8"))
         assert asked == answered > 0, (key.name, asked, answered)
 
 
-def test_labs_1_to_12_have_a_key():
-    keys = {int(key.name[:2]) for key in (LAB_DIR / "key").glob("[0-9][0-9]_*.md")}
-    assert set(range(1, 13)) <= keys, f"no answer key for labs {sorted(set(range(1, 13)) - keys)}"
+def test_every_lab_that_asks_questions_has_a_key():
+    """lab/key/ holds a key named like the handout (NN_<slug>.md) for every lab whose handout asks numbered
+    questions in a Hand in section, so that a new lab cannot ship its questions without answers."""
+    asking = {number: lab for number, lab in load_labs().items()
+              if hand_in_questions((LAB_DIR / lab.handout).read_text(encoding="utf-8"))}
+    assert set(range(1, 14)) <= set(asking), \
+        f"labs {sorted(set(range(1, 14)) - set(asking))} ask no numbered questions under '## Hand in' any more"
+    missing = [f"lab/key/{Path(lab.handout).name}" for lab in asking.values()
+               if not (LAB_DIR / "key" / Path(lab.handout).name).is_file()]
+    assert not missing, f"no answer key {missing[0]} for a handout that asks written questions: write one"
 
 
 def test_pack_never_zips_a_key(tmp_path):

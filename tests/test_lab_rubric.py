@@ -10,6 +10,8 @@ import pytest
 from lab.grade import main as grade_main, parse_rubric, read_rubric, score
 from lab.manifest import LAB_DIR, load_labs
 
+from conftest import hand_in_questions
+
 RUBRIC = """
 [lab1]
 test_float32 = 4
@@ -76,8 +78,7 @@ def test_lab_grade_says_what_is_wrong_with_the_rubric(tmp_path, monkeypatch):
 
 def questions(lab) -> int:
     """How many numbered questions the lab's handout asks in its Hand in section."""
-    handin = (LAB_DIR / lab.handout).read_text(encoding="utf-8").split("## Hand in", 1)[1]
-    return sum(line[:3] in {f"{i}. " for i in range(1, 10)} for line in handin.splitlines())
+    return hand_in_questions((LAB_DIR / lab.handout).read_text(encoding="utf-8"))
 
 
 def test_the_shipped_rubric_prices_every_hand_in_of_every_lab():
