@@ -5,6 +5,7 @@ for exact comparisons; ``random_model`` gives it weights large enough that atten
 uniform, so a wrong mask, position or head mapping moves the logits by much more than any tolerance.
 """
 
+import json
 import math
 import random
 import re
@@ -14,7 +15,10 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from llama_min import Llama, ModelConfig, Tokenizer
+from llama_min import Llama, ModelConfig, Tokenizer, generate
+from llama_min.checkpoint import load_checkpoint, tokenizer_file
+from llama_min.finetune.instructions import InstructionRecord, read_records
+from llama_min.training.data import DEV_ANSWER_TOKENS
 
 
 def tiny_config(**overrides) -> ModelConfig:
@@ -136,3 +140,41 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+# ---- instruction records with a known dev score ----------------------------------------------------
+
+N_TRAIN, N_HELD_OUT, DEV_RECORDS = 20, 10, 8
+ANSWERABLE = (0, 3, 5, 9)  # held-out positions whose output is the base's greedy answer; 9 is past DEV_RECORDS
+EXPECTED_ACCURACY = 3 / 8
+
+
+@pytest.fixture(scope="session")
+def crafted(word_bench, tmp_path_factory):
+    """Instruction records whose dev score is known without the code under test: the word_bench base's
+    records, of whose first DEV_RECORDS held-out ones 3 get as expected output the base's own greedy
+    answer (the rest keep real answers, which the barely trained base cannot give), so the unchanged base
+    scores exactly 3/8; record 9, past the dev split, is made answerable too and must not count.
+    Returns the file (20 training records, then 10 held out: pass --val_fraction 1/3), the held-out
+    records, the base's tokenizer and its directory."""
+    base_dir = word_bench / "base" / "ckpt"
+    base, tokenizer = load_checkpoint(base_dir).eval(), Tokenizer(tokenizer_file(base_dir))
+    records = read_records(word_bench / "benchmark" / "instructions" / "train.jsonl")[:N_TRAIN + N_HELD_OUT]
+    held_out = records[N_TRAIN:]
+    # Greedy answers of the dev records batched as one call, as the scorer batches them (left padding),
+    # so that the very same computation decides; the record past the dev split alone.
+    prompts = [tokenizer.encode(r.prompt(), bos=True) for r in held_out[:DEV_RECORDS]]
+    new = generate(base, prompts, DEV_ANSWER_TOKENS, temperature=0.0, stop_ids=[tokenizer.eos_id])
+    new += [[]] * (N_HELD_OUT - DEV_RECORDS - 1)
+    new += generate(base, [tokenizer.encode(held_out[-1].prompt(), bos=True)], DEV_ANSWER_TOKENS,
+                    temperature=0.0, stop_ids=[tokenizer.eos_id])
+    greedy = [tokenizer.decode(ids) for ids in new]
+    for i, r in enumerate(held_out[:DEV_RECORDS]):
+        if i not in ANSWERABLE:
+            assert greedy[i].strip() != r.output.strip(), f"premise: the base should not answer record {i} right"
+    held_out = [InstructionRecord(r.instruction, greedy[i].strip() if i in ANSWERABLE else r.output, r.input)
+                for i, r in enumerate(held_out)]
+    path = tmp_path_factory.mktemp("crafted") / "instructions.jsonl"
+    path.write_text("".join(json.dumps({"instruction": r.instruction, "input": r.input, "output": r.output}) + "\n"
+                            for r in records[:N_TRAIN] + held_out), encoding="utf-8")
+    return {"path": path, "held_out": held_out, "tokenizer": tokenizer, "base_dir": base_dir}

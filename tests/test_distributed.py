@@ -6,6 +6,7 @@ process with a checkpoint and the status a scheduler expects.
 torchrun runs are the expensive part (two interpreters each): the runs are shared through module
 fixtures, and every model is tiny."""
 
+import json
 import os
 import signal
 import socket
@@ -23,7 +24,8 @@ from llama_min.peft import PeftConfig, apply_peft
 from llama_min.tokenizer import Tokenizer
 from llama_min.training.distributed import checkpoint_activations, seed_process
 from llama_min.training.runtime import Runtime
-from scripts import ROOT, last, run_script, shakespeare_slice, train, train_losses
+from conftest import DEV_RECORDS, EXPECTED_ACCURACY
+from scripts import ROOT, last, metrics, run_script, shakespeare_slice, train, train_losses
 
 TINY = ["--dim", "32", "--n_layers", "2", "--n_heads", "2", "--n_kv_heads", "1", "--vocab_size", "384",
         "--multiple_of", "16"]
@@ -157,6 +159,44 @@ def test_fsdp_l2sp_matches_one_process(corpus, single):
                             for run in ("l2sp_fsdp", "l2sp_single", "no_l2sp"))
     assert_same_tensors(sharded, plain, 1e-5, "weights after 10 steps with --l2sp")
     assert max((plain[k] - free[k]).abs().max() for k in plain) > 1e-3, "--l2sp 5 changed nothing (control)"
+
+
+def test_fsdp_dev_scores_are_the_known_scores(crafted, tmp_path):
+    """--dev_every under --fsdp scores the whole model (rank 0, gathered on every process): on the crafted
+    records the unchanged base (--lr 0) scores exactly 3/8 at every evaluation, and every process stops
+    after --patience evaluations without improvement, as one process does."""
+    common = ["--init_from", crafted["base_dir"], "--method", "lora", "--data", crafted["path"], "--val_fraction",
+              "0.3333", "--seq_len", "160", "--lr", "0", "--max_steps", "10", "--eval_every", "100", "--dev_every", "1",
+              "--patience", "2", "--dev_records", str(DEV_RECORDS), "--sample_tokens", "0"]
+    torchrun(*common, "--fsdp", "--batch_size", "2", "--out_dir", tmp_path / "fsdp")
+    train(*common, "--batch_size", "4", "--out_dir", tmp_path / "single")
+    for run in ("fsdp", "single"):
+        scores = [r["dev_accuracy"] for r in metrics(tmp_path / run) if r["dev_accuracy"] is not None]
+        assert scores == [EXPECTED_ACCURACY] * 3, f"{run}: {scores}"
+
+
+def test_fsdp_dev_selection_and_early_stopping_match_one_process(word_bench, tmp_path):
+    """--dev_every under --fsdp: rank 0 scores the model gathered whole on every process, every process
+    joins in saving the best adapter, all stop after the same evaluation, and --merge folds in the best
+    adapter, not the last one: the same scores, choices, best adapter and merged weights as one process."""
+    common = ["--init_from", word_bench / "base" / "ckpt", "--method", "lora", "--lora_dropout", "0", "--merge",
+              "--data", word_bench / "benchmark" / "instructions" / "train.jsonl", "--seq_len", "160",
+              "--max_steps", "40", "--warmup_steps", "2", "--lr", "1e-2", "--log_every", "5", "--eval_every", "40",
+              "--dev_every", "5", "--dev_records", "8", "--patience", "2", "--sample_tokens", "0"]
+    torchrun(*common, "--fsdp", "--batch_size", "2", "--out_dir", tmp_path / "fsdp")
+    train(*common, "--batch_size", "4", "--out_dir", tmp_path / "single")
+    runs = {name: tmp_path / name for name in ("fsdp", "single")}
+    scores = {name: [r["dev_accuracy"] for r in metrics(out) if r["dev_accuracy"] is not None] for name, out in runs.items()}
+    assert scores["fsdp"] == scores["single"] and len(scores["single"]) >= 3, scores
+    chosen = {name: json.loads((out / "early_stopping.json").read_text()) for name, out in runs.items()}
+    assert chosen["fsdp"]["chosen_step"] == chosen["single"]["chosen_step"], chosen
+    assert chosen["fsdp"]["stopped_at"] == chosen["single"]["stopped_at"] < 40, chosen
+    best, best_plain, last_saved = (load_file(out / "peft.safetensors") for out in (
+        runs["fsdp"] / "best", runs["single"] / "best", runs["single"] / "peft"))
+    assert_same_tensors(best, best_plain, 1e-5, "the best dev adapter")
+    assert not all(torch.equal(best_plain[k], last_saved[k]) for k in best_plain), "best and last adapters (control)"
+    assert_same_tensors(load_checkpoint(runs["fsdp"] / "merged").state_dict(),
+                        load_checkpoint(runs["single"] / "merged").state_dict(), 1e-5, "--merge of the best adapter")
 
 
 def test_fsdp_without_torchrun_is_one_clear_line(corpus, tmp_path):

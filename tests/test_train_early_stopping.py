@@ -1,9 +1,9 @@
 """train.py's low-cost validation (--dev_every, --dev_records, --patience, --min_delta), through
 ``python train.py`` on the lab fixture's tiny base.
 
-The dev split is crafted so that its score is known without the code under test: of the first 8
-held-out records, 3 get as their expected output the base model's own greedy answer (decoded from
-``generation.generate`` here), the others keep their real answers, which the barely trained base cannot
+The dev split is crafted so that its score is known without the code under test (the ``crafted``
+fixture of tests/conftest.py): of the first 8 held-out records, 3 get as their expected output the base
+model's own greedy answer, the others keep their real answers, which the barely trained base cannot
 give. With --lr 0 the model never moves, so every dev evaluation must score exactly 3/8, and a record
 after the first --dev_records that is also made answerable must not count.
 """
@@ -15,45 +15,11 @@ import torch
 from safetensors.torch import load_file
 
 import llama_min.training.robust
-from llama_min.checkpoint import load_checkpoint, tokenizer_file
+from llama_min.checkpoint import load_checkpoint
 from llama_min.finetune.exact_match import exact_match_accuracy
-from llama_min.finetune.instructions import InstructionRecord, read_records
-from llama_min.generation import generate
-from llama_min.tokenizer import Tokenizer
 from llama_min.training.data import DEV_ANSWER_TOKENS
+from conftest import DEV_RECORDS, EXPECTED_ACCURACY
 from scripts import Run, metrics, run_script
-
-N_TRAIN, N_HELD_OUT, DEV_RECORDS = 20, 10, 8
-ANSWERABLE = (0, 3, 5, 9)  # held-out positions whose output is the base's greedy answer; 9 is past DEV_RECORDS
-EXPECTED_ACCURACY = 3 / 8
-
-
-@pytest.fixture(scope="module")
-def crafted(word_bench, tmp_path_factory):
-    """The crafted instruction file (20 training records, then 10 held out: pass --val_fraction 1/3),
-    the held-out records, and the base's tokenizer."""
-    base_dir = word_bench / "base" / "ckpt"
-    base, tokenizer = load_checkpoint(base_dir).eval(), Tokenizer(tokenizer_file(base_dir))
-    records = read_records(word_bench / "benchmark" / "instructions" / "train.jsonl")[:N_TRAIN + N_HELD_OUT]
-    held_out = records[N_TRAIN:]
-    # Greedy answers of the dev records batched as one call, as the scorer batches them (left padding),
-    # so that the very same computation decides; the record past the dev split alone.
-    prompts = [tokenizer.encode(r.prompt(), bos=True) for r in held_out[:DEV_RECORDS]]
-    new = generate(base, prompts, DEV_ANSWER_TOKENS, temperature=0.0, stop_ids=[tokenizer.eos_id])
-    new += [[]] * (N_HELD_OUT - DEV_RECORDS - 1)
-    new += generate(base, [tokenizer.encode(held_out[-1].prompt(), bos=True)], DEV_ANSWER_TOKENS,
-                    temperature=0.0, stop_ids=[tokenizer.eos_id])
-    greedy = [tokenizer.decode(ids) for ids in new]
-    for i, r in enumerate(held_out[:DEV_RECORDS]):
-        if i not in ANSWERABLE:
-            assert greedy[i].strip() != r.output.strip(), f"premise: the base should not answer record {i} right"
-    held_out = [InstructionRecord(r.instruction, greedy[i].strip() if i in ANSWERABLE else r.output, r.input)
-                for i, r in enumerate(held_out)]
-    path = tmp_path_factory.mktemp("crafted") / "instructions.jsonl"
-    path.write_text("".join(json.dumps({"instruction": r.instruction, "input": r.input, "output": r.output}) + "\n"
-                            for r in records[:N_TRAIN] + held_out), encoding="utf-8")
-    return {"path": path, "held_out": held_out, "tokenizer": tokenizer, "base_dir": base_dir}
-
 
 def finetune(crafted, out_dir, *extra, steps=10, lr="1e-2") -> Run:
     # --decay_steps fixed: the learning rate of a step must not depend on --max_steps (runs of different

@@ -102,3 +102,15 @@ def test_flops_of_full_training_are_palms_and_frozen_parts_cost_less():
     layer0 = 2 * per_layer + 4 * T * c.dim  # below the adapted layer: forward only
     layer1 = 4 * per_layer + 6 * 10 * c.dim + 12 * T * c.dim  # frozen matrices, trained prompts (10, dim)
     assert flops_per_token(adapter, T) == layer0 + layer1 + 4 * c.dim * c.vocab_size
+
+
+def test_loss_png_is_drawn_once_a_loss_is_logged(tmp_path):
+    """plot() says where it drew the curve; before any loss is logged (a run that stopped early, with
+    only dev scores in metrics.jsonl) it draws nothing and says nothing."""
+    pytest.importorskip("matplotlib")
+    p = make(tmp_path)
+    assert p.plot() is None and not (tmp_path / "loss.png").exists(), "no metrics.jsonl yet"
+    p.record(step=1, dev_accuracy=0.5)
+    assert p.plot() is None and not (tmp_path / "loss.png").exists(), "no loss logged yet"
+    p.record(step=2, train_loss=3.0)
+    assert p.plot() == f"loss curve: {tmp_path / 'loss.png'}" and (tmp_path / "loss.png").stat().st_size > 0

@@ -174,14 +174,12 @@ def check_config(cfg: TrainConfig) -> None:
          f"--method adapter, not {cfg.method}"),
         (cfg.merge and cfg.method != "lora", f"--merge folds LoRA into the weights; it needs --method lora, not "
          f"{cfg.method}"),
-        # --fsdp needs the processes torchrun starts, and a numeric mode and options it supports
+        # --fsdp needs the processes torchrun starts, and a numeric mode it supports
         (cfg.fsdp and "RANK" not in os.environ, "--fsdp shards the model across the processes torchrun starts: run "
          "torchrun --nproc_per_node=N train.py --fsdp ... (a run saved with --fsdp resumes under torchrun, or add "
          "--no-fsdp)"),
         (cfg.fsdp and cfg.dtype == "float16", "--fsdp trains in bfloat16 (CUDA) or float32; float16's gradient "
          "scaler does not work on sharded gradients: use --dtype bfloat16 or float32, or drop --fsdp"),
-        (cfg.fsdp and cfg.dev_every, "--dev_every cannot be combined with --fsdp yet (scoring the dev set needs the "
-         "whole model on one process): drop one of them"),
     ]
     broken = next((message for is_broken, message in rules if is_broken), None)
     if broken:

@@ -104,18 +104,17 @@ def unsharded(model: nn.Module):
             block.set_reshard_after_forward(True, recurse=False)
 
 
-def full_tensors(model: nn.Module, optimizer: torch.optim.Optimizer, trainable_only: bool) -> tuple[dict, dict]:
-    """The sharded model's tensors (all, or only the trainable ones) and the optimiser's state, whole, on
-    rank 0's CPU (empty dicts on the other ranks; a collective). The optimiser state is keyed by parameter
-    name, so it loads into any number of processes (``load_optimizer``)."""
+def gather_tensors(model: nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """Every tensor of the sharded model (or only the trainable ones), whole, on rank 0's CPU (an empty
+    dict on the other ranks; a collective)."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
-    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+    return get_model_state_dict(model, options=options)
 
 
-def gather_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every tensor of the sharded model, whole, on rank 0's CPU (an empty dict on the other ranks; a
-    collective)."""
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+def gather_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimiser's state, whole, on rank 0's CPU (empty on the other ranks; a collective), keyed by
+    parameter name, so that it loads into any number of processes (``load_optimizer``)."""
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:

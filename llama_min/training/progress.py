@@ -191,22 +191,22 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def plot_losses(out_dir: Path) -> str | None:
-    """Draw loss.png from metrics.jsonl and say where, or why not (matplotlib missing); None when nothing
+    """Draw loss.png from metrics.jsonl and say where, or why not (matplotlib missing); None when no loss
     was logged yet."""
     try:
         from matplotlib.figure import Figure  # (no pyplot: no GUI backend, no global figure to close)
     except ImportError:
         return "no loss.png: matplotlib is not installed (pip install matplotlib)"
     path = out_dir / "metrics.jsonl"
-    if not path.exists():  # stopped before the first log step: nothing to draw
-        return None
-    records = read_metrics(path)
+    records = read_metrics(path) if path.exists() else []
     fig = Figure(figsize=(7, 4), layout="tight")
     ax = fig.subplots()
     for key, label in (("train_loss", "train"), ("val_loss", "held-out")):
-        points = [(r["step"], r[key]) for r in records if r[key] is not None]
+        points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
         if points:
             ax.plot(*zip(*points), label=label, marker="o" if key == "val_loss" else None)
+    if not ax.lines:  # stopped before the first logged loss: nothing to draw
+        return None
     ax.set(xlabel="step", ylabel="loss (nats per token)")
     ax.legend()
     ax.grid(alpha=0.3)

@@ -20,9 +20,10 @@ from ..finetune.early_stopping import EarlyStopping
 from ..finetune.exact_match import exact_match_accuracy
 from ..finetune.l2sp import L2SP
 from ..model import Llama
-from ..peft import load_peft
+from ..peft.save_load import read_peft_weights
 from .data import DEV_ANSWER_TOKENS, Data, dev_split
 from .config import TrainConfig
+from .distributed import gather_tensors, load_weights, unsharded
 from .progress import Progress
 from .runtime import Runtime, exact_float32
 from .state import save_model
@@ -77,21 +78,30 @@ class DevSelection:
             return
         with self.progress.periodic_work("dev", self.cfg.dev_every):
             accuracy = torch.zeros((), dtype=torch.float64, device=self.rt.device)
-            if self.rt.master:  # greedy decoding in the run's precision; float32 is float32 (no TF32), as in experiments/
-                with torch.no_grad(), self.rt.autocast(), exact_float32():
-                    accuracy.fill_(exact_match_accuracy(self.model, self.data.tokenizer, self.records,
-                                                        DEV_ANSWER_TOKENS, image_features=self.data.image_features))
+            with unsharded(self.model):  # --fsdp: every process holds the whole model while rank 0 scores it
+                if self.rt.master:  # greedy decoding in the run's precision; float32 is float32 (no TF32), as in experiments/
+                    with torch.no_grad(), self.rt.autocast(), exact_float32():
+                        accuracy.fill_(exact_match_accuracy(self.model, self.data.tokenizer, self.records,
+                                                            DEV_ANSWER_TOKENS, image_features=self.data.image_features))
             if self.rt.world_size > 1:
                 dist.broadcast(accuracy, src=0)
             accuracy = accuracy.item()
             improved = self.stopper.update(step, accuracy)
-            if improved and self.rt.master:
-                save_model(self.best_dir, self.model, self.data.tokenizer, self.data.is_instructions, self.cfg.adapter_base)
+            if improved:
+                self.save_best()
         waited = f", {self.stopper.evals_since_best}/{self.cfg.patience} without improvement" if self.cfg.patience else ""
         self.rt.say(f"step {step}: dev exact match ({self.rt.precision}) {accuracy:.4f} on {len(self.records)} records" +
                     (f", new best: saved to {self.best_dir}" if improved else
                      f"; best {self.stopper.best_metric:.4f} at step {self.stopper.best_step}{waited}"))
         self.progress.record(step=step, dev_accuracy=accuracy)
+
+    def save_best(self) -> None:
+        """The model as it is now into OUT_DIR/best, for use (rank 0 writes; under --fsdp every process
+        joins in gathering the tensors it saves: the whole model, or a PEFT method's adapter)."""
+        tensors = gather_tensors(self.model, trainable_only=not self.cfg.trains_base) if self.cfg.fsdp else None
+        if self.rt.master:
+            save_model(self.best_dir, self.model, self.data.tokenizer, self.data.is_instructions, self.cfg.adapter_base,
+                       tensors)
 
     def finish(self) -> dict | None:
         """For a finished run: what was chosen and what it saved, said and written to
@@ -109,6 +119,7 @@ class DevSelection:
         return early
 
     def load_best(self) -> None:
-        """Put the best dev model's adapter back into the model: the run's chosen result (for --merge)."""
+        """Put the best dev model's adapter back into the model, sharded or not: the run's chosen result
+        (for --merge)."""
         if self.stopper is not None and self.stopper.best_step is not None:
-            load_peft(self.model, self.best_dir)
+            load_weights(self.model, read_peft_weights(self.model, self.best_dir))

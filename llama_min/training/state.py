@@ -32,7 +32,7 @@ from ..tokenizer import Tokenizer
 from .config import TrainConfig, peft_config
 from .corpus import data_changes, data_fingerprint
 from .data import WindowSampler
-from .distributed import FSDPModule, full_tensors, gather_tensors, load_optimizer, load_weights
+from .distributed import FSDPModule, gather_optimizer, gather_tensors, load_optimizer, load_weights
 from .progress import TrainingDiverged
 from .runtime import Runtime
 from .trainable import refuse_quantized
@@ -85,7 +85,7 @@ def save_model(directory: Path, model: Llama, tokenizer: Tokenizer, instructions
     any instant leaves the previous directory or the new one, never a mix): the core format, or with
     ``adapter_base`` only the adapter (peft.safetensors + peft.json naming that base checkpoint). A model
     tuned on instruction data records the Alpaca template, which generate.py then uses; ``train_state``
-    becomes train_state.pt. ``tensors``: the whole tensors of a model sharded with --fsdp (full_tensors).
+    becomes train_state.pt. ``tensors``: the whole tensors of a model sharded with --fsdp (gather_tensors).
     A full disk or a read-only directory is one error, with the previous directory untouched."""
     try:
         with replace_directory(directory) as tmp:
@@ -249,7 +249,8 @@ class RunCheckpoints:
             raise TrainingDiverged(f"the weights are not finite after step {step}; not saved. {self.last_good()}")
         tensors, optimizer_state = None, self.optimizer.state_dict()
         if self.cfg.fsdp:  # rank 0 gathers the whole tensors (only the trainable ones of a PEFT method)
-            tensors, optimizer_state = full_tensors(self.model, self.optimizer, trainable_only=not self.cfg.trains_base)
+            tensors = gather_tensors(self.model, trainable_only=not self.cfg.trains_base)
+            optimizer_state = gather_optimizer(self.model, self.optimizer)
         if self.rt.master:
             train_state = {"step": step, "optimizer": optimizer_state, "sampler": self.sampler.state_dict(), "rng": rng,
                            "best_val_loss": best_val_loss, "train_config": asdict(self.cfg),
