@@ -25,7 +25,7 @@ from llama_min import Llama, ModelConfig
 from llama_min.training.config import TrainConfig
 from llama_min.training.optim import make_optimizer
 from llama_min.training.progress import flops_per_token, peak_flops
-from llama_min.training.runtime import Runtime, keep_freed_memory
+from llama_min.training.runtime import Runtime
 
 SHAPES = {
     # (config, batch, seq_len); tiny as train.py's default run trains it
@@ -148,7 +148,6 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    keep_freed_memory()  # as train.py does on CPU; it speeds both models alike
     if args.memory_of:
         return memory_of_one_model(args)
     peak = peak_flops(TrainConfig(), Runtime(torch.device("cpu")))

@@ -7,7 +7,6 @@ gloo on CPUs). The device and dtype are chosen once, here, and passed to everyth
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 from contextlib import contextmanager, nullcontext
@@ -86,11 +85,6 @@ def setup_runtime(device_name: str, dtype_name: str) -> Runtime:
         device = torch.device("cuda", device.index or 0)
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # TF32 for float32 matmuls
-    else:
-        # On GPUs PyTorch's caching allocator keeps freed blocks; on the CPU every tensor comes from
-        # malloc, which would hand each step's large freed blocks back to the OS and fault them in again.
-        keep_freed_memory()
-
     autocast_dtype = choose_autocast_dtype(dtype_name, device)
     return Runtime(device, rank, world, autocast_dtype, use_grad_scaler=autocast_dtype == torch.float16)
 
@@ -109,20 +103,6 @@ def choose_autocast_dtype(name: str, device: torch.device) -> torch.dtype | None
     if name == "bfloat16" and device.type == "cuda" and not native_bf16:
         raise UsageError("--dtype bfloat16: this GPU only emulates it (slowly); use float16")
     return None if name == "float32" else getattr(torch, name)
-
-
-def keep_freed_memory() -> None:
-    """Let glibc's malloc keep the large blocks a training step frees, instead of returning them to the
-    OS and faulting them in again page by page at the next step (docs/performance.md has the figures).
-    The same as starting Python with MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ set high. Does
-    nothing where the C library is not glibc (macOS, Windows)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
-    libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's largest: blocks up to 32 MiB come from the heap
-    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)  # and up to 1 GiB of freed heap stays with the process
 
 
 class StopRequest:
