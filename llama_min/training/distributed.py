@@ -124,5 +124,5 @@ def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Put ``full_tensors``'s optimiser state (every rank read it) into this process's shards."""
+    """Put ``gather_optimizer``'s optimiser state (every rank read it) into this process's shards."""
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
