@@ -166,7 +166,7 @@ class Progress:
                              "space or choose a writable --out_dir") from None
 
     def plot(self) -> str | None:
-        """Redraw loss.png (rank 0): what was drawn, or why nothing was (None: nothing logged yet)."""
+        """Redraw loss.png (rank 0): where it was drawn, or why not (None: no loss logged yet)."""
         return plot_losses(self.out_dir) if self.rt.master else None
 
 

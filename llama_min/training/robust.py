@@ -23,10 +23,10 @@ from ..model import Llama
 from ..peft.save_load import read_peft_weights
 from .data import DEV_ANSWER_TOKENS, Data, dev_split
 from .config import TrainConfig
-from .distributed import gather_tensors, load_weights, unsharded
+from .distributed import load_weights, unsharded
 from .progress import Progress
 from .runtime import Runtime, exact_float32
-from .state import save_model
+from .state import save_model, saved_tensors
 
 
 def make_l2sp(model: Llama, cfg: TrainConfig) -> L2SP | None:
@@ -79,7 +79,7 @@ class DevSelection:
         with self.progress.periodic_work("dev", self.cfg.dev_every):
             accuracy = torch.zeros((), dtype=torch.float64, device=self.rt.device)
             with unsharded(self.model):  # --fsdp: every process holds the whole model while rank 0 scores it
-                if self.rt.master:  # greedy decoding in the run's precision; float32 is float32 (no TF32), as in experiments/
+                if self.rt.master:  # greedy, in the run's precision; float32 without TF32, as experiments/ runs
                     with torch.no_grad(), self.rt.autocast(), exact_float32():
                         accuracy.fill_(exact_match_accuracy(self.model, self.data.tokenizer, self.records,
                                                             DEV_ANSWER_TOKENS, image_features=self.data.image_features))
@@ -98,7 +98,7 @@ class DevSelection:
     def save_best(self) -> None:
         """The model as it is now into OUT_DIR/best, for use (rank 0 writes; under --fsdp every process
         joins in gathering the tensors it saves: the whole model, or a PEFT method's adapter)."""
-        tensors = gather_tensors(self.model, trainable_only=not self.cfg.trains_base) if self.cfg.fsdp else None
+        tensors = saved_tensors(self.model, self.cfg)
         if self.rt.master:
             save_model(self.best_dir, self.model, self.data.tokenizer, self.data.is_instructions, self.cfg.adapter_base,
                        tensors)

@@ -85,7 +85,7 @@ def save_model(directory: Path, model: Llama, tokenizer: Tokenizer, instructions
     any instant leaves the previous directory or the new one, never a mix): the core format, or with
     ``adapter_base`` only the adapter (peft.safetensors + peft.json naming that base checkpoint). A model
     tuned on instruction data records the Alpaca template, which generate.py then uses; ``train_state``
-    becomes train_state.pt. ``tensors``: the whole tensors of a model sharded with --fsdp (gather_tensors).
+    becomes train_state.pt. ``tensors``: the whole tensors of a model sharded with --fsdp (saved_tensors).
     A full disk or a read-only directory is one error, with the previous directory untouched."""
     try:
         with replace_directory(directory) as tmp:
@@ -116,6 +116,15 @@ def holding(config: ModelConfig, tensors: dict[str, torch.Tensor], peft: PeftCon
     if config.tie_embeddings:  # assign=True made two Parameters of the one tensor
         model.output.weight = model.tok_embeddings.weight
     return model
+
+
+def saved_tensors(model: Llama, cfg: TrainConfig) -> dict[str, torch.Tensor] | None:
+    """What ``save_model`` writes of a model sharded with --fsdp: its tensors gathered whole on rank 0 (only
+    the trainable ones of a PEFT method; a collective: every process calls it). None for a model that is
+    not sharded, which ``save_model`` reads directly."""
+    if not isinstance(model, FSDPModule):
+        return None
+    return gather_tensors(model, trainable_only=not cfg.trains_base)
 
 
 def whole_model(model: Llama, cfg: TrainConfig, image_encoder=None) -> Llama | None:
@@ -247,10 +256,8 @@ class RunCheckpoints:
         rng = all_rng_states(self.rt)  # (a collective: before anything that can raise on one rank only)
         if not all(p.isfinite().all() for p in self.model.parameters()):  # (sharded: every rank the same answer)
             raise TrainingDiverged(f"the weights are not finite after step {step}; not saved. {self.last_good()}")
-        tensors, optimizer_state = None, self.optimizer.state_dict()
-        if self.cfg.fsdp:  # rank 0 gathers the whole tensors (only the trainable ones of a PEFT method)
-            tensors = gather_tensors(self.model, trainable_only=not self.cfg.trains_base)
-            optimizer_state = gather_optimizer(self.model, self.optimizer)
+        tensors = saved_tensors(self.model, self.cfg)
+        optimizer_state = gather_optimizer(self.model, self.optimizer) if self.cfg.fsdp else self.optimizer.state_dict()
         if self.rt.master:
             train_state = {"step": step, "optimizer": optimizer_state, "sampler": self.sampler.state_dict(), "rng": rng,
                            "best_val_loss": best_val_loss, "train_config": asdict(self.cfg),
